@@ -1,0 +1,127 @@
+"""Fixtures: tiny checkpoints built with transformers' own classes.
+
+Each model gets random, function-preserving rescalings of its Q/K, V/O and FFN pairs
+(``unbalance``) so its weight pattern is far from balanced, like a checkpoint deep into
+training, while it still computes exactly what the freshly initialised model computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "sample_checkpoints" / "tiny-gqa-llama"
+
+FAMILIES = {
+    # name: (model_type, extra config)
+    "llama-gqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "llama-mqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=1)),
+    "llama-mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "mistral": ("mistral", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8)),
+    "qwen2": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2)),
+}
+
+
+def make_config(model_type: str, **extra):
+    from transformers import AutoConfig
+
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+                max_position_embeddings=128, tie_word_embeddings=False, head_dim=16)
+    base.update(extra)
+    return AutoConfig.for_model(model_type, **base)
+
+
+@torch.no_grad()
+def unbalance(model, seed: int = 0, spread: float = 3.0) -> None:
+    """Rescale every Q/K, V/O and up/down pair by random factors: same function, skewed pattern."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    group = heads // kv
+    rand = lambda *shape: torch.exp2(torch.randn(*shape, generator=g) * spread)  # noqa: E731
+    for layer in model.model.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        s = rand(kv, d // 2).repeat(1, 2)                       # rotate_half pairs share a scale
+        att.q_proj.weight.mul_(s.repeat_interleave(group, 0).reshape(-1, 1))
+        att.k_proj.weight.div_(s.reshape(-1, 1))
+        if att.q_proj.bias is not None:
+            att.q_proj.bias.mul_(s.repeat_interleave(group, 0).reshape(-1))
+            att.k_proj.bias.div_(s.reshape(-1))
+        t = rand(kv, d)
+        att.v_proj.weight.mul_(t.reshape(-1, 1))
+        if att.v_proj.bias is not None:
+            att.v_proj.bias.mul_(t.reshape(-1))
+        att.o_proj.weight.div_(t.repeat_interleave(group, 0).reshape(1, -1))
+        u = rand(mlp.up_proj.weight.shape[0])
+        mlp.up_proj.weight.mul_(u.reshape(-1, 1))
+        mlp.down_proj.weight.div_(u.reshape(1, -1))
+
+
+def build_checkpoint(path: Path, family: str, dtype=torch.float32, shard_size=None, seed=0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    model_type, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_config(model_type, **extra), attn_implementation="eager")
+    with torch.no_grad():   # biases start at zero: give them values so their scaling is tested
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.1)
+    unbalance(model, seed)
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    return path
+
+
+def probe_tokens(vocab: int = 128, batch: int = 2, length: int = 24, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def hf_logits(path: Path, ids: torch.Tensor, dtype=None) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                 **({"dtype": dtype} if dtype else {}))
+    model.eval()
+    return model(ids).logits
+
+
+def tree_hash(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m wisca_cli ARGS` the way a user or CI would."""
+    return subprocess.run([sys.executable, "-m", "wisca_cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory):
+    """family-dtype -> built checkpoint folder (built once per session)."""
+    cache: dict[tuple, Path] = {}
+
+    def get(family: str, dtype=torch.float32, shard_size=None) -> Path:
+        key = (family, dtype, shard_size)
+        if key not in cache:
+            name = f"{family}-{str(dtype).split('.')[-1]}" + ("-sharded" if shard_size else "")
+            cache[key] = build_checkpoint(tmp_path_factory.mktemp("ckpt") / name, family, dtype, shard_size)
+        return cache[key]
+
+    return get

@@ -1,0 +1,465 @@
+"""The Python API: transform, verify, inspect and undo a checkpoint.
+
+Each function streams the checkpoint one decoder layer at a time: read the layer's
+tensors once, compute and apply the scales, feed the original and the new layer to the
+verifier, write the new tensors into output shards laid out up front. The output folder
+is renamed into place only after verification passed.
+
+    import wisca_cli as wisca
+    report = wisca.transform("ckpt/", "ckpt-wisca/")              # pow2, bit-exact, verified
+    wisca.verify("ckpt/", "ckpt-wisca/")["verification"]["passed"]  # True
+    wisca.undo("ckpt-wisca/", "ckpt-restored/")                   # bit-identical tensors again
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .balance import NORMS, PairResult, apply_scales, solve_pair
+from .checkpoint import Checkpoint, ShardWriter, as_tensor, open_checkpoint, to_raw
+from .errors import VerificationFailed, WiscaError
+from .output import StagedOutput, check_target, copy_other_files
+from .pairs import ALL_TARGETS, GRANULARITIES, layer_pairs
+from .verify import DEFAULT_TOLERANCE, StreamVerifier, Tolerance, probe_ids
+
+RECORD_NAME = "wisca.json"
+SCALES_NAME = "wisca_scales.safetensors"
+RECORD_FORMAT = 1
+Progress = Callable[[int, str], None]   # (bytes done since last call, what is happening)
+
+
+@dataclass
+class TransformOptions:
+    targets: tuple[str, ...] = ALL_TARGETS
+    granularity: str = "channel"
+    norm: str = "fro"
+    strength: float = 1.0
+    scales: str = "pow2"                 # or "continuous"
+    verify: bool = True
+    probe_batch: int = 2
+    probe_len: int = 32
+    seed: int = 0
+    probe_ids_file: str | None = None
+    tolerance: Tolerance | None = None   # None: the default for the checkpoint's dtype
+    overwrite: bool = False
+    revision: str | None = None
+
+    def check(self) -> None:
+        bad = [t for t in self.targets if t not in ALL_TARGETS]
+        if bad or not self.targets:
+            raise WiscaError(f"--targets: unknown target {bad[0] if bad else '(none)'!r} "
+                             f"(choose from {', '.join(ALL_TARGETS)})")
+        if self.granularity not in GRANULARITIES:
+            raise WiscaError(f"--granularity must be one of {', '.join(GRANULARITIES)}")
+        if self.norm not in NORMS:
+            raise WiscaError(f"--norm must be one of {', '.join(NORMS)}")
+        if self.scales not in ("pow2", "continuous"):
+            raise WiscaError("--scales must be pow2 or continuous")
+        if not 0.0 <= self.strength <= 1.0:
+            raise WiscaError(f"--strength must lie in [0, 1], got {self.strength}")
+
+    def record(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        for key in ("overwrite", "tolerance"):
+            d.pop(key)
+        return d
+
+
+# -- streaming -------------------------------------------------------------------------------
+@dataclass
+class Stage:
+    kind: str                    # "embed", "layer", "final"
+    layer: int
+    names: dict[str, str]        # role -> tensor name
+    raw: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def tensors(self, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+        return {role: as_tensor(ckpt.tensors[n], self.raw[role]) for role, n in self.names.items()}
+
+
+def _stages(ckpt: Checkpoint) -> list[Stage]:
+    lay, spec = ckpt.layout, ckpt.layout.spec
+    stages = [Stage("embed", -1, {"embed": spec.embed})]
+    stages += [Stage("layer", i, lay.layer_roles(i)) for i in range(lay.layers)]
+    final = {"norm": spec.final_norm}
+    if not lay.tie_embeddings:
+        final["head"] = spec.lm_head
+    stages.append(Stage("final", lay.layers, final))
+    return stages
+
+
+def _read_stages(ckpt: Checkpoint, stages: list[Stage]) -> Iterator[Stage]:
+    """Yield stages with their bytes read; the next stage is read while this one computes."""
+    def load(stage: Stage) -> Stage:
+        stage.raw = {role: ckpt.read_raw(name) for role, name in stage.names.items()}
+        return stage
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, stages[0]) if stages else None
+        for i in range(len(stages)):
+            stage = pending.result()
+            pending = pool.submit(load, stages[i + 1]) if i + 1 < len(stages) else None
+            yield stage
+
+
+def _check_finite(ckpt: Checkpoint, stage: Stage, tensors: dict[str, torch.Tensor]) -> None:
+    for role, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            name = stage.names[role]
+            raise WiscaError(f"{ckpt.root / ckpt.tensors[name].shard}: tensor {name} contains NaN or Inf")
+
+
+def _main_dtype(ckpt: Checkpoint) -> str:
+    return ckpt.tensors[ckpt.layout.layer_roles(0)["q"]].dtype if ckpt.layout.layers else "F32"
+
+
+def _tolerance(ckpt: Checkpoint, given: Tolerance | None) -> Tolerance:
+    return given or DEFAULT_TOLERANCE.get(_main_dtype(ckpt), DEFAULT_TOLERANCE["F32"])
+
+
+def _shard_metadata(meta: dict | None, stamp: dict | None) -> dict | None:
+    out = {k: v for k, v in (meta or {}).items() if k != "wisca"}
+    if stamp:
+        out["wisca"] = json.dumps(stamp, separators=(",", ":"))
+    return out or None
+
+
+LayerFn = Callable[[int, dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict]]
+
+
+def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: StreamVerifier | None,
+             stamp: dict | None, progress: Progress | None) -> tuple[list[dict], dict | None]:
+    """Stream ckpt into out_dir with layer_fn applied to each decoder layer."""
+    writers = {name: ShardWriter(out_dir / name, shard, _shard_metadata(shard.metadata, stamp))
+               for name, shard in ckpt.shards.items()}
+    layer_reports, result, embed = [], None, None
+    try:
+        for stage in _read_stages(ckpt, _stages(ckpt)):
+            tensors = stage.tensors(ckpt)
+            _check_finite(ckpt, stage, tensors)
+            new: dict[str, torch.Tensor] = {}
+            if stage.kind == "layer":
+                new, report = layer_fn(stage.layer, tensors)
+                layer_reports.append({"layer": stage.layer, **report})
+            for role, name in stage.names.items():
+                raw = to_raw(new[role]) if role in new else stage.raw[role]
+                writers[ckpt.tensors[name].shard].write(name, raw)
+            if verifier is not None:
+                if stage.kind == "embed":
+                    embed = tensors["embed"]
+                    verifier.embed(embed, embed)
+                elif stage.kind == "layer":
+                    verifier.layer(stage.layer, tensors, {**tensors, **new})
+                else:
+                    head = tensors.get("head", embed)
+                    result = verifier.finish(tensors["norm"], head, tensors["norm"], head)
+            if progress:
+                progress(sum(r.numel() for r in stage.raw.values()), _stage_label(stage))
+            stage.raw = {}
+        _copy_passthrough(ckpt, writers)
+        for w in writers.values():
+            w.close()
+    except OSError as e:
+        raise WiscaError(f"{out_dir.parent}: writing the output failed: {e.strerror or e}") from e
+    finally:
+        for w in writers.values():
+            w.abort()
+    return layer_reports, result
+
+
+def _stage_label(stage: Stage) -> str:
+    return f"layer {stage.layer}" if stage.kind == "layer" else stage.kind
+
+
+def _copy_passthrough(ckpt: Checkpoint, writers: dict[str, ShardWriter]) -> None:
+    """Tensors outside the spec (e.g. rotary buffers) are copied byte for byte."""
+    known = {n for s in _stages(ckpt) for n in s.names.values()}
+    for name, info in ckpt.tensors.items():
+        if name not in known:
+            writers[info.shard].write(name, ckpt.read_raw(name))
+
+
+def _summarise(layer_reports: list[dict]) -> dict:
+    """Per pair kind: units, dead, clamped, mean |log2 imbalance| before and after."""
+    summary: dict[str, dict] = {}
+    for rep in layer_reports:
+        for kind, p in rep.items():
+            if kind == "layer":
+                continue
+            s = summary.setdefault(kind, {"units": 0, "dead": 0, "clamped": 0, "_b": 0.0, "_a": 0.0,
+                                          "_n": 0, "log2_scale_min": 0.0, "log2_scale_max": 0.0})
+            live = p["units"] - p["dead"]
+            s["units"] += p["units"]
+            s["dead"] += p["dead"]
+            s["clamped"] += p["clamped"]
+            s["_b"] += p["imbalance_before"] * live
+            s["_a"] += p["imbalance_after"] * live
+            s["_n"] += live
+            s["log2_scale_min"] = min(s["log2_scale_min"], p["log2_scale_min"])
+            s["log2_scale_max"] = max(s["log2_scale_max"], p["log2_scale_max"])
+    for s in summary.values():
+        n = max(s.pop("_n"), 1)
+        s["imbalance_before"] = s.pop("_b") / n
+        s["imbalance_after"] = s.pop("_a") / n
+    return summary
+
+
+def _pair_report(r: PairResult) -> dict:
+    live = ~torch.isnan(r.before)
+    log2s = torch.log2(r.scales.double())
+    mean = lambda x: float(x[live].abs().mean()) if bool(live.any()) else 0.0  # noqa: E731
+    return {"units": len(r.scales), "dead": r.dead, "clamped": r.clamped,
+            "imbalance_before": mean(r.before), "imbalance_after": mean(r.after),
+            "log2_scale_min": float(log2s.min()), "log2_scale_max": float(log2s.max())}
+
+
+# -- transform -------------------------------------------------------------------------------
+def transform(src: str | os.PathLike, dst: str | os.PathLike, options: TransformOptions | None = None,
+              progress: Progress | None = None, **kwargs) -> dict:
+    """Balance a checkpoint's weight pattern; write it to dst only if it verifies.
+
+    Keyword arguments override fields of ``options`` (``transform(a, b, scales="continuous")``).
+    Returns the report (also saved as ``wisca.json`` in dst). Raises ``VerificationFailed``
+    (nothing written) or ``WiscaError`` (bad input).
+    """
+    opts = TransformOptions(**{**asdict(options or TransformOptions()), **kwargs})
+    opts.targets = tuple(opts.targets)
+    opts.check()
+    started = time.perf_counter()
+    ckpt = open_checkpoint(src, opts.revision)
+    try:
+        dst_path = check_target(ckpt.root, Path(dst), opts.overwrite)
+        pow2 = opts.scales == "pow2"
+        tol = _tolerance(ckpt, opts.tolerance)
+        verifier = None
+        if opts.verify:
+            ids = probe_ids(ckpt.layout.vocab, opts.probe_batch, opts.probe_len, opts.seed, opts.probe_ids_file)
+            verifier = StreamVerifier(ckpt.layout, ids, exact=pow2, tolerance=tol)
+        scales: dict[str, torch.Tensor] = {}
+
+        def balance_layer(layer: int, tensors: dict[str, torch.Tensor]):
+            new, report = {}, {}
+            for pair in layer_pairs(ckpt.layout, layer, opts.targets, opts.granularity):
+                dtype = min((tensors[m.role].dtype for m in pair.members), key=lambda d: torch.finfo(d).max)
+                result = solve_pair(pair, {**tensors, **new}, opts.norm, opts.strength, pow2, dtype)
+                new.update(apply_scales(pair, {**tensors, **new}, result.scales.double()))
+                scales[f"layers.{layer}.{pair.kind}"] = result.scales
+                report[pair.kind] = _pair_report(result)
+            return new, report
+
+        stamp = {"version": __version__, "record": RECORD_NAME}
+        with StagedOutput(dst_path, opts.overwrite) as out:
+            layers, result = _rewrite(ckpt, out.tmp, balance_layer, verifier, stamp, progress)
+            report = {
+                "command": "transform", "wisca_version": __version__, "record_format": RECORD_FORMAT,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "source": ckpt.source, "output": str(dst_path),
+                "architecture": ckpt.layout.spec.name, "model_type": ckpt.config.get("model_type"),
+                "dtype": _main_dtype(ckpt), "bytes": ckpt.total_bytes,
+                "options": opts.record(),
+                "targets_applied": [t for t in opts.targets if t in ckpt.layout.spec.targets],
+                "targets_not_applicable": [t for t in opts.targets if t not in ckpt.layout.spec.targets],
+                "summary": _summarise(layers),
+                "verification": result.to_dict() if result else None,
+                "scales_file": SCALES_NAME,
+                "undo": f"wisca undo {dst_path} RESTORED  (multiplies back by the recorded scales; "
+                        f"{'bit-exact' if pow2 else 'exact up to rounding'})",
+                "layers": layers,
+            }
+            if result is not None and not result.passed:
+                where = result.first_diverging_layer
+                at = "logits" if where is None else ("embeddings" if where < 0 else f"layer {where}")
+                raise VerificationFailed(
+                    f"verification failed: outputs diverge at {at} (max abs diff {result.max_abs_diff:.3g}, "
+                    f"KL {result.kl:.3g}, top-1 {result.top1:.3f}); nothing written", report)
+            copy_other_files(ckpt.root, out.tmp, skip=set(ckpt.shards) | {RECORD_NAME, SCALES_NAME})
+            save_file(scales, str(out.tmp / SCALES_NAME),
+                      metadata={"wisca_version": __version__, "granularity": opts.granularity})
+            report["seconds"] = round(time.perf_counter() - started, 3)
+            (out.tmp / RECORD_NAME).write_text(json.dumps(report, indent=1) + "\n")
+            out.commit()
+        return report
+    finally:
+        ckpt.close()
+
+
+# -- undo -----------------------------------------------------------------------------------
+def read_record(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    path = folder / RECORD_NAME
+    if not path.is_file():
+        raise WiscaError(f"{folder}: no {RECORD_NAME}: not a checkpoint written by wisca transform")
+    try:
+        record = json.loads(path.read_text())
+        scales = load_file(str(folder / SCALES_NAME))
+    except (OSError, ValueError) as e:
+        raise WiscaError(f"{path}: cannot read the wisca record: {' '.join(str(e).split())}") from e
+    if record.get("record_format") != RECORD_FORMAT:
+        raise WiscaError(f"{path}: record format {record.get('record_format')!r} is not supported "
+                         f"by wisca {__version__}")
+    return record, scales
+
+
+def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite: bool = False,
+         verify: bool = True, progress: Progress | None = None) -> dict:
+    """Multiply back by the recorded scales: for pow2 scales the original tensors exactly."""
+    started = time.perf_counter()
+    ckpt = open_checkpoint(transformed)
+    try:
+        record, scales = read_record(ckpt.root)
+        opts = record["options"]
+        dst_path = check_target(ckpt.root, Path(restored), overwrite)
+        pow2 = opts["scales"] == "pow2"
+        verifier = None
+        if verify:
+            ids = probe_ids(ckpt.layout.vocab, opts["probe_batch"], opts["probe_len"], opts["seed"])
+            verifier = StreamVerifier(ckpt.layout, ids, exact=pow2, tolerance=_tolerance(ckpt, None))
+
+        def unscale_layer(layer: int, tensors: dict[str, torch.Tensor]):
+            new = {}
+            for pair in layer_pairs(ckpt.layout, layer, tuple(opts["targets"]), opts["granularity"]):
+                key = f"layers.{layer}.{pair.kind}"
+                if key not in scales or len(scales[key]) != pair.n_units:
+                    raise WiscaError(f"{ckpt.root / SCALES_NAME}: scales {key} missing or of the wrong size")
+                new.update(apply_scales(pair, {**tensors, **new}, 1.0 / scales[key].double()))
+            return new, {}
+
+        with StagedOutput(dst_path, overwrite) as out:
+            _, result = _rewrite(ckpt, out.tmp, unscale_layer, verifier, None, progress)
+            if result is not None and not result.passed:
+                raise VerificationFailed("undo: the restored model does not compute the same function; "
+                                         "nothing written", {"verification": result.to_dict()})
+            copy_other_files(ckpt.root, out.tmp, skip=set(ckpt.shards) | {RECORD_NAME, SCALES_NAME})
+            out.commit()
+        return {"command": "undo", "wisca_version": __version__, "source": str(ckpt.root),
+                "output": str(dst_path), "verification": result.to_dict() if result else None,
+                "seconds": round(time.perf_counter() - started, 3)}
+    finally:
+        ckpt.close()
+
+
+# -- verify -----------------------------------------------------------------------------------
+def _same_architecture(a: Checkpoint, b: Checkpoint) -> None:
+    la, lb = a.layout, b.layout
+    keys = ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "tie_embeddings")
+    for key in keys:
+        if getattr(la, key) != getattr(lb, key) or la.spec.name != lb.spec.name:
+            raise WiscaError(f"{b.root}: not the same architecture as {a.root} ({key} differs)")
+
+
+def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe_batch: int = 2,
+           probe_len: int = 32, seed: int = 0, probe_ids_file: str | None = None,
+           tolerance: Tolerance | None = None, progress: Progress | None = None,
+           revision: str | None = None) -> dict:
+    """Do checkpoints a and b compute the same function on the probe tokens?
+
+    mode: "exact" (bit-identical logits), "tolerance", or "auto": exact unless b's wisca
+    record says it was transformed with continuous scales.
+    """
+    started = time.perf_counter()
+    ca = open_checkpoint(a, revision)
+    try:
+        cb = open_checkpoint(b)
+        try:
+            _same_architecture(ca, cb)
+            if mode == "auto":
+                rec = cb.root / RECORD_NAME
+                continuous = False
+                if rec.is_file():
+                    try:
+                        continuous = json.loads(rec.read_text())["options"]["scales"] == "continuous"
+                    except (ValueError, KeyError, TypeError, OSError):
+                        continuous = False
+                mode = "tolerance" if continuous else "exact"
+            if mode not in ("exact", "tolerance"):
+                raise WiscaError("--mode must be auto, exact or tolerance")
+            ids = probe_ids(ca.layout.vocab, probe_batch, probe_len, seed, probe_ids_file)
+            verifier = StreamVerifier(ca.layout, ids, exact=mode == "exact", tolerance=_tolerance(ca, tolerance))
+            result = None
+            embed = (None, None)
+            stages_b = iter(_read_stages(cb, _stages(cb)))
+            for sa in _read_stages(ca, _stages(ca)):
+                sb = next(stages_b)
+                ta, tb = sa.tensors(ca), sb.tensors(cb)
+                _check_finite(ca, sa, ta)
+                _check_finite(cb, sb, tb)
+                if sa.kind == "embed":
+                    embed = (ta["embed"], tb["embed"])
+                    verifier.embed(*embed)
+                elif sa.kind == "layer":
+                    verifier.layer(sa.layer, ta, tb)
+                else:
+                    result = verifier.finish(ta["norm"], ta.get("head", embed[0]),
+                                             tb["norm"], tb.get("head", embed[1]))
+                if progress:
+                    progress(sum(r.numel() for r in sa.raw.values()) + sum(r.numel() for r in sb.raw.values()),
+                             _stage_label(sa))
+            return {"command": "verify", "wisca_version": __version__, "a": str(ca.root), "b": str(cb.root),
+                    "architecture": ca.layout.spec.name, "verification": result.to_dict(),
+                    "seconds": round(time.perf_counter() - started, 3)}
+        finally:
+            cb.close()
+    finally:
+        ca.close()
+
+
+# -- inspect ---------------------------------------------------------------------------------
+def inspect(src: str | os.PathLike, granularity: str = "channel", norm: str = "fro",
+            targets: Iterable[str] = ALL_TARGETS, revision: str | None = None,
+            progress: Progress | None = None) -> dict:
+    """The weight pattern: per layer and pair kind, log2(||A|| / ||B||) of each unit.
+
+    ``mean_abs_log2`` is the mean |log2 ratio| over the units at ``granularity`` (0 means
+    perfectly balanced); ``heads`` gives the per-head (kv group) ratio where heads exist.
+    """
+    from .balance import log2_imbalance, unit_stats
+
+    if granularity not in GRANULARITIES or norm not in NORMS:
+        raise WiscaError("--granularity must be layer|head|channel and --norm fro|rms")
+    targets = tuple(targets)
+    ckpt = open_checkpoint(src, revision)
+    try:
+        layers = []
+        for i in range(ckpt.layout.layers):
+            roles = ckpt.layout.layer_roles(i)
+            entry: dict = {"layer": i}
+            cache: dict[str, torch.Tensor] = {}
+            for pair in layer_pairs(ckpt.layout, i, targets, "channel"):
+                for m in pair.members:
+                    if m.role not in cache:
+                        cache[m.role] = ckpt.read(roles[m.role])
+                units = log2_imbalance(unit_stats(pair.regroup(granularity), cache), norm)
+                heads = log2_imbalance(unit_stats(pair.regroup("head"), cache), norm)
+                live = units[~torch.isnan(units)]
+                entry[pair.kind] = {
+                    "units": len(units), "dead": int(torch.isnan(units).sum()),
+                    "mean_abs_log2": float(live.abs().mean()) if len(live) else 0.0,
+                    "max_abs_log2": float(live.abs().max()) if len(live) else 0.0,
+                    "heads": [round(float(x), 4) for x in heads] if pair.kind != "ffn" else None,
+                }
+            layers.append(entry)
+            if progress:
+                progress(sum(t.numel() * t.element_size() for t in cache.values()), f"layer {i}")
+        summary = {}
+        for kind in targets:
+            vals = [(e[kind]["mean_abs_log2"], e[kind]["units"] - e[kind]["dead"]) for e in layers if kind in e]
+            n = sum(w for _, w in vals)
+            if vals:
+                summary[kind] = {"mean_abs_log2": sum(v * w for v, w in vals) / max(n, 1),
+                                 "max_abs_log2": max(e[kind]["max_abs_log2"] for e in layers if kind in e)}
+        return {"command": "inspect", "wisca_version": __version__, "source": ckpt.source,
+                "architecture": ckpt.layout.spec.name, "granularity": granularity, "norm": norm,
+                "summary": summary, "layers": layers}
+    finally:
+        ckpt.close()

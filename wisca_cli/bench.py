@@ -1,0 +1,797 @@
+"""Benchmark ``wisca`` against ``cp -r`` on a synthetic checkpoint.
+
+    python -m wisca_cli.bench                      # TinyLlama-1.1B shape, 3 rounds
+    python -m wisca_cli.bench --quick              # tiny shape, 1 round, seconds
+    python -m wisca_cli.bench --only cp --keep     # harness only, keep the checkpoint
+
+What it does:
+
+1. Writes a random llama checkpoint of the requested shape into ``--workdir``, one tensor
+   (in row chunks) at a time, so generating a 2 GiB checkpoint needs little memory. The
+   shards are cut by size, so a decoder layer's tensors may straddle two shards, as in
+   real HF checkpoints. A checkpoint from an earlier ``--keep`` run with the same shape is
+   reused.
+2. Times each command as a fresh subprocess, cold (source files evicted from the page
+   cache first) and warm (an untimed warm-up right before the timed run), interleaved
+   round by round so that drift hits every command alike, and reports medians.
+3. Prints a table, checks the acceptance targets from the numbers, and writes JSON.
+
+Peak RSS: Linux folds the parent's high-water RSS into a child's ``ru_maxrss`` at exec,
+so a child spawned straight from this process (torch imported, tensors generated) would
+report at least this process's peak. Each command therefore runs under a tiny Python
+launcher (``_LAUNCHER``) that forks, execs and ``wait4``s it; the launcher's own ~8 MiB
+is the floor of any reported peak RSS. Wall time is taken inside the launcher, from
+fork to reap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from safetensors import safe_open
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+INDEX_NAME = "model.safetensors.index.json"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STAMP_VERSION = 1
+
+# name -> (torch dtype, safetensors dtype, config torch_dtype)
+DTYPES = {
+    "bf16": (torch.bfloat16, "BF16", "bfloat16"),
+    "fp16": (torch.float16, "F16", "float16"),
+    "fp32": (torch.float32, "F32", "float32"),
+}
+STD = 0.02                  # linears and embeddings ~ N(0, STD); norms ~ N(1, STD)
+CHUNK_ELEMENTS = 4 * MIB    # rows generated per step: <= 16 MiB of float32
+
+# Acceptance targets from the issue.
+TARGET_COLD_NO_VERIFY = 1.25
+TARGET_COLD_VERIFY = 2.0
+TARGET_WARM_NO_VERIFY = 2.5
+TARGET_RSS_LAYERS = 2           # peak RSS <= 2 x largest layer + 400 MiB
+TARGET_RSS_SLACK_MIB = 400
+TARGET_SCALING = 1.10           # peak RSS with 2x layers within 10%
+
+DEFAULT_SHAPE = dict(layers=22, hidden=2048, intermediate=5632, heads=32, kv_heads=4,
+                     vocab=32000, dtype="bf16")
+QUICK_SHAPE = dict(layers=2, hidden=256, intermediate=688, heads=4, kv_heads=2,
+                   vocab=1024, dtype="bf16")
+
+
+# -- checkpoint shape ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    dtype: str = "bf16"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def validate(self) -> None:
+        if min(self.layers, self.hidden, self.intermediate, self.heads, self.kv_heads, self.vocab) <= 0:
+            raise SystemExit("shape: every dimension must be positive")
+        if self.hidden % self.heads or self.head_dim % 2:
+            raise SystemExit(f"shape: hidden {self.hidden} / heads {self.heads} must be an even integer")
+        if self.heads % self.kv_heads:
+            raise SystemExit(f"shape: heads {self.heads} must be a multiple of kv heads {self.kv_heads}")
+
+    def tensors(self) -> list[TensorSpec]:
+        """Every tensor of the checkpoint, in model order."""
+        h, kv, inter = self.hidden, self.kv_heads * self.head_dim, self.intermediate
+        out = [TensorSpec("model.embed_tokens.weight", (self.vocab, h), "embed")]
+        for i in range(self.layers):
+            p, g = f"model.layers.{i}.", f"layer {i}"
+            out += [
+                TensorSpec(p + "input_layernorm.weight", (h,), g, norm=True),
+                TensorSpec(p + "self_attn.q_proj.weight", (self.heads * self.head_dim, h), g),
+                TensorSpec(p + "self_attn.k_proj.weight", (kv, h), g),
+                TensorSpec(p + "self_attn.v_proj.weight", (kv, h), g),
+                TensorSpec(p + "self_attn.o_proj.weight", (h, self.heads * self.head_dim), g),
+                TensorSpec(p + "post_attention_layernorm.weight", (h,), g, norm=True),
+                TensorSpec(p + "mlp.gate_proj.weight", (inter, h), g),
+                TensorSpec(p + "mlp.up_proj.weight", (inter, h), g),
+                TensorSpec(p + "mlp.down_proj.weight", (h, inter), g),
+            ]
+        out += [TensorSpec("model.norm.weight", (h,), "final norm", norm=True),
+                TensorSpec("lm_head.weight", (self.vocab, h), "lm_head")]
+        return out
+
+    def config(self) -> dict:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": False,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "initializer_range": STD,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": DTYPES[self.dtype][2],
+            "use_cache": True,
+        }
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    group: str           # decoder layer / embed / final norm / lm_head: the unit "largest layer" counts
+    norm: bool = False
+
+    def nbytes(self, dtype: str) -> int:
+        return math.prod(self.shape) * DTYPES[dtype][0].itemsize
+
+
+def largest_layer(tensors: list[TensorSpec], dtype: str) -> tuple[str, int]:
+    """The group (decoder layer, embedding, lm_head, ...) with the most bytes."""
+    sizes: dict[str, int] = {}
+    for t in tensors:
+        sizes[t.group] = sizes.get(t.group, 0) + t.nbytes(dtype)
+    name = max(sizes, key=sizes.get)
+    return name, sizes[name]
+
+
+def plan_shards(tensors: list[TensorSpec], dtype: str, count: int | None, size: int | None
+                ) -> list[list[TensorSpec]]:
+    """Cut the tensor list into shards of about ``size`` bytes (or ``count`` equal shards).
+
+    A tensor goes to the shard its middle byte falls in, so shard boundaries land between
+    tensors wherever they fall, splitting decoder layers across shards. Empty shards (a
+    tensor larger than a shard) are dropped.
+    """
+    total = sum(t.nbytes(dtype) for t in tensors)
+    if size is None:
+        size = max(1, math.ceil(total / max(1, count or 1)))
+    shards: dict[int, list[TensorSpec]] = {}
+    offset = 0
+    for t in tensors:
+        n = t.nbytes(dtype)
+        index = int((offset + n / 2) // size)
+        if count:
+            index = min(index, count - 1)
+        shards.setdefault(index, []).append(t)
+        offset += n
+    return [shards[k] for k in sorted(shards)]
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+# -- writing ------------------------------------------------------------------------------------
+def _tensor_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def tensor_chunks(t: TensorSpec, dtype: str, seed: int):
+    """The tensor's values as row chunks (2-D, in the target dtype), from a per-tensor seed."""
+    gen = torch.Generator().manual_seed(_tensor_seed(seed, t.name))
+    rows = t.shape[0]
+    cols = math.prod(t.shape[1:])
+    step = max(1, CHUNK_ELEMENTS // cols)
+    mean = 1.0 if t.norm else 0.0
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        chunk = torch.empty((n, cols), dtype=torch.float32).normal_(mean, STD, generator=gen)
+        yield chunk.to(DTYPES[dtype][0])
+
+
+def safetensors_header(tensors: list[TensorSpec], dtype: str) -> bytes:
+    """The 8-byte length plus the JSON header, space-padded to a multiple of 8."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        n = t.nbytes(dtype)
+        header[t.name] = {"dtype": DTYPES[dtype][1], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_shard(path: Path, tensors: list[TensorSpec], dtype: str, seed: int) -> int:
+    """Header first, then each tensor's bytes in header order; returns the file size."""
+    with open(path, "wb") as f:
+        f.write(safetensors_header(tensors, dtype))
+        for t in tensors:
+            for chunk in tensor_chunks(t, dtype, seed):
+                f.write(memoryview(chunk.contiguous().view(torch.uint8).numpy()))
+        return f.tell()
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    shape: dict
+    seed: int
+    shards: int
+    tensors: int
+    total_bytes: int            # tensor bytes, as in the index's total_size
+    file_bytes: int             # everything on disk
+    largest_layer: str
+    largest_layer_bytes: int
+    split_layers: int           # decoder layers whose tensors straddle two shards
+    gen_seconds: float | None = None
+    gen_peak_rss_mib: float | None = None
+    reused: bool = False
+
+
+def make_checkpoint(path: Path, shape: Shape, shards: int | None, shard_size: int | None,
+                    seed: int) -> CheckpointInfo:
+    """Write a checkpoint folder tensor by tensor; reuse a matching one from an earlier run."""
+    tensors = shape.tensors()
+    plan = plan_shards(tensors, shape.dtype, shards, shard_size)
+    names = shard_names(len(plan))
+    stamp_path = path.with_name(path.name + ".stamp.json")
+    stamp = {"version": STAMP_VERSION, "shape": asdict(shape), "shards": shards,
+             "shard_size": shard_size, "seed": seed}
+
+    reused = path.is_dir() and stamp_path.is_file() and _read_json(stamp_path) == stamp
+    start = time.perf_counter()
+    if not reused:
+        stamp_path.unlink(missing_ok=True)
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        weight_map = {}
+        for name, shard in zip(names, plan):
+            write_shard(path / name, shard, shape.dtype, seed)
+            weight_map.update({t.name: name for t in shard})
+        total = sum(t.nbytes(shape.dtype) for t in tensors)
+        if len(plan) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            _write_json(path / INDEX_NAME, index)
+        _write_json(path / "config.json", shape.config())
+    gen_seconds = time.perf_counter() - start
+
+    check_checkpoint(path, plan, names, shape.dtype, seed)
+    if not reused:
+        _write_json(stamp_path, stamp)
+
+    layer_shards: dict[str, set[str]] = {}
+    for name, shard in zip(names, plan):
+        for t in shard:
+            layer_shards.setdefault(t.group, set()).add(name)
+    group, group_bytes = largest_layer(tensors, shape.dtype)
+    return CheckpointInfo(
+        path=str(path), shape=asdict(shape), seed=seed, shards=len(plan), tensors=len(tensors),
+        total_bytes=sum(t.nbytes(shape.dtype) for t in tensors),
+        file_bytes=sum(f.stat().st_size for f in path.iterdir()),
+        largest_layer=group, largest_layer_bytes=group_bytes,
+        split_layers=sum(1 for g, s in layer_shards.items() if g.startswith("layer") and len(s) > 1),
+        gen_seconds=None if reused else gen_seconds,
+        gen_peak_rss_mib=None if reused else _self_peak_rss_mib(),
+        reused=reused,
+    )
+
+
+def check_checkpoint(path: Path, plan: list[list[TensorSpec]], names: list[str], dtype: str,
+                     seed: int) -> None:
+    """Open every shard with safetensors and check names, shapes, dtypes, sizes and the
+    index; regenerate the smallest tensor of each shard and compare it bit for bit."""
+    st_dtype = DTYPES[dtype][1]
+    if len(plan) > 1:
+        index = _read_json(path / INDEX_NAME)
+        expected = {t.name: name for name, shard in zip(names, plan) for t in shard}
+        if index.get("weight_map") != expected:
+            raise SystemExit(f"{path / INDEX_NAME}: weight_map does not match the shards written")
+        total = sum(t.nbytes(dtype) for shard in plan for t in shard)
+        if index.get("metadata", {}).get("total_size") != total:
+            raise SystemExit(f"{path / INDEX_NAME}: total_size is not {total}")
+    for name, shard in zip(names, plan):
+        file = path / name
+        expected_size = len(safetensors_header(shard, dtype)) + sum(t.nbytes(dtype) for t in shard)
+        if file.stat().st_size != expected_size:
+            raise SystemExit(f"{file}: {file.stat().st_size} bytes, expected {expected_size}")
+        with safe_open(str(file), framework="pt") as f:
+            if f.metadata() != {"format": "pt"}:
+                raise SystemExit(f"{file}: unexpected metadata {f.metadata()}")
+            if set(f.keys()) != {t.name for t in shard}:
+                raise SystemExit(f"{file}: tensor names do not match the plan")
+            for t in shard:
+                sl = f.get_slice(t.name)
+                if tuple(sl.get_shape()) != t.shape or sl.get_dtype() != st_dtype:
+                    raise SystemExit(f"{file}: {t.name} is {sl.get_dtype()} {sl.get_shape()}, expected {t.shape}")
+            probe = min(shard, key=lambda t: t.nbytes(dtype))
+            expected_values = torch.cat(list(tensor_chunks(probe, dtype, seed))).reshape(probe.shape)
+            if not torch.equal(f.get_tensor(probe.name), expected_values):
+                raise SystemExit(f"{file}: {probe.name} does not hold the values written")
+
+
+# -- page cache ---------------------------------------------------------------------------------
+def files_under(*paths: Path) -> list[Path]:
+    out = []
+    for p in paths:
+        out += [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return out
+
+
+def evict(*paths: Path) -> None:
+    """Drop the files' pages from the page cache (after writing back anything dirty)."""
+    os.sync()
+    for f in files_under(*paths):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm_read(*paths: Path) -> None:
+    """Read the files once, like ``cat FILES > /dev/null``."""
+    buf = bytearray(16 * MIB)
+    for f in files_under(*paths):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
+# -- measuring one run ---------------------------------------------------------------------------
+# Runs argv[2:], reaps it with wait4 and writes {"wall_s", "maxrss_kib", "rc"} to argv[1].
+_LAUNCHER = r"""
+import json, os, sys, time
+out, argv = sys.argv[1], sys.argv[2:]
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(argv[0], argv)
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(out, "w") as f:
+    json.dump({"wall_s": wall, "maxrss_kib": usage.ru_maxrss, "rc": os.waitstatus_to_exitcode(status)}, f)
+"""
+
+
+@dataclass
+class Run:
+    wall_s: float
+    peak_rss_mib: float
+    rc: int
+
+
+class CommandFailed(Exception):
+    pass
+
+
+def run_measured(argv: list[str], log: Path, scratch: Path, check: bool = True) -> Run:
+    """Run argv as a fresh subprocess (output to ``log``); its wall time and peak RSS."""
+    result = scratch / ".run.json"
+    result.unlink(missing_ok=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(result), *argv],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=REPO_ROOT)
+        _, status, _ = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or not result.is_file():
+        raise CommandFailed(f"launcher failed (exit {proc.returncode}) for {' '.join(argv)}\n{_tail(log)}")
+    data = _read_json(result)
+    run = Run(wall_s=data["wall_s"], peak_rss_mib=data["maxrss_kib"] / 1024, rc=data["rc"])
+    if check and run.rc != 0:
+        raise CommandFailed(f"exit {run.rc}: {' '.join(argv)}\n{_tail(log)}")
+    return run
+
+
+# -- the commands -------------------------------------------------------------------------------
+@dataclass
+class Command:
+    key: str
+    label: str
+    argv: list[str]
+    reads: list[Path]             # evicted before a cold run, read by a "cat" warm-up
+    output: Path | None = None    # removed after every run, outside the timed region
+    needs: str | None = None      # "verify-dst": a transformed checkpoint made once up front
+
+
+COMMAND_KEYS = ["cp", "cp-sync", "transform-noverify", "transform", "verify"]
+DEFAULT_KEYS = ["cp", "transform-noverify", "transform", "verify"]
+WISCA_KEYS = {"transform-noverify", "transform", "verify"}
+
+
+def build_commands(keys: list[str], wisca: list[str], src: Path, dst: Path, verify_dst: Path
+                   ) -> list[Command]:
+    s, d, v = str(src), str(dst), str(verify_dst)
+    every = {
+        "cp": Command("cp", "cp -r", ["cp", "-r", s, d], [src], dst),
+        "cp-sync": Command("cp-sync", "cp -r && sync", ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', s, d],
+                           [src], dst),
+        "transform-noverify": Command("transform-noverify", "wisca transform --no-verify",
+                                      [*wisca, "transform", s, d, "--no-verify"], [src], dst),
+        "transform": Command("transform", "wisca transform", [*wisca, "transform", s, d], [src], dst),
+        "verify": Command("verify", "wisca verify", [*wisca, "verify", s, v], [src, verify_dst],
+                          needs="verify-dst"),
+    }
+    return [every[k] for k in keys]
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+@dataclass
+class Results:
+    cold: dict[str, list[Run]] = field(default_factory=dict)
+    warm: dict[str, list[Run]] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, workdir: Path, console: Console, warmup: str):
+        self.workdir = workdir
+        self.console = console
+        self.warmup = warmup
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def run(self, cmd: Command, check: bool = True) -> Run:
+        remove(cmd.output)
+        try:
+            return run_measured(cmd.argv, self.logs / f"{cmd.key}.log", self.workdir, check)
+        finally:
+            remove(cmd.output)
+
+    def cold(self, cmd: Command) -> Run:
+        evict(*cmd.reads)
+        return self.run(cmd)
+
+    def warm(self, cmd: Command) -> Run:
+        if self.warmup == "cat":
+            warm_read(*cmd.reads)
+        else:
+            self.run(cmd)
+        return self.run(cmd)
+
+    def loop(self, commands: list[Command], rounds: int) -> Results:
+        """Round-robin: every round runs each command cold, then each command warm. The
+        starting command rotates from round to round."""
+        res = Results({c.key: [] for c in commands}, {c.key: [] for c in commands})
+        for r in range(rounds):
+            order = commands[r % len(commands):] + commands[:r % len(commands)]
+            for mode, measure, store in (("cold", self.cold, res.cold), ("warm", self.warm, res.warm)):
+                for cmd in order:
+                    run = measure(cmd)
+                    store[cmd.key].append(run)
+                    self.progress(f"round {r + 1}/{rounds} {mode}", cmd.label, run)
+        return res
+
+    def startup(self, argvs: dict[str, list[str]], runs: int) -> dict[str, dict]:
+        """Warm start-up: one untimed run, then ``runs`` timed ones; median wall time."""
+        out = {}
+        for label, argv in argvs.items():
+            cmd = Command("startup", label, argv, [])
+            try:
+                self.run(cmd)
+                times = [self.run(cmd).wall_s for _ in range(runs)]
+            except CommandFailed as e:
+                out[label] = {"median_s": None, "error": str(e).splitlines()[0]}
+                self.console.print(f"  [yellow]start-up[/] {label}: failed ({str(e).splitlines()[0]})")
+                continue
+            out[label] = {"median_s": statistics.median(times), "runs_s": times}
+            self.progress("start-up", label, Run(statistics.median(times), 0.0, 0), rss=False)
+        return out
+
+    def progress(self, what: str, label: str, run: Run, rss: bool = True) -> None:
+        tail = f"  {run.peak_rss_mib:8.1f} MiB" if rss else ""
+        self.console.print(f"  [dim]{what:<16}[/] {label:<30} {run.wall_s:8.2f} s{tail}", highlight=False)
+
+
+def memory_scaling(bench: Bench, wisca: list[str], base: CheckpointInfo, double: CheckpointInfo,
+                   rounds: int) -> dict:
+    """Peak RSS of the two transform commands on the base and the 2x-layers checkpoint."""
+    dst = bench.workdir / "dst"
+    keys = ["transform-noverify", "transform"]
+    runs: dict[tuple[str, str], list[Run]] = {}
+    for r in range(rounds):
+        for which, info in (("base", base), ("double", double)):
+            for cmd in build_commands(keys, wisca, Path(info.path), dst, dst):
+                run = bench.run(cmd)
+                runs.setdefault((cmd.key, which), []).append(run)
+                bench.progress(f"scaling {r + 1}/{rounds}", f"{cmd.label} ({info.shape['layers']} layers)", run)
+    out = {"base_layers": base.shape["layers"], "double_layers": double.shape["layers"],
+           "target_ratio": TARGET_SCALING, "commands": {}}
+    for key in keys:
+        b = max(r.peak_rss_mib for r in runs[(key, "base")])
+        d = max(r.peak_rss_mib for r in runs[(key, "double")])
+        out["commands"][key] = {
+            "base_peak_rss_mib": b, "double_peak_rss_mib": d, "ratio": d / b,
+            "base_median_s": statistics.median(r.wall_s for r in runs[(key, "base")]),
+            "double_median_s": statistics.median(r.wall_s for r in runs[(key, "double")]),
+            "pass": d / b <= TARGET_SCALING,
+        }
+    return out
+
+
+# -- summary and report -------------------------------------------------------------------------
+def summarize(commands: list[Command], res: Results) -> dict[str, dict]:
+    out = {}
+    for c in commands:
+        cold, warm = res.cold[c.key], res.warm[c.key]
+        out[c.key] = {
+            "label": c.label,
+            "argv": c.argv,
+            "cold_median_s": statistics.median(r.wall_s for r in cold),
+            "warm_median_s": statistics.median(r.wall_s for r in warm),
+            "peak_rss_mib": max(r.peak_rss_mib for r in cold + warm),
+            "cold": [asdict(r) for r in cold],
+            "warm": [asdict(r) for r in warm],
+        }
+    cp = out.get("cp")
+    for s in out.values():
+        s["cold_ratio_to_cp"] = s["cold_median_s"] / cp["cold_median_s"] if cp else None
+        s["warm_ratio_to_cp"] = s["warm_median_s"] / cp["warm_median_s"] if cp else None
+    return out
+
+
+def check_targets(summary: dict[str, dict], largest_layer_bytes: int) -> list[dict]:
+    """The issue's acceptance targets, from the measured numbers; None where not measured."""
+    def ratio(key: str, mode: str) -> float | None:
+        return summary[key][f"{mode}_ratio_to_cp"] if key in summary else None
+
+    rss_limit = TARGET_RSS_LAYERS * largest_layer_bytes / MIB + TARGET_RSS_SLACK_MIB
+    wisca_rss = [(s["peak_rss_mib"], s["label"]) for k, s in summary.items() if k in WISCA_KEYS]
+    worst = max(wisca_rss) if wisca_rss else (None, "")
+    targets = [
+        ("cold transform --no-verify vs cp", ratio("transform-noverify", "cold"), TARGET_COLD_NO_VERIFY, "x"),
+        ("cold transform (verify) vs cp", ratio("transform", "cold"), TARGET_COLD_VERIFY, "x"),
+        ("warm transform --no-verify vs cp", ratio("transform-noverify", "warm"), TARGET_WARM_NO_VERIFY, "x"),
+        (f"peak RSS ({worst[1] or 'wisca'})", worst[0], rss_limit, " MiB"),
+    ]
+    return [{"target": name, "value": value, "limit": limit, "unit": unit,
+             "pass": None if value is None else value <= limit}
+            for name, value, limit, unit in targets]
+
+
+def report(console: Console, result: dict) -> None:
+    ck = result["checkpoint"]
+    sh = ck["shape"]
+    console.print()
+    console.print(
+        f"[bold]Checkpoint[/] {ck['path']}: llama {sh['layers']} layers, hidden {sh['hidden']}, "
+        f"intermediate {sh['intermediate']}, {sh['heads']}/{sh['kv_heads']} heads, vocab {sh['vocab']}, "
+        f"{sh['dtype']}; {ck['total_bytes'] / GIB:.2f} GiB in {ck['shards']} shards "
+        f"({ck['split_layers']} layers split across shards)", highlight=False)
+    console.print(f"[bold]Largest layer[/] {ck['largest_layer']}: {ck['largest_layer_bytes'] / MIB:.1f} MiB "
+                  f"({ck['largest_layer_bytes']} bytes)", highlight=False)
+    if ck["reused"]:
+        console.print("[bold]Generation[/] reused from an earlier --keep run")
+    else:
+        console.print(f"[bold]Generation[/] {ck['gen_seconds']:.1f} s, bench process peak RSS "
+                      f"{ck['gen_peak_rss_mib']:.0f} MiB (after importing torch: "
+                      f"{result['bench_rss_before_gen_mib']:.0f} MiB)", highlight=False)
+    startup = ", ".join(f"{label} {v['median_s']:.2f} s" if v["median_s"] is not None else f"{label} n/a"
+                        for label, v in result["startup"].items())
+    console.print(f"[bold]Start-up[/] (warm, median of {result['startup_runs']}): {startup}", highlight=False)
+
+    table = Table(title=f"Median of {result['rounds']} rounds ({result['warmup']} warm-up)")
+    for col in ("command", "cold s", "warm s", "cold / cp", "warm / cp", "peak RSS MiB"):
+        table.add_column(col, justify="left" if col == "command" else "right")
+    fmt_ratio = lambda v: "–" if v is None else f"{v:.2f}x"
+    for s in result["commands"].values():
+        table.add_row(s["label"], f"{s['cold_median_s']:.2f}", f"{s['warm_median_s']:.2f}",
+                      fmt_ratio(s["cold_ratio_to_cp"]), fmt_ratio(s["warm_ratio_to_cp"]),
+                      f"{s['peak_rss_mib']:.0f}")
+    console.print(table)
+
+    console.print("[bold]Acceptance targets[/]")
+    for t in result["targets"]:
+        value = "not measured" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
+        verdict = {True: "[green]PASS[/]", False: "[red]FAIL[/]", None: "[dim]n/a [/]"}[t["pass"]]
+        console.print(f"  {verdict} {t['target']}: {value} (limit {t['limit']:.2f}{t['unit']})", highlight=False)
+
+    ms = result.get("memory_scaling")
+    if ms:
+        table = Table(title=f"Memory scaling: {ms['base_layers']} vs {ms['double_layers']} layers "
+                            f"(peak RSS, max of {result['rounds']} runs)")
+        for col in ("command", f"{ms['base_layers']} layers MiB", f"{ms['double_layers']} layers MiB",
+                    "ratio", "time ratio", "within 10%"):
+            table.add_column(col, justify="left" if col == "command" else "right")
+        for key, s in ms["commands"].items():
+            table.add_row(key, f"{s['base_peak_rss_mib']:.0f}", f"{s['double_peak_rss_mib']:.0f}",
+                          f"{s['ratio']:.3f}", f"{s['double_median_s'] / s['base_median_s']:.2f}",
+                          "[green]PASS[/]" if s["pass"] else "[red]FAIL[/]")
+        console.print(table)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def remove(path: Path | None) -> None:
+    if path is not None and path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _read_json(path: Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: Path, data) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _self_peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500MB, 1GiB, 123456)")
+    unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(unit or " "))
+
+
+# -- command line -------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m wisca_cli.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    shape = p.add_argument_group("checkpoint shape (default: TinyLlama-1.1B)")
+    shape.add_argument("--layers", type=int)
+    shape.add_argument("--hidden", type=int)
+    shape.add_argument("--intermediate", type=int)
+    shape.add_argument("--heads", type=int)
+    shape.add_argument("--kv-heads", type=int)
+    shape.add_argument("--vocab", type=int)
+    shape.add_argument("--dtype", choices=sorted(DTYPES))
+    shards = shape.add_mutually_exclusive_group()
+    shards.add_argument("--shards", type=int, help="number of shards (default 5)")
+    shards.add_argument("--shard-size", type=parse_size, help="about this many bytes per shard (e.g. 400MB)")
+    shape.add_argument("--seed", type=int, default=0)
+
+    run = p.add_argument_group("benchmark")
+    run.add_argument("--workdir", type=Path, default=Path("bench_work"))
+    run.add_argument("--rounds", type=int, help="rounds; medians are over these (default 3)")
+    run.add_argument("--only", help=f"comma-separated commands to time, from {','.join(COMMAND_KEYS)} "
+                                    f"(default {','.join(DEFAULT_KEYS)})")
+    run.add_argument("--warmup", choices=["rerun", "cat"], default="rerun",
+                     help="warm runs: an untimed run of the same command first (default), or read the inputs")
+    run.add_argument("--startup-runs", type=int, help="timed runs per start-up command (default 5)")
+    run.add_argument("--memory-scaling", action="store_true",
+                     help="also compare peak RSS of transform on a checkpoint with twice the layers")
+    run.add_argument("--wisca-cmd", default=None,
+                     help=f"how to invoke wisca (default: '{sys.executable} -m wisca_cli')")
+    run.add_argument("--quick", action="store_true",
+                     help="tiny shape (2 layers, hidden 256), 1 round, 2 start-up runs: a sanity check")
+    run.add_argument("--make-only", action="store_true", help="write the checkpoint, check it and stop (implies --keep)")
+    run.add_argument("--keep", action="store_true", help="keep the work folder (its checkpoints are reused)")
+    run.add_argument("--json", type=Path, help="write the results to this file")
+    args = p.parse_args(argv)
+
+    preset = QUICK_SHAPE if args.quick else DEFAULT_SHAPE
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.shards is None and args.shard_size is None:
+        args.shards = 5
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.startup_runs = args.startup_runs or (2 if args.quick else 5)
+    keys = [k.strip() for k in (args.only or ",".join(DEFAULT_KEYS)).split(",") if k.strip()]
+    unknown = [k for k in keys if k not in COMMAND_KEYS]
+    if unknown or not keys:
+        p.error(f"--only: unknown command(s) {unknown}; choose from {','.join(COMMAND_KEYS)}")
+    args.keys = list(dict.fromkeys(keys))
+    if args.rounds < 1 or args.startup_runs < 1 or (args.shards is not None and args.shards < 1):
+        p.error("--rounds, --startup-runs and --shards must be at least 1")
+    args.keep = args.keep or args.make_only
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console()
+    shape = Shape(args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab, args.dtype)
+    shape.validate()
+    wisca = args.wisca_cmd.split() if args.wisca_cmd else [sys.executable, "-m", "wisca_cli"]
+
+    workdir = args.workdir.resolve()
+    created = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    src, dst, verify_dst = workdir / "src", workdir / "dst", workdir / "verify-dst"
+    src2 = workdir / "src-2x"
+    try:
+        result: dict = {
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                        "platform": platform.platform()},
+            "rounds": args.rounds, "warmup": args.warmup, "startup_runs": args.startup_runs,
+            "bench_rss_before_gen_mib": _self_peak_rss_mib(),
+        }
+        console.print(f"Writing checkpoint to {src} ...", highlight=False)
+        info = make_checkpoint(src, shape, args.shards, args.shard_size, args.seed)
+        result["checkpoint"] = asdict(info)
+        console.print(f"  {info.total_bytes / GIB:.2f} GiB, {info.shards} shards, "
+                      + ("reused" if info.reused else f"{info.gen_seconds:.1f} s, bench peak RSS "
+                                                      f"{info.gen_peak_rss_mib:.0f} MiB"), highlight=False)
+        if args.make_only:
+            return 0
+
+        bench = Bench(workdir, console, args.warmup)
+        console.print("Start-up:")
+        startup = {"python -c pass": [sys.executable, "-c", "pass"],
+                   "python -c 'import torch'": [sys.executable, "-c", "import torch"]}
+        if WISCA_KEYS & set(args.keys) or args.memory_scaling:
+            startup["wisca --help"] = [*wisca, "--help"]
+        result["startup"] = bench.startup(startup, args.startup_runs)
+        if result["startup"].get("wisca --help", {}).get("median_s", 0) is None:
+            raise CommandFailed("wisca does not start (see above); try --only cp,cp-sync for the harness alone")
+
+        commands = build_commands(args.keys, wisca, src, dst, verify_dst)
+        if any(c.needs == "verify-dst" for c in commands):
+            console.print(f"Transforming once into {verify_dst} for `wisca verify` ...", highlight=False)
+            remove(verify_dst)
+            run_measured([*wisca, "transform", str(src), str(verify_dst), "--no-verify"],
+                         bench.logs / "verify-dst.log", workdir)
+        console.print(f"Timing {len(commands)} commands, {args.rounds} rounds, cold and warm:")
+        res = bench.loop(commands, args.rounds)
+        result["commands"] = summarize(commands, res)
+        result["targets"] = check_targets(result["commands"], info.largest_layer_bytes)
+
+        if args.memory_scaling:
+            doubled = Shape(**{**asdict(shape), "layers": 2 * shape.layers})
+            console.print(f"Writing the {doubled.layers}-layer checkpoint to {src2} ...", highlight=False)
+            info2 = make_checkpoint(src2, doubled, args.shards, args.shard_size, args.seed)
+            result["checkpoint_2x"] = asdict(info2)
+            result["memory_scaling"] = memory_scaling(bench, wisca, info, info2, args.rounds)
+
+        report(console, result)
+        if args.json:
+            _write_json(args.json, result)
+            console.print(f"Results written to {args.json}", highlight=False)
+        return 0
+    except CommandFailed as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        return 1
+    finally:
+        if not args.keep:
+            for path in (src, src2, dst, verify_dst, workdir / "logs", workdir / ".run.json",
+                         src.with_name("src.stamp.json"), src2.with_name("src-2x.stamp.json")):
+                remove(path)
+            if created and not any(workdir.iterdir()):
+                workdir.rmdir()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Reading and writing safetensors checkpoints, one tensor at a time.
+
+The safetensors library validates every header (offsets, coverage, dtypes); we then read
+each tensor's bytes with one positioned read straight into its buffer, and write output
+shards whose layout is fixed up front from the input headers, so a tensor can be written
+the moment it is ready, in any order. Nothing here knows about WISCA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import WiscaError
+from .spec import Layout, expected_shapes, layout_from_config
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+            "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8, "F8_E5M2": 1,
+            "F8_E4M3": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shard: str           # file name inside the checkpoint folder
+    dtype: str           # safetensors dtype string
+    shape: tuple[int, ...]
+    start: int           # absolute byte offset of the data in the shard file
+    nbytes: int
+    rel_start: int       # offset inside the data section
+
+
+@dataclass
+class Shard:
+    name: str
+    path: Path
+    metadata: dict[str, str] | None
+    tensors: list[TensorInfo]    # in file order
+    data_start: int
+
+
+@dataclass
+class Checkpoint:
+    root: Path
+    config: dict
+    layout: Layout
+    shards: dict[str, Shard]
+    tensors: dict[str, TensorInfo]
+    index_file: Path | None
+    source: str = ""
+    _fds: dict[str, int] = field(default_factory=dict, repr=False)
+
+    # -- reading ---------------------------------------------------------------------------
+    def _fd(self, shard: str) -> int:
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.shards[shard].path, os.O_RDONLY)
+        return self._fds[shard]
+
+    def read_raw(self, name: str) -> torch.Tensor:
+        """The tensor's bytes as a uint8 tensor, read with positioned reads."""
+        info = self.tensors[name]
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done, fd = 0, self._fd(info.shard)
+        while done < info.nbytes:
+            try:
+                got = os.preadv(fd, [view[done:]], info.start + done)
+            except OSError as e:
+                raise WiscaError(f"{self.shards[info.shard].path}: cannot read {name}: {e.strerror}") from e
+            if got == 0:
+                raise WiscaError(f"{self.shards[info.shard].path}: file ended while reading {name}")
+            done += got
+        return buf
+
+    def read(self, name: str) -> torch.Tensor:
+        return as_tensor(self.tensors[name], self.read_raw(name))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def as_tensor(info: TensorInfo, raw: torch.Tensor) -> torch.Tensor:
+    if info.dtype not in DTYPES:
+        raise WiscaError(f"{info.shard}: tensor {info.name} has dtype {info.dtype}, which wisca cannot compute with")
+    return raw.view(DTYPES[info.dtype]).reshape(info.shape)
+
+
+def to_raw(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+# -- opening ---------------------------------------------------------------------------------
+def _load_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise WiscaError(f"{path}: {what} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise WiscaError(f"{path}: cannot read {what}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise WiscaError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    if not isinstance(data, dict):
+        raise WiscaError(f"{path}: expected a JSON object")
+    return data
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def read_shard(path: Path, name: str) -> Shard:
+    """Header of one shard, validated by the safetensors library."""
+    if not path.exists():
+        raise WiscaError(f"{path}: shard file not found")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata()
+            order = f.offset_keys()
+            specs = []
+            for key in order:
+                sl = f.get_slice(key)
+                specs.append((key, sl.get_dtype(), tuple(int(x) for x in sl.get_shape())))
+    except SafetensorError as e:
+        raise WiscaError(f"{path}: not a valid safetensors file ({_one_line(e)})") from e
+    except (OSError, ValueError, TypeError) as e:
+        raise WiscaError(f"{path}: cannot read safetensors header ({_one_line(e)})") from e
+    size = path.stat().st_size
+    infos, offset = [], 0
+    for key, dtype, shape in specs:
+        if dtype not in ITEMSIZE:
+            raise WiscaError(f"{path}: tensor {key} has unsupported dtype {dtype}")
+        n = ITEMSIZE[dtype]
+        for dim in shape:
+            n *= dim
+        infos.append((key, dtype, shape, offset, n))
+        offset += n
+    data_start = size - offset
+    tensors = [TensorInfo(k, name, dt, sh, data_start + off, n, off) for k, dt, sh, off, n in infos]
+    return Shard(name, path, metadata, tensors, data_start)
+
+
+def open_checkpoint(src: str | os.PathLike, revision: str | None = None) -> Checkpoint:
+    """Open a local folder or a hub repo id and validate it against its architecture spec."""
+    from .hub import resolve_source
+
+    root, source = resolve_source(str(src), revision)
+    config = _load_json(root / "config.json", "config.json")
+    layout = layout_from_config(config, str(root / "config.json"))
+
+    index_path = root / INDEX_NAME
+    if index_path.exists():
+        index = _load_json(index_path, "index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WiscaError(f"{index_path}: has no weight_map")
+        shard_names = sorted(set(weight_map.values()))
+        for s in shard_names:
+            if not isinstance(s, str) or "/" in s or s.startswith("."):
+                raise WiscaError(f"{index_path}: invalid shard name {s!r}")
+    elif (root / SINGLE_NAME).exists():
+        index_path, weight_map, shard_names = None, None, [SINGLE_NAME]
+    else:
+        other = "pytorch_model.bin" if (root / "pytorch_model.bin").exists() else None
+        hint = " (pytorch_model.bin is not supported: convert it to safetensors first)" if other else ""
+        raise WiscaError(f"{root}: no {SINGLE_NAME} or {INDEX_NAME} found{hint}")
+
+    shards, tensors = {}, {}
+    for s in shard_names:
+        shard = read_shard(root / s, s)
+        shards[s] = shard
+        for info in shard.tensors:
+            if info.name in tensors:
+                raise WiscaError(f"{shard.path}: tensor {info.name} is also in {tensors[info.name].shard}")
+            tensors[info.name] = info
+    if weight_map is not None:
+        for name, s in weight_map.items():
+            if name not in tensors:
+                raise WiscaError(f"{index_path}: tensor {name} is listed in {s} but {s} does not contain it")
+            if tensors[name].shard != s:
+                raise WiscaError(f"{index_path}: tensor {name} is listed in {s} but is in {tensors[name].shard}")
+        extra = sorted(set(tensors) - set(weight_map))
+        if extra:
+            raise WiscaError(f"{root / tensors[extra[0]].shard}: tensor {extra[0]} is not listed in {INDEX_NAME}")
+    ckpt = Checkpoint(root, config, layout, shards, tensors, index_path, source)
+    validate(ckpt)
+    return ckpt
+
+
+def _check_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str) -> None:
+    if name not in ckpt.tensors:
+        raise WiscaError(f"{ckpt.root}: {what} tensor {name} is missing")
+    info = ckpt.tensors[name]
+    if info.shape != shape:
+        raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has shape {list(info.shape)}, "
+                         f"expected {list(shape)} from config.json")
+    if info.dtype not in FLOAT_DTYPES:
+        raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has dtype {info.dtype}, expected a float dtype")
+
+
+def layer_pattern(layout: Layout) -> re.Pattern:
+    prefix = re.escape(layout.spec.layer_prefix).replace(re.escape("{layer}"), r"(\d+)")
+    return re.compile("^" + prefix)
+
+
+def validate(ckpt: Checkpoint) -> None:
+    """Every tensor the spec expects is there with the shape config.json implies; no strays."""
+    lay, spec = ckpt.layout, ckpt.layout.spec
+    _check_tensor(ckpt, spec.embed, (lay.vocab, lay.hidden), "embedding")
+    _check_tensor(ckpt, spec.final_norm, (lay.hidden,), "final norm")
+    if not lay.tie_embeddings:
+        _check_tensor(ckpt, spec.lm_head, (lay.vocab, lay.hidden), "lm_head")
+    pattern = layer_pattern(lay)
+    known = set()
+    for layer in range(lay.layers):
+        for name, shape in expected_shapes(lay, layer).items():
+            _check_tensor(ckpt, name, shape, f"layer {layer}")
+            known.add(name)
+    for name in ckpt.tensors:
+        m = pattern.match(name)
+        if m and name not in known:
+            where = ckpt.root / ckpt.tensors[name].shard
+            if int(m.group(1)) >= lay.layers:
+                raise WiscaError(f"{where}: tensor {name} is beyond num_hidden_layers={lay.layers} in config.json")
+            raise WiscaError(f"{where}: tensor {name} is not part of the {spec.name} architecture spec "
+                             f"(check config.json, e.g. attention_bias)")
+
+
+# -- writing ---------------------------------------------------------------------------------
+def build_header(tensors: list[TensorInfo], metadata: dict[str, str] | None) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
+                          "data_offsets": [t.rel_start, t.rel_start + t.nbytes]}
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+class ShardWriter:
+    """One output shard with the same tensors and layout as an input shard.
+
+    The header goes first; each tensor is then written at its own offset, in any order.
+    """
+
+    def __init__(self, path: Path, shard: Shard, metadata: dict[str, str] | None):
+        self.path = path
+        header = build_header(shard.tensors, metadata)
+        self.data_start = len(header)
+        self.offsets = {t.name: (t.rel_start, t.nbytes) for t in shard.tensors}
+        self.pending = set(self.offsets)
+        self.size = self.data_start + sum(t.nbytes for t in shard.tensors)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._pwrite(header, 0)
+
+    def _pwrite(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def write(self, name: str, raw: torch.Tensor) -> None:
+        rel, nbytes = self.offsets[name]
+        if raw.numel() != nbytes:
+            raise AssertionError(f"{name}: {raw.numel()} bytes, expected {nbytes}")
+        self.pending.remove(name)
+        if nbytes:
+            self._pwrite(raw.numpy(), self.data_start + rel)
+
+    def copy_from(self, name: str, src_fd: int, src_offset: int) -> None:
+        """Copy a tensor's bytes from another file inside the kernel."""
+        rel, nbytes = self.offsets[name]
+        self.pending.remove(name)
+        dst, done = self.data_start + rel, 0
+        while done < nbytes:
+            n = os.copy_file_range(src_fd, self.fd, nbytes - done, src_offset + done, dst + done)
+            if n == 0:
+                raise OSError(5, "source ended during copy")
+            done += n
+
+    def close(self) -> None:
+        if self.pending:
+            raise AssertionError(f"{self.path}: tensors never written: {sorted(self.pending)[:3]}")
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

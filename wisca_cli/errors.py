@@ -1,0 +1,17 @@
+"""Exceptions that the CLI turns into exit codes and one-line messages."""
+
+
+class WiscaError(Exception):
+    """Bad usage or bad input: the CLI prints one line and exits with code 2."""
+
+    exit_code = 2
+
+
+class VerificationFailed(WiscaError):
+    """The transformed model does not compute the same function: exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report or {}

@@ -1,0 +1,111 @@
+"""Output folders that appear whole or not at all.
+
+Everything is written to a temporary folder beside the target and renamed into place
+only at the end. With ``overwrite`` the old target survives until the new one is ready.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from .errors import WiscaError
+
+TMP_MARK = ".wisca-tmp-"
+OLD_MARK = ".wisca-old-"
+
+
+def check_target(src: Path, dst: Path, overwrite: bool) -> Path:
+    """Refuse targets that would clobber the source or an existing folder."""
+    dst = Path(os.path.abspath(dst))
+    src_real, dst_real = src.resolve(), dst.resolve()
+    if dst_real == src_real or src_real in dst_real.parents:
+        raise WiscaError(f"{dst}: the output must not be the source folder or inside it")
+    if dst_real in src_real.parents:
+        raise WiscaError(f"{dst}: the output must not contain the source folder")
+    if not dst.parent.is_dir():
+        raise WiscaError(f"{dst.parent}: output parent folder does not exist")
+    if dst.exists() or dst.is_symlink():
+        if not overwrite:
+            raise WiscaError(f"{dst}: already exists (use --overwrite to replace it)")
+        if not dst.is_dir():
+            raise WiscaError(f"{dst}: exists and is not a folder; not replacing it")
+    return dst
+
+
+class StagedOutput:
+    """``with StagedOutput(dst) as out: ... out.commit()``; without commit nothing remains."""
+
+    def __init__(self, dst: Path, overwrite: bool = False):
+        self.dst, self.overwrite = dst, overwrite
+        self.tmp = dst.parent / f".{dst.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(3)}"
+        self.committed = False
+
+    def __enter__(self) -> "StagedOutput":
+        try:
+            self.tmp.mkdir()
+        except OSError as e:
+            raise WiscaError(f"{self.dst.parent}: cannot create the output folder here: {e.strerror}") from e
+        return self
+
+    def commit(self) -> None:
+        """Move the finished folder into place (atomic rename)."""
+        _fsync_dir(self.tmp)
+        old = None
+        if self.overwrite and self.dst.exists():
+            old = self.dst.parent / f".{self.dst.name}{OLD_MARK}{os.getpid()}-{secrets.token_hex(3)}"
+            os.rename(self.dst, old)
+        try:
+            os.rename(self.tmp, self.dst)
+        except OSError as e:
+            if old is not None:
+                os.rename(old, self.dst)
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR):
+                raise WiscaError(f"{self.dst}: appeared while wisca was running (another run?); "
+                                 f"left it as it is") from e
+            raise WiscaError(f"{self.dst}: cannot move the output into place: {e.strerror}") from e
+        _fsync_dir(self.dst.parent)
+        self.committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def __exit__(self, *exc) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def copy_other_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
+    """Copy every file of src not in ``skip`` (config, tokenizer, ...), following symlinks."""
+    copied = []
+    for entry in sorted(src.iterdir()):
+        if entry.name in skip or entry.name.startswith("."):
+            continue
+        target = dst / entry.name
+        try:
+            if entry.is_dir():
+                shutil.copytree(entry, target, symlinks=False)
+            elif entry.is_file():
+                shutil.copyfile(entry, target)
+                shutil.copymode(entry, target)
+            else:
+                continue
+        except OSError as e:
+            raise WiscaError(f"{entry}: cannot copy to the output: {e.strerror or e}") from e
+        copied.append(entry.name)
+    return copied

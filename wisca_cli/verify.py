@@ -1,0 +1,147 @@
+"""Streamed equivalence check: two models, the same probe tokens, one layer at a time.
+
+``StreamVerifier`` carries two residual streams (reference and candidate) through the
+reference forward. It is fed each layer's weights of both models as they are read, so
+verifying a transform costs no second pass over the checkpoint, and the first layer
+whose outputs differ is known the moment it happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import forward
+from .errors import WiscaError
+from .spec import Layout
+
+
+@dataclass
+class Tolerance:
+    max_kl: float = 1e-6        # mean KL(p_ref || p_new) per token
+    min_top1: float = 1.0       # fraction of tokens whose argmax agrees
+    max_rel: float = 1e-3       # max |logit diff| / max |logit|
+
+
+DEFAULT_TOLERANCE = {
+    "F32": Tolerance(1e-6, 1.0, 1e-3),
+    "F64": Tolerance(1e-9, 1.0, 1e-6),
+    "BF16": Tolerance(5e-3, 0.95, 0.1),
+    "F16": Tolerance(1e-3, 0.98, 0.05),
+}
+
+
+@dataclass
+class VerifyResult:
+    mode: str                   # "exact" or "tolerance"
+    passed: bool
+    identical: bool
+    max_abs_diff: float
+    rel_diff: float
+    kl: float
+    top1: float
+    tokens: int
+    first_diverging_layer: int | None
+    layer_max_abs_diff: list[float] = field(default_factory=list)
+    tolerance: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def probe_ids(vocab: int, batch: int, length: int, seed: int, file: str | None = None) -> torch.Tensor:
+    """Probe tokens: seeded random ids, or a JSON list of lists / whitespace ints from a file."""
+    if file:
+        path = Path(file)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise WiscaError(f"{file}: cannot read probe ids: {e.strerror}") from e
+        try:
+            import json
+            data = json.loads(text)
+        except ValueError:
+            data = [[int(x) for x in line.split()] for line in text.splitlines() if line.strip()]
+        if data and isinstance(data[0], int):
+            data = [data]
+        try:
+            ids = torch.tensor(data, dtype=torch.long)
+        except (ValueError, TypeError) as e:
+            raise WiscaError(f"{file}: probe ids must be rows of integers of equal length") from e
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise WiscaError(f"{file}: probe ids must be rows of integers of equal length")
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise WiscaError(f"{file}: probe ids must lie in [0, {vocab})")
+        return ids
+    if batch <= 0 or length <= 0:
+        raise WiscaError("--probe-batch and --probe-len must be positive")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=gen)
+
+
+def _f32(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in w.items()}
+
+
+class StreamVerifier:
+    def __init__(self, layout: Layout, ids: torch.Tensor, exact: bool, tolerance: Tolerance):
+        self.layout, self.ids, self.exact, self.tol = layout, ids, exact, tolerance
+        length = ids.shape[1]
+        self.rope = forward.rope_tables(layout, torch.arange(length)) if layout.rotary_dims else None
+        self.mask = forward.attention_mask(layout, length)
+        self.h_ref = self.h_new = None
+        self.layer_diffs: list[float] = []
+        self.first_bad: int | None = None
+
+    def embed(self, emb_ref: torch.Tensor, emb_new: torch.Tensor) -> None:
+        self.h_ref = emb_ref[self.ids].float()
+        self.h_new = emb_new[self.ids].float()
+        self._compare(-1)
+
+    def layer(self, index: int, w_ref: dict, w_new: dict) -> None:
+        with torch.no_grad():
+            self.h_ref = forward.decoder_layer(self.h_ref, _f32(w_ref), self.layout, self.rope, self.mask)
+            self.h_new = forward.decoder_layer(self.h_new, _f32(w_new), self.layout, self.rope, self.mask)
+        self._compare(index)
+
+    def _compare(self, index: int) -> None:
+        diff = (self.h_ref - self.h_new).abs().max().item()
+        self.layer_diffs.append(diff)
+        if self.first_bad is None:
+            if self.exact:
+                bad = not torch.equal(self.h_ref, self.h_new)
+            else:
+                scale = self.h_ref.abs().max().item() or 1.0
+                bad = not (diff / scale <= self.tol.max_rel)
+            if bad:
+                self.first_bad = index
+
+    def finish(self, norm_ref, head_ref, norm_new, head_new) -> VerifyResult:
+        with torch.no_grad():
+            a = forward.final_logits(self.h_ref, norm_ref.float(), head_ref.float(), self.layout)
+            b = forward.final_logits(self.h_new, norm_new.float(), head_new.float(), self.layout)
+        return compare_logits(a, b, self.exact, self.tol, self.first_bad, self.layer_diffs[1:])
+
+
+def compare_logits(a: torch.Tensor, b: torch.Tensor, exact: bool, tol: Tolerance,
+                   first_bad: int | None = None, layer_diffs: list[float] | None = None) -> VerifyResult:
+    identical = torch.equal(a, b)
+    diff = (a - b).abs().max().item()
+    rel = diff / (a.abs().max().item() or 1.0)
+    la = torch.log_softmax(a.double(), -1)
+    lb = torch.log_softmax(b.double(), -1)
+    kl = (la.exp() * (la - lb)).sum(-1).mean().item()
+    top1 = (a.argmax(-1) == b.argmax(-1)).double().mean().item()
+    finite = bool(torch.isfinite(a).all() and torch.isfinite(b).all())
+    if exact:
+        passed = identical and finite
+    else:
+        passed = finite and kl <= tol.max_kl and top1 >= tol.min_top1 and rel <= tol.max_rel
+    return VerifyResult(
+        mode="exact" if exact else "tolerance", passed=passed, identical=identical,
+        max_abs_diff=diff, rel_diff=rel, kl=max(kl, 0.0), top1=top1, tokens=a.shape[0] * a.shape[1],
+        first_diverging_layer=None if passed else first_bad, layer_max_abs_diff=layer_diffs or [],
+        tolerance=None if exact else asdict(tol),
+    )
