@@ -311,6 +311,32 @@ def read_record(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return record, scales
 
 
+def scale_multipliers(transformed: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """tensor name -> multiplier S (float64, broadcastable) that the transform applied: W' = S * W.
+
+    What a training loop needs to carry its state into the new parametrisation: gradients
+    become g / S, Adam's exp_avg / S and exp_avg_sq / S**2.
+    """
+    from .balance import member_multipliers
+
+    ckpt = open_checkpoint(transformed)
+    try:
+        record, scales = read_record(ckpt.root)
+        opts, lay = record["options"], ckpt.layout
+        out: dict[str, torch.Tensor] = {}
+        for layer in range(lay.layers):
+            names = lay.layer_roles(layer)
+            shapes = {role: ckpt.tensors[n].shape for role, n in names.items()}
+            for pair in layer_pairs(lay, layer, tuple(opts["targets"]), opts["granularity"]):
+                key = f"layers.{layer}.{pair.kind}"
+                for role, mult in member_multipliers(pair, scales[key].double(), shapes).items():
+                    name = names[role]
+                    out[name] = out[name] * mult if name in out else mult
+        return out
+    finally:
+        ckpt.close()
+
+
 def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite: bool = False,
          verify: bool = True, progress: Progress | None = None) -> dict:
     """Multiply back by the recorded scales: for pow2 scales the original tensors exactly."""

@@ -121,6 +121,16 @@ def scale_vector(member: Member, s: torch.Tensor, size: int) -> torch.Tensor:
     return vec
 
 
+def member_multipliers(pair: Pair, s: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """role -> float64 multiplier S, broadcastable to the tensor, such that W' = S * W."""
+    out = {}
+    for m in pair.members:
+        shape = [1] * len(shapes[m.role])
+        shape[m.axis] = -1
+        out[m.role] = scale_vector(m, s, shapes[m.role][m.axis]).view(shape)
+    return out
+
+
 def apply_scales(pair: Pair, tensors: dict[str, torch.Tensor], s: torch.Tensor) -> dict[str, torch.Tensor]:
     """New tensors for the pair's members: A slices times s, B slices times 1/s.
 

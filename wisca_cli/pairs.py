@@ -112,3 +112,10 @@ def layer_pairs(layout: Layout, layer: int, targets: tuple[str, ...], granularit
     roles = set(layout.layer_roles(layer))
     return [BUILDERS[t](layout, roles).regroup(granularity)
             for t in targets if t in layout.spec.targets]
+
+
+def lora_pair(rank: int) -> Pair:
+    """PEFT LoRA: dW = (alpha / r) B A; row k of A times s[k], column k of B times 1/s[k]."""
+    units = torch.arange(rank)
+    return Pair("lora", rank, torch.zeros(rank, dtype=torch.long),
+                (Member("lora_A", 0, units, +1), Member("lora_B", 1, units, -1)))
