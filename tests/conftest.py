@@ -125,3 +125,34 @@ def ckpt_dir(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def synthetic_llama(path: Path, hidden=64, layers=2, heads=4, kv_heads=2, inter=96, vocab=128,
+                    dtype=torch.float32, seed=0, std=0.05) -> Path:
+    """A llama checkpoint written directly with safetensors (no transformers), any size."""
+    from safetensors.torch import save_file
+    import json as _json
+
+    g = torch.Generator().manual_seed(seed)
+    d = hidden // heads
+    rnd = lambda *s: (torch.randn(*s, generator=g) * std).to(dtype)  # noqa: E731
+    t = {"model.embed_tokens.weight": rnd(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=dtype),
+         "lm_head.weight": rnd(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": torch.ones(hidden, dtype=dtype),
+                  p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dtype),
+                  p + "self_attn.q_proj.weight": rnd(heads * d, hidden),
+                  p + "self_attn.k_proj.weight": rnd(kv_heads * d, hidden),
+                  p + "self_attn.v_proj.weight": rnd(kv_heads * d, hidden),
+                  p + "self_attn.o_proj.weight": rnd(hidden, heads * d),
+                  p + "mlp.gate_proj.weight": rnd(inter, hidden), p + "mlp.up_proj.weight": rnd(inter, hidden),
+                  p + "mlp.down_proj.weight": rnd(hidden, inter)})
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(t, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(_json.dumps({
+        "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+        "max_position_embeddings": 256}))
+    return path

@@ -424,7 +424,9 @@ class Command:
     needs: str | None = None      # "verify-dst": a transformed checkpoint made once up front
 
 
-COMMAND_KEYS = ["cp", "cp-sync", "transform-noverify", "transform", "verify"]
+LABELS = {"cp": "cp -r", "cp-sync": "cp -r && sync", "transform-noverify": "wisca transform --no-verify",
+          "transform": "wisca transform", "verify": "wisca verify"}
+COMMAND_KEYS = list(LABELS)
 DEFAULT_KEYS = ["cp", "transform-noverify", "transform", "verify"]
 WISCA_KEYS = {"transform-noverify", "transform", "verify"}
 
@@ -433,16 +435,13 @@ def build_commands(keys: list[str], wisca: list[str], src: Path, dst: Path, veri
                    ) -> list[Command]:
     s, d, v = str(src), str(dst), str(verify_dst)
     every = {
-        "cp": Command("cp", "cp -r", ["cp", "-r", s, d], [src], dst),
-        "cp-sync": Command("cp-sync", "cp -r && sync", ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', s, d],
-                           [src], dst),
-        "transform-noverify": Command("transform-noverify", "wisca transform --no-verify",
-                                      [*wisca, "transform", s, d, "--no-verify"], [src], dst),
-        "transform": Command("transform", "wisca transform", [*wisca, "transform", s, d], [src], dst),
-        "verify": Command("verify", "wisca verify", [*wisca, "verify", s, v], [src, verify_dst],
-                          needs="verify-dst"),
+        "cp": (["cp", "-r", s, d], [src], dst),
+        "cp-sync": (["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', s, d], [src], dst),
+        "transform-noverify": ([*wisca, "transform", s, d, "--no-verify"], [src], dst),
+        "transform": ([*wisca, "transform", s, d], [src], dst),
+        "verify": ([*wisca, "verify", s, v], [src, verify_dst], None),
     }
-    return [every[k] for k in keys]
+    return [Command(k, LABELS[k], *every[k], needs="verify-dst" if k == "verify" else None) for k in keys]
 
 
 # -- the benchmark ------------------------------------------------------------------------------
@@ -509,7 +508,7 @@ class Bench:
 
     def progress(self, what: str, label: str, run: Run, rss: bool = True) -> None:
         tail = f"  {run.peak_rss_mib:8.1f} MiB" if rss else ""
-        self.console.print(f"  [dim]{what:<16}[/] {label:<30} {run.wall_s:8.2f} s{tail}", highlight=False)
+        self.console.print(f"  [dim]{what:<16}[/] {label:<44} {run.wall_s:8.2f} s{tail}", highlight=False)
 
 
 def memory_scaling(bench: Bench, wisca: list[str], base: CheckpointInfo, double: CheckpointInfo,
@@ -523,14 +522,14 @@ def memory_scaling(bench: Bench, wisca: list[str], base: CheckpointInfo, double:
             for cmd in build_commands(keys, wisca, Path(info.path), dst, dst):
                 run = bench.run(cmd)
                 runs.setdefault((cmd.key, which), []).append(run)
-                bench.progress(f"scaling {r + 1}/{rounds}", f"{cmd.label} ({info.shape['layers']} layers)", run)
+                bench.progress(f"scaling {r + 1}/{rounds}", f"{cmd.label}, {info.shape['layers']} layers", run)
     out = {"base_layers": base.shape["layers"], "double_layers": double.shape["layers"],
            "target_ratio": TARGET_SCALING, "commands": {}}
     for key in keys:
         b = max(r.peak_rss_mib for r in runs[(key, "base")])
         d = max(r.peak_rss_mib for r in runs[(key, "double")])
         out["commands"][key] = {
-            "base_peak_rss_mib": b, "double_peak_rss_mib": d, "ratio": d / b,
+            "label": LABELS[key], "base_peak_rss_mib": b, "double_peak_rss_mib": d, "ratio": d / b,
             "base_median_s": statistics.median(r.wall_s for r in runs[(key, "base")]),
             "double_median_s": statistics.median(r.wall_s for r in runs[(key, "double")]),
             "pass": d / b <= TARGET_SCALING,
@@ -623,7 +622,7 @@ def report(console: Console, result: dict) -> None:
                     "ratio", "time ratio", "within 10%"):
             table.add_column(col, justify="left" if col == "command" else "right")
         for key, s in ms["commands"].items():
-            table.add_row(key, f"{s['base_peak_rss_mib']:.0f}", f"{s['double_peak_rss_mib']:.0f}",
+            table.add_row(s["label"], f"{s['base_peak_rss_mib']:.0f}", f"{s['double_peak_rss_mib']:.0f}",
                           f"{s['ratio']:.3f}", f"{s['double_median_s'] / s['base_median_s']:.2f}",
                           "[green]PASS[/]" if s["pass"] else "[red]FAIL[/]")
         console.print(table)
@@ -687,15 +686,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--rounds", type=int, help="rounds; medians are over these (default 3)")
     run.add_argument("--only", help=f"comma-separated commands to time, from {','.join(COMMAND_KEYS)} "
                                     f"(default {','.join(DEFAULT_KEYS)})")
-    run.add_argument("--warmup", choices=["rerun", "cat"], default="rerun",
-                     help="warm runs: an untimed run of the same command first (default), or read the inputs")
+    run.add_argument("--warmup", choices=["rerun", "cat"],
+                     help="warm runs: an untimed run of the same command first (default), "
+                          "or read the inputs like cat (default with --quick)")
     run.add_argument("--startup-runs", type=int, help="timed runs per start-up command (default 5)")
     run.add_argument("--memory-scaling", action="store_true",
                      help="also compare peak RSS of transform on a checkpoint with twice the layers")
     run.add_argument("--wisca-cmd", default=None,
                      help=f"how to invoke wisca (default: '{sys.executable} -m wisca_cli')")
     run.add_argument("--quick", action="store_true",
-                     help="tiny shape (2 layers, hidden 256), 1 round, 2 start-up runs: a sanity check")
+                     help="tiny shape (2 layers, hidden 256), 1 round, 1 start-up run, cat warm-up: "
+                          "a sanity check")
     run.add_argument("--make-only", action="store_true", help="write the checkpoint, check it and stop (implies --keep)")
     run.add_argument("--keep", action="store_true", help="keep the work folder (its checkpoints are reused)")
     run.add_argument("--json", type=Path, help="write the results to this file")
@@ -708,7 +709,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.shards is None and args.shard_size is None:
         args.shards = 5
     args.rounds = args.rounds or (1 if args.quick else 3)
-    args.startup_runs = args.startup_runs or (2 if args.quick else 5)
+    args.startup_runs = args.startup_runs or (1 if args.quick else 5)
+    args.warmup = args.warmup or ("cat" if args.quick else "rerun")
     keys = [k.strip() for k in (args.only or ",".join(DEFAULT_KEYS)).split(",") if k.strip()]
     unknown = [k for k in keys if k not in COMMAND_KEYS]
     if unknown or not keys:
@@ -723,6 +725,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console()
+    if not console.is_terminal:     # piped or logged: don't wrap the tables at 80 columns
+        console = Console(width=max(console.width, 110))
     shape = Shape(args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab, args.dtype)
     shape.validate()
     wisca = args.wisca_cmd.split() if args.wisca_cmd else [sys.executable, "-m", "wisca_cli"]

@@ -312,16 +312,24 @@ def undo(
 
 
 # -- entry point ------------------------------------------------------------------------------
-class Terminated(BaseException):
-    """SIGTERM, raised so that cleanup (temporary output) runs."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised so that cleanup (temporary output) runs.
+
+    Not a KeyboardInterrupt: Typer would turn that into a silent exit.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+def _on_signal(signum, frame):
+    raise Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     code = 0
     try:
         rv = app(args=argv, standalone_mode=False)
@@ -340,12 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         code = e.exit_code
-    except KeyboardInterrupt:
-        err.print("interrupted: no output written", style="red")
-        code = 130
-    except Terminated:
-        err.print("terminated: no output written", style="red")
-        code = 143
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        err.print(f"{signal.Signals(signum).name}: interrupted, no output written", style="red")
+        code = 128 + signum
     except Exception as e:  # a bug: one line, the traceback on request
         if os.environ.get("WISCA_DEBUG"):
             raise

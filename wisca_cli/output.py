@@ -10,6 +10,7 @@ import errno
 import os
 import secrets
 import shutil
+import signal
 from pathlib import Path
 
 from .errors import WiscaError
@@ -52,8 +53,16 @@ class StagedOutput:
         return self
 
     def commit(self) -> None:
-        """Move the finished folder into place (atomic rename)."""
+        """Move the finished folder into place (atomic rename); signals wait until it is done."""
         _fsync_dir(self.tmp)
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            self._swap()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def _swap(self) -> None:
         old = None
         if self.overwrite and self.dst.exists():
             old = self.dst.parent / f".{self.dst.name}{OLD_MARK}{os.getpid()}-{secrets.token_hex(3)}"

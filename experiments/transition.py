@@ -1,0 +1,744 @@
+"""Does a WISCA transition help training? A small, reproducible experiment.
+
+Trains a tiny GQA Llama from scratch on the Python standard library's own source
+(byte-level, vocab 256: the data is on every machine that has Python), saves a
+checkpoint with its optimizer state at a stage boundary, transitions it with
+``wisca.transform`` (the Python API), and continues training both the original and
+the transitioned model with the same data order, learning-rate schedule and seed.
+With the default power-of-two scales both branches start from the same function
+(their validation losses at the boundary are bit-identical, which is checked), so
+every difference afterwards comes from the new weight pattern.
+
+    # baseline vs WISCA, transition early and late, 3 seeds (~15 min on one CPU thread)
+    python experiments/transition.py --out runs/main --transition-at early,late
+
+    # the LoRA variant: fine-tune an adapter on a held-out slice of the stdlib,
+    # transition the adapter part-way, continue
+    python experiments/transition.py --out runs/lora --lora
+
+    # a few steps, one seed (the test suite runs this)
+    python experiments/transition.py --out /tmp/smoke --smoke
+
+    # one figure from several runs
+    python experiments/transition.py --combine runs/main runs/lora --png docs/efficacy.png
+
+Each run writes ``results.json`` (settings, every curve, the table), ``results.md``
+(the tables) and ``curves.png`` (validation loss per branch, mean and min-max band over
+seeds, and the paired difference to the baseline) into ``--out``.
+
+Branches, all trained to the same final step on the same batches:
+  baseline          never transitioned
+  wisca@T           transitioned at step T, optimizer moments carried over
+                    (exp_avg / S, exp_avg_sq / S**2 for W' = S * W)
+  wisca@T/reset     transitioned at step T with a fresh AdamW (--optimizer-state reset)
+  reset@T           control for the above: not transitioned, fresh AdamW at step T
+
+Data: the top-level ``*.py`` modules of the stdlib pretrain the model; a fixed set of
+stdlib packages (asyncio, email, http, ...) is held out for the LoRA fine-tune. In
+both, every 10th file (sorted by path) is the validation split. Numbers reproduce
+exactly only with the same stdlib (Python version) and torch version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# data
+
+HELD_OUT_PACKAGES = ("asyncio", "concurrent", "email", "http", "json", "logging", "urllib", "xml")
+
+
+def stdlib_files(packages: tuple[str, ...] | None) -> list[Path]:
+    """Top-level stdlib modules (packages=None), or every *.py under the given packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if packages is None:
+        files = [p for p in root.glob("*.py")]
+    else:
+        files = [p for pkg in packages for p in (root / pkg).rglob("*.py") if "__pycache__" not in p.parts]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def load_corpus(packages: tuple[str, ...] | None, val_every: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) byte tensors; every val_every-th file (by sorted path) is validation."""
+    train, val = [], []
+    for i, path in enumerate(stdlib_files(packages)):
+        (val if i % val_every == val_every - 1 else train).append(path.read_bytes())
+    as_tensor = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)  # noqa: E731
+    return as_tensor(train), as_tensor(val)
+
+
+def batch_offsets(seed: int, steps: int, n_bytes: int, batch: int, seq: int) -> torch.Tensor:
+    """[steps, batch] window starts: the data order, identical for every branch of a seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(n_bytes - seq - 1, (steps, batch), generator=g)
+
+
+def get_batch(data: torch.Tensor, starts: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = starts[:, None] + torch.arange(seq + 1)[None, :]
+    window = data[idx].long()
+    return window[:, :-1], window[:, 1:]
+
+
+def val_batches(data: torch.Tensor, n_batches: int, batch: int, seq: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed validation set: evenly spaced windows over the whole validation split."""
+    starts = torch.linspace(0, len(data) - seq - 2, n_batches * batch).long().view(n_batches, batch)
+    return [get_batch(data, s, seq) for s in starts]
+
+
+# -----------------------------------------------------------------------------
+# model, optimizer, training
+
+
+def make_model(args, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads, intermediate_size=args.intermediate,
+        max_position_embeddings=max(512, args.seq_len), tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
+
+
+def load_model(folder: Path):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
+
+
+def make_optimizer(params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float):
+    """AdamW, nanoGPT-style: weight decay on matrices only."""
+    decay = [p for _, p in params if p.dim() >= 2]
+    no_decay = [p for _, p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95))
+
+
+def lr_at(step: int, peak: float, floor: float, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to floor at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model, batches) -> float:
+    """Mean cross-entropy in nats/byte over the fixed validation batches."""
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        logits = model(input_ids=x, use_cache=False).logits
+        total += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).item()
+    model.train()
+    return total / len(batches)
+
+
+def train(model, opt, task, start: int, stop: int, name: str, snapshot=None) -> tuple[dict, dict]:
+    """Train from step `start` to `stop`; validation loss at task.eval_steps (and start, stop).
+
+    Step t means "after t updates". snapshot(step, model, opt) is called at task.boundaries.
+    """
+    curve, train_loss = {}, {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    t0 = time.time()
+    for step in range(start, stop + 1):
+        if step in task.eval_steps or step in (start, stop):
+            curve[step] = evaluate(model, task.val)
+            print(f"  {name:14s} step {step:5d}/{stop} | val {curve[step]:.4f} | "
+                  f"train {train_loss.get(step - 1, float('nan')):.4f} | {time.time() - t0:6.1f}s", flush=True)
+        if snapshot is not None and step in task.boundaries:
+            snapshot(step, model, opt)
+        if step == stop:
+            break
+        for group in opt.param_groups:
+            group["lr"] = task.lr(step)
+        x, y = get_batch(task.train_data, task.offsets[step], task.seq_len)
+        logits = model(input_ids=x, use_cache=False).logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, task.grad_clip)
+        opt.step()
+        train_loss[step] = loss.item()
+    return curve, train_loss
+
+
+# -----------------------------------------------------------------------------
+# the transition of a full model: checkpoint -> wisca.transform -> optimizer state
+
+
+def scale_optimizer_state(opt, named_params, multipliers: dict[str, torch.Tensor]) -> None:
+    """W' = S * W makes the gradient g / S: exp_avg / S, exp_avg_sq / S**2, step untouched."""
+    for name, p in named_params:
+        S = multipliers.get(name)
+        state = opt.state.get(p)
+        if S is None or not state:
+            continue
+        state["exp_avg"].copy_(state["exp_avg"].double() / S)
+        state["exp_avg_sq"].copy_(state["exp_avg_sq"].double() / S**2)
+
+
+def units_changed(folder: Path) -> float:
+    """Fraction of units whose scale is not 1 (a pow2 transition can be a no-op for a unit)."""
+    from safetensors.torch import load_file
+
+    scales = load_file(str(folder / "wisca_scales.safetensors"))
+    n = sum(s.numel() for s in scales.values())
+    return sum(int((s != 1).sum()) for s in scales.values()) / max(n, 1)
+
+
+class PretrainTask:
+    """Train a GQA Llama from scratch; the transition acts on the whole checkpoint."""
+
+    kind = "pretrain"
+
+    def __init__(self, args, workdir: Path):
+        self.args, self.workdir = args, workdir
+        self.train_data, val = load_corpus(None)
+        self.val = val_batches(val, args.eval_batches, args.batch_size, args.seq_len)
+        self.total, self.seq_len, self.grad_clip = args.steps, args.seq_len, args.grad_clip
+        self.data_desc = (f"top-level stdlib modules: {len(self.train_data):,} train / {len(val):,} val bytes")
+
+    def lr(self, step: int) -> float:
+        a = self.args
+        return lr_at(step, a.lr, a.min_lr, a.warmup, a.steps)
+
+    def start(self, seed: int):
+        model = make_model(self.args, seed)
+        return model, make_optimizer(list(model.named_parameters()), self.args.lr, self.args.weight_decay)
+
+    def snapshot(self, folder: Path, model, opt) -> None:
+        """A stage-boundary checkpoint: HF folder (fp32 safetensors) + optimizer.pt."""
+        model.save_pretrained(folder)
+        torch.save(opt.state_dict(), folder / "optimizer.pt")
+
+    def resume(self, folder: Path, fresh_optimizer: bool):
+        model = load_model(folder)
+        opt = make_optimizer(list(model.named_parameters()), self.args.lr, self.args.weight_decay)
+        if not fresh_optimizer:
+            opt.load_state_dict(torch.load(folder / "optimizer.pt"))
+        return model, opt
+
+    def transition(self, folder: Path, dst: Path, fresh_optimizer: bool):
+        """wisca.transform the checkpoint, carry the optimizer state over (or reset it)."""
+        import wisca_cli as wisca
+        from wisca_cli.api import scale_multipliers
+
+        a = self.args
+        t0 = time.time()
+        report = wisca.transform(folder, dst, granularity=a.granularity, norm=a.norm, strength=a.strength,
+                                 scales=a.scales, overwrite=True)
+        # transform copies optimizer.pt unchanged (it is "another file" of the checkpoint):
+        # rewrite it in the new parametrisation, so the folder on disk is consistent
+        model, opt = self.resume(dst, fresh_optimizer=False)
+        scale_optimizer_state(opt, model.named_parameters(), scale_multipliers(dst))
+        torch.save(opt.state_dict(), dst / "optimizer.pt")
+        if fresh_optimizer:
+            model, opt = self.resume(dst, fresh_optimizer=True)
+        info = {
+            "imbalance": {k: {"before": v["imbalance_before"], "after": v["imbalance_after"]}
+                          for k, v in report["summary"].items()},
+            "units_changed": units_changed(dst),
+            "verification_passed": bool(report["verification"]["passed"]),
+            "transform_seconds": round(time.time() - t0, 2),
+        }
+        return model, opt, info
+
+
+# -----------------------------------------------------------------------------
+# the LoRA variant
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * x A^T B^T, base frozen; A [r, in] random, B [out, r] zero."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)  # as PEFT
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+
+class LoraTask:
+    """Fine-tune a LoRA adapter on held-out stdlib packages; the transition acts on the adapter."""
+
+    kind = "lora"
+
+    def __init__(self, args, workdir: Path):
+        self.args, self.workdir = args, workdir
+        self.train_data, val = load_corpus(HELD_OUT_PACKAGES)
+        self.val = val_batches(val, args.eval_batches, args.batch_size, args.seq_len)
+        self.total, self.seq_len, self.grad_clip = args.lora_steps, args.seq_len, args.grad_clip
+        self.data_desc = (f"held-out stdlib packages {', '.join(HELD_OUT_PACKAGES)}: "
+                          f"{len(self.train_data):,} train / {len(val):,} val bytes")
+        self.base = workdir / "base"
+        self.base_info = self.pretrain_base()
+
+    def pretrain_base(self) -> dict:
+        """The base model: the main experiment's baseline, trained once (--lora-base-seed)."""
+        a = self.args
+        pre = PretrainTask(a, self.workdir)
+        pre.eval_steps, pre.boundaries = set(range(0, a.steps + 1, a.eval_every)), set()
+        seed = a.lora_base_seed
+        pre.offsets = batch_offsets(seed, a.steps, len(pre.train_data), a.batch_size, a.seq_len)
+        model, opt = pre.start(seed)
+        print(f"LoRA base model: pretraining {a.steps} steps, seed {seed}", flush=True)
+        t0 = time.time()
+        curve, _ = train(model, opt, pre, 0, a.steps, "base")
+        model.save_pretrained(self.base)
+        before = evaluate(model, self.val)
+        print(f"  base: val loss on the pretraining split {curve[a.steps]:.4f}, "
+              f"on the held-out packages {before:.4f}", flush=True)
+        return {"steps": a.steps, "seed": seed, "val_loss_pretrain_split": curve[a.steps],
+                "val_loss_heldout_before_finetune": before, "seconds": round(time.time() - t0, 1)}
+
+    def lr(self, step: int) -> float:
+        a = self.args
+        return lr_at(step, a.lora_lr, a.lora_lr / 10, a.lora_warmup, a.lora_steps)
+
+    def lora_modules(self, model) -> list[tuple[str, LoRALinear]]:
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+    def build(self, seed: int):
+        """Frozen base + fresh adapters on --lora-targets of every decoder layer."""
+        a = self.args
+        model = load_model(self.base)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        g = torch.Generator().manual_seed(seed)
+        for layer in model.model.layers:
+            for name in a.lora_targets.split(","):
+                parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+                setattr(parent, name, LoRALinear(getattr(parent, name), a.lora_rank, a.lora_alpha, g))
+        return model
+
+    def named_trainable(self, model):
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def start(self, seed: int):
+        model = self.build(seed)
+        self.seed = seed
+        return model, make_optimizer(self.named_trainable(model), self.args.lora_lr, self.args.lora_weight_decay)
+
+    def snapshot(self, folder: Path, model, opt) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        adapter = {n: p.detach().clone() for n, p in self.named_trainable(model)}
+        torch.save({"adapter": adapter, "optimizer": opt.state_dict()}, folder / "adapter.pt")
+
+    def resume(self, folder: Path, fresh_optimizer: bool):
+        saved = torch.load(folder / "adapter.pt")
+        model = self.build(self.seed)
+        with torch.no_grad():
+            for n, p in self.named_trainable(model):
+                p.copy_(saved["adapter"][n])
+        opt = make_optimizer(self.named_trainable(model), self.args.lora_lr, self.args.lora_weight_decay)
+        if not fresh_optimizer:
+            opt.load_state_dict(saved["optimizer"])
+        return model, opt
+
+    def transition(self, folder: Path, dst: Path, fresh_optimizer: bool):
+        """Balance every adapter per rank: row k of A times s[k], column k of B times 1/s[k]."""
+        from wisca_cli.balance import apply_scales, solve_pair
+        from wisca_cli.pairs import lora_pair
+
+        a = self.args
+        t0 = time.time()
+        model, opt = self.resume(folder, fresh_optimizer)
+        before, after, changed, units = [], [], 0, 0
+        with torch.no_grad():
+            for _, mod in self.lora_modules(model):
+                pair = lora_pair(mod.lora_A.shape[0])
+                ab = {"lora_A": mod.lora_A.data, "lora_B": mod.lora_B.data}
+                res = solve_pair(pair, ab, norm=a.norm, strength=a.strength, pow2=a.scales == "pow2")
+                s = res.scales.double()
+                new = apply_scales(pair, ab, s)
+                mod.lora_A.copy_(new["lora_A"])
+                mod.lora_B.copy_(new["lora_B"])
+                for p, S in ((mod.lora_A, s[:, None]), (mod.lora_B, 1 / s[None, :])):
+                    state = opt.state.get(p)
+                    if state:
+                        state["exp_avg"].copy_(state["exp_avg"].double() / S)
+                        state["exp_avg_sq"].copy_(state["exp_avg_sq"].double() / S**2)
+                live = ~torch.isnan(res.before)
+                before += res.before[live].abs().tolist()
+                after += res.after[live].abs().tolist()
+                changed += int((res.scales != 1).sum())
+                units += len(res.scales)
+        self.snapshot(dst, model, opt)
+        info = {
+            "imbalance": {"lora": {"before": statistics.fmean(before) if before else 0.0,
+                                   "after": statistics.fmean(after) if after else 0.0}},
+            "units_changed": changed / max(units, 1),
+            "transform_seconds": round(time.time() - t0, 2),
+        }
+        return model, opt, info
+
+
+# -----------------------------------------------------------------------------
+# one seed: baseline to the end, then every branch from its boundary checkpoint
+
+
+def transition_steps(spec: str, total: int) -> list[int]:
+    named = {"early": round(0.25 * total), "late": round(0.75 * total)}
+    steps = sorted({named[s] if s in named else int(s) for s in spec.split(",")})
+    if not all(0 < s < total for s in steps):
+        raise SystemExit(f"--transition-at: steps must lie strictly between 0 and {total}, got {steps}")
+    return steps
+
+
+def branch_plan(args, boundaries: list[int]) -> list[tuple[str, int, bool, bool]]:
+    """(name, boundary, transition?, fresh optimizer?) for every non-baseline branch."""
+    plan = []
+    modes = args.optimizer_state.split(",")
+    for b in boundaries:
+        if "transform" in modes:
+            plan.append((f"wisca@{b}", b, True, False))
+        if "reset" in modes:
+            plan.append((f"wisca@{b}/reset", b, True, True))
+            plan.append((f"reset@{b}", b, False, True))
+    return plan
+
+
+def run_seed(task, args, seed: int, boundaries: list[int]) -> dict:
+    print(f"== seed {seed} ==", flush=True)
+    task.offsets = batch_offsets(seed, task.total, len(task.train_data), args.batch_size, args.seq_len)
+    task.boundaries = set(boundaries)
+    ckpt = task.workdir / f"seed{seed}"
+
+    def snapshot(step, model, opt):
+        task.snapshot(ckpt / f"step{step}", model, opt)
+
+    t0 = time.time()
+    model, opt = task.start(seed)
+    curve, train_loss = train(model, opt, task, 0, task.total, "baseline", snapshot)
+    branches = {"baseline": {"transition": None, "curve": curve, "train_loss": train_loss,
+                             "seconds": round(time.time() - t0, 1)}}
+    transitions = {}
+    for name, b, do_transition, fresh in branch_plan(args, boundaries):
+        t0 = time.time()
+        folder = ckpt / f"step{b}"
+        if do_transition:
+            model, opt, info = task.transition(folder, ckpt / f"step{b}-{name.replace('/', '-')}", fresh)
+            # the experiment's premise: both branches start from the same function
+            original = branches["baseline"]["curve"][b]
+            transitioned = evaluate(model, task.val)
+            info.update(boundary_val_original=original, boundary_val_transitioned=transitioned,
+                        boundary_bit_identical=transitioned == original)
+            print(f"  {name}: boundary val {original!r} -> {transitioned!r} "
+                  f"({'bit-identical' if transitioned == original else 'differs'}), "
+                  f"imbalance {fmt_imbalance(info['imbalance'])}, units changed {info['units_changed']:.1%}",
+                  flush=True)
+            transitions[name] = info
+        else:
+            model, opt = task.resume(folder, fresh_optimizer=fresh)
+        curve, train_loss = train(model, opt, task, b, task.total, name)
+        branches[name] = {"transition": b, "curve": curve, "train_loss": train_loss,
+                          "seconds": round(time.time() - t0, 1)}
+    return {"seed": seed, "branches": branches, "transitions": transitions}
+
+
+def fmt_imbalance(imb: dict) -> str:
+    return ", ".join(f"{k} {v['before']:.2f}->{v['after']:.2f}" for k, v in imb.items())
+
+
+# -----------------------------------------------------------------------------
+# results: table, markdown, plot
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(seeds: list[dict], total: int, train_window: int) -> list[dict]:
+    """One row per branch: final validation loss / perplexity over seeds, paired deltas."""
+    names = list(seeds[0]["branches"])
+    base_val = [s["branches"]["baseline"]["curve"][total] for s in seeds]
+    window = lambda tl: statistics.fmean(tl[t] for t in range(total - train_window, total))  # noqa: E731
+    base_train = [window(s["branches"]["baseline"]["train_loss"]) for s in seeds]
+    rows = []
+    for name in names:
+        br = [s["branches"][name] for s in seeds]
+        val = [b["curve"][total] for b in br]
+        ppl = [math.exp(v) for v in val]
+        tr = [window(b["train_loss"]) for b in br]
+        d_loss = [100 * (v - bv) / bv for v, bv in zip(val, base_val)]
+        d_ppl = [100 * (math.exp(v - bv) - 1) for v, bv in zip(val, base_val)]
+        d_train_ppl = [100 * (math.exp(t - bt) - 1) for t, bt in zip(tr, base_train)]
+        rows.append({
+            "branch": name, "transition": br[0]["transition"], "seeds": len(br),
+            "val_loss": mean_std(val), "val_ppl": mean_std(ppl),
+            "delta_val_loss_pct": mean_std(d_loss), "delta_val_loss_pct_range": (min(d_loss), max(d_loss)),
+            "delta_val_ppl_pct": mean_std(d_ppl), "delta_val_ppl_pct_range": (min(d_ppl), max(d_ppl)),
+            "better_than_baseline": sum(v < bv for v, bv in zip(val, base_val)),
+            "train_loss": mean_std(tr), "delta_train_ppl_pct": mean_std(d_train_ppl),
+        })
+    return rows
+
+
+def table_markdown(rows: list[dict], total: int, train_window: int) -> str:
+    pm = lambda ms, f=".4f": f"{ms[0]:{f}} ± {ms[1]:{f}}"  # noqa: E731
+    pct = lambda ms, rng: f"{ms[0]:+.2f} ± {ms[1]:.2f} [{rng[0]:+.2f}, {rng[1]:+.2f}]"  # noqa: E731
+    lines = [
+        f"| branch | val loss @ {total} | val ppl | Δ val loss % | Δ val ppl % | lower than baseline "
+        f"| train loss (last {train_window}) | Δ train ppl % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["branch"] == "baseline":
+            d_loss = d_ppl = better = d_train = "—"
+        else:
+            d_loss = pct(r["delta_val_loss_pct"], r["delta_val_loss_pct_range"])
+            d_ppl = pct(r["delta_val_ppl_pct"], r["delta_val_ppl_pct_range"])
+            better = f"{r['better_than_baseline']}/{r['seeds']}"
+            d_train = f"{r['delta_train_ppl_pct'][0]:+.2f} ± {r['delta_train_ppl_pct'][1]:.2f}"
+        lines.append(f"| {r['branch']} | {pm(r['val_loss'])} | {pm(r['val_ppl'], '.3f')} | {d_loss} | {d_ppl} "
+                     f"| {better} | {pm(r['train_loss'])} | {d_train} |")
+    return "\n".join(lines)
+
+
+def transitions_markdown(seeds: list[dict]) -> str:
+    names = list(seeds[0]["transitions"])
+    if not names:
+        return ""
+    kinds = list(seeds[0]["transitions"][names[0]]["imbalance"])
+    head = " | ".join(f"{k} imbalance before → after" for k in kinds)
+    lines = [f"| transition | boundary val loss equal (seeds) | max abs Δ boundary val | {head} | units changed |",
+             "|---|---|---|" + "---|" * len(kinds) + "---|"]
+    for name in names:
+        infos = [s["transitions"][name] for s in seeds]
+        same = sum(i["boundary_bit_identical"] for i in infos)
+        diff = max(abs(i["boundary_val_transitioned"] - i["boundary_val_original"]) for i in infos)
+        imb = " | ".join(f"{statistics.fmean(i['imbalance'][k]['before'] for i in infos):.3f} → "
+                         f"{statistics.fmean(i['imbalance'][k]['after'] for i in infos):.3f}" for k in kinds)
+        changed = statistics.fmean(i["units_changed"] for i in infos)
+        lines.append(f"| {name} | {same}/{len(infos)} bit-identical | {diff:.3g} | {imb} | {changed:.1%} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], png: Path, titles: list[str] | None = None) -> None:
+    """Per run: validation loss (mean, min-max band over seeds) and paired Δ% vs baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(runs), figsize=(5.2 * len(runs), 7.5), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 2]})
+    for col, run in enumerate(runs):
+        top, bottom = axes[0][col], axes[1][col]
+        seeds, total = run["seeds"], run["total_steps"]
+        first = min((b for b in run["boundaries"]), default=0)
+        lo_y, hi_y = math.inf, -math.inf
+        for i, name in enumerate(seeds[0]["branches"]):
+            color = f"C{i}"
+            steps = sorted(seeds[0]["branches"][name]["curve"])
+            ys = torch.tensor([[s["branches"][name]["curve"][t] for t in steps] for s in seeds])
+            top.plot(steps, ys.mean(0), color=color, label=name, lw=1.4)
+            top.fill_between(steps, ys.min(0).values, ys.max(0).values, color=color, alpha=0.2)
+            shown = ys[:, [j for j, t in enumerate(steps) if t >= first]]
+            lo_y, hi_y = min(lo_y, float(shown.min())), max(hi_y, float(shown.max()))
+            if name != "baseline":
+                base = torch.tensor([[s["branches"]["baseline"]["curve"][t] for t in steps] for s in seeds])
+                d = 100 * (ys - base) / base
+                bottom.plot(steps, d.mean(0), color=color, label=name, lw=1.4)
+                bottom.fill_between(steps, d.min(0).values, d.max(0).values, color=color, alpha=0.2)
+        for b in run["boundaries"]:
+            for ax in (top, bottom):
+                ax.axvline(b, color="grey", ls=":", lw=1)
+        pad = 0.05 * (hi_y - lo_y)
+        top.set_ylim(lo_y - pad, hi_y + pad)
+        top.set_xlim(max(0, first - 2 * run["eval_every"]), total)
+        bottom.set_xlim(top.get_xlim())
+        bottom.axhline(0, color="C0", lw=1)
+        top.set_title(titles[col] if titles else run["title"], fontsize=10)
+        top.set_ylabel("validation loss (nats/byte)")
+        bottom.set_ylabel("Δ val loss vs baseline (%)")
+        bottom.set_xlabel("step (dotted: transition)")
+        top.legend(fontsize=8)
+        top.grid(alpha=0.3)
+        bottom.grid(alpha=0.3)
+    fig.suptitle(f"WISCA transition: mean over seeds, band = min-max over {len(runs[0]['seeds'])} seeds",
+                 fontsize=11)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def load_run(folder: Path) -> dict:
+    run = json.loads((folder / "results.json").read_text())
+    for s in run["seeds"]:  # JSON keys are strings
+        for b in s["branches"].values():
+            b["curve"] = {int(k): v for k, v in b["curve"].items()}
+            b["train_loss"] = {int(k): v for k, v in b["train_loss"].items()}
+    return run
+
+
+def run_title(args) -> str:
+    what = "LoRA fine-tune" if args.lora else "pretraining"
+    wd = args.lora_weight_decay if args.lora else args.weight_decay
+    return (f"{what}, wd {wd}, {args.granularity}/{args.norm}/{args.scales}, strength {args.strength}, "
+            f"opt state {args.optimizer_state}")
+
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, help="output folder for results.json, results.md, curves.png")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (model init and data order)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (of the LoRA base with --lora)")
+    p.add_argument("--transition-at", default="early",
+                   help="comma list: early (25%% of the steps), late (75%%) or step numbers")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
+    p.add_argument("--optimizer-state", default="transform",
+                   help="transform (exp_avg / S, exp_avg_sq / S^2) or reset (fresh AdamW), or both: "
+                        "transform,reset; reset adds a reset@T control branch")
+    g = p.add_argument_group("wisca")
+    g.add_argument("--granularity", default="channel", choices=["channel", "head", "layer"])
+    g.add_argument("--norm", default="fro", choices=["fro", "rms"])
+    g.add_argument("--scales", default="pow2", choices=["pow2", "continuous"])
+    g.add_argument("--strength", type=float, default=1.0)
+    g = p.add_argument_group("model and training")
+    g.add_argument("--hidden", type=int, default=128)
+    g.add_argument("--layers", type=int, default=4)
+    g.add_argument("--heads", type=int, default=8)
+    g.add_argument("--kv-heads", type=int, default=2)
+    g.add_argument("--intermediate", type=int, default=352)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--min-lr", type=float, default=3e-4)
+    g.add_argument("--warmup", type=int, default=50)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--eval-every", type=int, default=50)
+    g.add_argument("--eval-batches", type=int, default=8)
+    g.add_argument("--train-window", type=int, default=50, help="train loss = mean over the last N steps")
+    g = p.add_argument_group("LoRA variant")
+    g.add_argument("--lora", action="store_true", help="fine-tune a LoRA adapter instead (the base: "
+                   "--steps of pretraining with --lora-base-seed, trained once)")
+    g.add_argument("--lora-steps", type=int, default=400)
+    g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--lora-lr", type=float, default=2e-3)
+    g.add_argument("--lora-warmup", type=int, default=20)
+    g.add_argument("--lora-weight-decay", type=float, default=0.0)
+    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
+    g.add_argument("--lora-base-seed", type=int, default=1000)
+    p.add_argument("--smoke", action="store_true", help="a few steps, one seed, a smaller model")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep them under OUT/checkpoints")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--combine", type=Path, nargs="+", metavar="RUN",
+                   help="only plot: one figure from these runs' results.json, to --png")
+    p.add_argument("--png", type=Path, help="with --combine: the figure to write")
+    p.add_argument("--titles", nargs="+", help="with --combine: one panel title per run")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.steps, args.lora_steps = 1, 16, 12
+        args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate = 64, 2, 4, 2, 96
+        args.batch_size, args.seq_len, args.warmup, args.lora_warmup = 4, 64, 4, 2
+        args.eval_every, args.eval_batches, args.train_window = 4, 2, 4
+    if args.combine is None and args.out is None:
+        p.error("--out is required")
+    if args.combine is not None and args.png is None:
+        p.error("--combine needs --png")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.combine:
+        plot([load_run(f) for f in args.combine], args.png, args.titles)
+        print(f"wrote {args.png}")
+        return None
+
+    started = time.time()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    if args.keep_checkpoints:
+        workdir = out / "checkpoints"
+        workdir.mkdir(exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="wisca-transition-")
+        workdir = Path(tmp.name)
+    try:
+        task = (LoraTask if args.lora else PretrainTask)(args, workdir)
+        boundaries = transition_steps(args.transition_at, task.total)
+        task.eval_steps = set(range(0, task.total + 1, args.eval_every)) | set(boundaries)
+        print(f"data: {task.data_desc}\ntransition at step(s) {boundaries} of {task.total}", flush=True)
+        seeds = [run_seed(task, args, seed, boundaries) for seed in range(args.seeds)]
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    rows = summarise(seeds, task.total, args.train_window)
+    import transformers
+
+    import wisca_cli
+
+    run = {
+        "command": "python experiments/transition.py " + shlex.join(argv),
+        "title": run_title(args),
+        "kind": task.kind,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "data": task.data_desc,
+        "lora_base": getattr(task, "base_info", None),
+        "total_steps": task.total, "boundaries": boundaries, "eval_every": args.eval_every,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "wisca": wisca_cli.__version__},
+        "wall_seconds": round(time.time() - started, 1),
+        "table": rows,
+        "seeds": seeds,
+    }
+    (out / "results.json").write_text(json.dumps(run, indent=1) + "\n")
+    table = table_markdown(rows, task.total, args.train_window)
+    diag = transitions_markdown(seeds)
+    md = (f"# {run['title']}\n\n`{run['command']}`\n\n{task.data_desc}; transition at step(s) "
+          f"{boundaries} of {task.total}; {args.seeds} seed(s); wall time {run['wall_seconds']:.0f}s.\n\n"
+          f"Validation loss at the last step (nats/byte), mean ± std over seeds; Δ = paired difference "
+          f"to the baseline of the same seed, mean ± std [min, max].\n\n{table}\n\n"
+          f"Transitions (mean |log2 imbalance| per unit, mean over seeds):\n\n{diag}\n")
+    (out / "results.md").write_text(md)
+    plot([load_run(out)], out / "curves.png")
+    print("\n" + table + "\n\n" + diag)
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'} "
+          f"({run['wall_seconds']:.0f}s)")
+    return run
+
+
+if __name__ == "__main__":
+    main()
