@@ -17,7 +17,9 @@ import datetime as _dt
 import json
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -31,7 +33,7 @@ from .checkpoint import Checkpoint, ShardWriter, as_tensor, open_checkpoint, to_
 from .errors import VerificationFailed, WiscaError
 from .output import StagedOutput, check_target, copy_other_files
 from .pairs import ALL_TARGETS, GRANULARITIES, layer_pairs
-from .verify import DEFAULT_TOLERANCE, StreamVerifier, Tolerance, probe_ids
+from .verify import DEFAULT_TOLERANCE, StreamVerifier, Tolerance, compute_dtype, probe_ids
 
 RECORD_NAME = "wisca.json"
 SCALES_NAME = "wisca_scales.safetensors"
@@ -115,14 +117,34 @@ def _read_stages(ckpt: Checkpoint, stages: list[Stage]) -> Iterator[Stage]:
 
 
 def _check_finite(ckpt: Checkpoint, stage: Stage, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN or Inf, naming the tensor: one summing pass, the exact test only if it trips."""
     for role, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point():
+            continue
+        total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(t).all()):
             name = stage.names[role]
             raise WiscaError(f"{ckpt.root / ckpt.tensors[name].shard}: tensor {name} contains NaN or Inf")
 
 
+@contextmanager
+def _torch_threads(n: int):
+    """The pipeline parallelises by task (reader, writer, two model streams), not inside ops."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _main_dtype(ckpt: Checkpoint) -> str:
     return ckpt.tensors[ckpt.layout.layer_roles(0)["q"]].dtype if ckpt.layout.layers else "F32"
+
+
+def _main_torch_dtype(ckpt: Checkpoint) -> torch.dtype:
+    from .checkpoint import DTYPES
+    return DTYPES.get(_main_dtype(ckpt), torch.float32)
 
 
 def _tolerance(ckpt: Checkpoint, given: Tolerance | None) -> Tolerance:
@@ -141,36 +163,55 @@ LayerFn = Callable[[int, dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor]
 
 def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: StreamVerifier | None,
              stamp: dict | None, progress: Progress | None) -> tuple[list[dict], dict | None]:
-    """Stream ckpt into out_dir with layer_fn applied to each decoder layer."""
+    """Stream ckpt into out_dir with layer_fn applied to each decoder layer.
+
+    Threads: one reads the next stage, one writes the previous one, and (when verifying)
+    one runs the reference model's layer while this thread runs the transformed one.
+    At most one stage is being written while the next is computed, so memory stays at a
+    few layers whatever the model size.
+    """
     writers = {name: ShardWriter(out_dir / name, shard, _shard_metadata(shard.metadata, stamp))
                for name, shard in ckpt.shards.items()}
     layer_reports, result, embed = [], None, None
+
+    def write(items: list[tuple[ShardWriter, str, torch.Tensor]]) -> None:
+        for writer, name, raw in items:
+            writer.write(name, raw)
+
     try:
-        for stage in _read_stages(ckpt, _stages(ckpt)):
-            tensors = stage.tensors(ckpt)
-            _check_finite(ckpt, stage, tensors)
-            new: dict[str, torch.Tensor] = {}
-            if stage.kind == "layer":
-                new, report = layer_fn(stage.layer, tensors)
-                layer_reports.append({"layer": stage.layer, **report})
-            for role, name in stage.names.items():
-                raw = to_raw(new[role]) if role in new else stage.raw[role]
-                writers[ckpt.tensors[name].shard].write(name, raw)
+        with _torch_threads(1), ThreadPoolExecutor(1) as write_pool, ThreadPoolExecutor(1) as ref_pool:
             if verifier is not None:
-                if stage.kind == "embed":
-                    embed = tensors["embed"]
-                    verifier.embed(embed, embed)
-                elif stage.kind == "layer":
-                    verifier.layer(stage.layer, tensors, {**tensors, **new})
-                else:
-                    head = tensors.get("head", embed)
-                    result = verifier.finish(tensors["norm"], head, tensors["norm"], head)
-            if progress:
-                progress(sum(r.numel() for r in stage.raw.values()), _stage_label(stage))
-            stage.raw = {}
-        _copy_passthrough(ckpt, writers)
-        for w in writers.values():
-            w.close()
+                verifier.pool = ref_pool
+            pending: deque = deque()
+            for stage in _read_stages(ckpt, _stages(ckpt)):
+                tensors = stage.tensors(ckpt)
+                _check_finite(ckpt, stage, tensors)
+                new: dict[str, torch.Tensor] = {}
+                if stage.kind == "layer":
+                    new, report = layer_fn(stage.layer, tensors)
+                    layer_reports.append({"layer": stage.layer, **report})
+                items = [(writers[ckpt.tensors[name].shard], name,
+                          to_raw(new[role]) if role in new else stage.raw[role])
+                         for role, name in stage.names.items()]
+                pending.append(write_pool.submit(write, items))
+                while len(pending) > 1:
+                    pending.popleft().result()
+                if verifier is not None:
+                    if stage.kind == "embed":
+                        embed = tensors["embed"]
+                        verifier.embed(embed, embed)
+                    elif stage.kind == "layer":
+                        verifier.layer(stage.layer, tensors, {**tensors, **new})
+                    else:
+                        head = tensors.get("head", embed)
+                        result = verifier.finish(tensors["norm"], head, tensors["norm"], head)
+                if progress:
+                    progress(sum(r.numel() for r in stage.raw.values()), _stage_label(stage))
+            while pending:
+                pending.popleft().result()
+            _copy_passthrough(ckpt, writers)
+            for w in writers.values():
+                w.close()
     except OSError as e:
         raise WiscaError(f"{out_dir.parent}: writing the output failed: {e.strerror or e}") from e
     finally:
@@ -246,7 +287,8 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
         verifier = None
         if opts.verify:
             ids = probe_ids(ckpt.layout.vocab, opts.probe_batch, opts.probe_len, opts.seed, opts.probe_ids_file)
-            verifier = StreamVerifier(ckpt.layout, ids, exact=pow2, tolerance=tol)
+            verifier = StreamVerifier(ckpt.layout, ids, exact=pow2, tolerance=tol,
+                                      dtype=compute_dtype(_main_torch_dtype(ckpt), pow2))
         scales: dict[str, torch.Tensor] = {}
 
         def balance_layer(layer: int, tensors: dict[str, torch.Tensor]):
@@ -350,7 +392,8 @@ def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite:
         verifier = None
         if verify:
             ids = probe_ids(ckpt.layout.vocab, opts["probe_batch"], opts["probe_len"], opts["seed"])
-            verifier = StreamVerifier(ckpt.layout, ids, exact=pow2, tolerance=_tolerance(ckpt, None))
+            verifier = StreamVerifier(ckpt.layout, ids, exact=pow2, tolerance=_tolerance(ckpt, None),
+                                      dtype=compute_dtype(_main_torch_dtype(ckpt), pow2))
 
         def unscale_layer(layer: int, tensors: dict[str, torch.Tensor]):
             new = {}
@@ -411,26 +454,29 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe
             if mode not in ("exact", "tolerance"):
                 raise WiscaError("--mode must be auto, exact or tolerance")
             ids = probe_ids(ca.layout.vocab, probe_batch, probe_len, seed, probe_ids_file)
-            verifier = StreamVerifier(ca.layout, ids, exact=mode == "exact", tolerance=_tolerance(ca, tolerance))
+            verifier = StreamVerifier(ca.layout, ids, exact=mode == "exact", tolerance=_tolerance(ca, tolerance),
+                                      dtype=compute_dtype(_main_torch_dtype(ca), mode == "exact"))
             result = None
             embed = (None, None)
-            stages_b = iter(_read_stages(cb, _stages(cb)))
-            for sa in _read_stages(ca, _stages(ca)):
-                sb = next(stages_b)
-                ta, tb = sa.tensors(ca), sb.tensors(cb)
-                _check_finite(ca, sa, ta)
-                _check_finite(cb, sb, tb)
-                if sa.kind == "embed":
-                    embed = (ta["embed"], tb["embed"])
-                    verifier.embed(*embed)
-                elif sa.kind == "layer":
-                    verifier.layer(sa.layer, ta, tb)
-                else:
-                    result = verifier.finish(ta["norm"], ta.get("head", embed[0]),
-                                             tb["norm"], tb.get("head", embed[1]))
-                if progress:
-                    progress(sum(r.numel() for r in sa.raw.values()) + sum(r.numel() for r in sb.raw.values()),
-                             _stage_label(sa))
+            with _torch_threads(1), ThreadPoolExecutor(1) as ref_pool:
+                verifier.pool = ref_pool
+                stages_b = iter(_read_stages(cb, _stages(cb)))
+                for sa in _read_stages(ca, _stages(ca)):
+                    sb = next(stages_b)
+                    ta, tb = sa.tensors(ca), sb.tensors(cb)
+                    _check_finite(ca, sa, ta)
+                    _check_finite(cb, sb, tb)
+                    if sa.kind == "embed":
+                        embed = (ta["embed"], tb["embed"])
+                        verifier.embed(*embed)
+                    elif sa.kind == "layer":
+                        verifier.layer(sa.layer, ta, tb)
+                    else:
+                        result = verifier.finish(ta["norm"], ta.get("head", embed[0]),
+                                                 tb["norm"], tb.get("head", embed[1]))
+                    if progress:
+                        progress(sum(r.numel() for r in sa.raw.values()) + sum(r.numel() for r in sb.raw.values()),
+                                 _stage_label(sa))
             return {"command": "verify", "wisca_version": __version__, "a": str(ca.root), "b": str(cb.root),
                     "architecture": ca.layout.spec.name, "verification": result.to_dict(),
                     "seconds": round(time.perf_counter() - started, 3)}

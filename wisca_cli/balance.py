@@ -40,23 +40,40 @@ class UnitStats:
         return (self.sumsq_a == 0) | (self.sumsq_b == 0)
 
 
-def _other_dims(t: torch.Tensor, axis: int) -> list[int]:
-    return [d for d in range(t.dim()) if d != axis]
+CHUNK_ELEMENTS = 1 << 15   # small enough that a chunk's float32 copy stays in cache
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _slice_reduce(t: torch.Tensor, axis: int):
-    """Per-slice sum of squares, element count, max |x| and min non-zero |x| along ``axis``."""
-    x = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
-    dims = _other_dims(x, axis)
-    a = x.abs()
-    if dims:
-        sumsq = (x * x).sum(dims, dtype=torch.float64)
-        maxabs = a.amax(dims)
-        minabs = torch.where(a > 0, a, torch.inf).amin(dims)
-    else:
-        sumsq, maxabs, minabs = (x * x).double(), a, torch.where(a > 0, a, torch.inf)
-    count = x.numel() // max(x.shape[axis], 1)
-    return sumsq, count, maxabs.double(), minabs.double()
+    """Per-slice sum of squares, element count, max |x| and min non-zero |x| along ``axis``.
+
+    One pass over the tensor in cache-sized row chunks; NaN or Inf show up in max |x|.
+    """
+    t = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+    rows_axis = axis == 0
+    n = t.shape[0] if rows_axis else t.shape[1]
+    sumsq = torch.zeros(n, dtype=torch.float64)
+    maxabs = torch.zeros(n, dtype=torch.float64)
+    minabs = torch.full((n,), torch.inf, dtype=torch.float64)
+    step = max(1, CHUNK_ELEMENTS // max(t.shape[1], 1))
+    dim = 1 if rows_axis else 0
+    for start in range(0, t.shape[0], step):
+        x = t[start:start + step].to(_compute_dtype(t))
+        ss = (x * x).sum(dim, dtype=torch.float64)
+        a = x.abs()   # not abs_(): for float32 tensors x is a view of the weights
+        mx, mn = a.amax(dim).double(), a.amin(dim).double()
+        if bool((mn == 0).any()):            # zeros present: min over the non-zero values only
+            mn = torch.where(a > 0, a, torch.inf).amin(dim).double()
+        if rows_axis:
+            sumsq[start:start + step], maxabs[start:start + step], minabs[start:start + step] = ss, mx, mn
+        else:
+            sumsq += ss
+            torch.maximum(maxabs, mx, out=maxabs)
+            torch.minimum(minabs, mn, out=minabs)
+    return sumsq, t.numel() // max(n, 1), maxabs, minabs
 
 
 def unit_stats(pair: Pair, tensors: dict[str, torch.Tensor]) -> UnitStats:
@@ -131,21 +148,40 @@ def member_multipliers(pair: Pair, s: torch.Tensor, shapes: dict[str, tuple[int,
     return out
 
 
+def _exact_in(values: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when every value is a power of two that ``dtype`` represents as a normal number."""
+    info = torch.finfo(dtype)
+    mant, _ = torch.frexp(values)
+    return bool(((mant == 0.5) & (values >= info.tiny) & (values <= info.max)).all())
+
+
+def scale_tensor(t: torch.Tensor, axis: int, vec: torch.Tensor) -> torch.Tensor:
+    """t with each slice along ``axis`` multiplied by ``vec`` (float64), rounded once.
+
+    Powers of two multiply in the tensor's own dtype, which is exact; other scales are
+    applied in float32 (float64 for float64 tensors) and rounded once to the dtype.
+    """
+    shape = [1] * t.dim()
+    shape[axis] = -1
+    if _exact_in(vec, t.dtype):
+        return t * vec.to(t.dtype).view(shape)
+    compute = _compute_dtype(t)
+    out = torch.empty_like(t)
+    v = vec.to(compute).view(shape)
+    step = max(1, CHUNK_ELEMENTS // max(t[0].numel(), 1)) if t.dim() > 1 else t.shape[0]
+    for start in range(0, t.shape[0], step):
+        vs = v[start:start + step] if axis == 0 else v
+        out[start:start + step] = (t[start:start + step].to(compute) * vs).to(t.dtype)
+    return out
+
+
 def apply_scales(pair: Pair, tensors: dict[str, torch.Tensor], s: torch.Tensor) -> dict[str, torch.Tensor]:
     """New tensors for the pair's members: A slices times s, B slices times 1/s.
 
-    The product is taken in float32 (float64 for float64 tensors) and rounded once to the
-    tensor's dtype; with power-of-two s no rounding happens at all.
+    With power-of-two s no rounding happens at all.
     """
-    out = {}
-    for m in pair.members:
-        t = tensors[m.role]
-        compute = torch.float64 if t.dtype == torch.float64 else torch.float32
-        vec = scale_vector(m, s, t.shape[m.axis]).to(compute)
-        shape = [1] * t.dim()
-        shape[m.axis] = -1
-        out[m.role] = (t.to(compute) * vec.view(shape)).to(t.dtype)
-    return out
+    return {m.role: scale_tensor(tensors[m.role], m.axis, scale_vector(m, s, tensors[m.role].shape[m.axis]))
+            for m in pair.members}
 
 
 @dataclass

@@ -22,7 +22,10 @@ ACTIVATIONS = {
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + weight)
+    """RMSNorm computed in float32 and cast back, as transformers does."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (offset + weight) * y.to(x.dtype)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -41,19 +44,19 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 def rope_tables(layout: Layout, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, [T, rotary_dims], for HF-style (rotate_half) or interleaved RoPE."""
     r = layout.rotary_dims
-    inv_freq = 1.0 / (layout.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float64) / r))
+    inv_freq = 1.0 / (layout.rope_theta ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r))
     scaling = layout.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, scaling)
-    freqs = positions[:, None].double() * inv_freq[None, :].float().double()
+    freqs = positions[:, None].float() * inv_freq[None, :].float()
     if layout.spec.attention.get("rotary") == "interleaved":
         emb = freqs.repeat_interleave(2, dim=-1)
     else:
         emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().float(), emb.sin().float()
+    return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
@@ -93,7 +96,7 @@ def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple, mask: torch
     k = k.repeat_interleave(layout.group_size, dim=1)
     v = v.repeat_interleave(layout.group_size, dim=1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(d) + mask
-    out = torch.softmax(scores, dim=-1) @ v
+    out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     return linear(out.transpose(1, 2).reshape(batch, length, heads * d), w, "o")
 
 
@@ -109,9 +112,13 @@ def decoder_layer(h: torch.Tensor, w: dict, layout: Layout, rope: tuple, mask: t
     return h + mlp(rms_norm(h, w["mlp_norm"], layout.eps, offset), w, layout)
 
 
-def final_logits(h: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor, layout: Layout) -> torch.Tensor:
+def final_logits(h: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor, layout: Layout,
+                 chunk_rows: int = 8192) -> torch.Tensor:
+    """Logits, computing with the head a block of vocab rows at a time (cast to h's dtype)."""
     offset = layout.spec.norm.get("weight_offset", 0.0)
-    return F.linear(rms_norm(h, norm_weight, layout.eps, offset), head)
+    x = rms_norm(h, norm_weight, layout.eps, offset)
+    return torch.cat([F.linear(x, head[i:i + chunk_rows].to(x.dtype))
+                      for i in range(0, head.shape[0], chunk_rows)], dim=-1)
 
 
 def check_supported(layout: Layout) -> None:

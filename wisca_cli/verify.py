@@ -81,47 +81,68 @@ def probe_ids(vocab: int, batch: int, length: int, seed: int, file: str | None =
     return torch.randint(0, vocab, (batch, length), generator=gen)
 
 
-def _f32(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.float() for k, v in w.items()}
+def compute_dtype(weights_dtype: torch.dtype, exact: bool) -> torch.dtype:
+    """bf16 checkpoints verified exactly run in bf16 (as the model does, and fast);
+    everything else in float32."""
+    return torch.bfloat16 if exact and weights_dtype == torch.bfloat16 else torch.float32
+
+
+def _cast(w: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) for k, v in w.items()}
 
 
 class StreamVerifier:
-    def __init__(self, layout: Layout, ids: torch.Tensor, exact: bool, tolerance: Tolerance):
-        self.layout, self.ids, self.exact, self.tol = layout, ids, exact, tolerance
+    """Two residual streams through the reference forward, compared after every layer.
+
+    ``pool`` (an executor) runs the reference model's layer beside the candidate's.
+    """
+
+    def __init__(self, layout: Layout, ids: torch.Tensor, exact: bool, tolerance: Tolerance,
+                 dtype: torch.dtype = torch.float32, pool=None):
+        self.layout, self.ids, self.exact, self.tol, self.dtype = layout, ids, exact, tolerance, dtype
+        self.pool = pool
         length = ids.shape[1]
-        self.rope = forward.rope_tables(layout, torch.arange(length)) if layout.rotary_dims else None
-        self.mask = forward.attention_mask(layout, length)
+        rope = forward.rope_tables(layout, torch.arange(length)) if layout.rotary_dims else None
+        self.rope = tuple(r.to(dtype) for r in rope) if rope else None
+        self.mask = forward.attention_mask(layout, length).to(dtype)
         self.h_ref = self.h_new = None
         self.layer_diffs: list[float] = []
         self.first_bad: int | None = None
 
     def embed(self, emb_ref: torch.Tensor, emb_new: torch.Tensor) -> None:
-        self.h_ref = emb_ref[self.ids].float()
-        self.h_new = emb_new[self.ids].float()
+        self.h_ref = emb_ref[self.ids].to(self.dtype)
+        self.h_new = emb_new[self.ids].to(self.dtype)
         self._compare(-1)
 
-    def layer(self, index: int, w_ref: dict, w_new: dict) -> None:
+    def _step(self, h: torch.Tensor, w: dict) -> torch.Tensor:
         with torch.no_grad():
-            self.h_ref = forward.decoder_layer(self.h_ref, _f32(w_ref), self.layout, self.rope, self.mask)
-            self.h_new = forward.decoder_layer(self.h_new, _f32(w_new), self.layout, self.rope, self.mask)
+            return forward.decoder_layer(h, _cast(w, self.dtype), self.layout, self.rope, self.mask)
+
+    def layer(self, index: int, w_ref: dict, w_new: dict) -> None:
+        if self.pool is not None:
+            ref = self.pool.submit(self._step, self.h_ref, w_ref)
+            self.h_new = self._step(self.h_new, w_new)
+            self.h_ref = ref.result()
+        else:
+            self.h_ref, self.h_new = self._step(self.h_ref, w_ref), self._step(self.h_new, w_new)
         self._compare(index)
 
     def _compare(self, index: int) -> None:
-        diff = (self.h_ref - self.h_new).abs().max().item()
+        diff = (self.h_ref.float() - self.h_new.float()).abs().max().item()
         self.layer_diffs.append(diff)
         if self.first_bad is None:
             if self.exact:
                 bad = not torch.equal(self.h_ref, self.h_new)
             else:
                 scale = self.h_ref.abs().max().item() or 1.0
-                bad = not (diff / scale <= self.tol.max_rel)
+                bad = not (diff / scale <= self.tol.max_rel)   # also catches NaN
             if bad:
                 self.first_bad = index
 
     def finish(self, norm_ref, head_ref, norm_new, head_new) -> VerifyResult:
         with torch.no_grad():
-            a = forward.final_logits(self.h_ref, norm_ref.float(), head_ref.float(), self.layout)
-            b = forward.final_logits(self.h_new, norm_new.float(), head_new.float(), self.layout)
+            a = forward.final_logits(self.h_ref, norm_ref.to(self.dtype), head_ref, self.layout).float()
+            b = forward.final_logits(self.h_new, norm_new.to(self.dtype), head_new, self.layout).float()
         return compare_logits(a, b, self.exact, self.tol, self.first_bad, self.layer_diffs[1:])
 
 
