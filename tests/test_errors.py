@@ -325,7 +325,7 @@ def test_overwrite_replaces_only_after_verification(src, tmp_path, monkeypatch):
     (dst / "keep.txt").write_text("old")
     import wisca_cli.api as api
     real = api.apply_scales
-    monkeypatch.setattr(api, "apply_scales", lambda p, t, s: {k: v * 1.001 for k, v in real(p, t, s).items()})
+    monkeypatch.setattr(api, "apply_scales", lambda p, t, s, **kw: {k: v * 1.001 for k, v in real(p, t, s, **kw).items()})
     with pytest.raises(wisca.VerificationFailed):
         wisca.transform(src, dst, overwrite=True)
     assert (dst / "keep.txt").read_text() == "old" and leftovers(tmp_path) == []

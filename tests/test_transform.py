@@ -222,8 +222,8 @@ def test_verification_failure_writes_nothing(ckpt_dir, tmp_path, monkeypatch):
     src = ckpt_dir("llama-gqa", torch.float32)
     real = api.apply_scales
 
-    def broken(pair, tensors, s):       # a bug that scales K by s instead of 1/s
-        out = real(pair, tensors, s)
+    def broken(pair, tensors, s, **kw):       # a bug that scales K by s instead of 1/s
+        out = real(pair, tensors, s, **kw)
         if pair.kind == "qk":
             out["k"] = out["k"] * s.double().pow(2).repeat_interleave(out["k"].shape[0] // len(s))[:, None].float()
         return out

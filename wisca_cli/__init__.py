@@ -1,10 +1,23 @@
-"""wisca: bit-exact, verified WISCA weight-scaling transitions of LLM checkpoints."""
+"""wisca: bit-exact, verified WISCA weight-scaling transitions of LLM checkpoints.
+
+    import wisca_cli as wisca
+    wisca.transform("ckpt/", "ckpt-wisca/")
+
+The API is imported lazily so that `wisca --help` does not pay for importing torch.
+"""
 
 __version__ = "0.1.0"
 
-from .api import TransformOptions, inspect, transform, undo, verify  # noqa: E402
-from .errors import VerificationFailed, WiscaError  # noqa: E402
-from .verify import Tolerance  # noqa: E402
+_API = {
+    "transform": "api", "verify": "api", "inspect": "api", "undo": "api", "TransformOptions": "api",
+    "scale_multipliers": "api", "WiscaError": "errors", "VerificationFailed": "errors", "Tolerance": "verify",
+}
+__all__ = [*_API, "__version__"]
 
-__all__ = ["transform", "verify", "inspect", "undo", "TransformOptions", "Tolerance",
-           "WiscaError", "VerificationFailed", "__version__"]
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'wisca_cli' has no attribute {name!r}")

@@ -86,27 +86,27 @@ class Stage:
     layer: int
     names: dict[str, str]        # role -> tensor name
     raw: dict[str, torch.Tensor] = field(default_factory=dict)
+    streamed: tuple[str, ...] = ()   # roles too big to hold: read in row blocks when used
 
     def tensors(self, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-        return {role: as_tensor(ckpt.tensors[n], self.raw[role]) for role, n in self.names.items()}
+        return {role: as_tensor(ckpt.tensors[self.names[role]], raw) for role, raw in self.raw.items()}
 
 
 def _stages(ckpt: Checkpoint) -> list[Stage]:
     lay, spec = ckpt.layout, ckpt.layout.spec
-    stages = [Stage("embed", -1, {"embed": spec.embed})]
+    stages = [Stage("embed", -1, {"embed": spec.embed}, streamed=("embed",))]
     stages += [Stage("layer", i, lay.layer_roles(i)) for i in range(lay.layers)]
-    final = {"norm": spec.final_norm}
-    if not lay.tie_embeddings:
-        final["head"] = spec.lm_head
-    stages.append(Stage("final", lay.layers, final))
+    head = spec.embed if lay.tie_embeddings else spec.lm_head
+    stages.append(Stage("final", lay.layers, {"norm": spec.final_norm, "head": head}, streamed=("head",)))
     return stages
 
 
 def _read_stages(ckpt: Checkpoint, stages: list[Stage]) -> Iterator[Stage]:
     """Yield stages with their bytes read; the next stage is read while this one computes."""
-    def load(stage: Stage) -> Stage:
-        stage.raw = {role: ckpt.read_raw(name) for role, name in stage.names.items()}
-        return stage
+    def load(stage: Stage) -> Stage:   # a new object: the bytes die with the consumer's reference
+        return Stage(stage.kind, stage.layer, stage.names,
+                     {role: ckpt.read_raw(name) for role, name in stage.names.items()
+                      if role not in stage.streamed}, stage.streamed)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load, stages[0]) if stages else None
@@ -117,14 +117,28 @@ def _read_stages(ckpt: Checkpoint, stages: list[Stage]) -> Iterator[Stage]:
 
 
 def _check_finite(ckpt: Checkpoint, stage: Stage, tensors: dict[str, torch.Tensor]) -> None:
-    """Refuse NaN or Inf, naming the tensor: one summing pass, the exact test only if it trips."""
     for role, t in tensors.items():
-        if not t.is_floating_point():
-            continue
-        total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(t).all()):
-            name = stage.names[role]
-            raise WiscaError(f"{ckpt.root / ckpt.tensors[name].shard}: tensor {name} contains NaN or Inf")
+        _require_finite(ckpt, stage.names[role], t)
+
+
+def _require_finite(ckpt: Checkpoint, name: str, t: torch.Tensor) -> None:
+    """Refuse NaN or Inf, naming the tensor (min and max propagate NaN; one fast pass)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t)
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+        raise WiscaError(f"{ckpt.root / ckpt.tensors[name].shard}: tensor {name} contains NaN or Inf")
+
+
+def _stream_big(ckpt: Checkpoint, name: str, writer: ShardWriter | None):
+    """Yield row blocks of a big untouched tensor, checked and (with a writer) copied out."""
+    size = ckpt.tensors[name].nbytes
+    for start, raw, rows in ckpt.row_chunks(name):
+        _require_finite(ckpt, name, rows)
+        if writer is not None:
+            offset = start * (size // max(ckpt.tensors[name].shape[0], 1))
+            writer.write_part(name, offset, raw, last=offset + raw.numel() == size)
+        yield start, rows
 
 
 @contextmanager
@@ -190,23 +204,34 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
                 if stage.kind == "layer":
                     new, report = layer_fn(stage.layer, tensors)
                     layer_reports.append({"layer": stage.layer, **report})
-                items = [(writers[ckpt.tensors[name].shard], name,
-                          to_raw(new[role]) if role in new else stage.raw[role])
-                         for role, name in stage.names.items()]
+                items = [(writers[ckpt.tensors[stage.names[role]].shard], stage.names[role],
+                          to_raw(new[role]) if role in new else raw) for role, raw in stage.raw.items()]
                 pending.append(write_pool.submit(write, items))
                 while len(pending) > 1:
                     pending.popleft().result()
-                if verifier is not None:
-                    if stage.kind == "embed":
-                        embed = tensors["embed"]
-                        verifier.embed(embed, embed)
-                    elif stage.kind == "layer":
+                if stage.kind == "embed":
+                    name = stage.names["embed"]
+                    for start, rows in _stream_big(ckpt, name, writers[ckpt.tensors[name].shard]):
+                        if verifier is not None:
+                            verifier.embed_rows(start, rows, rows)
+                    if verifier is not None:
+                        verifier.embed_done()
+                elif stage.kind == "layer":
+                    if verifier is not None:
                         verifier.layer(stage.layer, tensors, {**tensors, **new})
-                    else:
-                        head = tensors.get("head", embed)
-                        result = verifier.finish(tensors["norm"], head, tensors["norm"], head)
+                else:
+                    name = stage.names["head"]
+                    tied = ckpt.layout.tie_embeddings   # the embedding, already written
+                    if verifier is not None:
+                        verifier.final_norm(tensors["norm"], tensors["norm"])
+                    if verifier is not None or not tied:
+                        for _, rows in _stream_big(ckpt, name, None if tied else writers[ckpt.tensors[name].shard]):
+                            if verifier is not None:
+                                verifier.head_rows(rows, rows)
+                    if verifier is not None:
+                        result = verifier.result()
                 if progress:
-                    progress(sum(r.numel() for r in stage.raw.values()), _stage_label(stage))
+                    progress(sum(ckpt.tensors[n].nbytes for n in stage.names.values()), _stage_label(stage))
             while pending:
                 pending.popleft().result()
             _copy_passthrough(ckpt, writers)
@@ -296,7 +321,8 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
             for pair in layer_pairs(ckpt.layout, layer, opts.targets, opts.granularity):
                 dtype = min((tensors[m.role].dtype for m in pair.members), key=lambda d: torch.finfo(d).max)
                 result = solve_pair(pair, {**tensors, **new}, opts.norm, opts.strength, pow2, dtype)
-                new.update(apply_scales(pair, {**tensors, **new}, result.scales.double()))
+                # without a verifier nothing needs the original values: scale in place
+                new.update(apply_scales(pair, {**tensors, **new}, result.scales.double(), inplace=verifier is None))
                 scales[f"layers.{layer}.{pair.kind}"] = result.scales
                 report[pair.kind] = _pair_report(result)
             return new, report
@@ -457,7 +483,6 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe
             verifier = StreamVerifier(ca.layout, ids, exact=mode == "exact", tolerance=_tolerance(ca, tolerance),
                                       dtype=compute_dtype(_main_torch_dtype(ca), mode == "exact"))
             result = None
-            embed = (None, None)
             with _torch_threads(1), ThreadPoolExecutor(1) as ref_pool:
                 verifier.pool = ref_pool
                 stages_b = iter(_read_stages(cb, _stages(cb)))
@@ -466,17 +491,24 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe
                     ta, tb = sa.tensors(ca), sb.tensors(cb)
                     _check_finite(ca, sa, ta)
                     _check_finite(cb, sb, tb)
-                    if sa.kind == "embed":
-                        embed = (ta["embed"], tb["embed"])
-                        verifier.embed(*embed)
-                    elif sa.kind == "layer":
+                    if sa.kind == "layer":
                         verifier.layer(sa.layer, ta, tb)
+                        continue
+                    if sa.kind == "final":
+                        verifier.final_norm(ta["norm"], tb["norm"])
+                    role = sa.streamed[0]
+                    pairs = zip(_stream_big(ca, sa.names[role], None), _stream_big(cb, sb.names[role], None))
+                    for (start, rows_a), (_, rows_b) in pairs:
+                        if sa.kind == "embed":
+                            verifier.embed_rows(start, rows_a, rows_b)
+                        else:
+                            verifier.head_rows(rows_a, rows_b)
+                    if sa.kind == "embed":
+                        verifier.embed_done()
                     else:
-                        result = verifier.finish(ta["norm"], ta.get("head", embed[0]),
-                                                 tb["norm"], tb.get("head", embed[1]))
+                        result = verifier.result()
                     if progress:
-                        progress(sum(r.numel() for r in sa.raw.values()) + sum(r.numel() for r in sb.raw.values()),
-                                 _stage_label(sa))
+                        progress(2 * sum(ca.tensors[n].nbytes for n in sa.names.values()), _stage_label(sa))
             return {"command": "verify", "wisca_version": __version__, "a": str(ca.root), "b": str(cb.root),
                     "architecture": ca.layout.spec.name, "verification": result.to_dict(),
                     "seconds": round(time.perf_counter() - started, 3)}

@@ -8,6 +8,7 @@ rounds s to a power of two, which makes the transform exact in IEEE floating poi
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +41,20 @@ class UnitStats:
         return (self.sumsq_a == 0) | (self.sumsq_b == 0)
 
 
-CHUNK_ELEMENTS = 1 << 15   # small enough that a chunk's float32 copy stays in cache
+CHUNK_ELEMENTS = 1 << 18   # a chunk's float32 copy (1 MiB) stays in cache
+_scratch = threading.local()
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _chunk_buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread reusable buffer: fresh memory costs a page fault per 4 KiB."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n or buf.dtype != dtype:
+        buf = _scratch.buf = torch.empty(max(n, CHUNK_ELEMENTS), dtype=dtype)
+    return buf[:n]
 
 
 def _slice_reduce(t: torch.Tensor, axis: int):
@@ -55,18 +65,21 @@ def _slice_reduce(t: torch.Tensor, axis: int):
     t = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
     rows_axis = axis == 0
     n = t.shape[0] if rows_axis else t.shape[1]
+    width = max(t.shape[1], 1)
     sumsq = torch.zeros(n, dtype=torch.float64)
     maxabs = torch.zeros(n, dtype=torch.float64)
     minabs = torch.full((n,), torch.inf, dtype=torch.float64)
-    step = max(1, CHUNK_ELEMENTS // max(t.shape[1], 1))
+    step = max(1, CHUNK_ELEMENTS // width)
     dim = 1 if rows_axis else 0
     for start in range(0, t.shape[0], step):
-        x = t[start:start + step].to(_compute_dtype(t))
-        ss = (x * x).sum(dim, dtype=torch.float64)
-        a = x.abs()   # not abs_(): for float32 tensors x is a view of the weights
-        mx, mn = a.amax(dim).double(), a.amin(dim).double()
+        chunk = t[start:start + step]
+        x = _chunk_buffer(chunk.numel(), _compute_dtype(t)).view(chunk.shape)
+        x.copy_(chunk)
+        ss = (torch.linalg.vector_norm(x, dim=1).square() if rows_axis else (x * x).sum(0)).double()
+        x.abs_()
+        mx, mn = x.amax(dim).double(), x.amin(dim).double()
         if bool((mn == 0).any()):            # zeros present: min over the non-zero values only
-            mn = torch.where(a > 0, a, torch.inf).amin(dim).double()
+            mn = torch.where(x > 0, x, torch.inf).amin(dim).double()
         if rows_axis:
             sumsq[start:start + step], maxabs[start:start + step], minabs[start:start + step] = ss, mx, mn
         else:
@@ -155,7 +168,7 @@ def _exact_in(values: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool(((mant == 0.5) & (values >= info.tiny) & (values <= info.max)).all())
 
 
-def scale_tensor(t: torch.Tensor, axis: int, vec: torch.Tensor) -> torch.Tensor:
+def scale_tensor(t: torch.Tensor, axis: int, vec: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """t with each slice along ``axis`` multiplied by ``vec`` (float64), rounded once.
 
     Powers of two multiply in the tensor's own dtype, which is exact; other scales are
@@ -164,9 +177,9 @@ def scale_tensor(t: torch.Tensor, axis: int, vec: torch.Tensor) -> torch.Tensor:
     shape = [1] * t.dim()
     shape[axis] = -1
     if _exact_in(vec, t.dtype):
-        return t * vec.to(t.dtype).view(shape)
+        return t.mul_(vec.to(t.dtype).view(shape)) if inplace else t * vec.to(t.dtype).view(shape)
     compute = _compute_dtype(t)
-    out = torch.empty_like(t)
+    out = t if inplace else torch.empty_like(t)
     v = vec.to(compute).view(shape)
     step = max(1, CHUNK_ELEMENTS // max(t[0].numel(), 1)) if t.dim() > 1 else t.shape[0]
     for start in range(0, t.shape[0], step):
@@ -175,13 +188,14 @@ def scale_tensor(t: torch.Tensor, axis: int, vec: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def apply_scales(pair: Pair, tensors: dict[str, torch.Tensor], s: torch.Tensor) -> dict[str, torch.Tensor]:
+def apply_scales(pair: Pair, tensors: dict[str, torch.Tensor], s: torch.Tensor,
+                 inplace: bool = False) -> dict[str, torch.Tensor]:
     """New tensors for the pair's members: A slices times s, B slices times 1/s.
 
-    With power-of-two s no rounding happens at all.
+    With power-of-two s no rounding happens at all. ``inplace`` overwrites the inputs.
     """
-    return {m.role: scale_tensor(tensors[m.role], m.axis, scale_vector(m, s, tensors[m.role].shape[m.axis]))
-            for m in pair.members}
+    return {m.role: scale_tensor(tensors[m.role], m.axis, scale_vector(m, s, tensors[m.role].shape[m.axis]),
+                                 inplace) for m in pair.members}
 
 
 @dataclass

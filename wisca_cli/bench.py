@@ -1,7 +1,7 @@
 """Benchmark ``wisca`` against ``cp -r`` on a synthetic checkpoint.
 
     python -m wisca_cli.bench                      # TinyLlama-1.1B shape, 3 rounds
-    python -m wisca_cli.bench --quick              # tiny shape, 1 round, seconds
+    python -m wisca_cli.bench --quick              # tiny shape, 1 round, under a minute
     python -m wisca_cli.bench --only cp --keep     # harness only, keep the checkpoint
 
 What it does:
@@ -15,6 +15,10 @@ What it does:
    cache first) and warm (an untimed warm-up right before the timed run), interleaved
    round by round so that drift hits every command alike, and reports medians.
 3. Prints a table, checks the acceptance targets from the numbers, and writes JSON.
+   Times are medians over rounds; peak RSS is the largest over all of a command's runs;
+   "largest layer" is the biggest of: one decoder layer's tensors, the embedding, lm_head.
+4. With ``--memory-scaling``, writes a checkpoint with twice the layers and compares the
+   transform commands' peak RSS on both (warm runs, no eviction).
 
 Peak RSS: Linux folds the parent's high-water RSS into a child's ``ru_maxrss`` at exec,
 so a child spawned straight from this process (torch imported, tensors generated) would
@@ -394,7 +398,7 @@ class CommandFailed(Exception):
     pass
 
 
-def run_measured(argv: list[str], log: Path, scratch: Path, check: bool = True) -> Run:
+def run_measured(argv: list[str], log: Path, scratch: Path) -> Run:
     """Run argv as a fresh subprocess (output to ``log``); its wall time and peak RSS."""
     result = scratch / ".run.json"
     result.unlink(missing_ok=True)
@@ -408,7 +412,7 @@ def run_measured(argv: list[str], log: Path, scratch: Path, check: bool = True) 
         raise CommandFailed(f"launcher failed (exit {proc.returncode}) for {' '.join(argv)}\n{_tail(log)}")
     data = _read_json(result)
     run = Run(wall_s=data["wall_s"], peak_rss_mib=data["maxrss_kib"] / 1024, rc=data["rc"])
-    if check and run.rc != 0:
+    if run.rc != 0:
         raise CommandFailed(f"exit {run.rc}: {' '.join(argv)}\n{_tail(log)}")
     return run
 
@@ -420,8 +424,7 @@ class Command:
     label: str
     argv: list[str]
     reads: list[Path]             # evicted before a cold run, read by a "cat" warm-up
-    output: Path | None = None    # removed after every run, outside the timed region
-    needs: str | None = None      # "verify-dst": a transformed checkpoint made once up front
+    output: Path | None = None    # removed before and after every run, outside the timed region
 
 
 LABELS = {"cp": "cp -r", "cp-sync": "cp -r && sync", "transform-noverify": "wisca transform --no-verify",
@@ -441,7 +444,7 @@ def build_commands(keys: list[str], wisca: list[str], src: Path, dst: Path, veri
         "transform": ([*wisca, "transform", s, d], [src], dst),
         "verify": ([*wisca, "verify", s, v], [src, verify_dst], None),
     }
-    return [Command(k, LABELS[k], *every[k], needs="verify-dst" if k == "verify" else None) for k in keys]
+    return [Command(k, LABELS[k], *every[k]) for k in keys]
 
 
 # -- the benchmark ------------------------------------------------------------------------------
@@ -459,10 +462,10 @@ class Bench:
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
-    def run(self, cmd: Command, check: bool = True) -> Run:
+    def run(self, cmd: Command) -> Run:
         remove(cmd.output)
         try:
-            return run_measured(cmd.argv, self.logs / f"{cmd.key}.log", self.workdir, check)
+            return run_measured(cmd.argv, self.logs / f"{cmd.key}.log", self.workdir)
         finally:
             remove(cmd.output)
 
@@ -677,7 +680,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shape.add_argument("--vocab", type=int)
     shape.add_argument("--dtype", choices=sorted(DTYPES))
     shards = shape.add_mutually_exclusive_group()
-    shards.add_argument("--shards", type=int, help="number of shards (default 5)")
+    shards.add_argument("--shards", type=int, help="number of shards (default 5; fewer if a shard would be smaller than a tensor)")
     shards.add_argument("--shard-size", type=parse_size, help="about this many bytes per shard (e.g. 400MB)")
     shape.add_argument("--seed", type=int, default=0)
 
@@ -763,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CommandFailed("wisca does not start (see above); try --only cp,cp-sync for the harness alone")
 
         commands = build_commands(args.keys, wisca, src, dst, verify_dst)
-        if any(c.needs == "verify-dst" for c in commands):
+        if "verify" in args.keys:     # `wisca verify SRC VERIFY_DST` needs a transformed checkpoint
             console.print(f"Transforming once into {verify_dst} for `wisca verify` ...", highlight=False)
             remove(verify_dst)
             run_measured([*wisca, "transform", str(src), str(verify_dst), "--no-verify"],

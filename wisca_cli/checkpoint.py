@@ -72,15 +72,16 @@ class Checkpoint:
             self._fds[shard] = os.open(self.shards[shard].path, os.O_RDONLY)
         return self._fds[shard]
 
-    def read_raw(self, name: str) -> torch.Tensor:
-        """The tensor's bytes as a uint8 tensor, read with positioned reads."""
+    def read_raw(self, name: str, offset: int = 0, nbytes: int | None = None) -> torch.Tensor:
+        """The tensor's bytes (or nbytes of them from offset) as uint8, by positioned reads."""
         info = self.tensors[name]
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        nbytes = info.nbytes - offset if nbytes is None else nbytes
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done, fd = 0, self._fd(info.shard)
-        while done < info.nbytes:
+        while done < nbytes:
             try:
-                got = os.preadv(fd, [view[done:]], info.start + done)
+                got = os.preadv(fd, [view[done:]], info.start + offset + done)
             except OSError as e:
                 raise WiscaError(f"{self.shards[info.shard].path}: cannot read {name}: {e.strerror}") from e
             if got == 0:
@@ -90,6 +91,18 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         return as_tensor(self.tensors[name], self.read_raw(name))
+
+    def row_chunks(self, name: str, chunk_elements: int = 8 << 20):
+        """Yield (first row, raw bytes, rows as a tensor) of a 2-D tensor, a block at a time,
+        so a 2 GB embedding never sits in memory whole."""
+        info = self.tensors[name]
+        row_bytes = info.nbytes // max(info.shape[0], 1)
+        row_elements = row_bytes // ITEMSIZE[info.dtype]
+        step = max(1, chunk_elements // max(row_elements, 1))   # the same blocks for any dtype
+        for start in range(0, info.shape[0], step):
+            rows = min(step, info.shape[0] - start)
+            raw = self.read_raw(name, start * row_bytes, rows * row_bytes)
+            yield start, raw, raw.view(DTYPES[info.dtype]).reshape(rows, *info.shape[1:])
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -291,16 +304,14 @@ class ShardWriter:
         if nbytes:
             self._pwrite(raw.numpy(), self.data_start + rel)
 
-    def copy_from(self, name: str, src_fd: int, src_offset: int) -> None:
-        """Copy a tensor's bytes from another file inside the kernel."""
+    def write_part(self, name: str, offset: int, raw: torch.Tensor, last: bool) -> None:
+        """Write part of a tensor at ``offset`` bytes into it; ``last`` marks it complete."""
         rel, nbytes = self.offsets[name]
-        self.pending.remove(name)
-        dst, done = self.data_start + rel, 0
-        while done < nbytes:
-            n = os.copy_file_range(src_fd, self.fd, nbytes - done, src_offset + done, dst + done)
-            if n == 0:
-                raise OSError(5, "source ended during copy")
-            done += n
+        if offset + raw.numel() > nbytes or (last and offset + raw.numel() != nbytes):
+            raise AssertionError(f"{name}: part [{offset}, +{raw.numel()}) does not fit {nbytes} bytes")
+        self._pwrite(raw.numpy(), self.data_start + rel + offset)
+        if last:
+            self.pending.remove(name)
 
     def close(self) -> None:
         if self.pending:

@@ -328,6 +328,9 @@ def _on_signal(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .memory import tune_allocator
+
+    tune_allocator()
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     code = 0

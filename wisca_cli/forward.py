@@ -114,9 +114,11 @@ def decoder_layer(h: torch.Tensor, w: dict, layout: Layout, rope: tuple, mask: t
 
 def final_logits(h: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor, layout: Layout,
                  chunk_rows: int = 8192) -> torch.Tensor:
-    """Logits, computing with the head a block of vocab rows at a time (cast to h's dtype)."""
+    """Logits, computing with the head a block of vocab rows at a time (cast to h's dtype).
+
+    ``norm_weight=None``: h is already normalised."""
     offset = layout.spec.norm.get("weight_offset", 0.0)
-    x = rms_norm(h, norm_weight, layout.eps, offset)
+    x = h if norm_weight is None else rms_norm(h, norm_weight, layout.eps, offset)
     return torch.cat([F.linear(x, head[i:i + chunk_rows].to(x.dtype))
                       for i in range(0, head.shape[0], chunk_rows)], dim=-1)
 

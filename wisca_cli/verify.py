@@ -110,8 +110,20 @@ class StreamVerifier:
         self.first_bad: int | None = None
 
     def embed(self, emb_ref: torch.Tensor, emb_new: torch.Tensor) -> None:
-        self.h_ref = emb_ref[self.ids].to(self.dtype)
-        self.h_new = emb_new[self.ids].to(self.dtype)
+        self.embed_rows(0, emb_ref, emb_new)
+        self.embed_done()
+
+    def embed_rows(self, start: int, rows_ref: torch.Tensor, rows_new: torch.Tensor) -> None:
+        """Take the probe tokens' embeddings from a block of embedding rows."""
+        if self.h_ref is None:
+            shape = (*self.ids.shape, rows_ref.shape[1])
+            self.h_ref, self.h_new = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+        hit = (self.ids >= start) & (self.ids < start + rows_ref.shape[0])
+        local = self.ids[hit] - start
+        self.h_ref[hit] = rows_ref[local].to(self.dtype)
+        self.h_new[hit] = rows_new[local].to(self.dtype)
+
+    def embed_done(self) -> None:
         self._compare(-1)
 
     def _step(self, h: torch.Tensor, w: dict) -> torch.Tensor:
@@ -140,9 +152,24 @@ class StreamVerifier:
                 self.first_bad = index
 
     def finish(self, norm_ref, head_ref, norm_new, head_new) -> VerifyResult:
+        self.final_norm(norm_ref, norm_new)
+        self.head_rows(head_ref, head_new)
+        return self.result()
+
+    def final_norm(self, norm_ref: torch.Tensor, norm_new: torch.Tensor) -> None:
+        offset = self.layout.spec.norm.get("weight_offset", 0.0)
+        self.x_ref = forward.rms_norm(self.h_ref, norm_ref.to(self.dtype), self.layout.eps, offset)
+        self.x_new = forward.rms_norm(self.h_new, norm_new.to(self.dtype), self.layout.eps, offset)
+        self.logits_ref, self.logits_new = [], []
+
+    def head_rows(self, rows_ref: torch.Tensor, rows_new: torch.Tensor) -> None:
+        """Logits for a block of vocabulary rows of the output head."""
         with torch.no_grad():
-            a = forward.final_logits(self.h_ref, norm_ref.to(self.dtype), head_ref, self.layout).float()
-            b = forward.final_logits(self.h_new, norm_new.to(self.dtype), head_new, self.layout).float()
+            self.logits_ref.append(forward.final_logits(self.x_ref, None, rows_ref, self.layout).float())
+            self.logits_new.append(forward.final_logits(self.x_new, None, rows_new, self.layout).float())
+
+    def result(self) -> VerifyResult:
+        a, b = torch.cat(self.logits_ref, -1), torch.cat(self.logits_new, -1)
         return compare_logits(a, b, self.exact, self.tol, self.first_bad, self.layer_diffs[1:])
 
 
