@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import wisca_cli as wisca
-from conftest import build_checkpoint, hf_logits, probe_tokens, run_cli, synthetic_llama, tree_hash
+from conftest import hf_logits, probe_tokens, run_cli, synthetic_llama, tree_hash
 
 
 def leftovers(parent: Path) -> list[str]:

@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .balance import NORMS, PairResult, apply_scales, solve_pair
+from . import solve
+from .balance import NORMS, PairResult
 from .checkpoint import Checkpoint, ShardWriter, as_tensor, open_checkpoint, to_raw
 from .errors import VerificationFailed, WiscaError
 from .output import StagedOutput, check_target, copy_other_files
@@ -186,7 +187,7 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
     """
     writers = {name: ShardWriter(out_dir / name, shard, _shard_metadata(shard.metadata, stamp))
                for name, shard in ckpt.shards.items()}
-    layer_reports, result, embed = [], None, None
+    layer_reports, result = [], None
 
     def write(items: list[tuple[ShardWriter, str, torch.Tensor]]) -> None:
         for writer, name, raw in items:
@@ -316,20 +317,17 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                                       dtype=compute_dtype(_main_torch_dtype(ckpt), pow2))
         scales: dict[str, torch.Tensor] = {}
 
-        def balance_layer(layer: int, tensors: dict[str, torch.Tensor]):
-            new, report = {}, {}
-            for pair in layer_pairs(ckpt.layout, layer, opts.targets, opts.granularity):
-                dtype = min((tensors[m.role].dtype for m in pair.members), key=lambda d: torch.finfo(d).max)
-                result = solve_pair(pair, {**tensors, **new}, opts.norm, opts.strength, pow2, dtype)
-                # without a verifier nothing needs the original values: scale in place
-                new.update(apply_scales(pair, {**tensors, **new}, result.scales.double(), inplace=verifier is None))
-                scales[f"layers.{layer}.{pair.kind}"] = result.scales
-                report[pair.kind] = _pair_report(result)
-            return new, report
+        def balance(layer: int, tensors: dict[str, torch.Tensor]):
+            # without a verifier nothing needs the original values: scale in place
+            new, results = solve.balance_layer(ckpt.layout, layer, tensors, opts.targets, opts.granularity,
+                                               opts.norm, opts.strength, pow2, inplace=verifier is None)
+            for kind, r in results.items():
+                scales[f"layers.{layer}.{kind}"] = r.scales
+            return new, {kind: _pair_report(r) for kind, r in results.items()}
 
         stamp = {"version": __version__, "record": RECORD_NAME}
         with StagedOutput(dst_path, opts.overwrite) as out:
-            layers, result = _rewrite(ckpt, out.tmp, balance_layer, verifier, stamp, progress)
+            layers, result = _rewrite(ckpt, out.tmp, balance, verifier, stamp, progress)
             report = {
                 "command": "transform", "wisca_version": __version__, "record_format": RECORD_FORMAT,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -385,8 +383,6 @@ def scale_multipliers(transformed: str | os.PathLike) -> dict[str, torch.Tensor]
     What a training loop needs to carry its state into the new parametrisation: gradients
     become g / S, Adam's exp_avg / S and exp_avg_sq / S**2.
     """
-    from .balance import member_multipliers
-
     ckpt = open_checkpoint(transformed)
     try:
         record, scales = read_record(ckpt.root)
@@ -395,11 +391,10 @@ def scale_multipliers(transformed: str | os.PathLike) -> dict[str, torch.Tensor]
         for layer in range(lay.layers):
             names = lay.layer_roles(layer)
             shapes = {role: ckpt.tensors[n].shape for role, n in names.items()}
-            for pair in layer_pairs(lay, layer, tuple(opts["targets"]), opts["granularity"]):
-                key = f"layers.{layer}.{pair.kind}"
-                for role, mult in member_multipliers(pair, scales[key].double(), shapes).items():
-                    name = names[role]
-                    out[name] = out[name] * mult if name in out else mult
+            prefix = f"layers.{layer}."
+            mine = {k[len(prefix):]: v for k, v in scales.items() if k.startswith(prefix)}
+            mults = solve.layer_multipliers(lay, layer, shapes, tuple(opts["targets"]), opts["granularity"], mine)
+            out.update({names[role]: m for role, m in mults.items()})
         return out
     finally:
         ckpt.close()
@@ -422,13 +417,14 @@ def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite:
                                       dtype=compute_dtype(_main_torch_dtype(ckpt), pow2))
 
         def unscale_layer(layer: int, tensors: dict[str, torch.Tensor]):
-            new = {}
-            for pair in layer_pairs(ckpt.layout, layer, tuple(opts["targets"]), opts["granularity"]):
-                key = f"layers.{layer}.{pair.kind}"
-                if key not in scales or len(scales[key]) != pair.n_units:
-                    raise WiscaError(f"{ckpt.root / SCALES_NAME}: scales {key} missing or of the wrong size")
-                new.update(apply_scales(pair, {**tensors, **new}, 1.0 / scales[key].double()))
-            return new, {}
+            prefix = f"layers.{layer}."
+            mine = {k[len(prefix):]: v for k, v in scales.items() if k.startswith(prefix)}
+            try:
+                return solve.unscale_layer(ckpt.layout, layer, tensors, tuple(opts["targets"]),
+                                           opts["granularity"], mine), {}
+            except KeyError as e:
+                raise WiscaError(f"{ckpt.root / SCALES_NAME}: scales {prefix}{e.args[0]} missing "
+                                 f"or of the wrong size") from e
 
         with StagedOutput(dst_path, overwrite) as out:
             _, result = _rewrite(ckpt, out.tmp, unscale_layer, verifier, None, progress)

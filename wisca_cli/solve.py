@@ -1,0 +1,55 @@
+"""One decoder layer: which pairs apply, their scales, the transformed tensors.
+
+Pure functions on a layer's tensors (role -> tensor). Targets that touch the same
+tensors (e.g. a norm target overlapping qk) are solved in turn; the scales recorded per
+pair are what was applied, so undo multiplies them back out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .balance import PairResult, apply_scales, member_multipliers, solve_pair
+from .pairs import layer_pairs
+from .spec import Layout
+
+
+def _narrowest(tensors: dict[str, torch.Tensor], roles) -> torch.dtype:
+    return min((tensors[r].dtype for r in roles), key=lambda d: torch.finfo(d).max)
+
+
+def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
+                  granularity: str, norm: str = "fro", strength: float = 1.0, pow2: bool = True,
+                  inplace: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, PairResult]]:
+    """Balance every applicable pair of one layer: (new tensors by role, result per pair kind)."""
+    new: dict[str, torch.Tensor] = {}
+    results: dict[str, PairResult] = {}
+    for pair in layer_pairs(layout, layer, targets, granularity):
+        current = {**tensors, **new}
+        dtype = _narrowest(current, (m.role for m in pair.members))
+        result = solve_pair(pair, current, norm, strength, pow2, dtype)
+        new.update(apply_scales(pair, current, result.scales.double(), inplace=inplace))
+        results[pair.kind] = result
+    return new, results
+
+
+def unscale_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
+                  granularity: str, scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Multiply a layer's recorded scales back out (pair kind -> scales as applied)."""
+    new: dict[str, torch.Tensor] = {}
+    for pair in layer_pairs(layout, layer, targets, granularity):
+        s = scales.get(pair.kind)
+        if s is None or len(s) != pair.n_units:
+            raise KeyError(pair.kind)
+        new.update(apply_scales(pair, {**tensors, **new}, 1.0 / s.double()))
+    return new
+
+
+def layer_multipliers(layout: Layout, layer: int, shapes: dict[str, tuple[int, ...]], targets: tuple[str, ...],
+                      granularity: str, scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """role -> multiplier S (float64, broadcastable) with W' = S * W after the whole layer."""
+    out: dict[str, torch.Tensor] = {}
+    for pair in layer_pairs(layout, layer, targets, granularity):
+        for role, mult in member_multipliers(pair, scales[pair.kind].double(), shapes).items():
+            out[role] = out[role] * mult if role in out else mult
+    return out
