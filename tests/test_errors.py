@@ -323,7 +323,7 @@ def test_overwrite_replaces_only_after_verification(src, tmp_path, monkeypatch):
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "keep.txt").write_text("old")
-    import wisca_cli.api as api
+    import wisca_cli.solve as api   # where the scales are applied
     real = api.apply_scales
     monkeypatch.setattr(api, "apply_scales", lambda p, t, s, **kw: {k: v * 1.001 for k, v in real(p, t, s, **kw).items()})
     with pytest.raises(wisca.VerificationFailed):

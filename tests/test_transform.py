@@ -217,7 +217,7 @@ def test_undo_restores_every_tensor_bit_identically(dtype, ckpt_dir, tmp_path):
 
 def test_verification_failure_writes_nothing(ckpt_dir, tmp_path, monkeypatch):
     """A transform whose output does not verify exits 1 and leaves no DST, no temp folder."""
-    import wisca_cli.api as api
+    import wisca_cli.solve as api   # where the scales are applied
 
     src = ckpt_dir("llama-gqa", torch.float32)
     real = api.apply_scales
