@@ -309,12 +309,14 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
     try:
         dst_path = check_target(ckpt.root, Path(dst), opts.overwrite)
         pow2 = opts.scales == "pow2"
+        exactness = solve.exactness(ckpt.layout, opts.targets, pow2)
+        exact = all(v != "tolerance" for v in exactness.values())
         tol = _tolerance(ckpt, opts.tolerance)
         verifier = None
         if opts.verify:
             ids = probe_ids(ckpt.layout.vocab, opts.probe_batch, opts.probe_len, opts.seed, opts.probe_ids_file)
-            verifier = StreamVerifier(ckpt.layout, ids, exact=pow2, tolerance=tol,
-                                      dtype=compute_dtype(_main_torch_dtype(ckpt), pow2))
+            verifier = StreamVerifier(ckpt.layout, ids, exact=exact, tolerance=tol,
+                                      dtype=compute_dtype(_main_torch_dtype(ckpt), exact))
         scales: dict[str, torch.Tensor] = {}
 
         def balance(layer: int, tensors: dict[str, torch.Tensor]):
@@ -337,6 +339,7 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                 "options": opts.record(),
                 "targets_applied": [t for t in opts.targets if t in ckpt.layout.spec.targets],
                 "targets_not_applicable": [t for t in opts.targets if t not in ckpt.layout.spec.targets],
+                "exactness": exactness,
                 "summary": _summarise(layers),
                 "verification": result.to_dict() if result else None,
                 "scales_file": SCALES_NAME,
@@ -409,7 +412,8 @@ def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite:
         record, scales = read_record(ckpt.root)
         opts = record["options"]
         dst_path = check_target(ckpt.root, Path(restored), overwrite)
-        pow2 = opts["scales"] == "pow2"
+        pow2 = all(v != "tolerance" for v in
+                   solve.exactness(ckpt.layout, tuple(opts["targets"]), opts["scales"] == "pow2").values())
         verifier = None
         if verify:
             ids = probe_ids(ckpt.layout.vocab, opts["probe_batch"], opts["probe_len"], opts["seed"])
@@ -469,7 +473,9 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe
                 continuous = False
                 if rec.is_file():
                     try:
-                        continuous = json.loads(rec.read_text())["options"]["scales"] == "continuous"
+                        record = json.loads(rec.read_text())
+                        continuous = record["options"]["scales"] == "continuous" or \
+                            "tolerance" in record.get("exactness", {}).values()
                     except (ValueError, KeyError, TypeError, OSError):
                         continuous = False
                 mode = "tolerance" if continuous else "exact"

@@ -53,3 +53,19 @@ def layer_multipliers(layout: Layout, layer: int, shapes: dict[str, tuple[int, .
         for role, mult in member_multipliers(pair, scales[pair.kind].double(), shapes).items():
             out[role] = out[role] * mult if role in out else mult
     return out
+
+
+def exactness(layout: Layout, targets: tuple[str, ...], pow2: bool) -> dict[str, str]:
+    """target -> "exact" | "tolerance" | "not applicable" for this architecture.
+
+    A spec lists the targets it supports; ``inexact_targets`` names those that round even
+    with power-of-two scales (e.g. Gemma's (1 + w) norms). Continuous scales always round.
+    """
+    inexact = set(layout.spec.inexact_targets)
+    out = {}
+    for t in targets:
+        if t not in layout.spec.targets:
+            out[t] = "not applicable"
+        else:
+            out[t] = "exact" if pow2 and t not in inexact else "tolerance"
+    return out

@@ -31,6 +31,7 @@ class ArchSpec:
     attention: dict
     mlp: dict
     targets: tuple[str, ...]
+    inexact_targets: tuple[str, ...] = ()   # round even with pow2 scales: verified with a tolerance
 
     def layer_name(self, layer: int, suffix: str) -> str:
         return self.layer_prefix.format(layer=layer) + suffix
@@ -75,6 +76,7 @@ def all_specs() -> dict[str, ArchSpec]:
             norm=d["norm"], layer_tensors=d["layer_tensors"],
             optional_tensors=d.get("optional_tensors", {}), attention=d["attention"],
             mlp=d["mlp"], targets=tuple(d["targets"]),
+            inexact_targets=tuple(d.get("inexact_targets", ())),
         )
         for model_type in spec.model_types:
             by_type[model_type] = spec
