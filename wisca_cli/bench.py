@@ -541,7 +541,8 @@ def memory_scaling(bench: Bench, wisca: list[str], base: CheckpointInfo, double:
 
 
 # -- summary and report -------------------------------------------------------------------------
-def summarize(commands: list[Command], res: Results) -> dict[str, dict]:
+def summarize(commands: list[Command], res: Results, startup_s: float = 0.0) -> dict[str, dict]:
+    """Medians per command; ``*_ex_startup`` ratios subtract the torch import from wisca's times."""
     out = {}
     for c in commands:
         cold, warm = res.cold[c.key], res.warm[c.key]
@@ -555,9 +556,11 @@ def summarize(commands: list[Command], res: Results) -> dict[str, dict]:
             "warm": [asdict(r) for r in warm],
         }
     cp = out.get("cp")
-    for s in out.values():
-        s["cold_ratio_to_cp"] = s["cold_median_s"] / cp["cold_median_s"] if cp else None
-        s["warm_ratio_to_cp"] = s["warm_median_s"] / cp["warm_median_s"] if cp else None
+    for key, s in out.items():
+        lag = startup_s if key in WISCA_KEYS else 0.0
+        for mode in ("cold", "warm"):
+            s[f"{mode}_ratio_to_cp"] = s[f"{mode}_median_s"] / cp[f"{mode}_median_s"] if cp else None
+            s[f"{mode}_ratio_ex_startup"] = (s[f"{mode}_median_s"] - lag) / cp[f"{mode}_median_s"] if cp else None
     return out
 
 
@@ -602,13 +605,16 @@ def report(console: Console, result: dict) -> None:
     console.print(f"[bold]Start-up[/] (warm, median of {result['startup_runs']}): {startup}", highlight=False)
 
     table = Table(title=f"Median of {result['rounds']} rounds ({result['warmup']} warm-up)")
-    for col in ("command", "cold s", "warm s", "cold / cp", "warm / cp", "peak RSS MiB"):
+    for col in ("command", "cold s", "warm s", "cold / cp", "warm / cp", "cold / cp ex start-up",
+                "warm / cp ex start-up", "peak RSS MiB"):
         table.add_column(col, justify="left" if col == "command" else "right")
     fmt_ratio = lambda v: "–" if v is None else f"{v:.2f}x"
     for s in result["commands"].values():
         table.add_row(s["label"], f"{s['cold_median_s']:.2f}", f"{s['warm_median_s']:.2f}",
                       fmt_ratio(s["cold_ratio_to_cp"]), fmt_ratio(s["warm_ratio_to_cp"]),
+                      fmt_ratio(s.get("cold_ratio_ex_startup")), fmt_ratio(s.get("warm_ratio_ex_startup")),
                       f"{s['peak_rss_mib']:.0f}")
+    table.caption = "ex start-up: wisca's time minus the median `import torch` time (the Python start-up)"
     console.print(table)
 
     console.print("[bold]Acceptance targets[/]")
@@ -773,7 +779,8 @@ def main(argv: list[str] | None = None) -> int:
                          bench.logs / "verify-dst.log", workdir)
         console.print(f"Timing {len(commands)} commands, {args.rounds} rounds, cold and warm:")
         res = bench.loop(commands, args.rounds)
-        result["commands"] = summarize(commands, res)
+        torch_start = result["startup"].get("python -c 'import torch'", {}).get("median_s") or 0.0
+        result["commands"] = summarize(commands, res, torch_start)
         result["targets"] = check_targets(result["commands"], info.largest_layer_bytes)
 
         if args.memory_scaling:
