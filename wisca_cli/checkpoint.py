@@ -189,10 +189,10 @@ def open_checkpoint(src: str | os.PathLike, revision: str | None = None) -> Chec
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise WiscaError(f"{index_path}: has no weight_map")
+        for name, s in weight_map.items():
+            if not isinstance(s, str) or "/" in s or "\\" in s or s.startswith(".") or not s:
+                raise WiscaError(f"{index_path}: invalid shard name {s!r} for tensor {name}")
         shard_names = sorted(set(weight_map.values()))
-        for s in shard_names:
-            if not isinstance(s, str) or "/" in s or s.startswith("."):
-                raise WiscaError(f"{index_path}: invalid shard name {s!r}")
     elif (root / SINGLE_NAME).exists():
         index_path, weight_map, shard_names = None, None, [SINGLE_NAME]
     else:

@@ -1,10 +1,18 @@
 """Exceptions that the CLI turns into exit codes and one-line messages."""
 
 
+def one_line(text: str) -> str:
+    """Escape control characters (a hostile tensor name may hold a newline)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(text))
+
+
 class WiscaError(Exception):
     """Bad usage or bad input: the CLI prints one line and exits with code 2."""
 
     exit_code = 2
+
+    def __init__(self, message: str, *args):
+        super().__init__(one_line(message), *args)
 
 
 class VerificationFailed(WiscaError):
