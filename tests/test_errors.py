@@ -424,3 +424,21 @@ def test_bad_option_values(src, tmp_path):
     for extra, needle in ((("--targets", "qk,xy"), "unknown target 'xy'"), (("--strength", "2"), "--strength"),
                           (("--granularity", "row"), "--granularity"), (("--scales", "pow3"), "--scales")):
         transform_fails(src, tmp_path / "out", needle, extra=extra)
+
+
+def test_disk_full_mid_write(tmp_path):
+    """A 3 MiB filesystem for the output: ENOSPC half-way, nothing left behind."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    src = synthetic_llama(tmp_path / "big", hidden=256, layers=4, inter=512, vocab=512)   # ~4.6 MB
+    before = tree_hash(src)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], check=True)
+    try:
+        dst = small / "out"
+        res = run_cli("transform", src, dst)
+        assert_clean_failure(res, src, before, dst, "writing the output failed", "No space left on device")
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -354,10 +354,13 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                     f"verification failed: outputs diverge at {at} (max abs diff {result.max_abs_diff:.3g}, "
                     f"KL {result.kl:.3g}, top-1 {result.top1:.3f}); nothing written", report)
             copy_other_files(ckpt.root, out.tmp, skip=set(ckpt.shards) | {RECORD_NAME, SCALES_NAME})
-            save_file(scales, str(out.tmp / SCALES_NAME),
-                      metadata={"wisca_version": __version__, "granularity": opts.granularity})
             report["seconds"] = round(time.perf_counter() - started, 3)
-            (out.tmp / RECORD_NAME).write_text(json.dumps(report, indent=1) + "\n")
+            try:
+                save_file(scales, str(out.tmp / SCALES_NAME),
+                          metadata={"wisca_version": __version__, "granularity": opts.granularity})
+                (out.tmp / RECORD_NAME).write_text(json.dumps(report, indent=1) + "\n")
+            except Exception as e:   # OSError, or the safetensors library's own error for ENOSPC
+                raise WiscaError(f"{dst_path.parent}: writing the record failed: {' '.join(str(e).split())}") from e
             out.commit()
         return report
     finally:
