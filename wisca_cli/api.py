@@ -200,11 +200,18 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
             pending: deque = deque()
             for stage in _read_stages(ckpt, _stages(ckpt)):
                 tensors = stage.tensors(ckpt)
-                _check_finite(ckpt, stage, tensors)
                 new: dict[str, torch.Tensor] = {}
-                if stage.kind == "layer":
+                if stage.kind == "layer" and verifier is not None:
+                    # the reference layer (and the NaN check) run beside the balancing
+                    ref = verifier.start_layer(tensors, before=lambda: _check_finite(ckpt, stage, tensors))
                     new, report = layer_fn(stage.layer, tensors)
+                    verifier.finish_layer(stage.layer, ref, {**tensors, **new})
                     layer_reports.append({"layer": stage.layer, **report})
+                else:
+                    _check_finite(ckpt, stage, tensors)
+                    if stage.kind == "layer":
+                        new, report = layer_fn(stage.layer, tensors)
+                        layer_reports.append({"layer": stage.layer, **report})
                 items = [(writers[ckpt.tensors[stage.names[role]].shard], stage.names[role],
                           to_raw(new[role]) if role in new else raw) for role, raw in stage.raw.items()]
                 pending.append(write_pool.submit(write, items))
@@ -217,10 +224,7 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
                             verifier.embed_rows(start, rows, rows)
                     if verifier is not None:
                         verifier.embed_done()
-                elif stage.kind == "layer":
-                    if verifier is not None:
-                        verifier.layer(stage.layer, tensors, {**tensors, **new})
-                else:
+                elif stage.kind == "final":
                     name = stage.names["head"]
                     tied = ckpt.layout.tie_embeddings   # the embedding, already written
                     if verifier is not None:

@@ -287,6 +287,7 @@ class ShardWriter:
         self.offsets = {t.name: (t.rel_start, t.nbytes) for t in shard.tensors}
         self.pending = set(self.offsets)
         self.size = self.data_start + sum(t.nbytes for t in shard.tensors)
+        self.synced = False
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._pwrite(header, 0)
 
@@ -303,6 +304,13 @@ class ShardWriter:
         self.pending.remove(name)
         if nbytes:
             self._pwrite(raw.numpy(), self.data_start + rel)
+        self._sync_if_complete()
+
+    def _sync_if_complete(self) -> None:
+        """Flush a finished shard right away (in the writer's thread), not all at the end."""
+        if not self.pending and not self.synced:
+            os.fsync(self.fd)
+            self.synced = True
 
     def write_part(self, name: str, offset: int, raw: torch.Tensor, last: bool) -> None:
         """Write part of a tensor at ``offset`` bytes into it; ``last`` marks it complete."""
@@ -312,11 +320,12 @@ class ShardWriter:
         self._pwrite(raw.numpy(), self.data_start + rel + offset)
         if last:
             self.pending.remove(name)
+            self._sync_if_complete()
 
     def close(self) -> None:
         if self.pending:
             raise AssertionError(f"{self.path}: tensors never written: {sorted(self.pending)[:3]}")
-        os.fsync(self.fd)
+        self._sync_if_complete()
         os.close(self.fd)
         self.fd = -1
 

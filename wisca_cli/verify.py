@@ -130,14 +130,26 @@ class StreamVerifier:
         with torch.no_grad():
             return forward.decoder_layer(h, _cast(w, self.dtype), self.layout, self.rope, self.mask)
 
-    def layer(self, index: int, w_ref: dict, w_new: dict) -> None:
-        if self.pool is not None:
-            ref = self.pool.submit(self._step, self.h_ref, w_ref)
-            self.h_new = self._step(self.h_new, w_new)
-            self.h_ref = ref.result()
-        else:
-            self.h_ref, self.h_new = self._step(self.h_ref, w_ref), self._step(self.h_new, w_new)
+    def start_layer(self, w_ref: dict, before=None):
+        """Run the reference model's layer (after ``before()``, e.g. a check) in the pool."""
+        def run():
+            if before is not None:
+                before()
+            return self._step(self.h_ref, w_ref)
+
+        if self.pool is None:
+            self._ref_result = run()
+            return None
+        return self.pool.submit(run)
+
+    def finish_layer(self, index: int, pending, w_new: dict) -> None:
+        """The transformed model's layer here, then compare with the reference's."""
+        self.h_new = self._step(self.h_new, w_new)
+        self.h_ref = pending.result() if pending is not None else self._ref_result
         self._compare(index)
+
+    def layer(self, index: int, w_ref: dict, w_new: dict) -> None:
+        self.finish_layer(index, self.start_layer(w_ref), w_new)
 
     def _compare(self, index: int) -> None:
         diff = (self.h_ref.float() - self.h_new.float()).abs().max().item()
