@@ -156,3 +156,100 @@ def synthetic_llama(path: Path, hidden=64, layers=2, heads=4, kv_heads=2, inter=
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
         "max_position_embeddings": 256}))
     return path
+
+
+# -- every decoder family (tests/test_architectures.py) ------------------------------------------
+_SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+              max_position_embeddings=128, tie_word_embeddings=False, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+ARCH_FAMILIES = {
+    # name: (model_type, config overrides); one tiny model per family
+    "llama-tied": ("llama", dict(tie_word_embeddings=True)),
+    "qwen3": ("qwen3", {}),
+    "qwen3-tied": ("qwen3", dict(tie_word_embeddings=True)),
+    "phi3": ("phi3", {}),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=48, mlp_only_layers=[1])),
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    norm_topk_prob=True)),
+    "gemma2": ("gemma2", dict(sliding_window=8, query_pre_attn_scalar=16)),
+    "gemma3": ("gemma3_text", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                                   query_pre_attn_scalar=16)),
+    "olmo2": ("olmo2", {}),
+    "granite": ("granite", dict(embedding_multiplier=12.0, attention_multiplier=0.125,
+                                residual_multiplier=0.25, logits_scaling=4.0)),
+    "smollm3": ("smollm3", dict(no_rope_layers=[1, 0])),
+    "gpt_neox": ("gpt_neox", dict(head_dim=None, num_key_value_heads=None, rotary_pct=0.5)),
+    "gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=None, head_dim=None,
+                          num_key_value_heads=None, tie_word_embeddings=True)),
+}
+
+
+def _arch_config(model_type: str, extra: dict):
+    from transformers import AutoConfig
+
+    cfg = {**_SMALL, **extra}
+    if model_type == "gpt2":
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            cfg.pop(k)
+    return AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if v is not None or k == "n_inner"})
+
+
+def build_arch_checkpoint(path: Path, family: str, seed: int = 0, spread: float = 3.0) -> Path:
+    """A tiny checkpoint of one family, built and saved by transformers, then given skewed
+    weights: random power-of-two rescalings of every symmetry the family's spec lists (qk,
+    vo, ffn, norm). Logits before and after are compared in transformers (equal, or within
+    1e-5 where the spec says the target rounds), so the symmetries are checked independently
+    of wisca's own verifier."""
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from wisca_cli.balance import apply_scales
+    from wisca_cli.pairs import layer_pairs
+    from wisca_cli.spec import layout_from_config
+
+    model_type, extra = ARCH_FAMILIES[family]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_arch_config(model_type, extra), attn_implementation="eager")
+    with torch.no_grad():   # biases, norms (and a zero-initialised router) get values of their own
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif not p.any():
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(path, safe_serialization=True)
+    ids = probe_tokens()
+    before = hf_logits(path, ids)
+    layout = layout_from_config(_json.loads((path / "config.json").read_text()))
+    tensors = load_file(path / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    for layer in range(layout.layers):
+        names = layout.layer_roles(layer)
+        w = {role: tensors[n] for role, n in names.items()}
+        for pair in layer_pairs(layout, layer, layout.spec.targets, "channel"):
+            s = torch.exp2(torch.round(torch.randn(pair.n_units, generator=g) * spread)).double()
+            w.update(apply_scales(pair, w, s))
+        tensors.update({names[r]: t.contiguous() for r, t in w.items()})
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    after = hf_logits(path, ids)
+    if layout.spec.inexact_targets:
+        assert (after - before).abs().max() <= 1e-5 * before.abs().max(), family
+    else:
+        assert torch.equal(before, after), f"{family}: unbalancing changed the function"
+    return path
+
+
+@pytest.fixture(scope="session")
+def arch_ckpt(tmp_path_factory):
+    """family -> tiny skewed checkpoint of that family (built once per session)."""
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = build_arch_checkpoint(tmp_path_factory.mktemp("arch") / family, family)
+        return cache[family]
+
+    return get

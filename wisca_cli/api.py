@@ -95,10 +95,16 @@ class Stage:
 
 def _stages(ckpt: Checkpoint) -> list[Stage]:
     lay, spec = ckpt.layout, ckpt.layout.spec
-    stages = [Stage("embed", -1, {"embed": spec.embed}, streamed=("embed",))]
+    embed = {"embed": spec.embed}
+    if spec.embedding.get("positions"):                 # learned positions (GPT-2)
+        embed["pos"] = spec.embedding["positions"]
+    stages = [Stage("embed", -1, embed, streamed=("embed",))]
     stages += [Stage("layer", i, lay.layer_roles(i)) for i in range(lay.layers)]
     head = spec.embed if lay.tie_embeddings else spec.lm_head
-    stages.append(Stage("final", lay.layers, {"norm": spec.final_norm, "head": head}, streamed=("head",)))
+    final = {"norm": spec.final_norm, "head": head}
+    if spec.final.get("norm_bias"):                     # LayerNorm families
+        final["norm_bias"] = spec.final["norm_bias"]
+    stages.append(Stage("final", lay.layers, final, streamed=("head",)))
     return stages
 
 
@@ -154,7 +160,9 @@ def _torch_threads(n: int):
 
 
 def _main_dtype(ckpt: Checkpoint) -> str:
-    return ckpt.tensors[ckpt.layout.layer_roles(0)["q"]].dtype if ckpt.layout.layers else "F32"
+    roles = ckpt.layout.layer_roles(0) if ckpt.layout.layers else {}
+    name = roles.get("q", roles.get("qkv", next(iter(roles.values()), None)))   # fused qkv: Phi-3, GPT-2
+    return ckpt.tensors[name].dtype if name else "F32"
 
 
 def _main_torch_dtype(ckpt: Checkpoint) -> torch.dtype:
@@ -223,12 +231,12 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
                         if verifier is not None:
                             verifier.embed_rows(start, rows, rows)
                     if verifier is not None:
-                        verifier.embed_done()
+                        verifier.embed_done(tensors, tensors)
                 elif stage.kind == "final":
                     name = stage.names["head"]
                     tied = ckpt.layout.tie_embeddings   # the embedding, already written
                     if verifier is not None:
-                        verifier.final_norm(tensors["norm"], tensors["norm"])
+                        verifier.final_norm(tensors["norm"], tensors["norm"], tensors, tensors)
                     if verifier is not None or not tied:
                         for _, rows in _stream_big(ckpt, name, None if tied else writers[ckpt.tensors[name].shard]):
                             if verifier is not None:
@@ -504,7 +512,7 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe
                         verifier.layer(sa.layer, ta, tb)
                         continue
                     if sa.kind == "final":
-                        verifier.final_norm(ta["norm"], tb["norm"])
+                        verifier.final_norm(ta["norm"], tb["norm"], ta, tb)
                     role = sa.streamed[0]
                     pairs = zip(_stream_big(ca, sa.names[role], None), _stream_big(cb, sb.names[role], None))
                     for (start, rows_a), (_, rows_b) in pairs:
@@ -513,7 +521,7 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe
                         else:
                             verifier.head_rows(rows_a, rows_b)
                     if sa.kind == "embed":
-                        verifier.embed_done()
+                        verifier.embed_done(ta, tb)
                     else:
                         result = verifier.result()
                     if progress:

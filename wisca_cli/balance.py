@@ -94,7 +94,10 @@ def unit_stats(pair: Pair, tensors: dict[str, torch.Tensor]) -> UnitStats:
     z = lambda fill=0.0: torch.full((n,), fill, dtype=torch.float64)  # noqa: E731
     s = {+1: [z(), z(), z(), z(torch.inf)], -1: [z(), z(), z(), z(torch.inf)]}
     for m in pair.members:
-        sumsq, count, maxabs, minabs = _slice_reduce(tensors[m.role], m.axis)
+        t = tensors[m.role]
+        if m.offset:   # a (offset + w) norm: the factor the network uses is what scales
+            t = t.double() + m.offset
+        sumsq, count, maxabs, minabs = _slice_reduce(t, m.axis)
         keep = m.units >= 0
         idx = m.units[keep]
         acc = s[m.side]
@@ -157,7 +160,8 @@ def member_multipliers(pair: Pair, s: torch.Tensor, shapes: dict[str, tuple[int,
     for m in pair.members:
         shape = [1] * len(shapes[m.role])
         shape[m.axis] = -1
-        out[m.role] = scale_vector(m, s, shapes[m.role][m.axis]).view(shape)
+        mult = scale_vector(m, s, shapes[m.role][m.axis]).view(shape)
+        out[m.role] = out[m.role] * mult if m.role in out else mult
     return out
 
 
@@ -193,9 +197,26 @@ def apply_scales(pair: Pair, tensors: dict[str, torch.Tensor], s: torch.Tensor,
     """New tensors for the pair's members: A slices times s, B slices times 1/s.
 
     With power-of-two s no rounding happens at all. ``inplace`` overwrites the inputs.
+    Members on one tensor (a fused tensor's parts) combine into one multiplier per axis;
+    a ``(offset + w)`` norm stores ``(offset + w) * s - offset``, which rounds.
     """
-    return {m.role: scale_tensor(tensors[m.role], m.axis, scale_vector(m, s, tensors[m.role].shape[m.axis]),
-                                 inplace) for m in pair.members}
+    groups: dict[tuple[str, int], list[Member]] = {}
+    for m in pair.members:
+        groups.setdefault((m.role, m.axis), []).append(m)
+    out: dict[str, torch.Tensor] = {}
+    for (role, axis), members in groups.items():
+        t = out.get(role, tensors[role])
+        vec = torch.ones(t.shape[axis], dtype=torch.float64)
+        for m in members:
+            vec *= scale_vector(m, s, t.shape[axis])
+        if members[0].offset:
+            shape = [1] * t.dim()
+            shape[axis] = -1
+            off = members[0].offset
+            out[role] = ((t.double() + off) * vec.view(shape) - off).to(t.dtype)
+        else:
+            out[role] = scale_tensor(t, axis, vec, inplace or role in out)
+    return out
 
 
 @dataclass

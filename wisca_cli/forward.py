@@ -41,11 +41,20 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_tables(layout: Layout, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+               layout: Layout) -> torch.Tensor:
+    """The family's norm: RMSNorm (optionally ``(offset + w)``) or LayerNorm with bias."""
+    if layout.spec.norm.get("kind", "rms") == "layernorm":
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return rms_norm(x, weight, eps, layout.spec.norm.get("weight_offset", 0.0))
+
+
+def rope_tables(layout: Layout, positions: torch.Tensor, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, [T, rotary_dims], for HF-style (rotate_half) or interleaved RoPE."""
-    r = layout.rotary_dims
-    inv_freq = 1.0 / (layout.rope_theta ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r))
-    scaling = layout.rope_scaling or {}
+    r = layout.rotary_dims if layer is None else layout.rotary_dims_at(layer)
+    theta, scaling = (layout.rope_theta, layout.rope_scaling) if layer is None else layout.rope_at(layer)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r))
+    scaling = scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -76,50 +85,149 @@ def linear(x: torch.Tensor, w: dict, role: str) -> torch.Tensor:
     return F.linear(x, w[role], w.get(role + "_bias"))
 
 
-def attention_mask(layout: Layout, length: int) -> torch.Tensor:
+def attention_mask(layout: Layout, length: int, layer: int | None = None) -> torch.Tensor:
     i = torch.arange(length)
     allowed = i[None, :] <= i[:, None]
-    if layout.sliding_window:
-        allowed &= (i[:, None] - i[None, :]) < layout.sliding_window
+    window = layout.sliding_window if layer is None else layout.window_at(layer)
+    if window:
+        allowed &= (i[:, None] - i[None, :]) < window
     return torch.zeros(length, length).masked_fill(~allowed, float("-inf"))
 
 
-def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple, mask: torch.Tensor) -> torch.Tensor:
+def logical(layout: Layout, w: dict) -> dict:
+    """A layer's tensors as the math reads them: fused tensors split into their parts
+    (views), Conv1D ``[in, out]`` weights transposed to ``[out, in]``."""
+    spec = layout.spec
+    if spec.linear == "conv1d":
+        w = {k: v.t() if v.dim() == 2 else v for k, v in w.items()}
+    if spec.fused:
+        w = dict(w)
+        for fused in spec.fused:
+            if fused not in w:
+                continue
+            for part, rows in layout.fused_parts(fused).items():
+                w[part] = w[fused][rows]
+                if fused + "_bias" in w:
+                    w[part + "_bias"] = w[fused + "_bias"][rows]
+    return w
+
+
+def _softcap(x: torch.Tensor, cap) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap if cap else x
+
+
+def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask: torch.Tensor) -> torch.Tensor:
     batch, length, _ = x.shape
     d, heads, kv = layout.head_dim, layout.heads, layout.kv_heads
-    q = linear(x, w, "q").view(batch, length, heads, d).transpose(1, 2)
-    k = linear(x, w, "k").view(batch, length, kv, d).transpose(1, 2)
-    v = linear(x, w, "v").view(batch, length, kv, d).transpose(1, 2)
-    if layout.rotary_dims:
-        style = layout.spec.attention.get("rotary")
+    att = layout.spec.attention
+    q, k, v = linear(x, w, "q"), linear(x, w, "k"), linear(x, w, "v")
+    offset = layout.spec.norm.get("weight_offset", 0.0)
+    if att.get("qk_norm") == "full":            # OLMo2: over the whole projection
+        q, k = rms_norm(q, w["q_norm"], layout.eps, offset), rms_norm(k, w["k_norm"], layout.eps, offset)
+    q = q.view(batch, length, heads, d).transpose(1, 2)
+    k = k.view(batch, length, kv, d).transpose(1, 2)
+    v = v.view(batch, length, kv, d).transpose(1, 2)
+    if att.get("qk_norm") == "head":            # Qwen3, Gemma3: per head, one shared weight
+        q, k = rms_norm(q, w["q_norm"], layout.eps, offset), rms_norm(k, w["k_norm"], layout.eps, offset)
+    if rope is not None:
+        style = att.get("rotary")
         q, k = apply_rope(q, *rope, style), apply_rope(k, *rope, style)
     k = k.repeat_interleave(layout.group_size, dim=1)
     v = v.repeat_interleave(layout.group_size, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(d) + mask
+    scale = att.get("scale")
+    if scale and "inv_sqrt" in scale:
+        scaling = layout.value(scale["inv_sqrt"], d) ** -0.5
+    elif scale and "value" in scale:
+        scaling = layout.value(scale["value"], d ** -0.5)
+    else:
+        scaling = d ** -0.5
+    scores = _softcap((q @ k.transpose(-1, -2)) * scaling, layout.value(att.get("softcap"))) + mask
     out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     return linear(out.transpose(1, 2).reshape(batch, length, heads * d), w, "o")
 
 
-def mlp(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
+def gated_mlp(x: torch.Tensor, w: dict, layout: Layout, prefix: str = "") -> torch.Tensor:
     act = ACTIVATIONS[layout.act]
-    return linear(act(linear(x, w, "gate")) * linear(x, w, "up"), w, "down")
+    return linear(act(linear(x, w, prefix + "gate")) * linear(x, w, prefix + "up"), w, prefix + "down")
 
 
-def decoder_layer(h: torch.Tensor, w: dict, layout: Layout, rope: tuple, mask: torch.Tensor) -> torch.Tensor:
-    """Pre-norm residual block: h + attn(norm(h)), then + mlp(norm(h))."""
-    offset = layout.spec.norm.get("weight_offset", 0.0)
-    h = h + attention(rms_norm(h, w["attn_norm"], layout.eps, offset), w, layout, rope, mask)
-    return h + mlp(rms_norm(h, w["mlp_norm"], layout.eps, offset), w, layout)
+def mlp(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
+    """Gated (SwiGLU, GeGLU), plain (fc1 -> act -> fc2, ``up`` and ``down``) or MoE."""
+    if "router" in w:
+        return moe(x, w, layout)
+    if layout.spec.mlp.get("kind", "gated") == "plain":
+        return linear(ACTIVATIONS[layout.act](linear(x, w, "up")), w, "down")
+    return gated_mlp(x, w, layout)
+
+
+def moe(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
+    """Top-k routed experts (softmax in float32, optionally renormalised) plus a shared expert."""
+    spec = layout.spec.moe
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    probs = torch.softmax(F.linear(x, w["router"]), dim=-1, dtype=torch.float32)
+    top, idx = torch.topk(probs, int(layout.value(spec["top_k"])), dim=-1)
+    if layout.value(spec.get("norm_topk"), False):
+        top = top / top.sum(-1, keepdim=True)
+    top = top.to(x.dtype)
+    out = torch.zeros_like(x)
+    for e in range(layout.experts):
+        token, slot = torch.where(idx == e)
+        if len(token):
+            y = gated_mlp(x[token], w, layout, f"experts.{e}.") * top[token, slot, None]
+            out.index_add_(0, token, y)
+    if "shared.up" in w:
+        shared = gated_mlp(x, w, layout, "shared.")
+        if "shared_gate" in w:
+            shared = torch.sigmoid(F.linear(x, w["shared_gate"])) * shared
+        out = out + shared
+    return out.reshape(shape)
+
+
+def _norm(x: torch.Tensor, w: dict, role: str, layout: Layout) -> torch.Tensor:
+    return layer_norm(x, w[role], w.get(role + "_bias"), layout.eps, layout) if role in w else x
+
+
+def decoder_layer(h: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask: torch.Tensor) -> torch.Tensor:
+    """One block, driven by which norms the spec has: pre-norm (``attn_norm``, ``mlp_norm``),
+    sandwich (Gemma: also ``post_attn_norm``, ``post_mlp_norm``), post-norm (OLMo2: only the
+    post norms), or parallel residual (GPT-NeoX: h + attn(ln1 h) + mlp(ln2 h))."""
+    w = logical(layout, w)
+    block = layout.spec.block
+    res = layout.value(block.get("residual_multiplier"), 1.0)
+    a = _norm(attention(_norm(h, w, "attn_norm", layout), w, layout, rope, mask), w, "post_attn_norm", layout)
+    if layout.value(block.get("parallel_residual"), False):
+        return h + (mlp(_norm(h, w, "mlp_norm", layout), w, layout) + a)
+    h = h + (a * res if res != 1.0 else a)
+    m = _norm(mlp(_norm(h, w, "mlp_norm", layout), w, layout), w, "post_mlp_norm", layout)
+    return h + (m * res if res != 1.0 else m)
+
+
+def embed_scale(layout: Layout) -> float | None:
+    """The factor on the embedding output: Gemma's sqrt(hidden), Granite's multiplier."""
+    scale = layout.spec.embedding.get("scale")
+    if scale == "sqrt_hidden":
+        return layout.hidden ** 0.5
+    value = layout.value(scale, None)
+    return None if value in (None, 1.0) else float(value)
+
+
+def postprocess_logits(logits: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Granite's logits divisor, Gemma2's final softcap (elementwise: any vocab block)."""
+    final = layout.spec.final
+    div = layout.value(final.get("logits_divisor"), None)
+    if div not in (None, 1.0):
+        logits = logits / div
+    return _softcap(logits, layout.value(final.get("softcap"), None))
 
 
 def final_logits(h: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor, layout: Layout,
-                 chunk_rows: int = 8192) -> torch.Tensor:
+                 chunk_rows: int = 8192, norm_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Logits, computing with the head a block of vocab rows at a time (cast to h's dtype).
 
     ``norm_weight=None``: h is already normalised."""
-    offset = layout.spec.norm.get("weight_offset", 0.0)
-    x = h if norm_weight is None else rms_norm(h, norm_weight, layout.eps, offset)
-    return torch.cat([F.linear(x, head[i:i + chunk_rows].to(x.dtype))
+    x = h if norm_weight is None else layer_norm(h, norm_weight, norm_bias, layout.eps, layout)
+    return torch.cat([postprocess_logits(F.linear(x, head[i:i + chunk_rows].to(x.dtype)), layout)
                       for i in range(0, head.shape[0], chunk_rows)], dim=-1)
 
 

@@ -17,7 +17,9 @@ import torch
 from .spec import Layout
 
 GRANULARITIES = ("layer", "head", "channel")
-ALL_TARGETS = ("qk", "vo", "ffn")
+DEFAULT_TARGETS = ("qk", "vo", "ffn")
+ALL_TARGETS = DEFAULT_TARGETS   # + "norm" once api.py offers it (see docs/architectures.md)
+EXTRA_TARGETS = ("norm",)      # off by default
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Member:
     units: torch.Tensor  # long [size of axis]; -1 = slice untouched
     side: int            # +1: times s, -1: times 1/s
     counts: bool = True  # contributes to the unit norm (biases do not)
+    offset: float = 0.0  # the tensor stores w for a factor (offset + w): Gemma's (1 + w) norms
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class Pair:
             mapping, n = torch.zeros_like(self.head_of), 1
         members = tuple(
             Member(m.role, m.axis, torch.where(m.units >= 0, mapping[m.units.clamp(min=0)], -1),
-                   m.side, m.counts)
+                   m.side, m.counts, m.offset)
             for m in self.members
         )
         return Pair(self.kind, n, torch.arange(n) if granularity == "head" else torch.zeros(1, dtype=torch.long), members)
@@ -69,20 +72,39 @@ def rotary_units(head_dim: int, rotary_dims: int, style: str | None) -> tuple[to
     return units, r // 2 + (head_dim - r)
 
 
-def qk_pair(layout: Layout, roles: set[str]) -> Pair:
-    """Q rows of every query head in group g and K rows of kv head g, per rotary pair."""
-    d, g_count, group = layout.head_dim, layout.kv_heads, layout.group_size
-    per_dim, per_head = rotary_units(d, layout.rotary_dims, layout.spec.attention.get("rotary"))
-    kv_rows = (torch.arange(g_count)[:, None] * per_head + per_dim[None, :]).reshape(-1)
+def _qk_maps(layout: Layout, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Unit of every Q row and K row (group x rotary pair), and units per kv head."""
+    d, group = layout.head_dim, layout.group_size
+    per_dim, per_head = rotary_units(d, layout.rotary_dims_at(layer), layout.spec.attention.get("rotary"))
+    kv_rows = (torch.arange(layout.kv_heads)[:, None] * per_head + per_dim[None, :]).reshape(-1)
     q_rows = (torch.arange(layout.heads)[:, None] // group * per_head + per_dim[None, :]).reshape(-1)
-    members = [Member("q", 0, q_rows, +1), Member("k", 0, kv_rows, -1)]
-    members += [Member(r, 0, ids, side, False) for r, ids, side in
-                (("q_bias", q_rows, +1), ("k_bias", kv_rows, -1)) if r in roles]
-    n = g_count * per_head
+    return q_rows, kv_rows, per_head
+
+
+def qk_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
+    """Q rows of every query head in group g and K rows of kv head g, per rotary pair.
+
+    With QK-norm the scale lives on the norm weights instead (scaling q_proj/k_proj would
+    be absorbed by the norm): ``head`` (one weight of size d shared by all heads: one unit
+    per rotary pair) or ``full`` (weights of size H*d and G*d: the same maps as the rows).
+    """
+    q_rows, kv_rows, per_head = _qk_maps(layout, layer)
+    qk_norm = layout.spec.attention.get("qk_norm")
+    if qk_norm == "head":
+        per_dim, n = rotary_units(layout.head_dim, layout.rotary_dims_at(layer), layout.spec.attention.get("rotary"))
+        return Pair("qk", n, torch.zeros(n, dtype=torch.long),
+                    (Member("q_norm", 0, per_dim, +1), Member("k_norm", 0, per_dim, -1)))
+    if qk_norm == "full":
+        members = [Member("q_norm", 0, q_rows, +1), Member("k_norm", 0, kv_rows, -1)]
+    else:
+        members = [Member("q", 0, q_rows, +1), Member("k", 0, kv_rows, -1)]
+        members += [Member(r, 0, ids, side, False) for r, ids, side in
+                    (("q_bias", q_rows, +1), ("k_bias", kv_rows, -1)) if r in roles]
+    n = layout.kv_heads * per_head
     return Pair("qk", n, torch.arange(n) // per_head, tuple(members))
 
 
-def vo_pair(layout: Layout, roles: set[str]) -> Pair:
+def vo_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
     """V rows of kv head g, dim i and the O input columns that read them (every head in g)."""
     d, g_count, group = layout.head_dim, layout.kv_heads, layout.group_size
     kv_rows = torch.arange(g_count * d)
@@ -94,24 +116,109 @@ def vo_pair(layout: Layout, roles: set[str]) -> Pair:
     return Pair("vo", n, torch.arange(n) // d, tuple(members))
 
 
-def ffn_pair(layout: Layout, roles: set[str]) -> Pair:
-    """Row j of up (a gated MLP's linear branch) and column j of down, per neuron."""
-    n = layout.intermediate
-    units = torch.arange(n)
-    members = [Member("up", 0, units, +1), Member("down", 1, units, -1)]
-    if "up_bias" in roles:
-        members.append(Member("up_bias", 0, units, +1, False))
-    return Pair("ffn", n, torch.zeros(n, dtype=torch.long), tuple(members))
+def _mlps(layout: Layout, roles: set[str]) -> list[tuple[str, int]]:
+    """(role prefix, intermediate size) of every gated MLP in a layer: dense, experts, shared."""
+    if "router" in roles:
+        mlps = [(f"experts.{e}.", layout.expert_intermediate) for e in range(layout.experts)]
+        return mlps + ([("shared.", layout.shared_intermediate)] if "shared.up" in roles else [])
+    return [("", layout.intermediate)]
 
 
-BUILDERS = {"qk": qk_pair, "vo": vo_pair, "ffn": ffn_pair}
+def ffn_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
+    """Row j of up (a gated MLP's linear branch) and column j of down, per neuron.
+
+    MoE: every expert (and the shared expert) on its own; its index is the unit's "head"
+    (``--granularity head`` = one scale per expert). The router is untouched.
+    """
+    members, heads, start = [], [], 0
+    for e, (prefix, n) in enumerate(_mlps(layout, roles)):
+        units = torch.arange(start, start + n)
+        members += [Member(prefix + "up", 0, units, +1), Member(prefix + "down", 1, units, -1)]
+        if prefix + "up_bias" in roles:
+            members.append(Member(prefix + "up_bias", 0, units, +1, False))
+        heads.append(torch.full((n,), e, dtype=torch.long))
+        start += n
+    return Pair("ffn", start, torch.cat(heads), tuple(members))
+
+
+def norm_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
+    """Norm weight (and bias) channel c times s, input column c of every linear reading it / s.
+
+    The attention input norm feeds q, k, v; the MLP input norm feeds gate and up (of every
+    expert and the shared expert, the router and the shared-expert gate). Post norms feed
+    the residual stream, not a linear: not part of this target. One "head" per norm.
+    """
+    h = layout.hidden
+    readers = {"attn_norm": ["q", "k", "v"],
+               "mlp_norm": [p + r for p, _ in _mlps(layout, roles) for r in ("gate", "up")]
+               + [r for r in ("router", "shared_gate") if r in roles]}
+    members, n = [], 0
+    for norm, linears in readers.items():
+        if norm not in roles:
+            continue
+        units = torch.arange(n, n + h)
+        members.append(Member(norm, 0, units, +1))
+        if norm + "_bias" in roles:
+            members.append(Member(norm + "_bias", 0, units, +1, False))
+        members += [Member(r, 1, units, -1) for r in linears if r in roles]
+        n += h
+    return Pair("norm", n, torch.arange(n) // h, tuple(members))
+
+
+BUILDERS = {"qk": qk_pair, "vo": vo_pair, "ffn": ffn_pair, "norm": norm_pair}
+
+
+def physical_roles(layout: Layout, roles: set[str]) -> set[str]:
+    """The layer's logical roles (q, k, v, gate, up...) for the physical ones it stores."""
+    out = set(roles)
+    for fused in layout.spec.fused:
+        for suffix in ("", "_bias"):
+            if fused + suffix in roles:
+                out |= {p + suffix for p in layout.spec.fused[fused]["parts"]}
+    return out
+
+
+def to_physical(layout: Layout, pair: Pair) -> Pair:
+    """Map a pair on logical roles to the tensors as stored: fused tensors (a part's slices
+    inside the fused tensor, -1 elsewhere) and Conv1D weights (``[in, out]``: axes swapped).
+    Several logical members reading one fused tensor's input columns become one member."""
+    offset = float(layout.spec.norm.get("weight_offset", 0.0))
+    members, seen = [], set()
+    for m in pair.members:
+        role, axis, units = m.role, m.axis, m.units
+        base, bias = (role[:-5], "_bias") if role.endswith("_bias") else (role, "")
+        fused = layout.fused_of(base)
+        if fused is not None:
+            parts = layout.fused_parts(fused)
+            if axis == 0:
+                full = torch.full((sum(len(p) for p in parts.values()),), -1, dtype=torch.long)
+                full[parts[base]] = units
+                units = full
+            role = fused + bias
+            if axis == 1 and (role, axis) in seen:
+                continue
+            seen.add((role, axis))
+        is_norm = base.endswith("norm")
+        if layout.spec.linear == "conv1d" and not bias and not is_norm:
+            axis = 1 - axis
+        members.append(Member(role, axis, units, m.side, m.counts, offset if is_norm and not bias else 0.0))
+    return Pair(pair.kind, pair.n_units, pair.head_of, tuple(members))
+
+
+def applicable(layout: Layout, target: str) -> bool:
+    return target in layout.spec.targets
 
 
 def layer_pairs(layout: Layout, layer: int, targets: tuple[str, ...], granularity: str) -> list[Pair]:
     """The pairs of one decoder layer for the requested targets the family supports."""
-    roles = set(layout.layer_roles(layer))
-    return [BUILDERS[t](layout, roles).regroup(granularity)
-            for t in targets if t in layout.spec.targets]
+    roles = physical_roles(layout, set(layout.layer_roles(layer)))
+    pairs = []
+    for t in targets:
+        if t in layout.spec.targets:
+            pair = BUILDERS[t](layout, roles, layer)
+            if pair.n_units:
+                pairs.append(to_physical(layout, pair).regroup(granularity))
+    return pairs
 
 
 def lora_pair(rank: int) -> Pair:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .balance import PairResult, apply_scales, member_multipliers, solve_pair
+from .balance import PairResult, apply_scales, log2_imbalance, member_multipliers, solve_pair, unit_stats
 from .pairs import layer_pairs
 from .spec import Layout
 
@@ -18,18 +18,53 @@ def _narrowest(tensors: dict[str, torch.Tensor], roles) -> torch.dtype:
     return min((tensors[r].dtype for r in roles), key=lambda d: torch.finfo(d).max)
 
 
+MAX_SWEEPS = 6   # alternating sweeps when targets share tensors (Equi-normalization)
+
+
+def _overlapping(pairs) -> bool:
+    seen: set[str] = set()
+    for pair in pairs:
+        roles = {m.role for m in pair.members}
+        if roles & seen:
+            return True
+        seen |= roles
+    return False
+
+
 def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
                   granularity: str, norm: str = "fro", strength: float = 1.0, pow2: bool = True,
                   inplace: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, PairResult]]:
-    """Balance every applicable pair of one layer: (new tensors by role, result per pair kind)."""
+    """Balance every applicable pair of one layer: (new tensors by role, result per pair kind).
+
+    Pairs that touch the same tensors (the norm target and qk, vo, ffn) are balanced in turn,
+    sweep after sweep, until no scale changes (at most ``MAX_SWEEPS``). Each pair's recorded
+    scale is the product over the sweeps: what was applied, so undo divides it back out.
+    """
     new: dict[str, torch.Tensor] = {}
     results: dict[str, PairResult] = {}
-    for pair in layer_pairs(layout, layer, targets, granularity):
-        current = {**tensors, **new}
-        dtype = _narrowest(current, (m.role for m in pair.members))
-        result = solve_pair(pair, current, norm, strength, pow2, dtype)
-        new.update(apply_scales(pair, current, result.scales.double(), inplace=inplace))
-        results[pair.kind] = result
+    pairs = layer_pairs(layout, layer, targets, granularity)
+    sweeps = MAX_SWEEPS if _overlapping(pairs) and strength == 1.0 else 1
+    for sweep in range(sweeps):
+        moved = False
+        for pair in pairs:
+            current = {**tensors, **new}
+            dtype = _narrowest(current, (m.role for m in pair.members))
+            result = solve_pair(pair, current, norm, strength, pow2, dtype)
+            new.update(apply_scales(pair, current, result.scales.double(), inplace=inplace or sweep > 0))
+            step = result.scales.double()
+            moved |= bool((torch.log2(step).abs() > (0 if pow2 else 1e-3)).any())
+            prev = results.get(pair.kind)
+            if prev is None:
+                results[pair.kind] = result
+            else:
+                prev.scales = (prev.scales.double() * step).float()
+                prev.clamped = max(prev.clamped, result.clamped)
+        if not moved:
+            break
+    if sweeps > 1:   # the imbalance left after all sweeps, measured
+        final = {**tensors, **new}
+        for pair in pairs:
+            results[pair.kind].after = log2_imbalance(unit_stats(pair, final), norm)
     return new, results
 
 

@@ -101,10 +101,9 @@ class StreamVerifier:
                  dtype: torch.dtype = torch.float32, pool=None):
         self.layout, self.ids, self.exact, self.tol, self.dtype = layout, ids, exact, tolerance, dtype
         self.pool = pool
-        length = ids.shape[1]
-        rope = forward.rope_tables(layout, torch.arange(length)) if layout.rotary_dims else None
-        self.rope = tuple(r.to(dtype) for r in rope) if rope else None
-        self.mask = forward.attention_mask(layout, length).to(dtype)
+        self._contexts: dict[tuple, tuple] = {}
+        self.rope, self.mask = self._context(0) if layout.layers else (None, None)
+        self._started = 0          # layers whose reference step has been started
         self.h_ref = self.h_new = None
         self.layer_diffs: list[float] = []
         self.first_bad: int | None = None
@@ -123,19 +122,44 @@ class StreamVerifier:
         self.h_ref[hit] = rows_ref[local].to(self.dtype)
         self.h_new[hit] = rows_new[local].to(self.dtype)
 
-    def embed_done(self) -> None:
+    def embed_done(self, extra_ref: dict | None = None, extra_new: dict | None = None) -> None:
+        """The embeddings are complete: add learned positions (``extra["pos"]``, GPT-2) and
+        apply the family's embedding scale (Gemma's sqrt(hidden), Granite's multiplier)."""
+        length = self.ids.shape[1]
+        for h, extra in ((self.h_ref, extra_ref), (self.h_new, extra_new)):
+            if extra and "pos" in extra:
+                h += extra["pos"][:length].to(self.dtype)
+        scale = forward.embed_scale(self.layout)
+        if scale is not None:
+            factor = torch.tensor(scale, dtype=self.dtype)
+            self.h_ref, self.h_new = self.h_ref * factor, self.h_new * factor
         self._compare(-1)
 
-    def _step(self, h: torch.Tensor, w: dict) -> torch.Tensor:
+    def _context(self, layer: int) -> tuple:
+        """RoPE tables and mask of one layer (layers differ in rotary dims, theta, window)."""
+        lay = self.layout
+        key = (lay.rotary_dims_at(layer), lay.rope_at(layer)[0], str(lay.rope_at(layer)[1]), lay.window_at(layer))
+        if key not in self._contexts:
+            length = self.ids.shape[1]
+            rope = forward.rope_tables(lay, torch.arange(length), layer) if key[0] else None
+            self._contexts[key] = (tuple(r.to(self.dtype) for r in rope) if rope else None,
+                                   forward.attention_mask(lay, length, layer).to(self.dtype))
+        return self._contexts[key]
+
+    def _step(self, h: torch.Tensor, w: dict, layer: int = 0) -> torch.Tensor:
+        rope, mask = self._context(layer)
         with torch.no_grad():
-            return forward.decoder_layer(h, _cast(w, self.dtype), self.layout, self.rope, self.mask)
+            return forward.decoder_layer(h, _cast(w, self.dtype), self.layout, rope, mask)
 
     def start_layer(self, w_ref: dict, before=None):
         """Run the reference model's layer (after ``before()``, e.g. a check) in the pool."""
+        layer = self._started
+        self._started += 1
+
         def run():
             if before is not None:
                 before()
-            return self._step(self.h_ref, w_ref)
+            return self._step(self.h_ref, w_ref, layer)
 
         if self.pool is None:
             self._ref_result = run()
@@ -144,11 +168,12 @@ class StreamVerifier:
 
     def finish_layer(self, index: int, pending, w_new: dict) -> None:
         """The transformed model's layer here, then compare with the reference's."""
-        self.h_new = self._step(self.h_new, w_new)
+        self.h_new = self._step(self.h_new, w_new, index)
         self.h_ref = pending.result() if pending is not None else self._ref_result
         self._compare(index)
 
     def layer(self, index: int, w_ref: dict, w_new: dict) -> None:
+        self._started = index
         self.finish_layer(index, self.start_layer(w_ref), w_new)
 
     def _compare(self, index: int) -> None:
@@ -168,10 +193,15 @@ class StreamVerifier:
         self.head_rows(head_ref, head_new)
         return self.result()
 
-    def final_norm(self, norm_ref: torch.Tensor, norm_new: torch.Tensor) -> None:
-        offset = self.layout.spec.norm.get("weight_offset", 0.0)
-        self.x_ref = forward.rms_norm(self.h_ref, norm_ref.to(self.dtype), self.layout.eps, offset)
-        self.x_new = forward.rms_norm(self.h_new, norm_new.to(self.dtype), self.layout.eps, offset)
+    def final_norm(self, norm_ref: torch.Tensor, norm_new: torch.Tensor,
+                   extra_ref: dict | None = None, extra_new: dict | None = None) -> None:
+        """The final norm; ``extra["norm_bias"]`` for LayerNorm families."""
+        def bias(extra):
+            return extra["norm_bias"].to(self.dtype) if extra and "norm_bias" in extra else None
+
+        lay = self.layout
+        self.x_ref = forward.layer_norm(self.h_ref, norm_ref.to(self.dtype), bias(extra_ref), lay.eps, lay)
+        self.x_new = forward.layer_norm(self.h_new, norm_new.to(self.dtype), bias(extra_new), lay.eps, lay)
         self.logits_ref, self.logits_new = [], []
 
     def head_rows(self, rows_ref: torch.Tensor, rows_new: torch.Tensor) -> None:
