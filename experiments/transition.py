@@ -32,6 +32,8 @@ Branches, all trained to the same final step on the same batches:
                     (exp_avg / S, exp_avg_sq / S**2 for W' = S * W)
   wisca@T/reset     transitioned at step T with a fresh AdamW (--optimizer-state reset)
   reset@T           control for the above: not transitioned, fresh AdamW at step T
+  random@T          control (--random-control): wisca@T's own scales shuffled across the
+                    units of each pair: same function, same amount of rescaling, not balanced
 
 Data: the top-level ``*.py`` modules of the stdlib pretrain the model; a fixed set of
 stdlib packages (asyncio, email, http, ...) is held out for the LoRA fine-tune. In
@@ -47,10 +49,12 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import sysconfig
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -61,6 +65,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+# imported up front, so that a long run uses one consistent version of the package
+import wisca_cli as wisca  # noqa: E402
+from wisca_cli.api import scale_multipliers  # noqa: E402
+from wisca_cli.balance import apply_scales, solve_pair  # noqa: E402
+from wisca_cli.pairs import lora_pair  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # data
@@ -125,6 +136,9 @@ def make_model(args, seed: int):
 
 def load_model(folder: Path):
     from transformers import LlamaForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
     return LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
 
@@ -204,11 +218,21 @@ def scale_optimizer_state(opt, named_params, multipliers: dict[str, torch.Tensor
 
 def units_changed(folder: Path) -> float:
     """Fraction of units whose scale is not 1 (a pow2 transition can be a no-op for a unit)."""
-    from safetensors.torch import load_file
-
     scales = load_file(str(folder / "wisca_scales.safetensors"))
     n = sum(s.numel() for s in scales.values())
     return sum(int((s != 1).sum()) for s in scales.values()) / max(n, 1)
+
+
+def check_written(src: Path, dst: Path, exact: bool) -> None:
+    """The tensors on disk are the source's times the recorded multipliers (bit-exact for pow2)."""
+    before, after = load_file(str(src / "model.safetensors")), load_file(str(dst / "model.safetensors"))
+    multipliers = scale_multipliers(dst)
+    for name, w in before.items():
+        S = multipliers.get(name)
+        expected = w if S is None else (w.double() * S).to(w.dtype)
+        same = torch.equal(expected, after[name]) if exact else torch.allclose(expected, after[name], rtol=1e-6)
+        if not same:
+            raise RuntimeError(f"{dst}: tensor {name} is not the source times its recorded scales")
 
 
 class PretrainTask:
@@ -245,13 +269,11 @@ class PretrainTask:
 
     def transition(self, folder: Path, dst: Path, fresh_optimizer: bool):
         """wisca.transform the checkpoint, carry the optimizer state over (or reset it)."""
-        import wisca_cli as wisca
-        from wisca_cli.api import scale_multipliers
-
         a = self.args
         t0 = time.time()
         report = wisca.transform(folder, dst, granularity=a.granularity, norm=a.norm, strength=a.strength,
                                  scales=a.scales, overwrite=True)
+        check_written(folder, dst, exact=a.scales == "pow2")
         # transform copies optimizer.pt unchanged (it is "another file" of the checkpoint):
         # rewrite it in the new parametrisation, so the folder on disk is consistent
         model, opt = self.resume(dst, fresh_optimizer=False)
@@ -264,6 +286,40 @@ class PretrainTask:
                           for k, v in report["summary"].items()},
             "units_changed": units_changed(dst),
             "verification_passed": bool(report["verification"]["passed"]),
+            "transform_seconds": round(time.time() - t0, 2),
+        }
+        return model, opt, info
+
+    def random_transition(self, folder: Path, wisca_dst: Path, dst: Path, seed: int):
+        """Control: wisca's own scales shuffled across the units of each pair.
+
+        The same function, the same amount of rescaling (the same multiset of scales per
+        layer and pair), but not balancing: it tells a balanced pattern from any
+        function-preserving reparametrisation. The tool's record turns per-unit scales
+        into per-tensor multipliers (scale_multipliers), as for the real transition.
+        """
+        a = self.args
+        t0 = time.time()
+        g = torch.Generator().manual_seed(seed)
+        scales = load_file(str(wisca_dst / "wisca_scales.safetensors"))
+        shuffled = {k: v[torch.randperm(len(v), generator=g)] for k, v in sorted(scales.items())}
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(folder, dst)
+        shutil.copy(wisca_dst / "wisca.json", dst / "wisca.json")
+        save_file(shuffled, str(dst / "wisca_scales.safetensors"))
+        multipliers = scale_multipliers(dst)
+        weights = load_file(str(folder / "model.safetensors"))
+        new = {n: (w.double() * multipliers[n]).to(w.dtype) if n in multipliers else w for n, w in weights.items()}
+        save_file(new, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        model, opt = self.resume(dst, fresh_optimizer=False)
+        scale_optimizer_state(opt, model.named_parameters(), multipliers)
+        torch.save(opt.state_dict(), dst / "optimizer.pt")
+        before = wisca.inspect(folder, granularity=a.granularity, norm=a.norm)["summary"]
+        after = wisca.inspect(dst, granularity=a.granularity, norm=a.norm)["summary"]
+        info = {
+            "imbalance": {k: {"before": before[k]["mean_abs_log2"], "after": after[k]["mean_abs_log2"]}
+                          for k in before},
+            "units_changed": units_changed(dst),
             "transform_seconds": round(time.time() - t0, 2),
         }
         return model, opt, info
@@ -367,9 +423,6 @@ class LoraTask:
 
     def transition(self, folder: Path, dst: Path, fresh_optimizer: bool):
         """Balance every adapter per rank: row k of A times s[k], column k of B times 1/s[k]."""
-        from wisca_cli.balance import apply_scales, solve_pair
-        from wisca_cli.pairs import lora_pair
-
         a = self.args
         t0 = time.time()
         model, opt = self.resume(folder, fresh_optimizer)
@@ -415,16 +468,18 @@ def transition_steps(spec: str, total: int) -> list[int]:
     return steps
 
 
-def branch_plan(args, boundaries: list[int]) -> list[tuple[str, int, bool, bool]]:
-    """(name, boundary, transition?, fresh optimizer?) for every non-baseline branch."""
+def branch_plan(args, boundaries: list[int]) -> list[tuple[str, int, str, bool]]:
+    """(name, boundary, transition: wisca|random|none, fresh optimizer?) for every non-baseline branch."""
     plan = []
     modes = args.optimizer_state.split(",")
     for b in boundaries:
         if "transform" in modes:
-            plan.append((f"wisca@{b}", b, True, False))
+            plan.append((f"wisca@{b}", b, "wisca", False))
+            if args.random_control:
+                plan.append((f"random@{b}", b, "random", False))
         if "reset" in modes:
-            plan.append((f"wisca@{b}/reset", b, True, True))
-            plan.append((f"reset@{b}", b, False, True))
+            plan.append((f"wisca@{b}/reset", b, "wisca", True))
+            plan.append((f"reset@{b}", b, "none", True))
     return plan
 
 
@@ -443,11 +498,15 @@ def run_seed(task, args, seed: int, boundaries: list[int]) -> dict:
     branches = {"baseline": {"transition": None, "curve": curve, "train_loss": train_loss,
                              "seconds": round(time.time() - t0, 1)}}
     transitions = {}
-    for name, b, do_transition, fresh in branch_plan(args, boundaries):
+    for name, b, how, fresh in branch_plan(args, boundaries):
         t0 = time.time()
         folder = ckpt / f"step{b}"
-        if do_transition:
-            model, opt, info = task.transition(folder, ckpt / f"step{b}-{name.replace('/', '-')}", fresh)
+        if how != "none":
+            dst = ckpt / f"step{b}-{name.replace('/', '-')}"
+            if how == "wisca":
+                model, opt, info = task.transition(folder, dst, fresh)
+            else:
+                model, opt, info = task.random_transition(folder, ckpt / f"step{b}-wisca@{b}", dst, seed)
             # the experiment's premise: both branches start from the same function
             original = branches["baseline"]["curve"][b]
             transitioned = evaluate(model, task.val)
@@ -458,6 +517,9 @@ def run_seed(task, args, seed: int, boundaries: list[int]) -> dict:
                   f"imbalance {fmt_imbalance(info['imbalance'])}, units changed {info['units_changed']:.1%}",
                   flush=True)
             transitions[name] = info
+            if args.scales == "pow2" and transitioned != original:
+                raise RuntimeError(f"seed {seed}, {name}: the transitioned model does not compute the same "
+                                   f"function (boundary val loss {transitioned!r} != {original!r})")
         else:
             model, opt = task.resume(folder, fresh_optimizer=fresh)
         curve, train_loss = train(model, opt, task, b, task.total, name)
@@ -482,7 +544,9 @@ def summarise(seeds: list[dict], total: int, train_window: int) -> list[dict]:
     """One row per branch: final validation loss / perplexity over seeds, paired deltas."""
     names = list(seeds[0]["branches"])
     base_val = [s["branches"]["baseline"]["curve"][total] for s in seeds]
-    window = lambda tl: statistics.fmean(tl[t] for t in range(total - train_window, total))  # noqa: E731
+    # the train-loss window: the last steps that every branch trained (same batches in all)
+    last_start = max(b["transition"] or 0 for b in seeds[0]["branches"].values())
+    window = lambda tl: statistics.fmean(tl[t] for t in range(max(total - train_window, last_start), total))  # noqa: E731
     base_train = [window(s["branches"]["baseline"]["train_loss"]) for s in seeds]
     rows = []
     for name in names:
@@ -579,14 +643,15 @@ def plot(runs: list[dict], png: Path, titles: list[str] | None = None) -> None:
         top.set_xlim(max(0, first - 2 * run["eval_every"]), total)
         bottom.set_xlim(top.get_xlim())
         bottom.axhline(0, color="C0", lw=1)
-        top.set_title(titles[col] if titles else run["title"], fontsize=10)
+        top.set_title(textwrap.fill(titles[col] if titles else run["title"], 48), fontsize=10)
         top.set_ylabel("validation loss (nats/byte)")
         bottom.set_ylabel("Δ val loss vs baseline (%)")
         bottom.set_xlabel("step (dotted: transition)")
         top.legend(fontsize=8)
         top.grid(alpha=0.3)
         bottom.grid(alpha=0.3)
-    fig.suptitle(f"WISCA transition: mean over seeds, band = min-max over {len(runs[0]['seeds'])} seeds",
+    n = sorted({len(r["seeds"]) for r in runs})
+    fig.suptitle(f"WISCA transition: validation loss, mean and min-max band over seeds ({'/'.join(map(str, n))})",
                  fontsize=11)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -625,6 +690,8 @@ def parse_args(argv):
     p.add_argument("--optimizer-state", default="transform",
                    help="transform (exp_avg / S, exp_avg_sq / S^2) or reset (fresh AdamW), or both: "
                         "transform,reset; reset adds a reset@T control branch")
+    p.add_argument("--random-control", action="store_true",
+                   help="add a random@T branch: wisca's scales shuffled across units (not with --lora)")
     g = p.add_argument_group("wisca")
     g.add_argument("--granularity", default="channel", choices=["channel", "head", "layer"])
     g.add_argument("--norm", default="fro", choices=["fro", "rms"])
@@ -671,6 +738,8 @@ def parse_args(argv):
         args.eval_every, args.eval_batches, args.train_window = 4, 2, 4
     if args.combine is None and args.out is None:
         p.error("--out is required")
+    if args.random_control and (args.lora or "transform" not in args.optimizer_state.split(",")):
+        p.error("--random-control needs the full-model run with --optimizer-state transform")
     if args.combine is not None and args.png is None:
         p.error("--combine needs --png")
     return args
@@ -708,8 +777,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     rows = summarise(seeds, task.total, args.train_window)
     import transformers
 
-    import wisca_cli
-
     run = {
         "command": "python experiments/transition.py " + shlex.join(argv),
         "title": run_title(args),
@@ -719,7 +786,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "lora_base": getattr(task, "base_info", None),
         "total_steps": task.total, "boundaries": boundaries, "eval_every": args.eval_every,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "wisca": wisca_cli.__version__},
+                     "transformers": transformers.__version__, "wisca": wisca.__version__},
         "wall_seconds": round(time.time() - started, 1),
         "table": rows,
         "seeds": seeds,

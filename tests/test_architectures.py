@@ -115,7 +115,6 @@ def test_streamed_reference_forward_matches_transformers(family, arch_ckpt):
 
 @pytest.mark.parametrize("family", NORM_FAMILIES)
 def test_norm_target_alternating_with_the_others(family, arch_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(api, "ALL_TARGETS", ("qk", "vo", "ffn", "norm"))   # until the CLI offers it
     src = arch_ckpt(family)
     targets = ("qk", "vo", "ffn", "norm")
     report = wisca.transform(src, tmp_path / "out", targets=targets)
@@ -129,7 +128,6 @@ def test_norm_target_alternating_with_the_others(family, arch_ckpt, tmp_path, mo
 
 
 def test_norm_target_is_not_applicable_without_input_norms(arch_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(api, "ALL_TARGETS", ("qk", "vo", "ffn", "norm"))
     report = wisca.transform(arch_ckpt("olmo2"), tmp_path / "out", targets=("norm",))
     assert report["targets_not_applicable"] == ["norm"] and report["exactness"] == {"norm": "not applicable"}
 
@@ -172,7 +170,6 @@ def test_every_shipped_spec_has_a_fixture():
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
 def test_norm_target_on_the_base_families(family, ckpt_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(api, "ALL_TARGETS", ("qk", "vo", "ffn", "norm"))
     src = ckpt_dir(family, torch.float32)
     report = wisca.transform(src, tmp_path / "out", targets=("qk", "vo", "ffn", "norm"))
     assert report["verification"]["identical"]

@@ -10,7 +10,9 @@ __version__ = "0.1.0"
 
 _API = {
     "transform": "api", "verify": "api", "inspect": "api", "undo": "api", "TransformOptions": "api",
-    "scale_multipliers": "api", "WiscaError": "errors", "VerificationFailed": "errors", "Tolerance": "verify",
+    "scale_multipliers": "api", "transform_adapter": "lora", "undo_adapter": "lora",
+    "transform_training_state": "training",
+    "WiscaError": "errors", "VerificationFailed": "errors", "Tolerance": "verify",
 }
 __all__ = [*_API, "__version__"]
 

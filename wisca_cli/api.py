@@ -33,7 +33,7 @@ from .balance import NORMS, PairResult
 from .checkpoint import Checkpoint, ShardWriter, as_tensor, open_checkpoint, to_raw
 from .errors import VerificationFailed, WiscaError
 from .output import StagedOutput, check_target, copy_other_files
-from .pairs import ALL_TARGETS, GRANULARITIES, layer_pairs
+from .pairs import ALL_TARGETS, DEFAULT_TARGETS, GRANULARITIES, layer_pairs
 from .verify import DEFAULT_TOLERANCE, StreamVerifier, Tolerance, compute_dtype, probe_ids
 
 RECORD_NAME = "wisca.json"
@@ -44,7 +44,7 @@ Progress = Callable[[int, str], None]   # (bytes done since last call, what is h
 
 @dataclass
 class TransformOptions:
-    targets: tuple[str, ...] = ALL_TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     granularity: str = "channel"
     norm: str = "fro"
     strength: float = 1.0
@@ -57,6 +57,7 @@ class TransformOptions:
     tolerance: Tolerance | None = None   # None: the default for the checkpoint's dtype
     overwrite: bool = False
     revision: str | None = None
+    base: str | None = None              # LoRA adapters: base model folder for the logits check
 
     def check(self) -> None:
         bad = [t for t in self.targets if t not in ALL_TARGETS]
@@ -316,6 +317,11 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
     opts = TransformOptions(**{**asdict(options or TransformOptions()), **kwargs})
     opts.targets = tuple(opts.targets)
     opts.check()
+    from .lora import is_adapter, transform_adapter
+
+    if is_adapter(src):   # a PEFT LoRA adapter: balance lora_A / lora_B per rank channel
+        return transform_adapter(src, dst, pow2=opts.scales == "pow2", norm=opts.norm, strength=opts.strength,
+                                 overwrite=opts.overwrite, base=opts.base, verify=opts.verify)
     started = time.perf_counter()
     ckpt = open_checkpoint(src, opts.revision)
     try:
@@ -366,6 +372,10 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                     f"verification failed: outputs diverge at {at} (max abs diff {result.max_abs_diff:.3g}, "
                     f"KL {result.kl:.3g}, top-1 {result.top1:.3f}); nothing written", report)
             copy_other_files(ckpt.root, out.tmp, skip=set(ckpt.shards) | {RECORD_NAME, SCALES_NAME})
+            from .training import transform_training_state   # optimizer.pt of a Trainer checkpoint
+
+            report["training_state"] = transform_training_state(
+                ckpt.root, out.tmp, _multipliers(ckpt, opts.targets, opts.granularity, scales), list(ckpt.tensors))
             report["seconds"] = round(time.perf_counter() - started, 3)
             try:
                 save_file(scales, str(out.tmp / SCALES_NAME),
@@ -395,6 +405,20 @@ def read_record(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return record, scales
 
 
+def _multipliers(ckpt: Checkpoint, targets: tuple[str, ...], granularity: str,
+                 scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """tensor name -> S (W' = S * W) for scales as recorded (``layers.{i}.{kind}``)."""
+    lay, out = ckpt.layout, {}
+    for layer in range(lay.layers):
+        names = lay.layer_roles(layer)
+        shapes = {role: ckpt.tensors[n].shape for role, n in names.items()}
+        prefix = f"layers.{layer}."
+        mine = {k[len(prefix):]: v for k, v in scales.items() if k.startswith(prefix)}
+        mults = solve.layer_multipliers(lay, layer, shapes, tuple(targets), granularity, mine)
+        out.update({names[role]: m for role, m in mults.items()})
+    return out
+
+
 def scale_multipliers(transformed: str | os.PathLike) -> dict[str, torch.Tensor]:
     """tensor name -> multiplier S (float64, broadcastable) that the transform applied: W' = S * W.
 
@@ -404,16 +428,7 @@ def scale_multipliers(transformed: str | os.PathLike) -> dict[str, torch.Tensor]
     ckpt = open_checkpoint(transformed)
     try:
         record, scales = read_record(ckpt.root)
-        opts, lay = record["options"], ckpt.layout
-        out: dict[str, torch.Tensor] = {}
-        for layer in range(lay.layers):
-            names = lay.layer_roles(layer)
-            shapes = {role: ckpt.tensors[n].shape for role, n in names.items()}
-            prefix = f"layers.{layer}."
-            mine = {k[len(prefix):]: v for k, v in scales.items() if k.startswith(prefix)}
-            mults = solve.layer_multipliers(lay, layer, shapes, tuple(opts["targets"]), opts["granularity"], mine)
-            out.update({names[role]: m for role, m in mults.items()})
-        return out
+        return _multipliers(ckpt, tuple(record["options"]["targets"]), record["options"]["granularity"], scales)
     finally:
         ckpt.close()
 
@@ -421,6 +436,10 @@ def scale_multipliers(transformed: str | os.PathLike) -> dict[str, torch.Tensor]
 def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite: bool = False,
          verify: bool = True, progress: Progress | None = None) -> dict:
     """Multiply back by the recorded scales: for pow2 scales the original tensors exactly."""
+    from .lora import is_adapter_record, undo_adapter
+
+    if is_adapter_record(transformed):
+        return undo_adapter(transformed, restored, overwrite=overwrite)
     started = time.perf_counter()
     ckpt = open_checkpoint(transformed)
     try:
@@ -451,9 +470,15 @@ def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite:
                 raise VerificationFailed("undo: the restored model does not compute the same function; "
                                          "nothing written", {"verification": result.to_dict()})
             copy_other_files(ckpt.root, out.tmp, skip=set(ckpt.shards) | {RECORD_NAME, SCALES_NAME})
+            from .training import transform_training_state
+
+            state = transform_training_state(
+                ckpt.root, out.tmp, _multipliers(ckpt, tuple(opts["targets"]), opts["granularity"], scales),
+                list(ckpt.tensors), invert=True)
             out.commit()
         return {"command": "undo", "wisca_version": __version__, "source": str(ckpt.root),
                 "output": str(dst_path), "verification": result.to_dict() if result else None,
+                "training_state": state,
                 "seconds": round(time.perf_counter() - started, 3)}
     finally:
         ckpt.close()
@@ -537,7 +562,7 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe
 
 # -- inspect ---------------------------------------------------------------------------------
 def inspect(src: str | os.PathLike, granularity: str = "channel", norm: str = "fro",
-            targets: Iterable[str] = ALL_TARGETS, revision: str | None = None,
+            targets: Iterable[str] = DEFAULT_TARGETS, revision: str | None = None,
             progress: Progress | None = None) -> dict:
     """The weight pattern: per layer and pair kind, log2(||A|| / ||B||) of each unit.
 

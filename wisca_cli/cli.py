@@ -99,6 +99,8 @@ def _emit_json(report: dict, json_out: bool, report_file: Optional[Path]) -> Non
 def _verification_line(v: dict | None) -> Text:
     if v is None:
         return Text("! not verified (--no-verify)", style="yellow")
+    if "products" in v:
+        return _adapter_verification_line(v)
     what = "bit-identical" if v["identical"] else (
         f"max |Δ| {v['max_abs_diff']:.3g}, rel {v['rel_diff']:.2g}, KL {v['kl']:.2g}, top-1 {v['top1']:.3f}")
     if v["passed"]:
@@ -106,6 +108,32 @@ def _verification_line(v: dict | None) -> Text:
     layer = v["first_diverging_layer"]
     at = "logits" if layer is None else ("embeddings" if layer < 0 else f"layer {layer}")
     return Text(f"✗ verification failed ({v['mode']}): {what}; first divergence at {at}", style="bold red")
+
+
+def _adapter_verification_line(v: dict) -> Text:
+    """A LoRA adapter's check: every module's B A product, and base + adapter logits with --base."""
+    p, b = v["products"], v.get("base")
+    what = "bit-identical" if v["identical"] else f"max rel diff {p['max_rel_diff']:.2g}"
+    checked = f"B A of {p['modules']} modules"
+    if b:
+        checked += f" and base + adapter logits on {b['tokens']} probe tokens"
+    if v["passed"]:
+        return Text(f"✓ verified ({v['mode']}): {checked} {what}", style="green")
+    at = f"module {p['first_failing_module']}" if p["first_failing_module"] else "the base model's logits"
+    return Text(f"✗ verification failed ({v['mode']}): {checked}; first divergence at {at}", style="bold red")
+
+
+def _print_training_state(report: dict, json_out: bool) -> None:
+    """The optimizer state's fate; a state left untransformed is a warning on stderr, always."""
+    opt = (report.get("training_state") or {}).get("optimizer")
+    if not opt:
+        return
+    if not opt["transformed"]:
+        err.print(f"warning: {opt['warning']}", style="bold yellow", markup=False, highlight=False, soft_wrap=True)
+    elif not json_out:
+        what = opt.get("note") or (f"{opt['tensors']} moments of {opt['scaled_parameters']} parameters rescaled "
+                                   f"({opt['optimizer']}, {opt['format']}{', exact' if opt['exact'] else ''})")
+        out.print(Text(f"✓ optimizer state {opt['file']}: {what}", style="green"))
 
 
 def _imbalance_table(summary: dict, title: str) -> Table:
@@ -136,7 +164,7 @@ def _split_targets(targets: str) -> tuple[str, ...]:
 def transform(
     src: str = typer.Argument(..., help="Checkpoint folder (config.json + safetensors) or hub repo id."),
     dst: Path = typer.Argument(..., help="Output folder; must not exist (unless --overwrite)."),
-    targets: str = typer.Option("qk,vo,ffn", help="Comma-separated pair kinds: qk, vo, ffn."),
+    targets: str = typer.Option("qk,vo,ffn", help="Comma-separated pair kinds: qk, vo, ffn, norm (norm -> linear, off by default)."),
     granularity: str = typer.Option("channel", help="One scale per layer, head (kv group) or channel."),
     norm: str = typer.Option("fro", help="Balance Frobenius norms (fro) or per-element RMS (rms)."),
     strength: float = typer.Option(1.0, help="Use s**strength; 0 = identity, 1 = fully balanced."),
@@ -150,6 +178,8 @@ def transform(
     min_top1: Optional[float] = typer.Option(None, help="Tolerance mode: min top-1 agreement."),
     max_rel: Optional[float] = typer.Option(None, help="Tolerance mode: max |Δlogit| / max |logit|."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
+    base: Optional[Path] = typer.Option(None, help="LoRA adapter SRC: the base model folder; also compare "
+                                                   "base + adapter logits before and after."),
     overwrite: bool = typer.Option(False, help="Replace DST (the old one stays until the new one verified)."),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON report instead of tables."),
     report: Optional[Path] = typer.Option(None, help="Also write the JSON report to this file."),
@@ -168,7 +198,7 @@ def transform(
         targets=_split_targets(targets), granularity=granularity, norm=norm, strength=strength,
         scales=scales, verify=verify, probe_batch=probe_batch, probe_len=probe_len, seed=seed,
         probe_ids_file=str(probe_ids) if probe_ids else None, tolerance=tolerance,
-        overwrite=overwrite, revision=revision)
+        overwrite=overwrite, revision=revision, base=str(base) if base else None)
     options.check()
     if not verify:
         err.print("[yellow]warning: --no-verify: the output is written without checking that it "
@@ -184,12 +214,16 @@ def transform(
         raise
     _emit_json(result, json_out, report)
     if not json_out:
+        if result.get("note"):
+            out.print(f"[yellow]{result['note']}[/yellow]")
         out.print(_imbalance_table(result["summary"], f"wisca transform: {result['architecture']} "
                                    f"({result['dtype']}), {result['options']['scales']} scales, "
                                    f"{result['options']['granularity']} granularity"))
         for t in result["targets_not_applicable"]:
             out.print(f"[yellow]target {t}: not applicable to {result['architecture']}[/yellow]")
         out.print(_verification_line(result["verification"]))
+    _print_training_state(result, json_out)
+    if not json_out:
         out.print(f"wrote {result['output']} in {result['seconds']:.1f} s; undo with: "
                   f"wisca undo {result['output']} RESTORED")
 
@@ -308,6 +342,8 @@ def undo(
     _emit_json(result, json_out, None)
     if not json_out:
         out.print(_verification_line(result["verification"]))
+    _print_training_state(result, json_out)
+    if not json_out:
         out.print(f"restored {result['output']} in {result['seconds']:.1f} s")
 
 
@@ -327,6 +363,16 @@ def _on_signal(signum, frame):
     raise Interrupted(signum)
 
 
+def _typer_click(name: str) -> tuple:
+    """Newer typer bundles its own copy of click: catch its exceptions too."""
+    try:
+        from typer._click import exceptions as bundled
+    except ImportError:
+        return ()
+    cls = getattr(bundled, name, None)
+    return (cls,) if isinstance(cls, type) else ()
+
+
 def main(argv: list[str] | None = None) -> None:
     from .memory import tune_allocator
 
@@ -343,12 +389,12 @@ def main(argv: list[str] | None = None) -> None:
     except WiscaError as e:
         err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
         code = e.exit_code
-    except click.exceptions.Exit as e:
+    except (click.exceptions.Exit, *_typer_click("Exit")) as e:
         code = e.exit_code
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, *_typer_click("Abort")):
         err.print("interrupted", style="red")
         code = 130
-    except click.ClickException as e:
+    except (click.ClickException, *_typer_click("ClickException")) as e:
         e.show()
         code = e.exit_code
     except (KeyboardInterrupt, Interrupted) as e:

@@ -18,8 +18,8 @@ from .spec import Layout
 
 GRANULARITIES = ("layer", "head", "channel")
 DEFAULT_TARGETS = ("qk", "vo", "ffn")
-ALL_TARGETS = DEFAULT_TARGETS   # + "norm" once api.py offers it (see docs/architectures.md)
 EXTRA_TARGETS = ("norm",)      # off by default
+ALL_TARGETS = DEFAULT_TARGETS + EXTRA_TARGETS
 
 
 @dataclass(frozen=True)

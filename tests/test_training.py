@@ -1,0 +1,328 @@
+"""Between training stages: an HF Trainer checkpoint's optimizer state follows the transform.
+
+A tiny GQA llama (skewed weight pattern) is trained a few steps with transformers' Trainer,
+which writes checkpoint-N/ with model.safetensors, optimizer.pt, scheduler.pt, rng_state.pth
+and trainer_state.json. The transform's scales W' = S * W must reach the Adam moments as
+exp_avg / S and exp_avg_sq / S**2, bit for bit with power-of-two scales, and training must
+resume from the transformed folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import wisca_cli as wisca
+from conftest import make_config, unbalance
+from wisca_cli.errors import WiscaError
+from wisca_cli.training import optimizer_parameter_names, tensor_shapes, transform_training_state
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+pytest.importorskip("accelerate")   # transformers' Trainer needs it
+
+STEPS, SAVE = 4, 2
+
+
+def _dataset(n: int = 16, length: int = 16, seed: int = 0) -> list[dict]:
+    ids = torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+    return [{"input_ids": x, "labels": x} for x in ids]
+
+
+def _args(out: Path, max_steps: int, **kw):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(out), max_steps=max_steps, save_steps=SAVE, per_device_train_batch_size=4,
+                             learning_rate=1e-3, weight_decay=0.1, warmup_steps=1, use_cpu=True, report_to=[],
+                             dataloader_num_workers=0, logging_steps=1000, seed=0, **kw)
+
+
+def _tiny_llama(seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_config("llama", num_attention_heads=4, num_key_value_heads=2),
+                                             attn_implementation="eager")
+    unbalance(model, seed)   # a skewed weight pattern, so the transform has scales to apply
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(run folder, checkpoint-2 folder, {position: parameter name} as the live Trainer had it)."""
+    from transformers import Trainer
+
+    run = tmp_path_factory.mktemp("trainer") / "run"
+    model = _tiny_llama()
+    trainer = Trainer(model=model, args=_args(run, STEPS), train_dataset=_dataset())
+    trainer.train()
+    names = {id(p): n for n, p in model.named_parameters()}
+    live = [names[id(p)] for g in trainer.optimizer.param_groups for p in g["params"]]
+    ckpt = run / f"checkpoint-{SAVE}"
+    for f in ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth"):
+        assert (ckpt / f).is_file(), f
+    return run, ckpt, dict(enumerate(live))
+
+
+@pytest.fixture(scope="module")
+def transformed(trained, tmp_path_factory):
+    """The checkpoint transformed as api.transform will do it once wired: model, then optimizer."""
+    _, ckpt, _ = trained
+    out = tmp_path_factory.mktemp("wisca") / "ckpt-wisca"
+    report = wisca.transform(ckpt, out)
+    mult = wisca.scale_multipliers(out)
+    # reads src, writes dst: the same result whether or not api.transform already did it
+    record = transform_training_state(ckpt, out, mult, list(tensor_shapes(ckpt)))
+    if "training_state" in report:        # wired into api.transform: it made the same record
+        assert report["training_state"] == record
+    return out, mult, record
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_trainer_positions_map_to_the_names_trainer_used(trained):
+    """Evidence for the mapping: the live Trainer's param groups, by object identity."""
+    _, ckpt, live = trained
+    assert optimizer_parameter_names(ckpt) == live
+    groups = [g["params"] for g in _load(ckpt / "optimizer.pt")["param_groups"]]
+    decay = [live[i] for i in groups[0]]
+    assert all("norm" not in n and "bias" not in n for n in decay)              # group 0: weight decay
+    assert all("norm" in n for n in (live[i] for i in groups[1]))                # group 1: norms, no decay
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("qwen2", {}),                                   # q/k/v biases: no weight decay
+    ("llama", {"tie_word_embeddings": True}),        # lm_head is the embedding: one parameter
+    ("qwen3", {}),                                   # q_norm / k_norm inside the attention
+])
+def test_positions_map_for_other_layouts(model_type, extra, tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_config(model_type, num_attention_heads=4, num_key_value_heads=2,
+                                                         **extra), attn_implementation="eager")
+    trainer = Trainer(model=model, args=_args(tmp_path / "run", SAVE), train_dataset=_dataset(8))
+    trainer.train()
+    names = {id(p): n for n, p in model.named_parameters()}
+    live = [names[id(p)] for g in trainer.optimizer.param_groups for p in g["params"]]
+    ckpt = tmp_path / "run" / f"checkpoint-{SAVE}"
+    assert optimizer_parameter_names(ckpt) == dict(enumerate(live))
+    out = tmp_path / "out"
+    wisca.transform(ckpt, out)
+    record = transform_training_state(ckpt, out, wisca.scale_multipliers(out), list(tensor_shapes(ckpt)))
+    assert record["optimizer"]["transformed"] and record["optimizer"]["parameters"] == len(live)
+
+
+def test_adam_moments_follow_the_scales_bit_exactly(trained, transformed):
+    _, ckpt, _ = trained
+    out, mult, record = transformed
+    opt = record["optimizer"]
+    assert opt["transformed"] and opt["format"] == "hf-trainer" and opt["optimizer"] == "AdamW"
+    assert opt["exact"] and opt["underflow"] == 0
+    names = optimizer_parameter_names(ckpt)
+    before, after = _load(ckpt / "optimizer.pt"), _load(out / "optimizer.pt")
+    assert before["param_groups"] == after["param_groups"]
+    scaled = 0
+    for key, entry in before["state"].items():
+        s = mult.get(names[key])
+        new = after["state"][key]
+        assert torch.equal(new["step"], entry["step"])
+        if s is None:
+            assert all(torch.equal(new[k], entry[k]) for k in entry)
+            continue
+        scaled += 1
+        s = s.float()
+        assert torch.equal(new["exp_avg"], entry["exp_avg"] / s)
+        assert torch.equal(new["exp_avg_sq"], entry["exp_avg_sq"] / (s * s))
+    assert scaled == opt["scaled_parameters"] == 12        # q, k, v, o, up, down in 2 layers
+    assert opt["tensors"] == 2 * scaled
+    # every other training file is the source's, byte for byte
+    for f in ("scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"):
+        assert (out / f).read_bytes() == (ckpt / f).read_bytes()
+
+
+def test_gradients_are_divided_by_the_scales(trained, transformed):
+    from transformers import AutoModelForCausalLM
+
+    _, ckpt, _ = trained
+    out, mult, _ = transformed
+    batch = torch.stack([d["input_ids"] for d in _dataset(4, seed=7)])
+    grads = []
+    for folder in (ckpt, out):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+        model(batch, labels=batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert len(mult) == 12
+    # power-of-two scales: every product in the backward pass scales exactly, so the
+    # gradients are bit-identical to g / S (and to g where S = 1)
+    for name, g in grads[0].items():
+        want = g / mult[name].float() if name in mult else g
+        assert torch.equal(grads[1][name], want), name
+
+
+def test_training_resumes_from_the_transformed_checkpoint(transformed, tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer
+
+    out, _, _ = transformed
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    trainer = Trainer(model=model, args=_args(tmp_path / "resumed", STEPS + 2), train_dataset=_dataset())
+    result = trainer.train(resume_from_checkpoint=str(out))
+    assert trainer.state.global_step == STEPS + 2
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    # the optimizer Trainer resumed with holds the transformed moments (then took 4 more steps)
+    assert len(trainer.optimizer.state) == len(_load(out / "optimizer.pt")["state"])
+
+
+def test_undo_restores_the_optimizer_state_bit_identically(trained, transformed, tmp_path):
+    _, ckpt, _ = trained
+    out, mult, _ = transformed
+    restored = tmp_path / "restored"
+    wisca.undo(out, restored)
+    record = transform_training_state(out, restored, mult, list(tensor_shapes(out)), invert=True)
+    assert record["optimizer"]["transformed"] and record["optimizer"]["direction"] == "S (undo)"
+    a, b = _load(ckpt / "optimizer.pt"), _load(restored / "optimizer.pt")
+    assert a["param_groups"] == b["param_groups"]
+    for key, entry in a["state"].items():
+        assert all(torch.equal(entry[k], b["state"][key][k]) for k in entry), key
+    assert (restored / "optimizer.pt").read_bytes() == (ckpt / "optimizer.pt").read_bytes()
+
+
+def _copy_checkpoint(ckpt: Path, dst: Path) -> Path:
+    shutil.copytree(ckpt, dst)
+    (dst / "optimizer.pt").unlink()
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw-amsgrad"])
+def test_by_name_state_dict(trained, kind, tmp_path):
+    """A state keyed by parameter name (torch.distributed.checkpoint's get_optimizer_state_dict)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from transformers import AutoModelForCausalLM
+
+    _, ckpt, _ = trained
+    src = _copy_checkpoint(ckpt, tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9) if kind == "sgd" else \
+        torch.optim.AdamW(params, lr=1e-3, amsgrad=True)
+    batch = torch.stack([d["input_ids"] for d in _dataset(4)])
+    for _ in range(2):
+        model(batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(src)
+    state = get_optimizer_state_dict(model, opt)
+    assert all(isinstance(k, str) for k in state["state"])
+    torch.save(state, src / "optim.pt")
+
+    out = tmp_path / "out"
+    wisca.transform(src, out)
+    mult = wisca.scale_multipliers(out)
+    record = transform_training_state(src, out, mult, list(tensor_shapes(src)))["optimizer"]
+    assert record["transformed"] and record["format"] == "by-name" and record["file"] == "optim.pt"
+    assert record["optimizer"] == ("SGD" if kind == "sgd" else "AdamW")
+    after = _load(out / "optim.pt")
+    powers = {"momentum_buffer": 1} if kind == "sgd" else {"exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
+    assert record["scaled_parameters"] == 12
+    for name, entry in state["state"].items():
+        s = mult.get(name, torch.ones(1, dtype=torch.float64)).float()
+        for k, p in powers.items():
+            assert torch.equal(after["state"][name][k], entry[k] / s ** p), (name, k)
+
+
+def test_unknown_optimizer_is_recorded_not_transformed(trained, tmp_path):
+    _, ckpt, _ = trained
+    src = _copy_checkpoint(ckpt, tmp_path / "src")
+    torch.save({"state": {0: {"step": torch.tensor(2.0), "exp_avg_sq_row": torch.ones(128), "foo": torch.ones(3)}},
+                "param_groups": [{"lr": 1e-3, "params": [0]}]}, src / "optimizer.pt")
+    out = tmp_path / "out"
+    wisca.transform(src, out)
+    record = transform_training_state(src, out, wisca.scale_multipliers(out), list(tensor_shapes(src)))
+    opt = record["optimizer"]
+    assert opt["transformed"] is False and opt["file"] == "optimizer.pt"
+    assert "foo" in opt["reason"] and "NOT transformed" in opt["warning"]
+    assert (out / "optimizer.pt").read_bytes() == (src / "optimizer.pt").read_bytes()
+    # a file that is not a tensor-only state dict: the same, loudly
+    torch.save({"state": {}, "param_groups": [{"params": []}], "hook": _Opaque()}, src / "optimizer.pt")
+    record = transform_training_state(src, out, {}, [])
+    assert record["optimizer"]["transformed"] is False and "weights_only" in record["optimizer"]["reason"]
+    (src / "optimizer.pt").unlink()
+    assert transform_training_state(src, out, {}, []) == {}
+
+
+class _Opaque:   # pickled by reference: torch.load(weights_only=True) refuses it
+    pass
+
+
+def test_inconsistent_positions_are_refused(trained, tmp_path):
+    _, ckpt, _ = trained
+    src = _copy_checkpoint(ckpt, tmp_path / "src")
+    sd = _load(ckpt / "optimizer.pt")
+    mult = {n: torch.full((1, 1), 2.0, dtype=torch.float64) for n in tensor_shapes(src)}
+    # one parameter fewer than the model has: no grouping rule fits
+    sd["param_groups"][1]["params"] = sd["param_groups"][1]["params"][:-1]
+    sd["state"].pop(20)
+    torch.save(sd, src / "optimizer.pt")
+    with pytest.raises(WiscaError, match=r"optimizer\.pt: cannot map the optimizer's parameter positions"):
+        transform_training_state(src, tmp_path, mult, list(tensor_shapes(src)))
+    # the right count, but a moment whose shape is not its parameter's
+    sd = _load(ckpt / "optimizer.pt")
+    sd["state"][2]["exp_avg"] = torch.zeros(3, 3)
+    torch.save(sd, src / "optimizer.pt")
+    with pytest.raises(WiscaError, match=r"optimizer\.pt: .*state 2 exp_avg has shape \(3, 3\)"):
+        transform_training_state(src, tmp_path, mult, list(tensor_shapes(src)))
+
+
+# -- through the command line, once api.transform / api.undo call transform_training_state ----
+def _wired(report: dict) -> None:
+    if "training_state" not in report:
+        pytest.skip("api.transform does not carry the optimizer state yet (integration pending)")
+
+
+def test_cli_transform_and_undo_carry_the_optimizer_state(trained, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    _, ckpt, _ = trained
+    out, back = tmp_path / "out", tmp_path / "back"
+    res = run_cli("transform", ckpt, out, "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    _wired(report)
+    opt = report["training_state"]["optimizer"]
+    assert opt["transformed"] and opt["exact"] and opt["scaled_parameters"] == 12
+    assert json.loads((out / "wisca.json").read_text())["training_state"] == report["training_state"]
+    res = run_cli("undo", out, back, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["training_state"]["optimizer"]["direction"] == "S (undo)"
+    assert (back / "optimizer.pt").read_bytes() == (ckpt / "optimizer.pt").read_bytes()
+
+
+def test_cli_warns_about_an_optimizer_state_it_cannot_transform(trained, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    _, ckpt, _ = trained
+    src = _copy_checkpoint(ckpt, tmp_path / "src")
+    torch.save({"state": {0: {"exp_avg_sq_row": torch.ones(128)}}, "param_groups": [{"params": [0]}]},
+               src / "optimizer.pt")
+    res = run_cli("transform", src, tmp_path / "out", "--json")
+    assert res.returncode == 0, res.stderr
+    _wired(json.loads(res.stdout))
+    assert "optimizer.pt: optimizer state found and NOT transformed" in res.stderr
+    # and a known optimizer whose positions do not fit the model: exit 2, one line, nothing written
+    sd = _load(ckpt / "optimizer.pt")
+    sd["state"][2]["exp_avg"] = torch.zeros(3, 3)
+    torch.save(sd, src / "optimizer.pt")
+    res = run_cli("transform", src, tmp_path / "out2")
+    assert res.returncode == 2 and "optimizer.pt" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out2").exists()

@@ -1,0 +1,515 @@
+"""Carry a training run's optimizer state into the transformed parametrisation.
+
+If a parameter becomes ``W' = S * W`` (S broadcast over the tensor), its gradient becomes
+``g / S``, so every optimizer moment that is a sum of gradient powers ``g**p`` becomes
+``moment / S**p``: Adam/AdamW ``exp_avg / S``, ``exp_avg_sq / S**2`` (and ``max_exp_avg_sq``
+with amsgrad), SGD ``momentum_buffer / S``, Adagrad ``sum / S**2``. ``step`` and the
+param groups (lr, betas, weight decay) are untouched. With power-of-two scales every
+division is exact, so ``undo`` (``invert=True``) restores the moments bit for bit.
+
+Two file formats are understood, found in the checkpoint folder as ``optimizer.pt``,
+``optimizer.bin`` (accelerate) or ``optim.pt``:
+
+``hf-trainer``
+    ``torch.optim.Optimizer.state_dict()``: ``state`` keyed by position (0, 1, ...), the
+    positions listed in ``param_groups[i]["params"]``. transformers' ``Trainer`` builds two
+    groups from ``model.named_parameters()`` (``Trainer.create_optimizer``): first every
+    trainable parameter that gets weight decay, then every other one, each in
+    ``named_parameters()`` order; ``state_dict()`` numbers the parameters group after group.
+    A weight's name is therefore recovered from the model's parameter order, which only
+    the modeling code knows: it is rebuilt with transformers (installed wherever a Trainer
+    checkpoint is made) from ``config.json`` on the meta device (no memory, no weights).
+    The decay split is tried with every rule transformers has used (no decay for names
+    matching ``bias``/``norm`` patterns; older versions: ``bias`` and ``nn.LayerNorm``
+    weights; and the installed ``Trainer.get_decay_parameter_names``) and as one group
+    (an optimizer built from ``model.parameters()``); a candidate must match the group
+    sizes, name only tensors of the checkpoint and give every moment its parameter's shape.
+    If no candidate fits, or two fit with different scales, nothing is written and a
+    ``WiscaError`` names the file. PEFT adapter checkpoints (``adapter_config.json``) are
+    mapped the same way through PEFT's model (trainable parameters only, ``.default``
+    dropped from the names); the base model's ``config.json`` comes from ``base`` or from
+    the adapter's ``base_model_name_or_path``.
+``by-name``
+    ``{"state": {name: {...}}, "param_groups": [{"params": [names...], ...}]}``, what
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` returns (save it
+    with ``torch.save`` as ``optimizer.pt`` in the checkpoint folder). Names are the model's
+    parameter names; ``module.`` / ``_orig_mod.`` wrapper prefixes and PEFT's ``.default``
+    are dropped before matching the checkpoint's tensor names.
+
+Anything else that looks like an optimizer state (an optimizer whose state keys are not
+known to transform by a power of the gradient, e.g. Adafactor or 8-bit states, a file that
+cannot be read with ``weights_only=True``, DeepSpeed ``global_step*`` folders, FSDP
+``optimizer_*`` folders, per-rank files) is left as it is and recorded loudly as NOT
+transformed: resuming from it would start from moments of the old parametrisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import WiscaError
+
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "optim.pt")
+# state key -> p: the entry is a sum of gradient powers g**p, so it becomes entry / S**p
+ADAM_KEYS = {"step": 0, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2, "mu_product": 0}
+FAMILIES = {                      # family -> (keys with their power, keys that identify it)
+    "adam": (ADAM_KEYS, {"exp_avg", "exp_avg_sq"}),
+    "adamax": ({"step": 0, "exp_avg": 1, "exp_inf": 1}, {"exp_inf"}),
+    "sgd": ({"step": 0, "momentum_buffer": 1}, {"momentum_buffer"}),
+    "adagrad": ({"step": 0, "sum": 2}, {"sum"}),
+}
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+PEFT_ADAPTER_SEGMENT = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.default(?=\.|$)")
+
+
+# -- finding the state -------------------------------------------------------------------------
+def find_optimizer_state(folder: Path) -> tuple[Path | None, list[str]]:
+    """(the optimizer file wisca can read, other optimizer states it cannot)."""
+    folder = Path(folder)
+    found = [folder / n for n in OPTIMIZER_FILES if (folder / n).is_file()]
+    if len(found) > 1:
+        raise WiscaError(f"{folder}: several optimizer states ({', '.join(p.name for p in found)}); "
+                         f"keep the one the training run resumes from")
+    others = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        name = entry.name
+        if entry.is_dir() and (re.fullmatch(r"global_step\d+", name) or name.startswith("optimizer")):
+            others.append(name + "/")           # DeepSpeed engine state, FSDP sharded optimizer
+        elif entry.is_file() and re.fullmatch(r"rank\d+-of-\d+-optimizer\.pt|.*_optim_states\.pt", name):
+            others.append(name)                 # XLA FSDP per-rank files
+    return (found[0] if found else None), others
+
+
+def _not_transformed(file: str, reason: str) -> dict:
+    return {"optimizer": {
+        "file": file, "transformed": False, "reason": reason,
+        "warning": f"{file}: optimizer state found and NOT transformed ({reason}); it holds moments of the "
+                   f"original parametrisation, which resuming from it would apply to the rescaled weights"}}
+
+
+# -- reading ---------------------------------------------------------------------------------
+def _load(path: Path) -> dict:
+    """The state dict, memory-mapped where the file format allows it, tensors only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e) and "zip" not in str(e):   # legacy (non-zip) format: no mmap
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _structure_problem(sd) -> str | None:
+    if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict) \
+            or not isinstance(sd.get("param_groups"), list):
+        return "not a torch optimizer state dict (expected keys 'state' and 'param_groups')"
+    for g in sd["param_groups"]:
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list):
+            return "a param group without a 'params' list"
+    for key, entry in sd["state"].items():
+        if not isinstance(entry, dict):
+            return f"state of {key!r} is not a dict"
+    return None
+
+
+def _family(sd: dict) -> tuple[str | None, dict[str, int], str]:
+    """(family, key -> power, display name), or (None, {}, reason) for an unknown optimizer."""
+    keys = set()
+    for entry in sd["state"].values():
+        keys |= set(entry)
+    if not keys:
+        return "empty", {}, _display_name("empty", sd)
+    for family, (powers, marks) in FAMILIES.items():
+        if marks <= keys and keys <= set(powers):
+            return family, powers, _display_name(family, sd)
+    return None, {}, f"optimizer state keys {sorted(keys)} are not those of Adam, AdamW, NAdam, RAdam, " \
+                     f"Adamax, SGD or Adagrad"
+
+
+def _display_name(family: str, sd: dict) -> str:
+    group = sd["param_groups"][0] if sd["param_groups"] else {}
+    if family == "adam":
+        if "momentum_decay" in group:
+            return "NAdam"
+        if "amsgrad" in group:
+            return "AdamW" if group.get("decoupled_weight_decay", False) else "Adam"
+        return "RAdam"
+    return {"adamax": "Adamax", "sgd": "SGD", "adagrad": "Adagrad", "empty": "(no state yet)"}[family]
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor of a checkpoint or adapter folder (headers only)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [n for n in ("model.safetensors", "adapter_model.safetensors") if (folder / n).is_file()]
+    shapes = {}
+    for f in files:
+        with safe_open(str(folder / f), "pt") as st:
+            for name in st.keys():
+                shapes[name] = tuple(st.get_slice(name).get_shape())
+    return shapes
+
+
+# -- positional (HF Trainer) order ------------------------------------------------------------
+def _parameter_names(model, forbidden_types: tuple, patterns: list) -> list[str]:
+    """transformers.trainer_pt_utils.get_parameter_names, restated (it is the decay rule)."""
+    out = []
+    for name, child in model.named_children():
+        if isinstance(child, forbidden_types):
+            continue
+        out += [f"{name}.{n}" for n in _parameter_names(child, forbidden_types, patterns)
+                if not any(p.search(f"{name}.{n}".lower()) for p in patterns)]
+    out += [k for k in model._parameters if not any(p.search(k.lower()) for p in patterns)]
+    return out
+
+
+def _decay_rules(model) -> dict[str, set[str]]:
+    """Rule -> the names that get weight decay, for every rule Trainer has used."""
+    import torch.nn as nn
+
+    current = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")]
+    rules = {
+        "Trainer groups (no decay: bias and *norm* names)": set(_parameter_names(model, (nn.LayerNorm,), current)),
+        "older Trainer groups (no decay: bias and nn.LayerNorm)":
+            {n for n in _parameter_names(model, (nn.LayerNorm,), []) if "bias" not in n},
+    }
+    try:   # the installed Trainer's own rule, should it have changed again
+        from transformers import Trainer
+
+        installed = Trainer.get_decay_parameter_names(None, model)   # uses only its model argument
+        rules["installed Trainer.get_decay_parameter_names groups"] = set(installed)
+    except Exception:   # noqa: BLE001 - an optional cross-check
+        pass
+    return rules
+
+
+def _meta_model(config_dir: Path, where: str):
+    """The model class of config.json, built on the meta device (no memory, no weights)."""
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as e:
+        raise WiscaError(f"{where}: lists parameters by position (HF Trainer); rebuilding the model's parameter "
+                         f"order needs transformers: pip install transformers") from e
+    try:
+        config = AutoConfig.from_pretrained(str(config_dir))
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        with torch.device("meta"):
+            return cls._from_config(config) if cls is not None else AutoModelForCausalLM.from_config(config)
+    except Exception as e:   # noqa: BLE001 - any failure of transformers here is a bad input
+        raise WiscaError(f"{where}: cannot rebuild the model from {config_dir}/config.json to map the optimizer's "
+                         f"parameter positions: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
+
+
+def _adapter_base_config(src: Path, base: Path | None, where: str) -> Path:
+    if base is not None:
+        return Path(base)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    name = cfg.get("base_model_name_or_path")
+    if name and Path(name).is_dir():
+        return Path(name)
+    if name:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo_id=name, allow_patterns=["config.json"],
+                                          revision=cfg.get("revision")))
+        except Exception:   # noqa: BLE001
+            pass
+    raise WiscaError(f"{where}: lists adapter parameters by position; rebuilding their order needs the base "
+                     f"model's config.json: pass the base model folder (base=, --base)")
+
+
+def _trainer_candidates(src: Path, where: str, adapter: bool, base: Path | None) -> dict[str, list[list[str]]]:
+    """Rule -> parameter names per param group, as Trainer.create_optimizer builds them."""
+    if adapter:
+        model = _meta_model(_adapter_base_config(src, base, where), where)
+        try:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig.from_pretrained(str(src))
+            config.inference_mode = False          # saved adapters say True: their parameters frozen
+            with torch.device("meta"):
+                model = get_peft_model(model, config)
+        except ImportError as e:
+            raise WiscaError(f"{where}: lists adapter parameters by position; rebuilding their order needs "
+                             f"peft: pip install peft") from e
+        except Exception as e:   # noqa: BLE001
+            raise WiscaError(f"{where}: cannot rebuild the PEFT model to map the optimizer's parameter positions: "
+                             f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
+    else:
+        model = _meta_model(src, where)
+    named = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    trainable = [n for n, grad in named if grad]
+    out = {"one group (model.parameters())": [trainable]}
+    for rule, decay in _decay_rules(model).items():
+        out[rule] = [[n for n in trainable if n in decay], [n for n in trainable if n not in decay]]
+    return out
+
+
+# -- name -> checkpoint tensor ---------------------------------------------------------------
+def checkpoint_name(name: str) -> str:
+    """A training-time parameter name as the checkpoint stores it."""
+    changed = True
+    while changed:
+        changed = False
+        for p in WRAPPER_PREFIXES:
+            if name.startswith(p):
+                name, changed = name[len(p):], True
+    name = name.replace("._orig_mod.", ".").replace("._checkpoint_wrapped_module.", ".")
+    return PEFT_ADAPTER_SEGMENT.sub(r".\1", name)
+
+
+@dataclass
+class _Mapping:
+    names: dict                    # state key -> checkpoint tensor name
+    order: str                     # how the names were found
+
+
+def _check(sd: dict, names: dict, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why this key -> name mapping cannot be right (None: it is consistent)."""
+    for key, name in names.items():
+        if name not in shapes:
+            return f"parameter {name} (state {key!r}) is not a tensor of the checkpoint"
+        for k, t in sd["state"].get(key, {}).items():
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) != shapes[name]:
+                return (f"state {key!r} {k} has shape {tuple(t.shape)} but its parameter {name} has "
+                        f"shape {shapes[name]}")
+    return None
+
+
+def _same_scales(a: dict, b: dict, multipliers: dict) -> str | None:
+    for key in a:
+        ma, mb = multipliers.get(a[key]), multipliers.get(b[key])
+        if ma is None and mb is None:
+            continue
+        if ma is None or mb is None or ma.shape != mb.shape or not torch.equal(ma, mb):
+            return f"position {key} is {a[key]} or {b[key]}, which scale differently"
+    return None
+
+
+def _positional_mapping(src: Path, sd: dict, where: str, shapes: dict, multipliers: dict,
+                        adapter: bool, base: Path | None) -> _Mapping:
+    groups = [list(g["params"]) for g in sd["param_groups"]]
+    flat = [k for g in groups for k in g]
+    if not all(isinstance(k, int) for k in flat) or flat != list(range(len(flat))):
+        raise WiscaError(f"{where}: param_groups do not number the parameters 0, 1, 2, ... in order; "
+                         f"not a torch optimizer state dict wisca can map")
+    stray = sorted(set(sd["state"]) - set(flat))
+    if stray:
+        raise WiscaError(f"{where}: state for position {stray[0]} which no param group lists")
+    fits, reasons = {}, {}
+    for rule, names_by_group in _trainer_candidates(src, where, adapter, base).items():
+        if [len(g) for g in names_by_group] != [len(g) for g in groups]:
+            reasons[rule] = (f"the model has {sum(len(g) for g in names_by_group)} trainable parameters in groups of "
+                             f"{[len(g) for g in names_by_group]}, the optimizer {[len(g) for g in groups]}")
+            continue
+        names = {k: checkpoint_name(n) for g, gn in zip(groups, names_by_group) for k, n in zip(g, gn)}
+        problem = _check(sd, names, shapes)
+        if problem:
+            reasons[rule] = problem
+        else:
+            fits[rule] = names
+    if not fits:
+        detail = "; ".join(f"{rule}: {why}" for rule, why in reasons.items())
+        raise WiscaError(f"{where}: cannot map the optimizer's parameter positions to the checkpoint's tensors "
+                         f"({detail})")
+    rules = list(fits)
+    for rule in rules[1:]:
+        clash = _same_scales(fits[rules[0]], fits[rule], multipliers)
+        if clash:
+            raise WiscaError(f"{where}: ambiguous parameter order ({rules[0]} and {rule} both fit, but {clash}); "
+                             f"not transforming it")
+    return _Mapping(fits[rules[0]], f"HF Trainer param groups rebuilt from the model on the meta device: "
+                                    f"{', '.join(rules)}")
+
+
+def _by_name_mapping(sd: dict, where: str, shapes: dict) -> _Mapping:
+    listed = [n for g in sd["param_groups"] for n in g["params"]]
+    if len(set(listed)) != len(listed):
+        raise WiscaError(f"{where}: a parameter name is listed in two param groups")
+    stray = sorted(set(sd["state"]) - set(listed))
+    if stray:
+        raise WiscaError(f"{where}: state for {stray[0]!r} which no param group lists")
+    names = {n: checkpoint_name(n) for n in listed}
+    problem = _check(sd, names, shapes)
+    if problem:
+        raise WiscaError(f"{where}: {problem}")
+    return _Mapping(names, "parameter names stored in the state dict")
+
+
+# -- scaling ---------------------------------------------------------------------------------
+def _is_pow2(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    info = torch.finfo(dtype)
+    mant, _ = torch.frexp(x)
+    return bool(((mant == 0.5) & (x >= info.tiny) & (x <= info.max)).all())
+
+
+def scale_moment(t: torch.Tensor, s: torch.Tensor, power: int, invert: bool) -> torch.Tensor:
+    """``t / S**power`` (``t * S**power`` when inverting), rounded once to t's dtype.
+
+    Powers of two compute in t's own dtype, which is exact barring underflow; other scales
+    in float64, one row block at a time.
+    """
+    factor = s.double() ** power
+    if _is_pow2(factor, t.dtype):
+        f = factor.to(t.dtype)
+        return t * f if invert else t / f
+    out = torch.empty_like(t)
+    if t.dim() == 0:
+        return ((t.double() * factor) if invert else (t.double() / factor)).to(t.dtype)
+    f = torch.broadcast_to(factor, t.shape)
+    step = max(1, (1 << 20) // max(t[0].numel(), 1))
+    for i in range(0, t.shape[0], step):
+        rows = t[i:i + step].double()
+        out[i:i + step] = ((rows * f[i:i + step]) if invert else (rows / f[i:i + step])).to(t.dtype)
+    return out
+
+
+def _save(sd: dict, target: Path) -> None:
+    """torch.save beside the target, then rename over it. The file keeps its name while
+    written: torch names the archive inside after it, so an undo gives the same bytes."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".wisca-tmp-", dir=target.parent))
+    try:
+        torch.save(sd, tmp / target.name)
+        os.replace(tmp / target.name, target)
+    except OSError as e:
+        raise WiscaError(f"{target}: writing the transformed optimizer state failed: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class _State:
+    path: Path
+    sd: dict
+    fmt: str                       # "hf-trainer" or "by-name"
+    powers: dict[str, int]
+    name: str                      # optimizer, for the record
+    mapping: _Mapping
+
+
+def _read_state(src: Path, weight_names: list[str] | None, multipliers: dict, base: Path | None) -> "_State | dict":
+    """The optimizer state of src with its entries mapped to tensor names, or the record
+    to return without transforming ({} when there is none)."""
+    path, others = find_optimizer_state(src)
+    if path is not None and others:
+        raise WiscaError(f"{path}: the folder also holds other optimizer states ({', '.join(others)}); "
+                         f"keep only the one the training run resumes from")
+    if path is None:
+        if others:
+            return _not_transformed(others[0], "a sharded or engine-specific optimizer state "
+                                               "(DeepSpeed, FSDP, per-rank files) that wisca does not read")
+        return {}
+    where = str(path)
+    try:
+        sd = _load(path)
+    except Exception as e:   # noqa: BLE001 - pickled objects, corrupt files: left alone, loudly
+        return _not_transformed(path.name, f"cannot be read with torch.load(weights_only=True): "
+                                           f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
+    problem = _structure_problem(sd)
+    if problem:
+        return _not_transformed(path.name, problem)
+    family, powers, name = _family(sd)
+    if family is None:
+        return _not_transformed(path.name, name)
+    keys = [k for g in sd["param_groups"] for k in g["params"]]
+    if all(isinstance(k, int) for k in keys) and all(isinstance(k, int) for k in sd["state"]):
+        fmt = "hf-trainer"
+    elif all(isinstance(k, str) for k in keys) and all(isinstance(k, str) for k in sd["state"]):
+        fmt = "by-name"
+    else:
+        return _not_transformed(path.name, "param_groups list parameters neither all by position nor all by name")
+    shapes = tensor_shapes(src)
+    if weight_names:
+        known = set(weight_names)
+        shapes = {n: s for n, s in shapes.items() if n in known}
+    from .lora import is_adapter   # a lazy import: lora imports this module
+
+    if fmt == "hf-trainer":
+        mapping = _positional_mapping(src, sd, where, shapes, multipliers, is_adapter(src), base)
+    else:
+        mapping = _by_name_mapping(sd, where, shapes)
+    return _State(path, sd, fmt, powers, name, mapping)
+
+
+def optimizer_parameter_names(src: str | os.PathLike, base: str | os.PathLike | None = None) -> dict:
+    """State key (position or name) -> checkpoint tensor name, as transform_training_state maps
+    the optimizer state of ``src`` ({} when there is none or it is not transformable)."""
+    found = _read_state(Path(src), None, {}, Path(base) if base is not None else None)
+    return found.mapping.names if isinstance(found, _State) else {}
+
+
+# -- the seam -------------------------------------------------------------------------------
+def transform_training_state(src: Path, dst: Path, multipliers: dict[str, torch.Tensor],
+                             weight_names: list[str], invert: bool = False, *,
+                             base: Path | None = None) -> dict:
+    """Rescale the optimizer state of ``src`` for weights ``W' = S * W``; write it into ``dst``.
+
+    Called after the transformed tensors are in ``dst`` and every other file of ``src``
+    has been copied there (this overwrites ``dst/optimizer.pt``; ``scheduler.pt``,
+    ``rng_state*.pth``, ``trainer_state.json``, ``training_args.bin`` stay as copied).
+
+    ``multipliers``: checkpoint tensor name -> float64 S broadcastable to the tensor (names
+    absent: S = 1), e.g. ``api.scale_multipliers(dst)``. ``weight_names``: the checkpoint's
+    tensor names; every optimizer entry must map to one of them. ``invert``: apply ``S``
+    instead of ``1/S`` (undo). ``base``: for a PEFT adapter checkpoint with a positional
+    state, the base model folder whose ``config.json`` rebuilds the parameter order.
+
+    Returns a JSON-able record: ``{}`` when there is no optimizer state;
+    ``{"optimizer": {"file", "format": "hf-trainer"|"by-name", "optimizer": "AdamW", "transformed": True,
+    "tensors": N, "parameters": P, "scaled_parameters": K, "order": ..., "exact": bool,
+    "underflow": n}}``; or ``{"optimizer": {"file", "transformed": False, "reason", "warning"}}``
+    for a state it does not know how to transform (left as copied: print the warning).
+    Raises ``WiscaError("<file>: <problem>")`` when a known optimizer's entries cannot be
+    mapped to the checkpoint's tensors unambiguously, or a moment would overflow.
+    """
+    src, dst = Path(src), Path(dst)
+    found = _read_state(src, weight_names, multipliers, base)
+    if not isinstance(found, _State):
+        return found
+    path, sd, fmt, powers, name, mapping = found.path, found.sd, found.fmt, found.powers, found.name, found.mapping
+    where = str(path)
+    new_state, tensors, scaled, underflow = {}, 0, set(), 0
+    for key, entry in sd["state"].items():
+        s = multipliers.get(mapping.names[key])
+        if s is None or bool((s == 1).all()):
+            new_state[key] = entry
+            continue
+        new_entry = {}
+        for k, t in entry.items():
+            p = powers.get(k, 0)
+            if p == 0 or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                new_entry[k] = t
+                continue
+            out = scale_moment(t, s, p, invert)
+            if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
+                raise WiscaError(f"{where}: {k} of {mapping.names[key]} overflows when scaled; nothing written")
+            info = torch.finfo(t.dtype)
+            underflow += int(((t != 0) & (out.abs() < info.tiny)).sum())
+            new_entry[k] = out
+            tensors += 1
+        scaled.add(mapping.names[key])
+        new_state[key] = new_entry
+    exact = underflow == 0 and all(_is_pow2(multipliers[n].double(), torch.float32) for n in scaled)
+    if scaled:
+        _save({**sd, "state": new_state}, dst / path.name)
+    return {"optimizer": {
+        "file": path.name, "format": fmt, "optimizer": name, "transformed": True, "tensors": tensors,
+        "parameters": len(mapping.names), "scaled_parameters": len(scaled), "order": mapping.order,
+        "direction": "S (undo)" if invert else "1/S", "exact": exact, "underflow": underflow,
+    }}
