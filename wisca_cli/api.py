@@ -390,14 +390,17 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
 
 
 # -- undo -----------------------------------------------------------------------------------
-def read_record(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_record(folder: Path, what: str = "a checkpoint") -> tuple[dict, dict[str, torch.Tensor]]:
+    """wisca.json and the recorded scales of a folder written by wisca transform."""
+    from safetensors import SafetensorError
+
     path = folder / RECORD_NAME
     if not path.is_file():
-        raise WiscaError(f"{folder}: no {RECORD_NAME}: not a checkpoint written by wisca transform")
+        raise WiscaError(f"{folder}: no {RECORD_NAME}: not {what} written by wisca transform")
     try:
         record = json.loads(path.read_text())
         scales = load_file(str(folder / SCALES_NAME))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise WiscaError(f"{path}: cannot read the wisca record: {' '.join(str(e).split())}") from e
     if record.get("record_format") != RECORD_FORMAT:
         raise WiscaError(f"{path}: record format {record.get('record_format')!r} is not supported "

@@ -419,16 +419,10 @@ def transform_adapter(src: str | os.PathLike, dst: str | os.PathLike, pow2: bool
 
 
 def read_adapter_record(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
+    from .api import read_record
 
+    record, scales = read_record(folder, "an adapter")
     path = folder / RECORD_NAME
-    if not path.is_file():
-        raise WiscaError(f"{folder}: no {RECORD_NAME}: not an adapter written by wisca transform")
-    try:
-        record = json.loads(path.read_text())
-        scales = load_file(str(folder / SCALES_NAME))
-    except Exception as e:   # OSError, ValueError, SafetensorError
-        raise WiscaError(f"{path}: cannot read the wisca record: {' '.join(str(e).split())}") from e
     if record.get("record_format") != RECORD_FORMAT or record.get("kind") != KIND:
         raise WiscaError(f"{path}: not a LoRA adapter record of wisca {__version__} "
                          f"(format {record.get('record_format')!r}, kind {record.get('kind')!r})")
