@@ -128,8 +128,10 @@ def ckpt_dir(tmp_path_factory):
 
 
 def synthetic_llama(path: Path, hidden=64, layers=2, heads=4, kv_heads=2, inter=96, vocab=128,
-                    dtype=torch.float32, seed=0, std=0.05) -> Path:
-    """A llama checkpoint written directly with safetensors (no transformers), any size."""
+                    dtype=torch.float32, seed=0, std=0.05, shards: int = 1) -> Path:
+    """A llama checkpoint written directly with safetensors (no transformers), any size.
+    ``shards > 1`` cuts the tensors, in model order, into shards of about equal size, so
+    layers straddle shard files."""
     from safetensors.torch import save_file
     import json as _json
 
@@ -149,7 +151,20 @@ def synthetic_llama(path: Path, hidden=64, layers=2, heads=4, kv_heads=2, inter=
                   p + "mlp.gate_proj.weight": rnd(inter, hidden), p + "mlp.up_proj.weight": rnd(inter, hidden),
                   p + "mlp.down_proj.weight": rnd(hidden, inter)})
     path.mkdir(parents=True, exist_ok=True)
-    save_file(t, path / "model.safetensors", metadata={"format": "pt"})
+    if shards == 1:
+        save_file(t, path / "model.safetensors", metadata={"format": "pt"})
+    else:
+        total, done, weight_map, groups = sum(v.nbytes for v in t.values()), 0, {}, [{} for _ in range(shards)]
+        for name, v in t.items():
+            groups[min(shards - 1, (done + v.nbytes // 2) * shards // total)][name] = v
+            done += v.nbytes
+        groups = [g for g in groups if g]
+        for k, g in enumerate(groups):
+            fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+            save_file(g, path / fname, metadata={"format": "pt"})
+            weight_map.update({name: fname for name in g})
+        (path / "model.safetensors.index.json").write_text(_json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}))
     (path / "config.json").write_text(_json.dumps({
         "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,

@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from . import solve
 from .balance import NORMS, PairResult
-from .checkpoint import Checkpoint, ShardWriter, as_tensor, open_checkpoint, to_raw
+from .checkpoint import ITEMSIZE, Checkpoint, ShardWriter, as_tensor, open_checkpoint, to_raw
+from .memory import SlabPool, carve, slab_bytes
 from .errors import VerificationFailed, WiscaError
 from .output import StagedOutput, check_target, copy_other_files
 from .pairs import ALL_TARGETS, DEFAULT_TARGETS, GRANULARITIES, layer_pairs
@@ -89,9 +90,21 @@ class Stage:
     names: dict[str, str]        # role -> tensor name
     raw: dict[str, torch.Tensor] = field(default_factory=dict)
     streamed: tuple[str, ...] = ()   # roles too big to hold: read in row blocks when used
+    slab: torch.Tensor | None = None  # the memory ``raw`` lives in, owned until ``release``
+    pool: SlabPool | None = None
 
     def tensors(self, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
         return {role: as_tensor(ckpt.tensors[self.names[role]], raw) for role, raw in self.raw.items()}
+
+    def held(self) -> list[str]:
+        return [name for role, name in self.names.items() if role not in self.streamed]
+
+    def release(self) -> None:
+        """Hand the slab back for a later stage (after the last use of ``raw``)."""
+        if self.pool is not None and self.slab is not None:
+            self.pool.release(self.slab)
+        self.slab = None
+        self.raw = {}
 
 
 def _stages(ckpt: Checkpoint) -> list[Stage]:
@@ -109,19 +122,71 @@ def _stages(ckpt: Checkpoint) -> list[Stage]:
     return stages
 
 
-def _read_stages(ckpt: Checkpoint, stages: list[Stage]) -> Iterator[Stage]:
-    """Yield stages with their bytes read; the next stage is read while this one computes."""
-    def load(stage: Stage) -> Stage:   # a new object: the bytes die with the consumer's reference
-        return Stage(stage.kind, stage.layer, stage.names,
-                     {role: ckpt.read_raw(name) for role, name in stage.names.items()
-                      if role not in stage.streamed}, stage.streamed)
+ADVISE_STREAMED = 256 << 20   # read-ahead hint for a streamed (embedding-sized) tensor
+
+
+def _stage_pool(ckpt: Checkpoint, stages: list[Stage], count: int) -> SlabPool:
+    """Slabs big enough for the largest stage's held tensors."""
+    size = max(slab_bytes([ckpt.tensors[n].nbytes for n in s.held()]) for s in stages)
+    return SlabPool(count, size)
+
+
+def _read_stages(ckpt: Checkpoint, stages: list[Stage], slabs: SlabPool,
+                 align: Callable[[str], int] | None = None) -> Iterator[Stage]:
+    """Yield stages with their bytes read into slabs; the next stage is read while this
+    one computes. The consumer calls ``stage.release()`` when done with a stage (after
+    its bytes are written), which lets the reader go on.
+
+    ``align(name)``: the output file offset of a tensor, so its buffer can go to the disk
+    without a copy."""
+    def load(i: int) -> Stage:
+        stage = stages[i]
+        if i + 1 < len(stages):   # the disk fetches the stage after this one meanwhile
+            for role, name in stages[i + 1].names.items():
+                ckpt.advise(name, ADVISE_STREAMED if role in stages[i + 1].streamed else None)
+        slab, cursor, raw = slabs.acquire(), 0, {}
+        for role in stage.names:
+            if role in stage.streamed:
+                continue
+            name = stage.names[role]
+            info = ckpt.tensors[name]
+            out, cursor = carve(slab, info.nbytes, cursor, align(name) if align else None, ITEMSIZE[info.dtype])
+            raw[role] = ckpt.read_raw(name, out=out)
+        return Stage(stage.kind, stage.layer, stage.names, raw, stage.streamed, slab, slabs)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, stages[0]) if stages else None
-        for i in range(len(stages)):
-            stage = pending.result()
-            pending = pool.submit(load, stages[i + 1]) if i + 1 < len(stages) else None
-            yield stage
+        try:
+            pending = pool.submit(load, 0) if stages else None
+            for i in range(len(stages)):
+                stage = pending.result()
+                pending = pool.submit(load, i + 1) if i + 1 < len(stages) else None
+                yield stage
+                del stage
+        finally:
+            slabs.close()   # a reader waiting for a slab wakes up, so the pool can shut down
+
+
+class _WriteQueue:
+    """Writes run in one thread, in submission order, with at most ``depth`` batches in
+    flight: the compute never waits for the disk unless the disk falls ``depth`` behind,
+    and memory stays bounded."""
+
+    def __init__(self, pool: ThreadPoolExecutor, depth: int = 1):
+        self.pool, self.depth, self.pending = pool, depth, deque()
+
+    def put(self, items: list[tuple[Callable, tuple]]) -> None:
+        self.pending.append(self.pool.submit(_run_all, items))
+        while len(self.pending) > self.depth:
+            self.pending.popleft().result()
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+
+def _run_all(items: list[tuple[Callable, tuple]]) -> None:
+    for fn, args in items:
+        fn(*args)
 
 
 def _check_finite(ckpt: Checkpoint, stage: Stage, tensors: dict[str, torch.Tensor]) -> None:
@@ -138,15 +203,35 @@ def _require_finite(ckpt: Checkpoint, name: str, t: torch.Tensor) -> None:
         raise WiscaError(f"{ckpt.root / ckpt.tensors[name].shard}: tensor {name} contains NaN or Inf")
 
 
-def _stream_big(ckpt: Checkpoint, name: str, writer: ShardWriter | None):
-    """Yield row blocks of a big untouched tensor, checked and (with a writer) copied out."""
-    size = ckpt.tensors[name].nbytes
-    for start, raw, rows in ckpt.row_chunks(name):
+def _stream_big(ckpt: Checkpoint, name: str, writer: ShardWriter | None = None,
+                queue: _WriteQueue | None = None, chunks: SlabPool | None = None):
+    """Yield row blocks of a big untouched tensor, checked and (with a writer) copied out.
+
+    Blocks are read into ``chunks`` slabs when given (each handed back once written, or
+    once the consumer moves on)."""
+    info = ckpt.tensors[name]
+    align = writer.offset(name) if writer is not None else None
+    held: list[torch.Tensor] = []
+
+    def buffer(nbytes: int, at: int | None) -> torch.Tensor:
+        held.append(chunks.acquire())
+        return carve(held[-1], nbytes, 0, at, ITEMSIZE[info.dtype])[0]
+
+    for start, raw, rows in ckpt.row_chunks(name, align=align, buffer=buffer if chunks else None):
         _require_finite(ckpt, name, rows)
+        done = [(chunks.release, (held.pop(),))] if chunks else []
         if writer is not None:
-            offset = start * (size // max(ckpt.tensors[name].shape[0], 1))
-            writer.write_part(name, offset, raw, last=offset + raw.numel() == size)
+            offset = start * (info.nbytes // max(info.shape[0], 1))
+            queue.put([(writer.write_part, (name, offset, raw, offset + raw.numel() == info.nbytes)), *done])
+            done = []
         yield start, rows
+        del raw, rows
+        _run_all(done)
+
+
+def _chunk_pool(ckpt: Checkpoint, stages: list[Stage], count: int) -> SlabPool:
+    sizes = [ckpt.chunk_bytes(s.names[r]) for s in stages for r in s.streamed]
+    return SlabPool(count, max([slab_bytes([n]) for n in sizes], default=1))
 
 
 @contextmanager
@@ -182,7 +267,11 @@ def _shard_metadata(meta: dict | None, stamp: dict | None) -> dict | None:
     return out or None
 
 
-LayerFn = Callable[[int, dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict]]
+# (layer, tensors, before_apply) -> (new tensors by role, report); tensors may be scaled in
+# place, but only after before_apply() returns
+LayerFn = Callable[[int, dict[str, torch.Tensor], Callable[[], object] | None], tuple[dict[str, torch.Tensor], dict]]
+STAGE_SLABS = 3    # one stage being read, one computed, one written
+CHUNK_SLABS = 3
 
 
 def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: StreamVerifier | None,
@@ -190,45 +279,41 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
     """Stream ckpt into out_dir with layer_fn applied to each decoder layer.
 
     Threads: one reads the next stage, one writes the previous one, and (when verifying)
-    one runs the reference model's layer while this thread runs the transformed one.
-    At most one stage is being written while the next is computed, so memory stays at a
-    few layers whatever the model size.
+    one runs the reference model's layer beside the balancing; the scales are applied in
+    place once the reference is done, then the transformed layer runs. Stages live in
+    ``STAGE_SLABS`` reused slabs, so memory is a few layers whatever the model size.
     """
     writers = {name: ShardWriter(out_dir / name, shard, _shard_metadata(shard.metadata, stamp))
                for name, shard in ckpt.shards.items()}
+    writer_of = lambda name: writers[ckpt.tensors[name].shard]   # noqa: E731
+    stages = _stages(ckpt)
+    slabs, chunks = _stage_pool(ckpt, stages, STAGE_SLABS), _chunk_pool(ckpt, stages, CHUNK_SLABS)
     layer_reports, result = [], None
-
-    def write(items: list[tuple[ShardWriter, str, torch.Tensor]]) -> None:
-        for writer, name, raw in items:
-            writer.write(name, raw)
-
     try:
         with _torch_threads(1), ThreadPoolExecutor(1) as write_pool, ThreadPoolExecutor(1) as ref_pool:
             if verifier is not None:
                 verifier.pool = ref_pool
-            pending: deque = deque()
-            for stage in _read_stages(ckpt, _stages(ckpt)):
+            queue = _WriteQueue(write_pool)
+            for stage in _read_stages(ckpt, stages, slabs, align=lambda n: writer_of(n).offset(n)):
                 tensors = stage.tensors(ckpt)
                 new: dict[str, torch.Tensor] = {}
                 if stage.kind == "layer" and verifier is not None:
                     # the reference layer (and the NaN check) run beside the balancing
                     ref = verifier.start_layer(tensors, before=lambda: _check_finite(ckpt, stage, tensors))
-                    new, report = layer_fn(stage.layer, tensors)
+                    new, report = layer_fn(stage.layer, tensors, ref.result)
                     verifier.finish_layer(stage.layer, ref, {**tensors, **new})
                     layer_reports.append({"layer": stage.layer, **report})
                 else:
                     _check_finite(ckpt, stage, tensors)
                     if stage.kind == "layer":
-                        new, report = layer_fn(stage.layer, tensors)
+                        new, report = layer_fn(stage.layer, tensors, None)
                         layer_reports.append({"layer": stage.layer, **report})
-                items = [(writers[ckpt.tensors[stage.names[role]].shard], stage.names[role],
-                          to_raw(new[role]) if role in new else raw) for role, raw in stage.raw.items()]
-                pending.append(write_pool.submit(write, items))
-                while len(pending) > 1:
-                    pending.popleft().result()
+                queue.put([*((writer_of(stage.names[role]).write,
+                              (stage.names[role], to_raw(new[role]) if role in new else raw))
+                             for role, raw in stage.raw.items()), (stage.release, ())])
                 if stage.kind == "embed":
                     name = stage.names["embed"]
-                    for start, rows in _stream_big(ckpt, name, writers[ckpt.tensors[name].shard]):
+                    for start, rows in _stream_big(ckpt, name, writer_of(name), queue, chunks):
                         if verifier is not None:
                             verifier.embed_rows(start, rows, rows)
                     if verifier is not None:
@@ -239,21 +324,23 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
                     if verifier is not None:
                         verifier.final_norm(tensors["norm"], tensors["norm"], tensors, tensors)
                     if verifier is not None or not tied:
-                        for _, rows in _stream_big(ckpt, name, None if tied else writers[ckpt.tensors[name].shard]):
+                        for _, rows in _stream_big(ckpt, name, None if tied else writer_of(name), queue, chunks):
                             if verifier is not None:
                                 verifier.head_rows(rows, rows)
                     if verifier is not None:
                         result = verifier.result()
+                del tensors, new
                 if progress:
                     progress(sum(ckpt.tensors[n].nbytes for n in stage.names.values()), _stage_label(stage))
-            while pending:
-                pending.popleft().result()
-            _copy_passthrough(ckpt, writers)
+            queue.put([(_copy_passthrough, (ckpt, writers))])
+            queue.drain()
             for w in writers.values():
                 w.close()
     except OSError as e:
         raise WiscaError(f"{out_dir.parent}: writing the output failed: {e.strerror or e}") from e
     finally:
+        slabs.close()
+        chunks.close()
         for w in writers.values():
             w.abort()
     return layer_reports, result
@@ -337,10 +424,10 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                                       dtype=compute_dtype(_main_torch_dtype(ckpt), exact))
         scales: dict[str, torch.Tensor] = {}
 
-        def balance(layer: int, tensors: dict[str, torch.Tensor]):
-            # without a verifier nothing needs the original values: scale in place
+        def balance(layer: int, tensors: dict[str, torch.Tensor], before_apply):
             new, results = solve.balance_layer(ckpt.layout, layer, tensors, opts.targets, opts.granularity,
-                                               opts.norm, opts.strength, pow2, inplace=verifier is None)
+                                               opts.norm, opts.strength, pow2, inplace=True,
+                                               before_apply=before_apply)
             for kind, r in results.items():
                 scales[f"layers.{layer}.{kind}"] = r.scales
             return new, {kind: _pair_report(r) for kind, r in results.items()}
@@ -457,12 +544,12 @@ def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite:
             verifier = StreamVerifier(ckpt.layout, ids, exact=pow2, tolerance=_tolerance(ckpt, None),
                                       dtype=compute_dtype(_main_torch_dtype(ckpt), pow2))
 
-        def unscale_layer(layer: int, tensors: dict[str, torch.Tensor]):
+        def unscale_layer(layer: int, tensors: dict[str, torch.Tensor], before_apply):
             prefix = f"layers.{layer}."
             mine = {k[len(prefix):]: v for k, v in scales.items() if k.startswith(prefix)}
             try:
                 return solve.unscale_layer(ckpt.layout, layer, tensors, tuple(opts["targets"]),
-                                           opts["granularity"], mine), {}
+                                           opts["granularity"], mine, True, before_apply), {}
             except KeyError as e:
                 raise WiscaError(f"{ckpt.root / SCALES_NAME}: scales {prefix}{e.args[0]} missing "
                                  f"or of the wrong size") from e
@@ -528,21 +615,30 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe
             verifier = StreamVerifier(ca.layout, ids, exact=mode == "exact", tolerance=_tolerance(ca, tolerance),
                                       dtype=compute_dtype(_main_torch_dtype(ca), mode == "exact"))
             result = None
+            sta, stb = _stages(ca), _stages(cb)
+            pools = [_stage_pool(ca, sta, 2), _stage_pool(cb, stb, 2), _chunk_pool(ca, sta, 1), _chunk_pool(cb, stb, 1)]
             with _torch_threads(1), ThreadPoolExecutor(1) as ref_pool:
                 verifier.pool = ref_pool
-                stages_b = iter(_read_stages(cb, _stages(cb)))
-                for sa in _read_stages(ca, _stages(ca)):
+                stages_b = iter(_read_stages(cb, stb, pools[1]))
+                for sa in _read_stages(ca, sta, pools[0]):
                     sb = next(stages_b)
                     ta, tb = sa.tensors(ca), sb.tensors(cb)
+                    if sa.kind == "layer":
+                        ref = verifier.start_layer(ta, before=lambda: _check_finite(ca, sa, ta))
+                        _check_finite(cb, sb, tb)
+                        verifier.finish_layer(sa.layer, ref, tb)
+                        del ta, tb
+                        sa.release(), sb.release()
+                        if progress:
+                            progress(2 * sum(ca.tensors[n].nbytes for n in sa.names.values()), _stage_label(sa))
+                        continue
                     _check_finite(ca, sa, ta)
                     _check_finite(cb, sb, tb)
-                    if sa.kind == "layer":
-                        verifier.layer(sa.layer, ta, tb)
-                        continue
                     if sa.kind == "final":
                         verifier.final_norm(ta["norm"], tb["norm"], ta, tb)
                     role = sa.streamed[0]
-                    pairs = zip(_stream_big(ca, sa.names[role], None), _stream_big(cb, sb.names[role], None))
+                    pairs = zip(_stream_big(ca, sa.names[role], chunks=pools[2]),
+                                _stream_big(cb, sb.names[role], chunks=pools[3]))
                     for (start, rows_a), (_, rows_b) in pairs:
                         if sa.kind == "embed":
                             verifier.embed_rows(start, rows_a, rows_b)
@@ -552,6 +648,8 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe
                         verifier.embed_done(ta, tb)
                     else:
                         result = verifier.result()
+                    del ta, tb
+                    sa.release(), sb.release()
                     if progress:
                         progress(2 * sum(ca.tensors[n].nbytes for n in sa.names.values()), _stage_label(sa))
             return {"command": "verify", "wisca_version": __version__, "a": str(ca.root), "b": str(cb.root),

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import WiscaError
+from .fileio import OutputFile, aligned_empty
 from .spec import Layout, expected_shapes, layout_from_config
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -33,6 +35,8 @@ ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 
             "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8, "F8_E5M2": 1,
             "F8_E4M3": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+CHUNK_ELEMENTS = 8 << 20     # elements per block when a big tensor is streamed in rows
+_FD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -68,15 +72,27 @@ class Checkpoint:
 
     # -- reading ---------------------------------------------------------------------------
     def _fd(self, shard: str) -> int:
-        if shard not in self._fds:
-            self._fds[shard] = os.open(self.shards[shard].path, os.O_RDONLY)
-        return self._fds[shard]
+        with _FD_LOCK:   # the reader thread and the main thread both read
+            if shard not in self._fds:
+                self._fds[shard] = os.open(self.shards[shard].path, os.O_RDONLY)
+            return self._fds[shard]
 
-    def read_raw(self, name: str, offset: int = 0, nbytes: int | None = None) -> torch.Tensor:
-        """The tensor's bytes (or nbytes of them from offset) as uint8, by positioned reads."""
+    def read_raw(self, name: str, offset: int = 0, nbytes: int | None = None,
+                 align: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor's bytes (or nbytes of them from offset) as uint8, by positioned reads.
+
+        ``out``: the uint8 buffer to read into (else a new one). ``align``: the file offset
+        these bytes will be written to; a new buffer is placed so the writer can pass it to
+        the disk without a copy (see ``fileio``).
+        """
         info = self.tensors[name]
         nbytes = info.nbytes - offset if nbytes is None else nbytes
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if out is not None:
+            buf = out
+        elif align is not None and align % ITEMSIZE.get(info.dtype, 1) == 0:
+            buf = aligned_empty(nbytes, align)
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done, fd = 0, self._fd(info.shard)
         while done < nbytes:
@@ -89,19 +105,41 @@ class Checkpoint:
             done += got
         return buf
 
+    def advise(self, name: str, nbytes: int | None = None) -> None:
+        """Hint that the tensor's bytes (or its first ``nbytes``) are needed soon, so the
+        kernel reads them from disk in the background (see ``prefetch``)."""
+        info = self.tensors[name]
+        n = info.nbytes if nbytes is None else min(nbytes, info.nbytes)
+        if n:
+            try:
+                os.posix_fadvise(self._fd(info.shard), info.start, n, os.POSIX_FADV_WILLNEED)
+            except (OSError, AttributeError):   # advisory only
+                pass
+
     def read(self, name: str) -> torch.Tensor:
         return as_tensor(self.tensors[name], self.read_raw(name))
 
-    def row_chunks(self, name: str, chunk_elements: int = 8 << 20):
+    def chunk_bytes(self, name: str, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+        """The largest block ``row_chunks`` reads of this tensor."""
+        info = self.tensors[name]
+        row_bytes = info.nbytes // max(info.shape[0], 1)
+        step = max(1, chunk_elements // max(row_bytes // ITEMSIZE[info.dtype], 1))
+        return min(step, max(info.shape[0], 1)) * row_bytes
+
+    def row_chunks(self, name: str, chunk_elements: int = CHUNK_ELEMENTS, align: int | None = None,
+                   buffer=None):
         """Yield (first row, raw bytes, rows as a tensor) of a 2-D tensor, a block at a time,
-        so a 2 GB embedding never sits in memory whole."""
+        so a 2 GB embedding never sits in memory whole. ``align`` as in ``read_raw``, for
+        the tensor's first byte; ``buffer(nbytes, align)`` supplies the block's memory."""
         info = self.tensors[name]
         row_bytes = info.nbytes // max(info.shape[0], 1)
         row_elements = row_bytes // ITEMSIZE[info.dtype]
         step = max(1, chunk_elements // max(row_elements, 1))   # the same blocks for any dtype
         for start in range(0, info.shape[0], step):
             rows = min(step, info.shape[0] - start)
-            raw = self.read_raw(name, start * row_bytes, rows * row_bytes)
+            at = None if align is None else align + start * row_bytes
+            out = None if buffer is None else buffer(rows * row_bytes, at)
+            raw = self.read_raw(name, start * row_bytes, rows * row_bytes, at, out)
             yield start, raw, raw.view(DTYPES[info.dtype]).reshape(rows, *info.shape[1:])
 
     def close(self) -> None:
@@ -282,59 +320,49 @@ def build_header(tensors: list[TensorInfo], metadata: dict[str, str] | None) -> 
 class ShardWriter:
     """One output shard with the same tensors and layout as an input shard.
 
-    The header goes first; each tensor is then written at its own offset, in any order.
+    The header goes first; each tensor is then written at its own offset, in any order,
+    through ``OutputFile`` (O_DIRECT where the filesystem has it). A shard is fsynced as
+    soon as its last tensor is in.
     """
 
-    def __init__(self, path: Path, shard: Shard, metadata: dict[str, str] | None):
+    def __init__(self, path: Path, shard: Shard, metadata: dict[str, str] | None, direct: bool = True):
         self.path = path
         header = build_header(shard.tensors, metadata)
         self.data_start = len(header)
         self.offsets = {t.name: (t.rel_start, t.nbytes) for t in shard.tensors}
         self.pending = set(self.offsets)
-        self.size = self.data_start + sum(t.nbytes for t in shard.tensors)
-        self.synced = False
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._pwrite(header, 0)
+        self.done = False
+        self.file = OutputFile(path, self.data_start + sum(t.nbytes for t in shard.tensors), direct)
+        self.file.write(0, header)
 
-    def _pwrite(self, data, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        while len(view):
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+    def offset(self, name: str) -> int:
+        """Where the tensor's first byte goes in the file (for ``aligned_empty``)."""
+        return self.data_start + self.offsets[name][0]
 
     def write(self, name: str, raw: torch.Tensor) -> None:
         rel, nbytes = self.offsets[name]
         if raw.numel() != nbytes:
             raise AssertionError(f"{name}: {raw.numel()} bytes, expected {nbytes}")
-        self.pending.remove(name)
-        if nbytes:
-            self._pwrite(raw.numpy(), self.data_start + rel)
-        self._sync_if_complete()
-
-    def _sync_if_complete(self) -> None:
-        """Flush a finished shard right away (in the writer's thread), not all at the end."""
-        if not self.pending and not self.synced:
-            os.fsync(self.fd)
-            self.synced = True
+        self.write_part(name, 0, raw, last=True)
 
     def write_part(self, name: str, offset: int, raw: torch.Tensor, last: bool) -> None:
         """Write part of a tensor at ``offset`` bytes into it; ``last`` marks it complete."""
         rel, nbytes = self.offsets[name]
         if offset + raw.numel() > nbytes or (last and offset + raw.numel() != nbytes):
             raise AssertionError(f"{name}: part [{offset}, +{raw.numel()}) does not fit {nbytes} bytes")
-        self._pwrite(raw.numpy(), self.data_start + rel + offset)
+        if raw.numel():
+            self.file.write(self.data_start + rel + offset, raw.numpy())
         if last:
             self.pending.remove(name)
-            self._sync_if_complete()
+            if not self.pending:
+                self.close()
 
     def close(self) -> None:
         if self.pending:
             raise AssertionError(f"{self.path}: tensors never written: {sorted(self.pending)[:3]}")
-        self._sync_if_complete()
-        os.close(self.fd)
-        self.fd = -1
+        if not self.done:
+            self.file.close()
+            self.done = True
 
     def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.file.abort()

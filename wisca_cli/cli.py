@@ -23,6 +23,7 @@ from rich.text import Text
 
 from . import __version__
 from .errors import VerificationFailed, WiscaError
+from .prefetch import warm_start
 
 out = Console()
 err = Console(stderr=True)
@@ -185,6 +186,7 @@ def transform(
     report: Optional[Path] = typer.Option(None, help="Also write the JSON report to this file."),
 ) -> None:
     """Balance a checkpoint's weight pattern, verify it computes the same function, write it."""
+    warm_start(src)   # the disk starts on the checkpoint while torch imports
     from . import api
     from .verify import DEFAULT_TOLERANCE, Tolerance
 
@@ -249,6 +251,7 @@ def verify(
     report: Optional[Path] = typer.Option(None, help="Also write the JSON report to this file."),
 ) -> None:
     """Check that two checkpoints compute the same function (streamed, layer by layer)."""
+    warm_start(a, b)
     from . import api
     from .verify import DEFAULT_TOLERANCE, Tolerance
 
@@ -335,6 +338,7 @@ def undo(
     json_out: bool = typer.Option(False, "--json", help="Print the JSON report."),
 ) -> None:
     """Undo a transform with its recorded scales (bit-exact for pow2 scales)."""
+    warm_start(transformed)
     from . import api
 
     with _progress(_total_bytes(transformed) if err.is_terminal else None, not json_out) as advance:

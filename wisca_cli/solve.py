@@ -7,6 +7,8 @@ pair are what was applied, so undo multiplies them back out.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .balance import PairResult, apply_scales, log2_imbalance, member_multipliers, solve_pair, unit_stats
@@ -33,17 +35,32 @@ def _overlapping(pairs) -> bool:
 
 def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
                   granularity: str, norm: str = "fro", strength: float = 1.0, pow2: bool = True,
-                  inplace: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, PairResult]]:
+                  inplace: bool = False, before_apply: Callable[[], object] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, PairResult]]:
     """Balance every applicable pair of one layer: (new tensors by role, result per pair kind).
 
     Pairs that touch the same tensors (the norm target and qk, vo, ffn) are balanced in turn,
     sweep after sweep, until no scale changes (at most ``MAX_SWEEPS``). Each pair's recorded
     scale is the product over the sweeps: what was applied, so undo divides it back out.
+    ``inplace`` overwrites ``tensors``; ``before_apply()`` is called before the first write
+    (e.g. to wait for another reader of the originals); disjoint pairs are all solved first.
     """
     new: dict[str, torch.Tensor] = {}
     results: dict[str, PairResult] = {}
     pairs = layer_pairs(layout, layer, targets, granularity)
-    sweeps = MAX_SWEEPS if _overlapping(pairs) and strength == 1.0 else 1
+    overlapping = _overlapping(pairs)
+    if not overlapping:   # one sweep: every solve reads the originals, then every apply
+        for pair in pairs:
+            dtype = _narrowest(tensors, (m.role for m in pair.members))
+            results[pair.kind] = solve_pair(pair, tensors, norm, strength, pow2, dtype)
+        if before_apply is not None:
+            before_apply()
+        for pair in pairs:
+            new.update(apply_scales(pair, tensors, results[pair.kind].scales.double(), inplace=inplace))
+        return new, results
+    if before_apply is not None:
+        before_apply()
+    sweeps = MAX_SWEEPS if strength == 1.0 else 1
     for sweep in range(sweeps):
         moved = False
         for pair in pairs:
@@ -69,14 +86,20 @@ def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], 
 
 
 def unscale_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
-                  granularity: str, scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                  granularity: str, scales: dict[str, torch.Tensor], inplace: bool = False,
+                  before_apply: Callable[[], object] | None = None) -> dict[str, torch.Tensor]:
     """Multiply a layer's recorded scales back out (pair kind -> scales as applied)."""
     new: dict[str, torch.Tensor] = {}
-    for pair in layer_pairs(layout, layer, targets, granularity):
+    pairs = layer_pairs(layout, layer, targets, granularity)
+    for pair in pairs:
         s = scales.get(pair.kind)
         if s is None or len(s) != pair.n_units:
             raise KeyError(pair.kind)
-        new.update(apply_scales(pair, {**tensors, **new}, 1.0 / s.double()))
+    if before_apply is not None:
+        before_apply()
+    for pair in pairs:
+        new.update(apply_scales(pair, {**tensors, **new}, 1.0 / scales[pair.kind].double(),
+                                inplace=inplace))
     return new
 
 
