@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from . import solve
-from .balance import NORMS, PairResult
+from .balance import NORMS, NonFiniteValues, PairResult
 from .checkpoint import ITEMSIZE, Checkpoint, ShardWriter, as_tensor, open_checkpoint, to_raw
 from .memory import SlabPool, carve, slab_bytes
 from .errors import VerificationFailed, WiscaError
@@ -92,6 +92,7 @@ class Stage:
     streamed: tuple[str, ...] = ()   # roles too big to hold: read in row blocks when used
     slab: torch.Tensor | None = None  # the memory ``raw`` lives in, owned until ``release``
     pool: SlabPool | None = None
+    cursor: int = 0                   # the slab's bytes from here on are free
 
     def tensors(self, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
         return {role: as_tensor(ckpt.tensors[self.names[role]], raw) for role, raw in self.raw.items()}
@@ -125,25 +126,33 @@ def _stages(ckpt: Checkpoint) -> list[Stage]:
 ADVISE_STREAMED = 256 << 20   # read-ahead hint for a streamed (embedding-sized) tensor
 
 
-def _stage_pool(ckpt: Checkpoint, stages: list[Stage], count: int) -> SlabPool:
-    """Slabs big enough for the largest stage's held tensors."""
-    size = max(slab_bytes([ckpt.tensors[n].nbytes for n in s.held()]) for s in stages)
-    return SlabPool(count, size)
+def _stage_pool(items: list[tuple[Checkpoint, Stage]], count: int, room_for_blocks: bool = False) -> SlabPool:
+    """Slabs big enough for the largest stage's held tensors (``room_for_blocks``: plus
+    one row block of its streamed tensor, see ``_stream_big``)."""
+    def need(ckpt: Checkpoint, stage: Stage) -> int:
+        sizes = [ckpt.tensors[n].nbytes for n in stage.held()]
+        if room_for_blocks:
+            sizes += [ckpt.chunk_bytes(stage.names[r]) for r in stage.streamed]
+        return slab_bytes(sizes)
+
+    return SlabPool(count, max(need(c, s) for c, s in items), prefill=True)
 
 
-def _read_stages(ckpt: Checkpoint, stages: list[Stage], slabs: SlabPool,
+def _read_stages(items: list[tuple[Checkpoint, Stage]], slabs: SlabPool,
                  align: Callable[[str], int] | None = None) -> Iterator[Stage]:
-    """Yield stages with their bytes read into slabs; the next stage is read while this
-    one computes. The consumer calls ``stage.release()`` when done with a stage (after
-    its bytes are written), which lets the reader go on.
+    """Yield the stages (of one checkpoint, or of two interleaved) with their bytes read
+    into slabs; the next stage is read while this one computes. The consumer calls
+    ``stage.release()`` when done with a stage (after its bytes are written), which lets
+    the reader go on.
 
     ``align(name)``: the output file offset of a tensor, so its buffer can go to the disk
     without a copy."""
     def load(i: int) -> Stage:
-        stage = stages[i]
-        if i + 1 < len(stages):   # the disk fetches the stage after this one meanwhile
-            for role, name in stages[i + 1].names.items():
-                ckpt.advise(name, ADVISE_STREAMED if role in stages[i + 1].streamed else None)
+        ckpt, stage = items[i]
+        if i + 1 < len(items):   # the disk fetches the stage after this one meanwhile
+            nckpt, nstage = items[i + 1]
+            for role, name in nstage.names.items():
+                nckpt.advise(name, ADVISE_STREAMED if role in nstage.streamed else None)
         slab, cursor, raw = slabs.acquire(), 0, {}
         for role in stage.names:
             if role in stage.streamed:
@@ -152,14 +161,14 @@ def _read_stages(ckpt: Checkpoint, stages: list[Stage], slabs: SlabPool,
             info = ckpt.tensors[name]
             out, cursor = carve(slab, info.nbytes, cursor, align(name) if align else None, ITEMSIZE[info.dtype])
             raw[role] = ckpt.read_raw(name, out=out)
-        return Stage(stage.kind, stage.layer, stage.names, raw, stage.streamed, slab, slabs)
+        return Stage(stage.kind, stage.layer, stage.names, raw, stage.streamed, slab, slabs, cursor)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         try:
-            pending = pool.submit(load, 0) if stages else None
-            for i in range(len(stages)):
+            pending = pool.submit(load, 0) if items else None
+            for i in range(len(items)):
                 stage = pending.result()
-                pending = pool.submit(load, i + 1) if i + 1 < len(stages) else None
+                pending = pool.submit(load, i + 1) if i + 1 < len(items) else None
                 yield stage
                 del stage
         finally:
@@ -189,9 +198,16 @@ def _run_all(items: list[tuple[Callable, tuple]]) -> None:
         fn(*args)
 
 
-def _check_finite(ckpt: Checkpoint, stage: Stage, tensors: dict[str, torch.Tensor]) -> None:
+def _check_finite(ckpt: Checkpoint, stage: Stage, tensors: dict[str, torch.Tensor],
+                  skip: set[str] = frozenset()) -> None:
+    """Refuse NaN or Inf in a stage's tensors (``skip``: roles the balancing checks itself)."""
     for role, t in tensors.items():
-        _require_finite(ckpt, stage.names[role], t)
+        if role not in skip:
+            _require_finite(ckpt, stage.names[role], t)
+
+
+def _nonfinite_error(ckpt: Checkpoint, name: str) -> WiscaError:
+    return WiscaError(f"{ckpt.root / ckpt.tensors[name].shard}: tensor {name} contains NaN or Inf")
 
 
 def _require_finite(ckpt: Checkpoint, name: str, t: torch.Tensor) -> None:
@@ -200,38 +216,46 @@ def _require_finite(ckpt: Checkpoint, name: str, t: torch.Tensor) -> None:
         return
     lo, hi = torch.aminmax(t)
     if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-        raise WiscaError(f"{ckpt.root / ckpt.tensors[name].shard}: tensor {name} contains NaN or Inf")
+        raise _nonfinite_error(ckpt, name)
 
 
 def _stream_big(ckpt: Checkpoint, name: str, writer: ShardWriter | None = None,
-                queue: _WriteQueue | None = None, chunks: SlabPool | None = None):
+                queue: _WriteQueue | None = None, chunks: SlabPool | None = None,
+                stage: Stage | None = None):
     """Yield row blocks of a big untouched tensor, checked and (with a writer) copied out.
 
-    Blocks are read into ``chunks`` slabs when given (each handed back once written, or
-    once the consumer moves on)."""
+    Blocks are read into ``chunks`` slabs (each handed back once written), or, without a
+    writer, into the free end of ``stage``'s slab (one block at a time: the consumer is
+    done with a block when it asks for the next)."""
     info = ckpt.tensors[name]
     align = writer.offset(name) if writer is not None else None
     held: list[torch.Tensor] = []
 
-    def buffer(nbytes: int, at: int | None) -> torch.Tensor:
+    def from_pool(nbytes: int, at: int | None) -> torch.Tensor:
         held.append(chunks.acquire())
         return carve(held[-1], nbytes, 0, at, ITEMSIZE[info.dtype])[0]
 
-    for start, raw, rows in ckpt.row_chunks(name, align=align, buffer=buffer if chunks else None):
+    def from_stage(nbytes: int, at: int | None) -> torch.Tensor:
+        return carve(stage.slab, nbytes, stage.cursor, at, ITEMSIZE[info.dtype])[0]
+
+    buffer = from_pool if chunks is not None else from_stage if stage is not None and writer is None else None
+    for start, raw, rows in ckpt.row_chunks(name, align=align, buffer=buffer):
         _require_finite(ckpt, name, rows)
         done = [(chunks.release, (held.pop(),))] if chunks else []
         if writer is not None:
             offset = start * (info.nbytes // max(info.shape[0], 1))
             queue.put([(writer.write_part, (name, offset, raw, offset + raw.numel() == info.nbytes)), *done])
             done = []
-        yield start, rows
-        del raw, rows
-        _run_all(done)
+        try:
+            yield start, rows
+        finally:   # also when the consumer closes the generator early
+            del raw, rows
+            _run_all(done)
 
 
-def _chunk_pool(ckpt: Checkpoint, stages: list[Stage], count: int) -> SlabPool:
-    sizes = [ckpt.chunk_bytes(s.names[r]) for s in stages for r in s.streamed]
-    return SlabPool(count, max([slab_bytes([n]) for n in sizes], default=1))
+def _chunk_pool(items: list[tuple[Checkpoint, Stage]], count: int) -> SlabPool:
+    sizes = [ckpt.chunk_bytes(s.names[r]) for ckpt, s in items for r in s.streamed]
+    return SlabPool(count, max([slab_bytes([n]) for n in sizes], default=1), prefill=True)
 
 
 @contextmanager
@@ -275,8 +299,12 @@ CHUNK_SLABS = 3
 
 
 def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: StreamVerifier | None,
-             stamp: dict | None, progress: Progress | None) -> tuple[list[dict], dict | None]:
+             stamp: dict | None, progress: Progress | None,
+             checked: Callable[[int], set[str]] | None = None) -> tuple[list[dict], dict | None]:
     """Stream ckpt into out_dir with layer_fn applied to each decoder layer.
+
+    ``checked(layer)``: roles that layer_fn itself refuses NaN and Inf in (so they are
+    not scanned twice).
 
     Threads: one reads the next stage, one writes the previous one, and (when verifying)
     one runs the reference model's layer beside the balancing; the scales are applied in
@@ -286,25 +314,26 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
     writers = {name: ShardWriter(out_dir / name, shard, _shard_metadata(shard.metadata, stamp))
                for name, shard in ckpt.shards.items()}
     writer_of = lambda name: writers[ckpt.tensors[name].shard]   # noqa: E731
-    stages = _stages(ckpt)
-    slabs, chunks = _stage_pool(ckpt, stages, STAGE_SLABS), _chunk_pool(ckpt, stages, CHUNK_SLABS)
+    stages = [(ckpt, s) for s in _stages(ckpt)]
+    slabs, chunks = _stage_pool(stages, STAGE_SLABS), _chunk_pool(stages, CHUNK_SLABS)
     layer_reports, result = [], None
     try:
         with _torch_threads(1), ThreadPoolExecutor(1) as write_pool, ThreadPoolExecutor(1) as ref_pool:
             if verifier is not None:
                 verifier.pool = ref_pool
             queue = _WriteQueue(write_pool)
-            for stage in _read_stages(ckpt, stages, slabs, align=lambda n: writer_of(n).offset(n)):
+            for stage in _read_stages(stages, slabs, align=lambda n: writer_of(n).offset(n)):
                 tensors = stage.tensors(ckpt)
                 new: dict[str, torch.Tensor] = {}
+                skip = checked(stage.layer) if checked and stage.kind == "layer" else frozenset()
                 if stage.kind == "layer" and verifier is not None:
                     # the reference layer (and the NaN check) run beside the balancing
-                    ref = verifier.start_layer(tensors, before=lambda: _check_finite(ckpt, stage, tensors))
+                    ref = verifier.start_layer(tensors, before=lambda: _check_finite(ckpt, stage, tensors, skip))
                     new, report = layer_fn(stage.layer, tensors, ref.result)
                     verifier.finish_layer(stage.layer, ref, {**tensors, **new})
                     layer_reports.append({"layer": stage.layer, **report})
                 else:
-                    _check_finite(ckpt, stage, tensors)
+                    _check_finite(ckpt, stage, tensors, skip)
                     if stage.kind == "layer":
                         new, report = layer_fn(stage.layer, tensors, None)
                         layer_reports.append({"layer": stage.layer, **report})
@@ -425,16 +454,20 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
         scales: dict[str, torch.Tensor] = {}
 
         def balance(layer: int, tensors: dict[str, torch.Tensor], before_apply):
-            new, results = solve.balance_layer(ckpt.layout, layer, tensors, opts.targets, opts.granularity,
-                                               opts.norm, opts.strength, pow2, inplace=True,
-                                               before_apply=before_apply)
+            try:
+                new, results = solve.balance_layer(ckpt.layout, layer, tensors, opts.targets, opts.granularity,
+                                                   opts.norm, opts.strength, pow2, inplace=True,
+                                                   before_apply=before_apply)
+            except NonFiniteValues as e:
+                raise _nonfinite_error(ckpt, ckpt.layout.layer_roles(layer)[e.role]) from None
             for kind, r in results.items():
                 scales[f"layers.{layer}.{kind}"] = r.scales
             return new, {kind: _pair_report(r) for kind, r in results.items()}
 
         stamp = {"version": __version__, "record": RECORD_NAME}
         with StagedOutput(dst_path, opts.overwrite) as out:
-            layers, result = _rewrite(ckpt, out.tmp, balance, verifier, stamp, progress)
+            layers, result = _rewrite(ckpt, out.tmp, balance, verifier, stamp, progress, checked=lambda layer:
+                                      solve.covered_roles(ckpt.layout, layer, opts.targets, opts.granularity))
             report = {
                 "command": "transform", "wisca_version": __version__, "record_format": RECORD_FORMAT,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -615,13 +648,14 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe
             verifier = StreamVerifier(ca.layout, ids, exact=mode == "exact", tolerance=_tolerance(ca, tolerance),
                                       dtype=compute_dtype(_main_torch_dtype(ca), mode == "exact"))
             result = None
-            sta, stb = _stages(ca), _stages(cb)
-            pools = [_stage_pool(ca, sta, 2), _stage_pool(cb, stb, 2), _chunk_pool(ca, sta, 1), _chunk_pool(cb, stb, 1)]
+            # one reader, A's and B's stages in turn: A's and B's layer in use, the next one read
+            items = [item for sa, sb in zip(_stages(ca), _stages(cb)) for item in ((ca, sa), (cb, sb))]
+            slabs = _stage_pool(items, 3, room_for_blocks=True)
             with _torch_threads(1), ThreadPoolExecutor(1) as ref_pool:
                 verifier.pool = ref_pool
-                stages_b = iter(_read_stages(cb, stb, pools[1]))
-                for sa in _read_stages(ca, sta, pools[0]):
-                    sb = next(stages_b)
+                reader = _read_stages(items, slabs)
+                for sa in reader:
+                    sb = next(reader)
                     ta, tb = sa.tensors(ca), sb.tensors(cb)
                     if sa.kind == "layer":
                         ref = verifier.start_layer(ta, before=lambda: _check_finite(ca, sa, ta))
@@ -637,13 +671,16 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe
                     if sa.kind == "final":
                         verifier.final_norm(ta["norm"], tb["norm"], ta, tb)
                     role = sa.streamed[0]
-                    pairs = zip(_stream_big(ca, sa.names[role], chunks=pools[2]),
-                                _stream_big(cb, sb.names[role], chunks=pools[3]))
-                    for (start, rows_a), (_, rows_b) in pairs:
-                        if sa.kind == "embed":
-                            verifier.embed_rows(start, rows_a, rows_b)
-                        else:
-                            verifier.head_rows(rows_a, rows_b)
+                    streams = (_stream_big(ca, sa.names[role], stage=sa), _stream_big(cb, sb.names[role], stage=sb))
+                    try:
+                        for (start, rows_a), (_, rows_b) in zip(*streams):
+                            if sa.kind == "embed":
+                                verifier.embed_rows(start, rows_a, rows_b)
+                            else:
+                                verifier.head_rows(rows_a, rows_b)
+                    finally:   # zip leaves the second stream open: hand back its block now
+                        for stream in streams:
+                            stream.close()
                     if sa.kind == "embed":
                         verifier.embed_done(ta, tb)
                     else:

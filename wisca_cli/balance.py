@@ -57,12 +57,43 @@ def _chunk_buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:n]
 
 
+PARALLEL_MIN = 1 << 22     # tensors at least this big are reduced in two halves at once
+_helper = None
+
+
+def _helper_pool():
+    """One extra thread: a big tensor's second half is reduced there while the caller
+    reduces the first (torch ops on cache-sized chunks are too small to split inside)."""
+    global _helper
+    if _helper is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _helper = ThreadPoolExecutor(1, thread_name_prefix="wisca-stats")
+    return _helper
+
+
 def _slice_reduce(t: torch.Tensor, axis: int):
     """Per-slice sum of squares, element count, max |x| and min non-zero |x| along ``axis``.
 
     One pass over the tensor in cache-sized row chunks; NaN or Inf show up in max |x|.
+    Big tensors are split by rows into two halves reduced on two threads; the halves'
+    results combine exactly (per-row results are disjoint; per-column sums of squares
+    add in float64 from float32 partial sums, as the chunks do).
     """
     t = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+    if t.numel() < PARALLEL_MIN or t.shape[0] < 2:
+        return _slice_reduce_rows(t, axis)
+    half = t.shape[0] // 2
+    other = _helper_pool().submit(_slice_reduce_rows, t[half:], axis)
+    first = _slice_reduce_rows(t[:half], axis)
+    second = other.result()
+    if axis == 0:
+        return (torch.cat([first[0], second[0]]), first[1], torch.cat([first[2], second[2]]),
+                torch.cat([first[3], second[3]]))
+    return (first[0] + second[0], first[1] + second[1], torch.maximum(first[2], second[2]),
+            torch.minimum(first[3], second[3]))
+
+
+def _slice_reduce_rows(t: torch.Tensor, axis: int):
     rows_axis = axis == 0
     n = t.shape[0] if rows_axis else t.shape[1]
     width = max(t.shape[1], 1)
@@ -89,7 +120,17 @@ def _slice_reduce(t: torch.Tensor, axis: int):
     return sumsq, t.numel() // max(n, 1), maxabs, minabs
 
 
+class NonFiniteValues(ValueError):
+    """A member tensor holds NaN or Inf (found by the statistics pass, which sees every value)."""
+
+    def __init__(self, role: str):
+        super().__init__(role)
+        self.role = role
+
+
 def unit_stats(pair: Pair, tensors: dict[str, torch.Tensor]) -> UnitStats:
+    """Per-unit statistics of a pair; raises ``NonFiniteValues`` naming a member's role if
+    it holds NaN or Inf (max |x| propagates both)."""
     n = pair.n_units
     z = lambda fill=0.0: torch.full((n,), fill, dtype=torch.float64)  # noqa: E731
     s = {+1: [z(), z(), z(), z(torch.inf)], -1: [z(), z(), z(), z(torch.inf)]}
@@ -98,6 +139,8 @@ def unit_stats(pair: Pair, tensors: dict[str, torch.Tensor]) -> UnitStats:
         if m.offset:   # a (offset + w) norm: the factor the network uses is what scales
             t = t.double() + m.offset
         sumsq, count, maxabs, minabs = _slice_reduce(t, m.axis)
+        if not bool(torch.isfinite(maxabs).all()):
+            raise NonFiniteValues(m.role)
         keep = m.units >= 0
         idx = m.units[keep]
         acc = s[m.side]

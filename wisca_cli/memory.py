@@ -38,7 +38,7 @@ class SlabPool:
     ``close`` wakes any waiter with ``SlabPoolClosed`` (a failed run must not hang).
     """
 
-    def __init__(self, count: int, size: int):
+    def __init__(self, count: int, size: int, prefill: bool = False):
         import threading
 
         self.count, self.size = count, max(size, 1)
@@ -46,12 +46,29 @@ class SlabPool:
         self.made = 0
         self.closed = False
         self.cond = threading.Condition()
+        if prefill:   # map the slabs on another core while the caller starts up
+            threading.Thread(target=self._prefill, name="wisca-slabs", daemon=True).start()
 
-    def acquire(self):
+    def _claim(self) -> bool:
+        with self.cond:
+            if self.made >= self.count or self.closed:
+                return False
+            self.made += 1
+            return True
+
+    def _make(self):
         import mmap
 
         import torch
 
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        return torch.frombuffer(mmap.mmap(-1, self.size, flags=flags), dtype=torch.uint8)
+
+    def _prefill(self) -> None:
+        while self._claim():
+            self.release(self._make())
+
+    def acquire(self):
         with self.cond:
             while not self.free and self.made >= self.count and not self.closed:
                 self.cond.wait()
@@ -60,8 +77,7 @@ class SlabPool:
             if self.free:
                 return self.free.pop()
             self.made += 1
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-        return torch.frombuffer(mmap.mmap(-1, self.size, flags=flags), dtype=torch.uint8)
+        return self._make()
 
     def release(self, slab) -> None:
         with self.cond:

@@ -85,6 +85,11 @@ def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], 
     return new, results
 
 
+def covered_roles(layout: Layout, layer: int, targets: tuple[str, ...], granularity: str) -> set[str]:
+    """Roles whose every value ``balance_layer`` reads (and checks for NaN and Inf)."""
+    return {m.role for pair in layer_pairs(layout, layer, targets, granularity) for m in pair.members}
+
+
 def unscale_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
                   granularity: str, scales: dict[str, torch.Tensor], inplace: bool = False,
                   before_apply: Callable[[], object] | None = None) -> dict[str, torch.Tensor]:
