@@ -32,9 +32,10 @@ class SlabPool:
 
     Streaming a model through freshly allocated buffers costs a page fault per 4 KiB on
     every layer (six times the cost of reading the bytes) and lets the heap fragment, so
-    the resident set creeps up with the model. Slabs are mapped (and populated) once, at
-    most ``count`` of them, so memory is ``count x size`` whatever the model, and every
-    read after the first few lands in hot pages. ``acquire`` blocks until a slab is free;
+    the resident set creeps up with the model. Slabs are mapped once (``prefill``: and
+    their pages faulted in on a background thread), at most ``count`` of them, so memory
+    is ``count x size`` whatever the model, and every read after the first few lands in
+    hot pages. ``acquire`` blocks until a slab is free;
     ``close`` wakes any waiter with ``SlabPoolClosed`` (a failed run must not hang).
     """
 
@@ -46,8 +47,9 @@ class SlabPool:
         self.made = 0
         self.closed = False
         self.cond = threading.Condition()
-        if prefill:   # map the slabs on another core while the caller starts up
-            threading.Thread(target=self._prefill, name="wisca-slabs", daemon=True).start()
+        if prefill:   # map the slabs on another core while the caller starts up; not a
+            # daemon: interpreter exit must not kill it inside a torch op (that aborts)
+            threading.Thread(target=self._prefill, name="wisca-slabs").start()
 
     def _claim(self) -> bool:
         with self.cond:
@@ -56,17 +58,19 @@ class SlabPool:
             self.made += 1
             return True
 
-    def _make(self):
+    def _make(self, touch: bool = False):
         import mmap
 
         import torch
 
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-        return torch.frombuffer(mmap.mmap(-1, self.size, flags=flags), dtype=torch.uint8)
+        slab = torch.frombuffer(mmap.mmap(-1, self.size), dtype=torch.uint8)
+        if touch:      # fault the pages in now, in torch (which lets go of the GIL), not
+            slab.zero_()   # with MAP_POPULATE (mmap keeps the GIL: the main thread would stall)
+        return slab
 
     def _prefill(self) -> None:
         while self._claim():
-            self.release(self._make())
+            self.release(self._make(touch=True))
 
     def acquire(self):
         with self.cond:
