@@ -220,3 +220,46 @@ def test_memory_is_a_fixed_number_of_slabs(tmp_path, monkeypatch):
     stage_pool = max(by_pool, key=lambda p: sum(1 for q, _ in made if q == p))   # 14 stages
     assert sum(1 for q, _ in made if q == stage_pool) == 12 + 2
     assert len(by_pool[stage_pool]) == api.STAGE_SLABS
+
+
+# -- read-ahead hints -----------------------------------------------------------------------------
+def test_read_ahead_hints_follow_the_index_and_stay_within_budget(tmp_path):
+    from wisca_cli import prefetch
+
+    src = synthetic_llama(tmp_path / "src", hidden=128, layers=4, inter=256, vocab=512, shards=3)
+    files = prefetch.shard_files(src)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    assert [f.name for f in files] == list(dict.fromkeys(index.values()))
+    sizes = [f.stat().st_size for f in files]
+    assert prefetch.advise_files(files, 10**12) == sum(sizes)
+    assert prefetch.advise_files(files, sizes[0] + 5) == sizes[0] + 5     # the budget is a hard cap
+
+
+def test_read_ahead_hints_never_fail(tmp_path):
+    from wisca_cli import prefetch
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors.index.json").write_text("{not json")
+    assert prefetch.shard_files(bad) == []
+    assert prefetch.shard_files(tmp_path / "missing") == []
+    assert prefetch.advise_files([tmp_path / "missing.safetensors"], 100) == 0
+    prefetch.warm_start(str(bad), str(tmp_path / "missing"), "org/hub-id", "")   # no exception
+
+
+def test_a_wrong_layer_is_caught_and_named_while_layers_overlap(tmp_path, monkeypatch):
+    """The transformed layer's forward runs beside the next layer's balancing: the first
+    diverging layer is still the one reported, and nothing is written."""
+    src = synthetic_llama(tmp_path / "src", hidden=128, layers=6, inter=256, vocab=256, dtype=torch.bfloat16)
+    real = solve.balance_layer
+
+    def broken(layout, layer, tensors, *args, **kwargs):
+        new, results = real(layout, layer, tensors, *args, **kwargs)
+        if layer == 3:
+            new["o"] = tensors["o"].mul_(2)     # one layer's output doubled
+        return new, results
+
+    monkeypatch.setattr(solve, "balance_layer", broken)
+    with pytest.raises(wisca.VerificationFailed, match="diverge at layer 3"):
+        wisca.transform(src, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

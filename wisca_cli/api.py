@@ -318,19 +318,23 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
     slabs, chunks = _stage_pool(stages, STAGE_SLABS), _chunk_pool(stages, CHUNK_SLABS)
     layer_reports, result = [], None
     try:
-        with _torch_threads(1), ThreadPoolExecutor(1) as write_pool, ThreadPoolExecutor(1) as ref_pool:
+        with _torch_threads(1), ThreadPoolExecutor(1) as write_pool, ThreadPoolExecutor(1) as ref_pool, \
+                ThreadPoolExecutor(1) as cand_pool:
             if verifier is not None:
-                verifier.pool = ref_pool
+                verifier.pool, verifier.cand_pool = ref_pool, cand_pool
             queue = _WriteQueue(write_pool)
             for stage in _read_stages(stages, slabs, align=lambda n: writer_of(n).offset(n)):
                 tensors = stage.tensors(ckpt)
                 new: dict[str, torch.Tensor] = {}
                 skip = checked(stage.layer) if checked and stage.kind == "layer" else frozenset()
+                candidate = []   # the transformed layer's forward, which must end before the slab is reused
                 if stage.kind == "layer" and verifier is not None:
-                    # the reference layer (and the NaN check) run beside the balancing
+                    # the reference layer (and the NaN check) run beside the balancing; the
+                    # transformed layer runs beside the next layer's balancing
                     ref = verifier.start_layer(tensors, before=lambda: _check_finite(ckpt, stage, tensors, skip))
                     new, report = layer_fn(stage.layer, tensors, ref.result)
-                    verifier.finish_layer(stage.layer, ref, {**tensors, **new})
+                    future = verifier.finish_layer_async(stage.layer, ref, {**tensors, **new})
+                    candidate = [(future.result, ())]
                     layer_reports.append({"layer": stage.layer, **report})
                 else:
                     _check_finite(ckpt, stage, tensors, skip)
@@ -339,7 +343,7 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
                         layer_reports.append({"layer": stage.layer, **report})
                 queue.put([*((writer_of(stage.names[role]).write,
                               (stage.names[role], to_raw(new[role]) if role in new else raw))
-                             for role, raw in stage.raw.items()), (stage.release, ())])
+                             for role, raw in stage.raw.items()), *candidate, (stage.release, ())])
                 if stage.kind == "embed":
                     name = stage.names["embed"]
                     for start, rows in _stream_big(ckpt, name, writer_of(name), queue, chunks):

@@ -94,13 +94,16 @@ def _cast(w: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Ten
 class StreamVerifier:
     """Two residual streams through the reference forward, compared after every layer.
 
-    ``pool`` (an executor) runs the reference model's layer beside the candidate's.
+    ``pool`` (an executor) runs the reference model's layer beside the candidate's;
+    ``cand_pool`` lets ``finish_layer_async`` run the candidate's layer in the background.
+    Each pool has one thread, so a stream's layers run in order.
     """
 
     def __init__(self, layout: Layout, ids: torch.Tensor, exact: bool, tolerance: Tolerance,
-                 dtype: torch.dtype = torch.float32, pool=None):
+                 dtype: torch.dtype = torch.float32, pool=None, cand_pool=None):
         self.layout, self.ids, self.exact, self.tol, self.dtype = layout, ids, exact, tolerance, dtype
-        self.pool = pool
+        self.pool, self.cand_pool = pool, cand_pool
+        self._last_cand = None
         self._contexts: dict[tuple, tuple] = {}
         self.rope, self.mask = self._context(0) if layout.layers else (None, None)
         self._started = 0          # layers whose reference step has been started
@@ -125,6 +128,7 @@ class StreamVerifier:
     def embed_done(self, extra_ref: dict | None = None, extra_new: dict | None = None) -> None:
         """The embeddings are complete: add learned positions (``extra["pos"]``, GPT-2) and
         apply the family's embedding scale (Gemma's sqrt(hidden), Granite's multiplier)."""
+        self.drain()
         length = self.ids.shape[1]
         for h, extra in ((self.h_ref, extra_ref), (self.h_new, extra_new)):
             if extra and "pos" in extra:
@@ -133,7 +137,7 @@ class StreamVerifier:
         if scale is not None:
             factor = torch.tensor(scale, dtype=self.dtype)
             self.h_ref, self.h_new = self.h_ref * factor, self.h_new * factor
-        self._compare(-1)
+        self._compare(-1, self.h_ref, self.h_new)
 
     def _context(self, layer: int) -> tuple:
         """RoPE tables and mask of one layer (layers differ in rotary dims, theta, window)."""
@@ -152,14 +156,16 @@ class StreamVerifier:
             return forward.decoder_layer(h, _cast(w, self.dtype), self.layout, rope, mask)
 
     def start_layer(self, w_ref: dict, before=None):
-        """Run the reference model's layer (after ``before()``, e.g. a check) in the pool."""
+        """Run the reference model's layer (after ``before()``, e.g. a check) in the pool;
+        the future's result is the reference stream after this layer."""
         layer = self._started
         self._started += 1
 
         def run():
             if before is not None:
                 before()
-            return self._step(self.h_ref, w_ref, layer)
+            self.h_ref = self._step(self.h_ref, w_ref, layer)   # the next layer starts from it
+            return self.h_ref
 
         if self.pool is None:
             self._ref_result = run()
@@ -168,22 +174,37 @@ class StreamVerifier:
 
     def finish_layer(self, index: int, pending, w_new: dict) -> None:
         """The transformed model's layer here, then compare with the reference's."""
+        self.drain()
+        self._candidate(index, pending, w_new)
+
+    def finish_layer_async(self, index: int, pending, w_new: dict):
+        """``finish_layer`` in ``cand_pool``; returns its future. ``w_new`` must stay
+        unchanged until the future is done."""
+        self._last_cand = self.cand_pool.submit(self._candidate, index, pending, w_new)
+        return self._last_cand
+
+    def drain(self) -> None:
+        """Wait for the candidate layer running in the background (re-raising its error)."""
+        if self._last_cand is not None:
+            self._last_cand.result()
+
+    def _candidate(self, index: int, pending, w_new: dict) -> None:
         self.h_new = self._step(self.h_new, w_new, index)
-        self.h_ref = pending.result() if pending is not None else self._ref_result
-        self._compare(index)
+        h_ref = pending.result() if pending is not None else self._ref_result
+        self._compare(index, h_ref, self.h_new)
 
     def layer(self, index: int, w_ref: dict, w_new: dict) -> None:
         self._started = index
         self.finish_layer(index, self.start_layer(w_ref), w_new)
 
-    def _compare(self, index: int) -> None:
-        diff = (self.h_ref.float() - self.h_new.float()).abs().max().item()
+    def _compare(self, index: int, h_ref: torch.Tensor, h_new: torch.Tensor) -> None:
+        diff = (h_ref.float() - h_new.float()).abs().max().item()
         self.layer_diffs.append(diff)
         if self.first_bad is None:
             if self.exact:
-                bad = not torch.equal(self.h_ref, self.h_new)
+                bad = not torch.equal(h_ref, h_new)
             else:
-                scale = self.h_ref.abs().max().item() or 1.0
+                scale = h_ref.abs().max().item() or 1.0
                 bad = not (diff / scale <= self.tol.max_rel)   # also catches NaN
             if bad:
                 self.first_bad = index
@@ -196,6 +217,8 @@ class StreamVerifier:
     def final_norm(self, norm_ref: torch.Tensor, norm_new: torch.Tensor,
                    extra_ref: dict | None = None, extra_new: dict | None = None) -> None:
         """The final norm; ``extra["norm_bias"]`` for LayerNorm families."""
+        self.drain()
+
         def bias(extra):
             return extra["norm_bias"].to(self.dtype) if extra and "norm_bias" in extra else None
 
