@@ -341,9 +341,12 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
                     if stage.kind == "layer":
                         new, report = layer_fn(stage.layer, tensors, None)
                         layer_reports.append({"layer": stage.layer, **report})
+                # a layer is done with once written; the embed and final stages are still read
+                # below (norms, positions), so their slab goes back at the end of the iteration
+                release = [(stage.release, ())] if stage.kind == "layer" else []
                 queue.put([*((writer_of(stage.names[role]).write,
                               (stage.names[role], to_raw(new[role]) if role in new else raw))
-                             for role, raw in stage.raw.items()), *candidate, (stage.release, ())])
+                             for role, raw in stage.raw.items()), *candidate, *release])
                 if stage.kind == "embed":
                     name = stage.names["embed"]
                     for start, rows in _stream_big(ckpt, name, writer_of(name), queue, chunks):
@@ -363,6 +366,8 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
                     if verifier is not None:
                         result = verifier.result()
                 del tensors, new
+                if stage.kind != "layer":
+                    queue.put([(stage.release, ())])
                 if progress:
                     progress(sum(ckpt.tensors[n].nbytes for n in stage.names.values()), _stage_label(stage))
             queue.put([(_copy_passthrough, (ckpt, writers))])
