@@ -235,17 +235,24 @@ def check_written(src: Path, dst: Path, exact: bool) -> None:
             raise RuntimeError(f"{dst}: tensor {name} is not the source times its recorded scales")
 
 
-class PretrainTask:
+class _Task:
+    """What both tasks share: the corpus, the validation batches, the step budget."""
+
+    def __init__(self, args, workdir: Path, packages, steps: int, corpus: str):
+        self.args, self.workdir = args, workdir
+        self.train_data, val = load_corpus(packages)
+        self.val = val_batches(val, args.eval_batches, args.batch_size, args.seq_len)
+        self.total, self.seq_len, self.grad_clip = steps, args.seq_len, args.grad_clip
+        self.data_desc = f"{corpus}: {len(self.train_data):,} train / {len(val):,} val bytes"
+
+
+class PretrainTask(_Task):
     """Train a GQA Llama from scratch; the transition acts on the whole checkpoint."""
 
     kind = "pretrain"
 
     def __init__(self, args, workdir: Path):
-        self.args, self.workdir = args, workdir
-        self.train_data, val = load_corpus(None)
-        self.val = val_batches(val, args.eval_batches, args.batch_size, args.seq_len)
-        self.total, self.seq_len, self.grad_clip = args.steps, args.seq_len, args.grad_clip
-        self.data_desc = (f"top-level stdlib modules: {len(self.train_data):,} train / {len(val):,} val bytes")
+        super().__init__(args, workdir, None, args.steps, "top-level stdlib modules")
 
     def lr(self, step: int) -> float:
         a = self.args
@@ -344,18 +351,14 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
 
 
-class LoraTask:
+class LoraTask(_Task):
     """Fine-tune a LoRA adapter on held-out stdlib packages; the transition acts on the adapter."""
 
     kind = "lora"
 
     def __init__(self, args, workdir: Path):
-        self.args, self.workdir = args, workdir
-        self.train_data, val = load_corpus(HELD_OUT_PACKAGES)
-        self.val = val_batches(val, args.eval_batches, args.batch_size, args.seq_len)
-        self.total, self.seq_len, self.grad_clip = args.lora_steps, args.seq_len, args.grad_clip
-        self.data_desc = (f"held-out stdlib packages {', '.join(HELD_OUT_PACKAGES)}: "
-                          f"{len(self.train_data):,} train / {len(val):,} val bytes")
+        super().__init__(args, workdir, HELD_OUT_PACKAGES, args.lora_steps,
+                         f"held-out stdlib packages {', '.join(HELD_OUT_PACKAGES)}")
         self.base = workdir / "base"
         self.base_info = self.pretrain_base()
 

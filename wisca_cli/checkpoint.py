@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import WiscaError
-from .fileio import OutputFile, aligned_empty
+from .fileio import OutputFile
 from .spec import Layout, expected_shapes, layout_from_config
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -78,21 +78,12 @@ class Checkpoint:
             return self._fds[shard]
 
     def read_raw(self, name: str, offset: int = 0, nbytes: int | None = None,
-                 align: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor's bytes (or nbytes of them from offset) as uint8, by positioned reads.
-
-        ``out``: the uint8 buffer to read into (else a new one). ``align``: the file offset
-        these bytes will be written to; a new buffer is placed so the writer can pass it to
-        the disk without a copy (see ``fileio``).
-        """
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor's bytes (or nbytes of them from offset) as uint8, by positioned reads,
+        into ``out`` (a uint8 buffer, e.g. carved from a slab) or a new buffer."""
         info = self.tensors[name]
         nbytes = info.nbytes - offset if nbytes is None else nbytes
-        if out is not None:
-            buf = out
-        elif align is not None and align % ITEMSIZE.get(info.dtype, 1) == 0:
-            buf = aligned_empty(nbytes, align)
-        else:
-            buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out
         view = memoryview(buf.numpy())
         done, fd = 0, self._fd(info.shard)
         while done < nbytes:
@@ -129,8 +120,9 @@ class Checkpoint:
     def row_chunks(self, name: str, chunk_elements: int = CHUNK_ELEMENTS, align: int | None = None,
                    buffer=None):
         """Yield (first row, raw bytes, rows as a tensor) of a 2-D tensor, a block at a time,
-        so a 2 GB embedding never sits in memory whole. ``align`` as in ``read_raw``, for
-        the tensor's first byte; ``buffer(nbytes, align)`` supplies the block's memory."""
+        so a 2 GB embedding never sits in memory whole. ``buffer(nbytes, at)`` supplies a
+        block's memory; ``at`` is the block's output file offset when ``align`` gives the
+        tensor's (see ``memory.carve``), else None."""
         info = self.tensors[name]
         row_bytes = info.nbytes // max(info.shape[0], 1)
         row_elements = row_bytes // ITEMSIZE[info.dtype]
@@ -139,7 +131,7 @@ class Checkpoint:
             rows = min(step, info.shape[0] - start)
             at = None if align is None else align + start * row_bytes
             out = None if buffer is None else buffer(rows * row_bytes, at)
-            raw = self.read_raw(name, start * row_bytes, rows * row_bytes, at, out)
+            raw = self.read_raw(name, start * row_bytes, rows * row_bytes, out)
             yield start, raw, raw.view(DTYPES[info.dtype]).reshape(rows, *info.shape[1:])
 
     def close(self) -> None:
@@ -336,7 +328,7 @@ class ShardWriter:
         self.file.write(0, header)
 
     def offset(self, name: str) -> int:
-        """Where the tensor's first byte goes in the file (for ``aligned_empty``)."""
+        """Where the tensor's first byte goes in the file (its buffer is placed to match)."""
         return self.data_start + self.offsets[name][0]
 
     def write(self, name: str, raw: torch.Tensor) -> None:
