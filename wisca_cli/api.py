@@ -20,7 +20,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -29,13 +29,15 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from . import solve
-from .balance import NORMS, NonFiniteValues, PairResult
+from .balance import NonFiniteValues, PairResult
 from .checkpoint import ITEMSIZE, Checkpoint, ShardWriter, as_tensor, open_checkpoint, to_raw
 from .memory import SlabPool, carve, slab_bytes
 from .errors import VerificationFailed, WiscaError
 from .output import StagedOutput, check_target, copy_other_files
-from .pairs import ALL_TARGETS, DEFAULT_TARGETS, GRANULARITIES, layer_pairs
-from .verify import DEFAULT_TOLERANCE, StreamVerifier, Tolerance, compute_dtype, probe_ids
+from .options import (DEFAULT_TARGETS, OPTIONS, PROBE_FIELDS, TOLERANCE_FIELDS, OptionError, check,
+                      default)
+from .pairs import layer_pairs
+from .verify import StreamVerifier, Tolerance, compute_dtype, probe_ids, resolve_tolerance
 
 RECORD_NAME = "wisca.json"
 SCALES_NAME = "wisca_scales.safetensors"
@@ -45,41 +47,86 @@ Progress = Callable[[int, str], None]   # (bytes done since last call, what is h
 
 @dataclass
 class TransformOptions:
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    granularity: str = "channel"
-    norm: str = "fro"
-    strength: float = 1.0
-    scales: str = "pow2"                 # or "continuous"
-    verify: bool = True
-    probe_batch: int = 2
-    probe_len: int = 32
-    seed: int = 0
+    """The options of ``transform``; defaults and valid values come from ``options.OPTIONS``."""
+
+    targets: tuple[str, ...] = default("targets")
+    granularity: str = default("granularity")
+    norm: str = default("norm")
+    strength: float = default("strength")
+    scales: str = default("scales")                 # "pow2" or "continuous"
+    verify: bool = default("verify")
+    probe_batch: int = default("probe_batch")
+    probe_len: int = default("probe_len")
+    seed: int = default("seed")
     probe_ids_file: str | None = None
-    tolerance: Tolerance | None = None   # None: the default for the checkpoint's dtype
-    overwrite: bool = False
+    max_kl: float | None = None                      # tolerance fields: None = the dtype's default
+    min_top1: float | None = None
+    max_rel: float | None = None
+    tolerance: Tolerance | dict | None = None        # all three at once (fields left None: default)
+    overwrite: bool = default("overwrite")
     revision: str | None = None
-    base: str | None = None              # LoRA adapters: base model folder for the logits check
+    base: str | None = None                          # LoRA adapters: base model folder for the logits check
+    given: frozenset = frozenset()                   # fields the caller set explicitly
+
+    @classmethod
+    def build(cls, options: "TransformOptions | None" = None, **kwargs) -> "TransformOptions":
+        """``options`` with the fields in ``kwargs`` replaced, validated."""
+        names = {f.name for f in fields(cls)} - {"given"}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise OptionError(unknown[0], f"unknown option (options: {', '.join(sorted(names))})")
+        base = options or cls()
+        values = {n: getattr(base, n) for n in names}
+        values.update(kwargs)
+        opts = cls(**values, given=frozenset(base.given) | frozenset(kwargs))
+        opts.check()
+        return opts
+
+    def is_given(self, name: str) -> bool:
+        """Set by the caller: named in ``build``'s keywords, or different from the default."""
+        if name == "tolerance":
+            return self.tolerance is not None
+        return name in self.given or getattr(self, name) != (OPTIONS[name].default if name in OPTIONS else None)
 
     def check(self) -> None:
-        bad = [t for t in self.targets if t not in ALL_TARGETS]
-        if bad or not self.targets:
-            raise WiscaError(f"--targets: unknown target {bad[0] if bad else '(none)'!r} "
-                             f"(choose from {', '.join(ALL_TARGETS)})")
-        if self.granularity not in GRANULARITIES:
-            raise WiscaError(f"--granularity must be one of {', '.join(GRANULARITIES)}")
-        if self.norm not in NORMS:
-            raise WiscaError(f"--norm must be one of {', '.join(NORMS)}")
-        if self.scales not in ("pow2", "continuous"):
-            raise WiscaError("--scales must be pow2 or continuous")
-        if not 0.0 <= self.strength <= 1.0:
-            raise WiscaError(f"--strength must lie in [0, 1], got {self.strength}")
+        for name in OPTIONS:
+            if hasattr(self, name):
+                setattr(self, name, check(name, getattr(self, name)))
+        given = self.given_tolerance()
+        for name in TOLERANCE_FIELDS:
+            check(name, given.get(name))
+
+    def given_tolerance(self) -> dict:
+        """The tolerance fields the caller set (the rest stay the dtype's defaults)."""
+        tol = self.tolerance
+        out = dict(asdict(tol) if isinstance(tol, Tolerance) else (tol or {}))
+        out.update({k: getattr(self, k) for k in TOLERANCE_FIELDS if getattr(self, k) is not None})
+        return {k: v for k, v in out.items() if v is not None}
 
     def record(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if f.name not in ("overwrite", "tolerance", "given", *TOLERANCE_FIELDS)}
         d["targets"] = list(self.targets)
-        for key in ("overwrite", "tolerance"):
-            d.pop(key)
+        d["tolerance"] = self.given_tolerance() or None
         return d
+
+
+def _not_applicable(opts: TransformOptions, names, why: str) -> list[dict]:
+    """Warnings for options the caller set that this input does not use."""
+    return [{"option": n, "message": f"ignored: {why}"} for n in names if opts.is_given(n)]
+
+
+def _model_warnings(opts: TransformOptions, src, exact: bool) -> list[dict]:
+    out = []
+    if not opts.verify:
+        return out + _not_applicable(opts, (*PROBE_FIELDS, *TOLERANCE_FIELDS, "tolerance"), "verification is off")
+    if opts.probe_ids_file:
+        out += _not_applicable(opts, ("probe_batch", "probe_len", "seed"), "probe_ids_file gives the probe tokens")
+    if exact:
+        out += _not_applicable(opts, (*TOLERANCE_FIELDS, "tolerance"),
+                               "these scales verify bit for bit (mode exact); tolerances apply to continuous "
+                               "scales and inexact targets")
+    return out
 
 
 # -- streaming -------------------------------------------------------------------------------
@@ -280,8 +327,8 @@ def _main_torch_dtype(ckpt: Checkpoint) -> torch.dtype:
     return DTYPES.get(_main_dtype(ckpt), torch.float32)
 
 
-def _tolerance(ckpt: Checkpoint, given: Tolerance | None) -> Tolerance:
-    return given or DEFAULT_TOLERANCE.get(_main_dtype(ckpt), DEFAULT_TOLERANCE["F32"])
+def _tolerance(ckpt: Checkpoint, given: Tolerance | dict | None) -> Tolerance:
+    return resolve_tolerance(_main_dtype(ckpt), given)
 
 
 def _shard_metadata(meta: dict | None, stamp: dict | None) -> dict | None:
@@ -439,14 +486,33 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
     Returns the report (also saved as ``wisca.json`` in dst). Raises ``VerificationFailed``
     (nothing written) or ``WiscaError`` (bad input).
     """
-    opts = TransformOptions(**{**asdict(options or TransformOptions()), **kwargs})
-    opts.targets = tuple(opts.targets)
-    opts.check()
+    opts = TransformOptions.build(options, **kwargs)
+    if opts.base is not None and not Path(opts.base).is_dir():
+        raise OptionError("base", f"{opts.base}: no such folder")
     from .lora import is_adapter, transform_adapter
 
     if is_adapter(src):   # a PEFT LoRA adapter: balance lora_A / lora_B per rank channel
+        warnings = _not_applicable(opts, ("targets", "granularity"), "a LoRA adapter is balanced per rank channel")
+        if opts.revision is not None:
+            raise OptionError("revision", f"{src}: only applies to hub repo ids, not local folders")
+        if not opts.verify:
+            warnings += _not_applicable(opts, (*PROBE_FIELDS, *TOLERANCE_FIELDS, "tolerance"), "verification is off")
+        else:
+            if opts.base is None:
+                warnings += _not_applicable(opts, PROBE_FIELDS, "probe tokens are used only with base "
+                                                                "(base + adapter logits)")
+            if opts.scales == "pow2":
+                warnings += _not_applicable(opts, (*TOLERANCE_FIELDS, "tolerance"),
+                                            "pow2 scales verify bit for bit (mode exact)")
+            elif opts.base is None:
+                warnings += _not_applicable(opts, ("max_kl", "min_top1"), "logits are compared only with base; "
+                                                                          "max_rel bounds the B A products")
         return transform_adapter(src, dst, pow2=opts.scales == "pow2", norm=opts.norm, strength=opts.strength,
-                                 overwrite=opts.overwrite, base=opts.base, verify=opts.verify)
+                                 overwrite=opts.overwrite, base=opts.base, verify=opts.verify,
+                                 probe=(opts.probe_batch, opts.probe_len, opts.seed, opts.probe_ids_file),
+                                 tolerance=opts.given_tolerance(), warnings=warnings)
+    if opts.base is not None:
+        raise OptionError("base", f"applies only to a LoRA adapter; {src} is a model checkpoint")
     started = time.perf_counter()
     ckpt = open_checkpoint(src, opts.revision)
     try:
@@ -454,7 +520,8 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
         pow2 = opts.scales == "pow2"
         exactness = solve.exactness(ckpt.layout, opts.targets, pow2)
         exact = all(v != "tolerance" for v in exactness.values())
-        tol = _tolerance(ckpt, opts.tolerance)
+        tol = _tolerance(ckpt, opts.given_tolerance())
+        warnings = _model_warnings(opts, src, exact)
         verifier = None
         if opts.verify:
             ids = probe_ids(ckpt.layout.vocab, opts.probe_batch, opts.probe_len, opts.seed, opts.probe_ids_file)
@@ -487,6 +554,7 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                 "targets_applied": [t for t in opts.targets if t in ckpt.layout.spec.targets],
                 "targets_not_applicable": [t for t in opts.targets if t not in ckpt.layout.spec.targets],
                 "exactness": exactness,
+                "warnings": warnings,
                 "summary": _summarise(layers),
                 "verification": result.to_dict() if result else None,
                 "scales_file": SCALES_NAME,
@@ -571,7 +639,7 @@ def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite:
     from .lora import is_adapter_record, undo_adapter
 
     if is_adapter_record(transformed):
-        return undo_adapter(transformed, restored, overwrite=overwrite)
+        return undo_adapter(transformed, restored, overwrite=overwrite, verify=verify)
     started = time.perf_counter()
     ckpt = open_checkpoint(transformed)
     try:
@@ -610,7 +678,7 @@ def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite:
             out.commit()
         return {"command": "undo", "wisca_version": __version__, "source": str(ckpt.root),
                 "output": str(dst_path), "verification": result.to_dict() if result else None,
-                "training_state": state,
+                "training_state": state, "warnings": [],
                 "seconds": round(time.perf_counter() - started, 3)}
     finally:
         ckpt.close()
@@ -625,34 +693,62 @@ def _same_architecture(a: Checkpoint, b: Checkpoint) -> None:
             raise WiscaError(f"{b.root}: not the same architecture as {a.root} ({key} differs)")
 
 
-def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe_batch: int = 2,
-           probe_len: int = 32, seed: int = 0, probe_ids_file: str | None = None,
-           tolerance: Tolerance | None = None, progress: Progress | None = None,
-           revision: str | None = None) -> dict:
+def _resolve_mode(mode: str, b_root: Path) -> str:
+    """auto: exact unless b's wisca record says its transform rounds."""
+    if mode != "auto":
+        return mode
+    rec = b_root / RECORD_NAME
+    try:
+        record = json.loads(rec.read_text()) if rec.is_file() else {}
+        rounds = record["options"]["scales"] == "continuous" or "tolerance" in record.get("exactness", {}).values()
+    except (ValueError, KeyError, TypeError, OSError):
+        rounds = False
+    return "tolerance" if rounds else "exact"
+
+
+def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = default("mode"),
+           probe_batch: int = default("probe_batch"), probe_len: int = default("probe_len"),
+           seed: int = default("seed"), probe_ids_file: str | None = None,
+           tolerance: Tolerance | dict | None = None, progress: Progress | None = None,
+           revision: str | None = None, max_kl: float | None = None, min_top1: float | None = None,
+           max_rel: float | None = None) -> dict:
     """Do checkpoints a and b compute the same function on the probe tokens?
 
     mode: "exact" (bit-identical logits), "tolerance", or "auto": exact unless b's wisca
-    record says it was transformed with continuous scales.
+    record says it was transformed with continuous scales. Tolerances: ``max_kl``,
+    ``min_top1``, ``max_rel`` (or ``tolerance`` with any of them); those not given are the
+    dtype's defaults. Two LoRA adapters are compared by their modules' B A products.
     """
     started = time.perf_counter()
+    values = dict(probe_batch=probe_batch, probe_len=probe_len, seed=seed, probe_ids_file=probe_ids_file,
+                  tolerance=tolerance, max_kl=max_kl, min_top1=min_top1, max_rel=max_rel, revision=revision)
+    opts = TransformOptions.build(**{k: v for k, v in values.items()   # the ones set: not at their defaults
+                                     if v != (OPTIONS[k].default if k in OPTIONS else None)})
+    check("mode", mode)
+    from .lora import is_adapter, verify_adapters
+
+    if is_adapter(a) or is_adapter(b):
+        mode = _resolve_mode(mode, Path(b))
+        warnings = _not_applicable(opts, PROBE_FIELDS, "adapters are compared by their B A products")
+        if opts.revision is not None:
+            raise OptionError("revision", f"{a}: only applies to hub repo ids, not local folders")
+        if mode == "exact":
+            warnings += _not_applicable(opts, (*TOLERANCE_FIELDS, "tolerance"), "mode exact")
+        report = verify_adapters(a, b, mode == "exact", opts.given_tolerance())
+        return {**report, "warnings": warnings, "seconds": round(time.perf_counter() - started, 3)}
     ca = open_checkpoint(a, revision)
     try:
         cb = open_checkpoint(b)
         try:
             _same_architecture(ca, cb)
-            if mode == "auto":
-                rec = cb.root / RECORD_NAME
-                continuous = False
-                if rec.is_file():
-                    try:
-                        record = json.loads(rec.read_text())
-                        continuous = record["options"]["scales"] == "continuous" or \
-                            "tolerance" in record.get("exactness", {}).values()
-                    except (ValueError, KeyError, TypeError, OSError):
-                        continuous = False
-                mode = "tolerance" if continuous else "exact"
-            if mode not in ("exact", "tolerance"):
-                raise WiscaError("--mode must be auto, exact or tolerance")
+            mode = _resolve_mode(mode, cb.root)
+            warnings = []
+            if probe_ids_file:
+                warnings += _not_applicable(opts, ("probe_batch", "probe_len", "seed"),
+                                            "probe_ids_file gives the probe tokens")
+            if mode == "exact":
+                warnings += _not_applicable(opts, (*TOLERANCE_FIELDS, "tolerance"), "mode exact (bit-identical logits)")
+            tolerance = opts.given_tolerance()
             ids = probe_ids(ca.layout.vocab, probe_batch, probe_len, seed, probe_ids_file)
             verifier = StreamVerifier(ca.layout, ids, exact=mode == "exact", tolerance=_tolerance(ca, tolerance),
                                       dtype=compute_dtype(_main_torch_dtype(ca), mode == "exact"))
@@ -700,7 +796,7 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe
                         progress(2 * sum(ca.tensors[n].nbytes for n in sa.names.values()), _stage_label(sa))
             return {"command": "verify", "wisca_version": __version__, "a": str(ca.root), "b": str(cb.root),
                     "architecture": ca.layout.spec.name, "verification": result.to_dict(),
-                    "seconds": round(time.perf_counter() - started, 3)}
+                    "warnings": warnings, "seconds": round(time.perf_counter() - started, 3)}
         finally:
             cb.close()
     finally:
@@ -708,51 +804,110 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = "auto", probe
 
 
 # -- inspect ---------------------------------------------------------------------------------
-def inspect(src: str | os.PathLike, granularity: str = "channel", norm: str = "fro",
+def _layer_pattern(layout, layer: int, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
+                   granularity: str, norm: str) -> dict:
+    """One layer's weight pattern: per pair kind, the units' |log2 ratio| and per head (kv
+    group, expert or norm) the signed log2(||A|| / ||B||)."""
+    from .balance import log2_imbalance, unit_stats
+
+    entry: dict = {"layer": layer}
+    for pair in layer_pairs(layout, layer, targets, "channel"):
+        units = log2_imbalance(unit_stats(pair.regroup(granularity), tensors), norm)
+        heads = log2_imbalance(unit_stats(pair.regroup("head"), tensors), norm)
+        live = units[~torch.isnan(units)]
+        entry[pair.kind] = {
+            "units": len(units), "dead": int(torch.isnan(units).sum()),
+            "mean_abs_log2": float(live.abs().mean()) if len(live) else 0.0,
+            "max_abs_log2": float(live.abs().max()) if len(live) else 0.0,
+            "heads": [None if x != x else round(float(x), 4) for x in heads],
+        }
+    return entry
+
+
+def _pattern_summary(layers: list[dict], targets: tuple[str, ...]) -> dict:
+    summary = {}
+    for kind in targets:
+        vals = [(e[kind]["mean_abs_log2"], e[kind]["units"] - e[kind]["dead"]) for e in layers if kind in e]
+        n = sum(w for _, w in vals)
+        if vals:
+            summary[kind] = {"mean_abs_log2": sum(v * w for v, w in vals) / max(n, 1),
+                             "max_abs_log2": max(e[kind]["max_abs_log2"] for e in layers if kind in e)}
+    return summary
+
+
+def inspect(src: str | os.PathLike, granularity: str = default("granularity"), norm: str = default("norm"),
             targets: Iterable[str] = DEFAULT_TARGETS, revision: str | None = None,
-            progress: Progress | None = None) -> dict:
+            progress: Progress | None = None, plot: str | os.PathLike | None = None) -> dict:
     """The weight pattern: per layer and pair kind, log2(||A|| / ||B||) of each unit.
 
     ``mean_abs_log2`` is the mean |log2 ratio| over the units at ``granularity`` (0 means
-    perfectly balanced); ``heads`` gives the per-head (kv group) ratio where heads exist.
+    perfectly balanced); ``heads`` gives the signed ratio per head (kv group; per expert
+    for MoE ``ffn``). A LoRA adapter folder gives the same per module and rank channel.
+    A folder written by ``transform`` also gets ``before``: the pattern of the original,
+    reconstructed from the recorded scales. ``plot``: also draw it to this PNG.
     """
-    from .balance import log2_imbalance, unit_stats
+    granularity, norm = check("granularity", granularity), check("norm", norm)
+    targets = check("targets", targets)
+    if plot is not None and not Path(plot).parent.is_dir():
+        raise OptionError("plot", f"{plot}: folder {Path(plot).parent} does not exist")
+    from .lora import inspect_adapter, is_adapter
 
-    if granularity not in GRANULARITIES or norm not in NORMS:
-        raise WiscaError("--granularity must be layer|head|channel and --norm fro|rms")
-    targets = tuple(targets)
+    if is_adapter(src):
+        if revision is not None:
+            raise OptionError("revision", f"{src}: only applies to hub repo ids, not local folders")
+        report = inspect_adapter(src, norm)
+        report["warnings"] = [{"option": n, "message": "ignored: a LoRA adapter is inspected per rank channel"}
+                              for n, v in (("granularity", granularity), ("targets", targets))
+                              if v != default(n)]
+    else:
+        report = _inspect_model(src, granularity, norm, targets, revision, progress)
+    if plot is not None:
+        from .plot import plot_pattern
+
+        before = report.get("before")
+        title = f"weight pattern of {report['source']} ({report['architecture']})" + (
+            ": before and after wisca transform" if before else "")
+        report["plot"] = str(plot_pattern(before or report, plot, after=report if before else None, title=title))
+    return report
+
+
+def _inspect_model(src, granularity: str, norm: str, targets: tuple[str, ...], revision: str | None,
+                   progress: Progress | None) -> dict:
     ckpt = open_checkpoint(src, revision)
     try:
-        layers = []
+        record = scales = None
+        if (ckpt.root / RECORD_NAME).is_file():
+            record, scales = read_record(ckpt.root)
+        layers, before = [], []
         for i in range(ckpt.layout.layers):
             roles = ckpt.layout.layer_roles(i)
-            entry: dict = {"layer": i}
-            cache: dict[str, torch.Tensor] = {}
-            for pair in layer_pairs(ckpt.layout, i, targets, "channel"):
-                for m in pair.members:
-                    if m.role not in cache:
-                        cache[m.role] = ckpt.read(roles[m.role])
-                units = log2_imbalance(unit_stats(pair.regroup(granularity), cache), norm)
-                heads = log2_imbalance(unit_stats(pair.regroup("head"), cache), norm)
-                live = units[~torch.isnan(units)]
-                entry[pair.kind] = {
-                    "units": len(units), "dead": int(torch.isnan(units).sum()),
-                    "mean_abs_log2": float(live.abs().mean()) if len(live) else 0.0,
-                    "max_abs_log2": float(live.abs().max()) if len(live) else 0.0,
-                    "heads": [round(float(x), 4) for x in heads] if pair.kind != "ffn" else None,
-                }
-            layers.append(entry)
+            pairs = layer_pairs(ckpt.layout, i, targets, "channel")
+            wanted = {m.role for pair in pairs for m in pair.members}
+            if record is not None:
+                wanted |= solve.covered_roles(ckpt.layout, i, tuple(record["options"]["targets"]),
+                                              record["options"]["granularity"])
+            tensors = {role: ckpt.read(roles[role]) for role in wanted}
+            layers.append(_layer_pattern(ckpt.layout, i, tensors, targets, granularity, norm))
+            if record is not None:
+                prefix = f"layers.{i}."
+                mine = {k[len(prefix):]: v for k, v in scales.items() if k.startswith(prefix)}
+                try:
+                    original = {**tensors, **solve.unscale_layer(
+                        ckpt.layout, i, tensors, tuple(record["options"]["targets"]),
+                        record["options"]["granularity"], mine)}
+                except KeyError as e:
+                    raise WiscaError(f"{ckpt.root / SCALES_NAME}: scales {prefix}{e.args[0]} missing "
+                                     f"or of the wrong size") from e
+                before.append(_layer_pattern(ckpt.layout, i, original, targets, granularity, norm))
             if progress:
-                progress(sum(t.numel() * t.element_size() for t in cache.values()), f"layer {i}")
-        summary = {}
-        for kind in targets:
-            vals = [(e[kind]["mean_abs_log2"], e[kind]["units"] - e[kind]["dead"]) for e in layers if kind in e]
-            n = sum(w for _, w in vals)
-            if vals:
-                summary[kind] = {"mean_abs_log2": sum(v * w for v, w in vals) / max(n, 1),
-                                 "max_abs_log2": max(e[kind]["max_abs_log2"] for e in layers if kind in e)}
-        return {"command": "inspect", "wisca_version": __version__, "source": ckpt.source,
-                "architecture": ckpt.layout.spec.name, "granularity": granularity, "norm": norm,
-                "summary": summary, "layers": layers}
+                progress(sum(t.numel() * t.element_size() for t in tensors.values()), f"layer {i}")
+        report = {"command": "inspect", "wisca_version": __version__, "source": ckpt.source,
+                  "architecture": ckpt.layout.spec.name, "granularity": granularity, "norm": norm,
+                  "warnings": [], "summary": _pattern_summary(layers, targets), "layers": layers}
+        if record is not None:
+            report["before"] = {"source": f"{ckpt.source} before wisca transform (from its record)",
+                                "architecture": ckpt.layout.spec.name,
+                                "summary": _pattern_summary(before, targets), "layers": before}
+        return report
     finally:
         ckpt.close()

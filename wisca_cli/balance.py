@@ -15,7 +15,7 @@ import torch
 
 from .pairs import Member, Pair
 
-NORMS = ("fro", "rms")
+from .options import NORMS  # noqa: F401 - re-exported
 
 
 @dataclass

@@ -23,6 +23,7 @@ from rich.text import Text
 
 from . import __version__
 from .errors import VerificationFailed, WiscaError
+from .options import OPTIONS, OptionError, flag_of
 from .prefetch import warm_start
 
 out = Console()
@@ -62,18 +63,25 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 # -- shared helpers ---------------------------------------------------------------------------
 @contextmanager
 def _progress(total_bytes: int | None, enabled: bool):
-    """A rich progress bar over bytes streamed, on stderr, only on a terminal."""
+    """A rich progress bar over bytes streamed, on stderr, only on a terminal; it starts with
+    the first bytes, so an error found up front prints its one line and nothing else."""
     show = enabled and err.is_terminal
     bar = Progress(TextColumn("{task.description:<12}"), BarColumn(), DownloadColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
                    disable=not show)
-    with bar:
-        task = bar.add_task("reading", total=total_bytes)
+    task = bar.add_task("reading", total=total_bytes)
+    started = []
 
-        def advance(nbytes: int, label: str) -> None:
-            bar.update(task, advance=nbytes, description=label)
+    def advance(nbytes: int, label: str) -> None:
+        if not started:
+            started.append(bar.start())
+        bar.update(task, advance=nbytes, description=label)
 
+    try:
         yield advance
+    finally:
+        if started:
+            bar.stop()
 
 
 def _total_bytes(src: str) -> int | None:
@@ -166,8 +174,49 @@ def _import_api():
     return api
 
 
-def _split_targets(targets: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in targets.split(",") if t.strip())
+def _flag(name: str):
+    """A typer option built from the options table (default, choices, help), so the CLI and
+    the Python API state each option once."""
+    opt = OPTIONS[name]
+    decls = [f"{opt.cli_flag}/--no-{opt.cli_flag[2:]}"] if name == "verify" else [opt.cli_flag]
+    kw = {}
+    if opt.choices and opt.kind != "list":
+        kw["metavar"] = "[" + "|".join(opt.choices) + "]"
+    elif opt.kind == "path":
+        kw["metavar"] = "PATH"
+    elif opt.kind in ("int", "float") and (opt.lo is not None or opt.hi is not None):
+        rng = opt._range()
+        kw["metavar"] = f"{opt.kind.upper()} {rng}" if rng.startswith(">") else f"{opt.kind.upper()} in {rng}"
+    return typer.Option(opt.cli_default, *decls, help=opt.help, show_default=opt.default is not None, **kw)
+
+
+JSON_FLAG = typer.Option(False, "--json", help="Print the JSON report on stdout instead of tables.")
+REPORT_FLAG = typer.Option(None, help=OPTIONS["report"].help, metavar="PATH")
+
+
+def _check_report(report: Optional[Path]) -> None:
+    """Refuse a --report path that cannot be written before any work is done."""
+    if report is not None and not report.parent.is_dir():
+        raise OptionError("report", f"{report}: folder {report.parent} does not exist")
+    if report is not None and report.is_dir():
+        raise OptionError("report", f"{report}: is a folder")
+
+
+def _given(ctx: typer.Context, **values) -> dict:
+    """The options the user typed (not left at their defaults): the API applies its own
+    defaults to the rest and warns about given options that do not apply to the input."""
+    out = {}
+    for name, value in values.items():
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            out[name] = value
+    return out
+
+
+def _print_warnings(result: dict) -> None:
+    for w in result.get("warnings") or []:
+        err.print(f"warning: {flag_of(w['option'])}: {w['message']}", style="yellow", markup=False,
+                  highlight=False, soft_wrap=True)
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -175,49 +224,43 @@ def _split_targets(targets: str) -> tuple[str, ...]:
     "[b]Examples[/b]\n\n"
     "  wisca transform ckpt/ ckpt-wisca/                  # pow2 scales, bit-exact, verified\n\n"
     "  wisca transform org/model out/ --revision main     # a hub repo id (cache, HF_HUB_OFFLINE honoured)\n\n"
-    "  wisca transform ckpt/ out/ --scales continuous --granularity head --strength 0.5\n\n"
+    "  wisca transform ckpt/ out/ --scales continuous --granularity head --strength 0.5 --max-kl 1e-4\n\n"
+    "  wisca transform adapter/ adapter-wisca/ --base base-model/   # a PEFT LoRA adapter\n\n"
     "  wisca transform ckpt/ out/ --json --report wisca-report.json   # for CI"))
 def transform(
-    src: str = typer.Argument(..., help="Checkpoint folder (config.json + safetensors) or hub repo id."),
+    ctx: typer.Context,
+    src: str = typer.Argument(..., help="Checkpoint folder (config.json + safetensors), LoRA adapter folder "
+                                        "or hub repo id."),
     dst: Path = typer.Argument(..., help="Output folder; must not exist (unless --overwrite)."),
-    targets: str = typer.Option("qk,vo,ffn", help="Comma-separated pair kinds: qk, vo, ffn, norm (norm -> linear, off by default)."),
-    granularity: str = typer.Option("channel", help="One scale per layer, head (kv group) or channel."),
-    norm: str = typer.Option("fro", help="Balance Frobenius norms (fro) or per-element RMS (rms)."),
-    strength: float = typer.Option(1.0, help="Use s**strength; 0 = identity, 1 = fully balanced."),
-    scales: str = typer.Option("pow2", help="pow2 (bit-exact) or continuous (exact balance, rounds)."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check logits before committing."),
-    probe_batch: int = typer.Option(2, help="Probe sequences."),
-    probe_len: int = typer.Option(32, help="Tokens per probe sequence."),
-    seed: int = typer.Option(0, help="Seed of the random probe tokens."),
-    probe_ids: Optional[Path] = typer.Option(None, help="File of probe token ids (JSON rows or lines)."),
-    max_kl: Optional[float] = typer.Option(None, help="Tolerance mode: max mean KL (default by dtype)."),
-    min_top1: Optional[float] = typer.Option(None, help="Tolerance mode: min top-1 agreement."),
-    max_rel: Optional[float] = typer.Option(None, help="Tolerance mode: max |Δlogit| / max |logit|."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
-    base: Optional[Path] = typer.Option(None, help="LoRA adapter SRC: the base model folder; also compare "
-                                                   "base + adapter logits before and after."),
-    overwrite: bool = typer.Option(False, help="Replace DST (the old one stays until the new one verified)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON report instead of tables."),
-    report: Optional[Path] = typer.Option(None, help="Also write the JSON report to this file."),
+    targets: str = _flag("targets"),
+    granularity: str = _flag("granularity"),
+    norm: str = _flag("norm"),
+    strength: float = _flag("strength"),
+    scales: str = _flag("scales"),
+    verify: bool = _flag("verify"),
+    probe_batch: int = _flag("probe_batch"),
+    probe_len: int = _flag("probe_len"),
+    seed: int = _flag("seed"),
+    probe_ids_file: Optional[str] = _flag("probe_ids_file"),
+    max_kl: Optional[float] = _flag("max_kl"),
+    min_top1: Optional[float] = _flag("min_top1"),
+    max_rel: Optional[float] = _flag("max_rel"),
+    revision: Optional[str] = _flag("revision"),
+    base: Optional[str] = _flag("base"),
+    overwrite: bool = _flag("overwrite"),
+    json_out: bool = JSON_FLAG,
+    report: Optional[Path] = REPORT_FLAG,
 ) -> None:
     """Balance a checkpoint's weight pattern, verify it computes the same function, write it."""
     warm_start(src)   # the disk starts on the checkpoint while torch imports
+    _check_report(report)
     api = _import_api()
-    from .verify import DEFAULT_TOLERANCE, Tolerance
-
-    tolerance = None
-    if any(x is not None for x in (max_kl, min_top1, max_rel)):
-        base = DEFAULT_TOLERANCE["F32"]
-        tolerance = Tolerance(max_kl if max_kl is not None else base.max_kl,
-                              min_top1 if min_top1 is not None else base.min_top1,
-                              max_rel if max_rel is not None else base.max_rel)
-    options = api.TransformOptions(
-        targets=_split_targets(targets), granularity=granularity, norm=norm, strength=strength,
-        scales=scales, verify=verify, probe_batch=probe_batch, probe_len=probe_len, seed=seed,
-        probe_ids_file=str(probe_ids) if probe_ids else None, tolerance=tolerance,
-        overwrite=overwrite, revision=revision, base=str(base) if base else None)
-    options.check()
-    if not verify:
+    given = _given(ctx, targets=targets, granularity=granularity, norm=norm, strength=strength, scales=scales,
+                   verify=verify, probe_batch=probe_batch, probe_len=probe_len, seed=seed,
+                   probe_ids_file=probe_ids_file, max_kl=max_kl, min_top1=min_top1, max_rel=max_rel,
+                   revision=revision, base=base, overwrite=overwrite)
+    options = api.TransformOptions.build(**given)
+    if not options.verify:
         err.print("[yellow]warning: --no-verify: the output is written without checking that it "
                   "computes the same function[/yellow]", soft_wrap=True)
     try:
@@ -229,6 +272,7 @@ def transform(
             if not json_out:
                 err.print(_verification_line(e.report.get("verification")))
         raise
+    _print_warnings(result)
     _emit_json(result, json_out, report)
     if not json_out:
         if result.get("note"):
@@ -248,38 +292,34 @@ def transform(
 @app.command(epilog=(
     "[b]Examples[/b]\n\n"
     "  wisca verify ckpt/ ckpt-wisca/            # exit 0 if equivalent, 1 if not\n\n"
-    "  wisca verify ckpt/ other/ --mode tolerance --max-kl 1e-4 --json"))
+    "  wisca verify ckpt/ other/ --mode tolerance --max-kl 1e-4 --json\n\n"
+    "  wisca verify adapter/ adapter-wisca/      # two LoRA adapters: every module's B A product"))
 def verify(
-    a: str = typer.Argument(..., help="Reference checkpoint (folder or hub repo id)."),
-    b: str = typer.Argument(..., help="Checkpoint to compare (folder)."),
-    mode: str = typer.Option("auto", help="exact, tolerance, or auto (exact unless B's wisca record "
-                                         "says continuous scales)."),
-    probe_batch: int = typer.Option(2, help="Probe sequences."),
-    probe_len: int = typer.Option(32, help="Tokens per probe sequence."),
-    seed: int = typer.Option(0, help="Seed of the random probe tokens."),
-    probe_ids: Optional[Path] = typer.Option(None, help="File of probe token ids (JSON rows or lines)."),
-    max_kl: Optional[float] = typer.Option(None, help="Tolerance mode: max mean KL (default by dtype)."),
-    min_top1: Optional[float] = typer.Option(None, help="Tolerance mode: min top-1 agreement."),
-    max_rel: Optional[float] = typer.Option(None, help="Tolerance mode: max |Δlogit| / max |logit|."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision of A."),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON report."),
-    report: Optional[Path] = typer.Option(None, help="Also write the JSON report to this file."),
+    ctx: typer.Context,
+    a: str = typer.Argument(..., help="Reference checkpoint (folder or hub repo id) or LoRA adapter folder."),
+    b: str = typer.Argument(..., help="Checkpoint (or adapter) folder to compare."),
+    mode: str = _flag("mode"),
+    probe_batch: int = _flag("probe_batch"),
+    probe_len: int = _flag("probe_len"),
+    seed: int = _flag("seed"),
+    probe_ids_file: Optional[str] = _flag("probe_ids_file"),
+    max_kl: Optional[float] = _flag("max_kl"),
+    min_top1: Optional[float] = _flag("min_top1"),
+    max_rel: Optional[float] = _flag("max_rel"),
+    revision: Optional[str] = _flag("revision"),
+    json_out: bool = JSON_FLAG,
+    report: Optional[Path] = REPORT_FLAG,
 ) -> None:
     """Check that two checkpoints compute the same function (streamed, layer by layer)."""
     warm_start(a, b)
+    _check_report(report)
     api = _import_api()
-    from .verify import DEFAULT_TOLERANCE, Tolerance
-
-    tolerance = None
-    if any(x is not None for x in (max_kl, min_top1, max_rel)):
-        base = DEFAULT_TOLERANCE["F32"]
-        tolerance = Tolerance(max_kl if max_kl is not None else base.max_kl,
-                              min_top1 if min_top1 is not None else base.min_top1,
-                              max_rel if max_rel is not None else base.max_rel)
+    given = _given(ctx, mode=mode, probe_batch=probe_batch, probe_len=probe_len, seed=seed,
+                   probe_ids_file=probe_ids_file, max_kl=max_kl, min_top1=min_top1, max_rel=max_rel,
+                   revision=revision)
     with _progress(None, not json_out) as advance:
-        result = api.verify(a, b, mode=mode, probe_batch=probe_batch, probe_len=probe_len, seed=seed,
-                            probe_ids_file=str(probe_ids) if probe_ids else None, tolerance=tolerance,
-                            progress=advance, revision=revision)
+        result = api.verify(a, b, progress=advance, **given)
+    _print_warnings(result)
     _emit_json(result, json_out, report)
     v = result["verification"]
     if not json_out:
@@ -288,10 +328,13 @@ def verify(
         raise typer.Exit(1)
 
 
-def _heat(values: list[float] | None) -> Text:
+def _heat(values: list[float | None] | None) -> Text:
     """A colour map of per-head log2 ratios: blue = A smaller, red = A larger."""
     text = Text()
     for v in values or []:
+        if v is None:
+            text.append("×", style="dim")
+            continue
         mag = min(abs(v) / 2.0, 1.0)
         level = int(round(mag * 4))
         style = ("red" if v > 0 else "blue") if level else "green"
@@ -299,66 +342,103 @@ def _heat(values: list[float] | None) -> Text:
     return text
 
 
-@app.command(epilog=(
-    "[b]Examples[/b]\n\n"
-    "  wisca inspect ckpt/                       # per-layer table with per-head colour map\n\n"
-    "  wisca inspect ckpt/ --granularity head --json"))
-def inspect(
-    src: str = typer.Argument(..., help="Checkpoint folder or hub repo id."),
-    granularity: str = typer.Option("channel", help="Units averaged: layer, head or channel."),
-    norm: str = typer.Option("fro", help="fro or rms."),
-    targets: str = typer.Option("qk,vo,ffn", help="Pair kinds to show."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision."),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON report."),
-    report: Optional[Path] = typer.Option(None, help="Also write the JSON report to this file."),
-) -> None:
-    """Show the weight pattern: per layer and pair kind, the imbalance log2(||A|| / ||B||)."""
-    api = _import_api()
+HEAT_CAPTION = "· balanced, ▁▃▅▇ |log2| up to 2+, × dead; red = A (q/v/up/norm, lora_A) larger, blue = B larger"
 
-    with _progress(None, not json_out) as advance:
-        result = api.inspect(src, granularity=granularity, norm=norm, targets=_split_targets(targets),
-                             revision=revision, progress=advance)
-    _emit_json(result, json_out, report)
-    if json_out:
-        return
+
+def _pattern_table(result: dict, granularity: str, norm: str) -> Table:
     kinds = list(result["summary"])
     table = Table(title=f"weight pattern of {result['source']} ({result['architecture']}, "
                         f"{granularity} granularity, {norm} norm)", title_justify="left")
     table.add_column("layer", justify="right")
+    per_head = {k: any(len(e[k]["heads"] or []) > 1 for e in result["layers"] if k in e) for k in kinds}
     for kind in kinds:
         table.add_column(f"{kind} mean|log2|", justify="right")
-        if kind != "ffn":
-            table.add_column(f"{kind} per head", justify="left")
+        if per_head[kind]:
+            table.add_column(f"{kind} per {'expert' if kind == 'ffn' else 'head'}", justify="left")
     for entry in result["layers"]:
-        row = [str(entry["layer"])]
+        row: list = [str(entry["layer"])]
         for kind in kinds:
-            e = entry[kind]
-            row.append(f"{e['mean_abs_log2']:.3f}")
-            if kind != "ffn":
-                row.append(_heat(e["heads"]))
+            e = entry.get(kind)
+            row.append(f"{e['mean_abs_log2']:.3f}" if e else "–")
+            if per_head[kind]:
+                row.append(_heat(e["heads"]) if e else "")
         table.add_row(*row)
     table.add_row("all", *[x for k in kinds for x in
-                           ([f"{result['summary'][k]['mean_abs_log2']:.3f}"] + ([""] if k != "ffn" else []))],
+                           ([f"{result['summary'][k]['mean_abs_log2']:.3f}"] + ([""] if per_head[k] else []))],
                   style="bold")
-    table.caption = "per head: · balanced, ▁▃▅▇ |log2| up to 2+; red = A (q/v) larger, blue = B (k/o) larger"
-    out.print(table)
+    table.caption = "per head: " + HEAT_CAPTION
+    return table
 
 
-@app.command(epilog="[b]Example[/b]\n\n  wisca undo ckpt-wisca/ ckpt-restored/")
+def _adapter_table(result: dict) -> Table:
+    table = Table(title=f"weight pattern of {result['source']} (LoRA adapter, per rank channel, "
+                        f"{result['norm']} norm)", title_justify="left")
+    for col in ("module", "rank", "mean|log2|", "per rank channel"):
+        table.add_column(col, justify="left" if col in ("module", "per rank channel") else "right")
+    for m in result["modules"]:
+        table.add_row(m["module"], str(m["rank"]), f"{m['mean_abs_log2']:.3f}", _heat(m["channels"]))
+    table.add_row("all", "", f"{result['summary']['lora']['mean_abs_log2']:.3f}", "", style="bold")
+    table.caption = HEAT_CAPTION
+    return table
+
+
+@app.command(epilog=(
+    "[b]Examples[/b]\n\n"
+    "  wisca inspect ckpt/                       # per-layer table with per-head colour map\n\n"
+    "  wisca inspect ckpt/ --granularity head --json\n\n"
+    "  wisca inspect ckpt-wisca/ --plot pattern.png   # heatmaps; before and after for a transformed folder\n\n"
+    "  wisca inspect adapter/                    # a LoRA adapter: per module and rank channel"))
+def inspect(
+    ctx: typer.Context,
+    src: str = typer.Argument(..., help="Checkpoint folder, LoRA adapter folder or hub repo id."),
+    granularity: str = _flag("granularity"),
+    norm: str = _flag("norm"),
+    targets: str = _flag("targets"),
+    revision: Optional[str] = _flag("revision"),
+    plot: Optional[str] = _flag("plot"),
+    json_out: bool = JSON_FLAG,
+    report: Optional[Path] = REPORT_FLAG,
+) -> None:
+    """Show the weight pattern: per layer and pair kind, the imbalance log2(||A|| / ||B||)."""
+    _check_report(report)
+    api = _import_api()
+    given = _given(ctx, granularity=granularity, norm=norm, targets=targets, revision=revision, plot=plot)
+    with _progress(None, not json_out) as advance:
+        result = api.inspect(src, progress=advance, **given)
+    _print_warnings(result)
+    _emit_json(result, json_out, report)
+    if json_out:
+        return
+    if result.get("kind") == "lora-adapter":
+        out.print(_adapter_table(result))
+    else:
+        out.print(_pattern_table(result, result["granularity"], result["norm"]))
+        if result.get("before"):
+            out.print("before the transform (from its record): mean |log2| " + ", ".join(
+                f"{k} {v['mean_abs_log2']:.3f}" for k, v in result["before"]["summary"].items()))
+    if result.get("plot"):
+        out.print(f"plot: {result['plot']}")
+
+
+@app.command(epilog="[b]Examples[/b]\n\n  wisca undo ckpt-wisca/ ckpt-restored/\n\n"
+                    "  wisca undo adapter-wisca/ adapter-restored/ --json")
 def undo(
-    transformed: str = typer.Argument(..., help="A folder written by wisca transform."),
+    ctx: typer.Context,
+    transformed: str = typer.Argument(..., help="A folder written by wisca transform (model or adapter)."),
     restored: Path = typer.Argument(..., help="Output folder for the restored checkpoint."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check logits before committing."),
-    overwrite: bool = typer.Option(False, help="Replace RESTORED if it exists."),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON report."),
+    verify: bool = _flag("verify"),
+    overwrite: bool = _flag("overwrite"),
+    json_out: bool = JSON_FLAG,
+    report: Optional[Path] = REPORT_FLAG,
 ) -> None:
     """Undo a transform with its recorded scales (bit-exact for pow2 scales)."""
     warm_start(transformed)
+    _check_report(report)
     api = _import_api()
-
+    given = _given(ctx, verify=verify, overwrite=overwrite)
     with _progress(_total_bytes(transformed) if err.is_terminal else None, not json_out) as advance:
-        result = api.undo(transformed, restored, overwrite=overwrite, verify=verify, progress=advance)
-    _emit_json(result, json_out, None)
+        result = api.undo(transformed, restored, progress=advance, **given)
+    _emit_json(result, json_out, report)
     if not json_out:
         out.print(_verification_line(result["verification"]))
     _print_training_state(result, json_out)
@@ -408,6 +488,18 @@ def main(argv: list[str] | None = None) -> None:
     os._exit(code)
 
 
+def _fail(message: str, code: int, details: list[str], argv: list[str] | None) -> int:
+    """One line on stderr; with --json also the error as JSON on stdout; with WISCA_DEBUG=1
+    the details (e.g. every parameter order tried) below the line."""
+    err.print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
+    if os.environ.get("WISCA_DEBUG"):
+        for line in details:
+            err.print(f"  detail: {line}", markup=False, highlight=False, soft_wrap=True)
+    if "--json" in (sys.argv[1:] if argv is None else argv):
+        print(json.dumps({"error": message, "exit_code": code, "details": details}, indent=1))
+    return code
+
+
 def run(argv: list[str] | None = None) -> int:
     """The CLI's work; returns the exit code (0 ok, 1 verification failed, 2 bad input,
     3 internal error, 128 + N for signal N)."""
@@ -424,16 +516,17 @@ def run(argv: list[str] | None = None) -> int:
         err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
         code = 1
     except WiscaError as e:
-        err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
-        code = e.exit_code
+        message = f"{flag_of(e.field)}: {e.detail}" if isinstance(e, OptionError) else str(e)
+        code = _fail(message, e.exit_code, e.details, argv)
     except (click.exceptions.Exit, *_typer_click("Exit")) as e:
         code = e.exit_code
     except (click.exceptions.Abort, *_typer_click("Abort")):
         err.print("interrupted", style="red")
         code = 130
     except (click.ClickException, *_typer_click("ClickException")) as e:
-        e.show()
-        code = e.exit_code
+        # one line, like every other error (click's own would add a usage block)
+        hint = " (see --help)" if isinstance(e, (click.UsageError, *_typer_click("UsageError"))) else ""
+        code = _fail(f"{' '.join(e.format_message().split())}{hint}", e.exit_code, [], argv)
     except (KeyboardInterrupt, Interrupted) as e:
         signum = getattr(e, "signum", signal.SIGINT)
         err.print(f"{signal.Signals(signum).name}: interrupted, no output written", style="red")

@@ -11,8 +11,9 @@ class WiscaError(Exception):
 
     exit_code = 2
 
-    def __init__(self, message: str, *args):
+    def __init__(self, message: str, *args, details: list[str] | None = None):
         super().__init__(one_line(message), *args)
+        self.details = [one_line(d) for d in details or []]   # for --json and WISCA_DEBUG=1
 
 
 class VerificationFailed(WiscaError):

@@ -22,7 +22,8 @@ def resolve_source(src: str, revision: str | None = None) -> tuple[Path, str]:
         if not path.is_dir():
             raise WiscaError(f"{src}: expected a checkpoint folder, got a file")
         if revision:
-            raise WiscaError(f"{src}: --revision only applies to hub repo ids, not local folders")
+            from .options import OptionError
+            raise OptionError("revision", f"{src}: only applies to hub repo ids, not local folders")
         return path.resolve(), str(path)
     if not REPO_ID.match(src):
         raise WiscaError(f"{src}: no such folder (and not a hub repo id like org/name)")

@@ -194,9 +194,12 @@ def _multipliers(modules: list[LoraModule], tensors: dict, scales: dict[str, tor
     return out
 
 
-def _compare_products(modules: list[LoraModule], old: dict, new: dict, exact: bool) -> dict:
+def _compare_products(modules: list[LoraModule], old: dict, new: dict, exact: bool,
+                      tol: float | None = None) -> dict:
+    """Every module's B A, old against new; ``tol``: max relative difference (default by dtype)."""
     worst, worst_module, identical = 0.0, None, True
-    tol = max(PRODUCT_TOLERANCE.get(old[m.a].dtype, 1e-5) for m in modules) if modules else 0.0
+    if tol is None:
+        tol = max(PRODUCT_TOLERANCE.get(old[m.a].dtype, 1e-5) for m in modules) if modules else 0.0
     for m in modules:
         p, q = _product(m, old), _product(m, new)
         if not torch.equal(p, q):
@@ -224,7 +227,8 @@ def _deltas(modules: list[LoraModule], tensors: dict, fan_in_fan_out: bool) -> d
 
 
 def verify_with_base(base: str | os.PathLike, config: dict, modules: list[LoraModule], old: dict, new: dict,
-                     exact: bool, probe_batch: int = 2, probe_len: int = 32, seed: int = 0) -> dict:
+                     exact: bool, probe_batch: int = 2, probe_len: int = 32, seed: int = 0,
+                     probe_ids_file: str | None = None, tolerance: dict | None = None) -> dict:
     """Logits of base + original adapter against base + transformed adapter.
 
     Both adapters are merged into the base weights (``W + scaling * B A``) one decoder layer
@@ -232,7 +236,7 @@ def verify_with_base(base: str | os.PathLike, config: dict, modules: list[LoraMo
     in float32. Returns the verifier's result as a dict.
     """
     from .checkpoint import open_checkpoint
-    from .verify import DEFAULT_TOLERANCE, StreamVerifier, probe_ids
+    from .verify import StreamVerifier, probe_ids, resolve_tolerance
 
     if config.get("use_dora"):
         raise WiscaError(f"{ADAPTER_CONFIG}: checking logits with a base model is not supported for DoRA adapters "
@@ -259,8 +263,9 @@ def verify_with_base(base: str | os.PathLike, config: dict, modules: list[LoraMo
             used.add(name)
             return w.float() + deltas[name]
 
-        ids = probe_ids(lay.vocab, probe_batch, probe_len, seed)
-        verifier = StreamVerifier(lay, ids, exact=exact, tolerance=DEFAULT_TOLERANCE["F32"], dtype=torch.float32)
+        ids = probe_ids(lay.vocab, probe_batch, probe_len, seed, probe_ids_file)
+        verifier = StreamVerifier(lay, ids, exact=exact, tolerance=resolve_tolerance("F32", tolerance),
+                                  dtype=torch.float32)
         emb = ckpt.read(spec.embed)
         extra = {"pos": ckpt.read(spec.embedding["positions"])} if spec.embedding.get("positions") else None
         verifier.embed_rows(0, merged(spec.embed, emb, d_old), merged(spec.embed, emb, d_new))
@@ -317,7 +322,8 @@ def _training_state(src: Path, tmp: Path, multipliers: dict, names: list[str], i
 
 def transform_adapter(src: str | os.PathLike, dst: str | os.PathLike, pow2: bool = True, norm: str = "fro",
                       strength: float = 1.0, overwrite: bool = False, base: str | os.PathLike | None = None,
-                      verify: bool = True) -> dict:
+                      verify: bool = True, probe: tuple = (2, 32, 0, None), tolerance: dict | None = None,
+                      warnings: list | None = None) -> dict:
     """Balance a PEFT LoRA adapter's A/B pairs per rank channel; write it to dst if it verifies.
 
     ``pow2`` (default): power-of-two scales, every B A product bit-identical. ``norm``:
@@ -329,16 +335,16 @@ def transform_adapter(src: str | os.PathLike, dst: str | os.PathLike, pow2: bool
     Writes ``wisca.json`` (the report) and ``wisca_scales.safetensors`` (module -> s,
     float32) beside the adapter, so ``undo_adapter`` restores it bit-identically; an
     optimizer state in the folder (a Trainer checkpoint) is carried into the new
-    parametrisation. Raises ``VerificationFailed`` or ``WiscaError``; nothing is written then.
+    parametrisation. ``probe`` (batch, length, seed, ids file) and ``tolerance`` (fields
+    not given: float32 defaults) apply to the base + adapter logits check. Raises
+    ``VerificationFailed`` or ``WiscaError``; nothing is written then.
     """
-    from .balance import NORMS, apply_scales, solve_pair
+    from .balance import apply_scales, solve_pair
+    from .options import check
     from .output import StagedOutput, check_target, copy_other_files
     from .pairs import lora_pair
 
-    if norm not in NORMS:
-        raise WiscaError(f"--norm must be one of {', '.join(NORMS)}")
-    if not 0.0 <= strength <= 1.0:
-        raise WiscaError(f"--strength must lie in [0, 1], got {strength}")
+    norm, strength = check("norm", norm), check("strength", strength)
     started = time.perf_counter()
     src = Path(src).resolve() if Path(src).exists() else Path(src)
     if not src.is_dir():
@@ -368,11 +374,12 @@ def transform_adapter(src: str | os.PathLike, dst: str | os.PathLike, pow2: bool
     verification = None
     if verify:
         exact = pow2
-        products = _compare_products(modules, tensors, out_tensors, exact)
+        products = _compare_products(modules, tensors, out_tensors, exact, (tolerance or {}).get("max_rel"))
         verification = {"mode": "exact" if exact else "tolerance", "passed": products["passed"],
                         "identical": products["identical"], "products": products, "base": None}
         if base_path is not None and products["passed"]:
-            res = verify_with_base(base_path, config, modules, tensors, out_tensors, exact)
+            res = verify_with_base(base_path, config, modules, tensors, out_tensors, exact, *probe,
+                                   tolerance=tolerance)
             verification["base"] = res
             verification["passed"] = res["passed"]
             verification["identical"] = products["identical"] and res["identical"]
@@ -386,6 +393,7 @@ def transform_adapter(src: str | os.PathLike, dst: str | os.PathLike, pow2: bool
                     "base": str(base_path) if base_path else None},
         "targets_applied": ["lora"], "targets_not_applicable": [],
         "exactness": {"lora": "exact" if pow2 else "tolerance"},
+        "warnings": list(warnings or []),
         "summary": {"lora": summary},
         "verification": verification,
         "scales_file": SCALES_NAME,
@@ -438,7 +446,7 @@ def is_adapter_record(folder: str | os.PathLike) -> bool:
 
 
 def undo_adapter(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False,
-                 base: str | os.PathLike | None = None) -> dict:
+                 base: str | os.PathLike | None = None, verify: bool = True) -> dict:
     """Multiply the recorded scales back out: the original adapter, bit-identical for pow2.
 
     The optimizer state of a transformed adapter checkpoint is carried back as well.
@@ -469,10 +477,15 @@ def undo_adapter(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool
     if extra:
         raise WiscaError(f"{src / SCALES_NAME}: scales for {extra[0]}, which the adapter does not have")
     out_tensors = {**tensors, **new}
-    products = _compare_products(modules, tensors, out_tensors, pow2)
-    if not products["passed"]:
-        raise VerificationFailed(f"undo: the restored adapter's B A differs at {products['first_failing_module']}; "
-                                 f"nothing written", {"verification": products})
+    verification = None
+    if verify:
+        products = _compare_products(modules, tensors, out_tensors, pow2)
+        verification = {"mode": "exact" if pow2 else "tolerance", "passed": products["passed"],
+                        "identical": products["identical"], "products": products, "base": None}
+        if not products["passed"]:
+            raise VerificationFailed(f"undo: the restored adapter's B A differs at "
+                                     f"{products['first_failing_module']}; nothing written",
+                                     {"verification": verification})
     trivial = all(bool((s == 1).all()) for s in scales.values())
     base_path = Path(base).resolve() if base is not None else (
         Path(record["options"]["base"]) if record.get("options", {}).get("base") else None)
@@ -483,6 +496,70 @@ def undo_adapter(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool
         state = _training_state(src, out.tmp, mults, list(tensors), True, base_path, trivial)
         out.commit()
     return {"command": "undo", "kind": KIND, "wisca_version": __version__, "source": str(src),
-            "output": str(dst_path), "verification": {"mode": "exact" if pow2 else "tolerance",
-                                                      "passed": True, "products": products},
-            "training_state": state, "seconds": round(time.perf_counter() - started, 3)}
+            "output": str(dst_path), "verification": verification,
+            "training_state": state, "warnings": [], "seconds": round(time.perf_counter() - started, 3)}
+
+
+# -- inspect / verify -------------------------------------------------------------------------
+def inspect_adapter(folder: str | os.PathLike, norm: str = "fro") -> dict:
+    """The weight pattern of an adapter: per module and rank channel, the signed
+    log2(||A[k]|| / ||B[:, k]||) (NaN, reported as None, where a side is zero)."""
+    from .balance import log2_imbalance, unit_stats
+    from .pairs import lora_pair
+
+    folder = Path(folder)
+    config, tensors, _, modules = read_adapter(folder)
+    out = []
+    for m in modules:
+        pair = lora_pair(m.rank)
+        ratio = log2_imbalance(unit_stats(pair, {"lora_A": tensors[m.a], "lora_B": tensors[m.b]}), norm)
+        live = ratio[~torch.isnan(ratio)]
+        out.append({"module": m.key, "rank": m.rank, "units": m.rank, "dead": int(torch.isnan(ratio).sum()),
+                    "mean_abs_log2": float(live.abs().mean()) if len(live) else 0.0,
+                    "max_abs_log2": float(live.abs().max()) if len(live) else 0.0,
+                    "channels": [None if x != x else round(float(x), 4) for x in ratio]})
+    n = sum(r["units"] - r["dead"] for r in out)
+    summary = {"lora": {"modules": len(out),
+                        "mean_abs_log2": sum(r["mean_abs_log2"] * (r["units"] - r["dead"]) for r in out) / max(n, 1),
+                        "max_abs_log2": max((r["max_abs_log2"] for r in out), default=0.0)}}
+    report = {"command": "inspect", "kind": KIND, "wisca_version": __version__, "source": str(folder),
+              "architecture": "lora", "base_model": config.get("base_model_name_or_path"),
+              "granularity": "channel", "norm": norm, "summary": summary, "modules": out}
+    if is_adapter_record(folder):   # transformed by wisca: the original's pattern from the record
+        record, scales = read_adapter_record(folder)
+        before = {name: t for name, t in tensors.items()}
+        from .balance import apply_scales
+
+        for m in modules:
+            s = scales.get(m.prefix)
+            if s is None or s.shape != (m.rank,):
+                raise WiscaError(f"{folder / SCALES_NAME}: scales of {m.prefix} missing or of the wrong size")
+            back = apply_scales(lora_pair(m.rank), {"lora_A": tensors[m.a], "lora_B": tensors[m.b]}, 1.0 / s.double())
+            before[m.a], before[m.b] = back["lora_A"], back["lora_B"]
+        rows = []
+        for m, r in zip(modules, out):
+            ratio = log2_imbalance(unit_stats(lora_pair(m.rank), {"lora_A": before[m.a], "lora_B": before[m.b]}), norm)
+            rows.append({**r, "channels": [None if x != x else round(float(x), 4) for x in ratio]})
+        report["before"] = {"source": f"{folder} before wisca transform (from its record)", "kind": KIND,
+                            "architecture": "lora", "modules": rows}
+    return report
+
+
+def verify_adapters(a: str | os.PathLike, b: str | os.PathLike, exact: bool, tolerance: dict | None = None) -> dict:
+    """Do two adapters make the same updates? Every module's B A product compared
+    (bit for bit, or within ``tolerance['max_rel']``, default by dtype)."""
+    a, b = Path(a), Path(b)
+    for folder in (a, b):
+        if not is_adapter(folder):
+            raise WiscaError(f"{folder}: not a PEFT adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}); "
+                             f"an adapter can only be compared with an adapter")
+    _, ta, _, ma = read_adapter(a)
+    _, tb, _, mb = read_adapter(b)
+    if [(m.prefix, m.rank) for m in ma] != [(m.prefix, m.rank) for m in mb]:
+        raise WiscaError(f"{b}: not the same adapter modules and ranks as {a}")
+    tb_named = {m.a: tb[n.a] for m, n in zip(ma, mb)} | {m.b: tb[n.b] for m, n in zip(ma, mb)}
+    products = _compare_products(ma, ta, {**ta, **tb_named}, exact, (tolerance or {}).get("max_rel"))
+    verification = {"mode": "exact" if exact else "tolerance", "passed": products["passed"],
+                    "identical": products["identical"], "products": products, "base": None}
+    return {"command": "verify", "kind": KIND, "wisca_version": __version__, "a": str(a), "b": str(b),
+            "architecture": "lora", "verification": verification}

@@ -16,10 +16,7 @@ import torch
 
 from .spec import Layout
 
-GRANULARITIES = ("layer", "head", "channel")
-DEFAULT_TARGETS = ("qk", "vo", "ffn")
-EXTRA_TARGETS = ("norm",)      # off by default
-ALL_TARGETS = DEFAULT_TARGETS + EXTRA_TARGETS
+from .options import ALL_TARGETS, DEFAULT_TARGETS, EXTRA_TARGETS, GRANULARITIES  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

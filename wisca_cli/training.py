@@ -300,6 +300,17 @@ def _same_scales(a: dict, b: dict, multipliers: dict) -> str | None:
     return None
 
 
+def _likely_reason(reasons: dict[str, str], names: set[str]) -> str:
+    """The one reason worth a line, out of every parameter order tried (``names``: the
+    in-memory model's parameter names)."""
+    if any(re.search(r"\.experts\.(gate_up_proj|down_proj)$", n) for n in names):
+        return "MoE experts are fused in memory (experts.gate_up_proj) but saved per expert; not supported yet"
+    # a rule whose group sizes fitted got furthest: its reason is the specific one
+    closest = [why for why in reasons.values() if not why.startswith("the model has")]
+    first = (closest or list(reasons.values()) or ["no parameter order fits"])[0]
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
 def _positional_mapping(src: Path, sd: dict, where: str, shapes: dict, multipliers: dict,
                         adapter: bool, base: Path | None) -> _Mapping:
     groups = [list(g["params"]) for g in sd["param_groups"]]
@@ -310,8 +321,9 @@ def _positional_mapping(src: Path, sd: dict, where: str, shapes: dict, multiplie
     stray = sorted(set(sd["state"]) - set(flat))
     if stray:
         raise WiscaError(f"{where}: state for position {stray[0]} which no param group lists")
-    fits, reasons = {}, {}
+    fits, reasons, seen = {}, {}, set()
     for rule, names_by_group in _trainer_candidates(src, where, adapter, base).items():
+        seen.update(n for g in names_by_group for n in g)
         if [len(g) for g in names_by_group] != [len(g) for g in groups]:
             reasons[rule] = (f"the model has {sum(len(g) for g in names_by_group)} trainable parameters in groups of "
                              f"{[len(g) for g in names_by_group]}, the optimizer {[len(g) for g in groups]}")
@@ -323,9 +335,9 @@ def _positional_mapping(src: Path, sd: dict, where: str, shapes: dict, multiplie
         else:
             fits[rule] = names
     if not fits:
-        detail = "; ".join(f"{rule}: {why}" for rule, why in reasons.items())
         raise WiscaError(f"{where}: cannot map the optimizer's parameter positions to the checkpoint's tensors "
-                         f"({detail})")
+                         f"({_likely_reason(reasons, seen)})",
+                         details=[f"{rule}: {why}" for rule, why in reasons.items()])
     rules = list(fits)
     for rule in rules[1:]:
         clash = _same_scales(fits[rules[0]], fits[rule], multipliers)

@@ -33,6 +33,15 @@ DEFAULT_TOLERANCE = {
 }
 
 
+def resolve_tolerance(dtype: str, given: "Tolerance | dict | None" = None) -> Tolerance:
+    """The dtype's default tolerance with only the fields given (not None) replaced."""
+    base = DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE["F32"])
+    if given is None:
+        return base
+    items = asdict(given).items() if isinstance(given, Tolerance) else dict(given).items()
+    return Tolerance(**{**asdict(base), **{k: v for k, v in items if v is not None}})
+
+
 @dataclass
 class VerifyResult:
     mode: str                   # "exact" or "tolerance"
@@ -76,7 +85,8 @@ def probe_ids(vocab: int, batch: int, length: int, seed: int, file: str | None =
             raise WiscaError(f"{file}: probe ids must lie in [0, {vocab})")
         return ids
     if batch <= 0 or length <= 0:
-        raise WiscaError("--probe-batch and --probe-len must be positive")
+        from .options import OptionError
+        raise OptionError("probe_batch" if batch <= 0 else "probe_len", "must be positive")
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=gen)
 

@@ -1,0 +1,128 @@
+"""Every option of every command, stated once: its default, choices, range and help.
+
+The API's option objects (``TransformOptions``, the keyword arguments of ``verify``,
+``inspect`` and ``undo``) take their defaults from this table, and the command line
+builds its flags from it (``cli._flag``), so the two cannot drift apart. ``check``
+validates a value and names the *field* in its error (``OptionError.field``); the CLI
+rewrites that to the flag (``--max-kl``). Pure: no torch, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import WiscaError
+
+GRANULARITIES = ("layer", "head", "channel")
+DEFAULT_TARGETS = ("qk", "vo", "ffn")
+EXTRA_TARGETS = ("norm",)      # off by default
+ALL_TARGETS = DEFAULT_TARGETS + EXTRA_TARGETS
+NORMS = ("fro", "rms")
+SCALES = ("pow2", "continuous")
+MODES = ("auto", "exact", "tolerance")
+
+
+class OptionError(WiscaError):
+    """A bad option value; ``field`` is the API's name for it (the CLI shows the flag)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.detail = field, message
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str                      # the API's field / keyword name
+    default: Any
+    help: str
+    kind: str = "str"              # str, int, float, bool, path, list
+    choices: tuple[str, ...] = ()
+    lo: float | None = None        # inclusive range for numbers
+    hi: float | None = None
+    flag: str | None = None        # the CLI flag, when it is not --name-with-dashes
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def cli_default(self) -> Any:
+        return ",".join(self.default) if self.kind == "list" else self.default
+
+    def check(self, value: Any) -> Any:
+        """The value, validated (a list given as "a,b" is split); raises ``OptionError``."""
+        if value is None:
+            return None
+        if self.kind == "list":
+            items = tuple(t.strip() for t in value.split(",")) if isinstance(value, str) else tuple(value)
+            items = tuple(t for t in items if t)
+            bad = [t for t in items if t not in self.choices]
+            if bad or not items:
+                raise OptionError(self.name, f"unknown {self.name.rstrip('s')} {bad[0] if bad else '(none)'!r} "
+                                             f"(choose from {', '.join(self.choices)})")
+            return items
+        if self.choices and value not in self.choices:
+            raise OptionError(self.name, f"{value!r} is not one of {', '.join(self.choices)}")
+        if self.kind in ("int", "float"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    (self.kind == "int" and not float(value).is_integer()):
+                raise OptionError(self.name, f"must be a{'n integer' if self.kind == 'int' else ' number'}, "
+                                             f"got {value!r}")
+            if value != value or (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+                raise OptionError(self.name, f"must be {self._range()}, got {value}" if self._range()[0] == ">"
+                                  else f"must lie in {self._range()}, got {value}")
+        return value
+
+    def _range(self) -> str:
+        if self.hi is None or self.hi > 1e6:
+            return f">= {self.lo:g}"
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        return f"[{lo}, {self.hi:g}]"
+
+
+_OPTIONS = [
+    Option("targets", DEFAULT_TARGETS, "Pair kinds, comma-separated: qk, vo, ffn, norm (norm -> linear; off by "
+           "default).", kind="list", choices=ALL_TARGETS),
+    Option("granularity", "channel", "One scale per layer, per head (kv group, or expert) or per channel.",
+           choices=GRANULARITIES),
+    Option("norm", "fro", "Balance Frobenius norms (fro) or per-element RMS (rms).", choices=NORMS),
+    Option("strength", 1.0, "Use s**strength: 0 = identity, 1 = fully balanced.", kind="float", lo=0.0, hi=1.0),
+    Option("scales", "pow2", "pow2 (bit-exact) or continuous (exact balance; verified with tolerances).",
+           choices=SCALES),
+    Option("verify", True, "Check logits on probe tokens before committing the output.", kind="bool"),
+    Option("probe_batch", 2, "Probe sequences.", kind="int", lo=1),
+    Option("probe_len", 32, "Tokens per probe sequence.", kind="int", lo=1),
+    Option("seed", 0, "Seed of the random probe tokens.", kind="int", lo=0, hi=2**63 - 1),
+    Option("probe_ids_file", None, "File of probe token ids (JSON rows, or one sequence per line).",
+           kind="path", flag="--probe-ids"),
+    Option("max_kl", None, "Tolerance mode: max mean KL of the softmax (default by dtype).", kind="float", lo=0.0),
+    Option("min_top1", None, "Tolerance mode: min top-1 agreement (default by dtype).", kind="float", lo=0.0, hi=1.0),
+    Option("max_rel", None, "Tolerance mode: max |Δlogit| / max |logit| (default by dtype).", kind="float", lo=0.0),
+    Option("mode", "auto", "exact, tolerance, or auto (exact unless B's wisca record says the transform rounds).",
+           choices=MODES),
+    Option("revision", None, "Hub revision (branch, tag or commit) of a hub repo id."),
+    Option("base", None, "LoRA adapter only: the base model folder; also compare base + adapter logits.",
+           kind="path"),
+    Option("overwrite", False, "Replace the output folder (the old one stays until the new one verified).",
+           kind="bool"),
+    Option("report", None, "Also write the JSON report to this file.", kind="path"),
+    Option("plot", None, "Also draw the weight pattern as heatmaps to this PNG (needs matplotlib).", kind="path"),
+]
+OPTIONS: dict[str, Option] = {o.name: o for o in _OPTIONS}
+TOLERANCE_FIELDS = ("max_kl", "min_top1", "max_rel")
+PROBE_FIELDS = ("probe_batch", "probe_len", "seed", "probe_ids_file")
+
+
+def default(name: str) -> Any:
+    return OPTIONS[name].default
+
+
+def check(name: str, value: Any) -> Any:
+    return OPTIONS[name].check(value)
+
+
+def flag_of(field: str) -> str:
+    """The CLI flag of an API field (for error messages the CLI shows)."""
+    opt = OPTIONS.get(field)
+    return opt.cli_flag if opt else field
