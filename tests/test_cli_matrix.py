@@ -486,3 +486,17 @@ def test_case6_mixtral_trainer_checkpoint_error_is_one_readable_line(tmp_path, m
     res = run_pipe(["transform", ckpt, tmp_path / "o"])
     assert res.code == 2 and "detail:" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_plot_of_a_transformed_checkpoint_shows_before_and_after(inputs, tmp_path):
+    import matplotlib.image
+
+    sizes = {}
+    for name in ("sample", "sample-T", "sharded", "adapter", "adapter-T"):
+        png = tmp_path / f"{name}.png"
+        check(run_pipe(["inspect", inputs[name], "--plot", png, "--json"]), 0, True)
+        img = matplotlib.image.imread(png)[..., :3]
+        assert img.shape[0] > 200 and img.shape[1] > 200, name
+        assert len({tuple(p) for p in img.reshape(-1, 3)[::7].tolist()}) > 20 and img.std() > 0.05, f"{name}: blank"
+        sizes[name] = img.shape[0]
+    assert sizes["sample-T"] > sizes["sample"] and sizes["adapter-T"] > sizes["adapter"]   # two rows of panels

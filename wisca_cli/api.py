@@ -633,8 +633,8 @@ def scale_multipliers(transformed: str | os.PathLike) -> dict[str, torch.Tensor]
         ckpt.close()
 
 
-def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite: bool = False,
-         verify: bool = True, progress: Progress | None = None) -> dict:
+def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite: bool = default("overwrite"),
+         verify: bool = default("verify"), progress: Progress | None = None) -> dict:
     """Multiply back by the recorded scales: for pow2 scales the original tensors exactly."""
     from .lora import is_adapter_record, undo_adapter
 

@@ -35,6 +35,7 @@ import torch
 
 from . import __version__
 from .errors import VerificationFailed, WiscaError
+from .options import default
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -227,7 +228,8 @@ def _deltas(modules: list[LoraModule], tensors: dict, fan_in_fan_out: bool) -> d
 
 
 def verify_with_base(base: str | os.PathLike, config: dict, modules: list[LoraModule], old: dict, new: dict,
-                     exact: bool, probe_batch: int = 2, probe_len: int = 32, seed: int = 0,
+                     exact: bool, probe_batch: int = default("probe_batch"), probe_len: int = default("probe_len"),
+                     seed: int = default("seed"),
                      probe_ids_file: str | None = None, tolerance: dict | None = None) -> dict:
     """Logits of base + original adapter against base + transformed adapter.
 
@@ -322,7 +324,7 @@ def _training_state(src: Path, tmp: Path, multipliers: dict, names: list[str], i
 
 def transform_adapter(src: str | os.PathLike, dst: str | os.PathLike, pow2: bool = True, norm: str = "fro",
                       strength: float = 1.0, overwrite: bool = False, base: str | os.PathLike | None = None,
-                      verify: bool = True, probe: tuple = (2, 32, 0, None), tolerance: dict | None = None,
+                      verify: bool = True, probe: tuple | None = None, tolerance: dict | None = None,
                       warnings: list | None = None) -> dict:
     """Balance a PEFT LoRA adapter's A/B pairs per rank channel; write it to dst if it verifies.
 
@@ -378,6 +380,7 @@ def transform_adapter(src: str | os.PathLike, dst: str | os.PathLike, pow2: bool
         verification = {"mode": "exact" if exact else "tolerance", "passed": products["passed"],
                         "identical": products["identical"], "products": products, "base": None}
         if base_path is not None and products["passed"]:
+            probe = probe or (default("probe_batch"), default("probe_len"), default("seed"), None)
             res = verify_with_base(base_path, config, modules, tensors, out_tensors, exact, *probe,
                                    tolerance=tolerance)
             verification["base"] = res
