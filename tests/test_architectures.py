@@ -21,7 +21,7 @@ import torch
 
 import wisca_cli as wisca
 from conftest import ARCH_FAMILIES, REPO, hf_logits, probe_tokens, run_cli
-from wisca_cli import api, forward, spec
+from wisca_cli import api, forward, spec, stream
 from wisca_cli.checkpoint import open_checkpoint
 from wisca_cli.pairs import DEFAULT_TARGETS
 from wisca_cli.verify import StreamVerifier, Tolerance
@@ -94,7 +94,7 @@ def test_streamed_reference_forward_matches_transformers(family, arch_ckpt):
     ckpt = open_checkpoint(src)
     try:
         lay = ckpt.layout
-        stages = api._stages(ckpt)
+        stages = stream._stages(ckpt)
         v = StreamVerifier(lay, ids, exact=True, tolerance=Tolerance())
         embed = {role: ckpt.read(name) for role, name in stages[0].names.items()}
         v.embed_rows(0, embed["embed"], embed["embed"])

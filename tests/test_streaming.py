@@ -201,7 +201,7 @@ def test_streamed_output_equals_the_unstreamed_transform(tmp_path, verify):
 
 def test_memory_is_a_fixed_number_of_slabs(tmp_path, monkeypatch):
     """However many layers, the transform maps at most STAGE_SLABS stage slabs."""
-    from wisca_cli import api
+    from wisca_cli import stream
 
     made = []
     real = SlabPool.acquire
@@ -219,7 +219,7 @@ def test_memory_is_a_fixed_number_of_slabs(tmp_path, monkeypatch):
         by_pool.setdefault(pool, set()).add(ptr)
     stage_pool = max(by_pool, key=lambda p: sum(1 for q, _ in made if q == p))   # 14 stages
     assert sum(1 for q, _ in made if q == stage_pool) == 12 + 2
-    assert len(by_pool[stage_pool]) == api.STAGE_SLABS
+    assert len(by_pool[stage_pool]) == stream.STAGE_SLABS
 
 
 # -- read-ahead hints -----------------------------------------------------------------------------

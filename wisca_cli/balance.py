@@ -8,149 +8,14 @@ rounds s to a power of two, which makes the transform exact in IEEE floating poi
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
 
-from .pairs import Member, Pair
-
 from .options import NORMS  # noqa: F401 - re-exported
-
-
-@dataclass
-class UnitStats:
-    """Per-unit sums over the A side (times s) and the B side (times 1/s)."""
-
-    sumsq_a: torch.Tensor    # float64 [n]
-    sumsq_b: torch.Tensor
-    count_a: torch.Tensor    # elements per unit
-    count_b: torch.Tensor
-    maxabs_a: torch.Tensor   # for the overflow / subnormal limits
-    maxabs_b: torch.Tensor
-    minabs_a: torch.Tensor   # smallest non-zero |value|
-    minabs_b: torch.Tensor
-
-    def norms(self, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = self.sumsq_a.sqrt(), self.sumsq_b.sqrt()
-        if norm == "rms":
-            a, b = a / self.count_a.clamp(min=1).sqrt(), b / self.count_b.clamp(min=1).sqrt()
-        return a, b
-
-    def dead(self) -> torch.Tensor:
-        return (self.sumsq_a == 0) | (self.sumsq_b == 0)
-
-
-CHUNK_ELEMENTS = 1 << 18   # a chunk's float32 copy (1 MiB) stays in cache
-_scratch = threading.local()
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _chunk_buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """A per-thread reusable buffer: fresh memory costs a page fault per 4 KiB."""
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < n or buf.dtype != dtype:
-        buf = _scratch.buf = torch.empty(max(n, CHUNK_ELEMENTS), dtype=dtype)
-    return buf[:n]
-
-
-PARALLEL_MIN = 1 << 22     # tensors at least this big are reduced in two halves at once
-_helper = None
-
-
-def _helper_pool():
-    """One extra thread: a big tensor's second half is reduced there while the caller
-    reduces the first (torch ops on cache-sized chunks are too small to split inside)."""
-    global _helper
-    if _helper is None:
-        from concurrent.futures import ThreadPoolExecutor
-        _helper = ThreadPoolExecutor(1, thread_name_prefix="wisca-stats")
-    return _helper
-
-
-def _slice_reduce(t: torch.Tensor, axis: int):
-    """Per-slice sum of squares, element count, max |x| and min non-zero |x| along ``axis``.
-
-    One pass over the tensor in cache-sized row chunks; NaN or Inf show up in max |x|.
-    Big tensors are split by rows into two halves reduced on two threads; the halves'
-    results combine exactly (per-row results are disjoint; per-column sums of squares
-    add in float64 from float32 partial sums, as the chunks do).
-    """
-    t = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
-    if t.numel() < PARALLEL_MIN or t.shape[0] < 2:
-        return _slice_reduce_rows(t, axis)
-    half = t.shape[0] // 2
-    other = _helper_pool().submit(_slice_reduce_rows, t[half:], axis)
-    first = _slice_reduce_rows(t[:half], axis)
-    second = other.result()
-    if axis == 0:
-        return (torch.cat([first[0], second[0]]), first[1], torch.cat([first[2], second[2]]),
-                torch.cat([first[3], second[3]]))
-    return (first[0] + second[0], first[1] + second[1], torch.maximum(first[2], second[2]),
-            torch.minimum(first[3], second[3]))
-
-
-def _slice_reduce_rows(t: torch.Tensor, axis: int):
-    rows_axis = axis == 0
-    n = t.shape[0] if rows_axis else t.shape[1]
-    width = max(t.shape[1], 1)
-    sumsq = torch.zeros(n, dtype=torch.float64)
-    maxabs = torch.zeros(n, dtype=torch.float64)
-    minabs = torch.full((n,), torch.inf, dtype=torch.float64)
-    step = max(1, CHUNK_ELEMENTS // width)
-    dim = 1 if rows_axis else 0
-    for start in range(0, t.shape[0], step):
-        chunk = t[start:start + step]
-        x = _chunk_buffer(chunk.numel(), _compute_dtype(t)).view(chunk.shape)
-        x.copy_(chunk)
-        ss = (torch.linalg.vector_norm(x, dim=1).square() if rows_axis else (x * x).sum(0)).double()
-        x.abs_()
-        mx, mn = x.amax(dim).double(), x.amin(dim).double()
-        if bool((mn == 0).any()):            # zeros present: min over the non-zero values only
-            mn = torch.where(x > 0, x, torch.inf).amin(dim).double()
-        if rows_axis:
-            sumsq[start:start + step], maxabs[start:start + step], minabs[start:start + step] = ss, mx, mn
-        else:
-            sumsq += ss
-            torch.maximum(maxabs, mx, out=maxabs)
-            torch.minimum(minabs, mn, out=minabs)
-    return sumsq, t.numel() // max(n, 1), maxabs, minabs
-
-
-class NonFiniteValues(ValueError):
-    """A member tensor holds NaN or Inf (found by the statistics pass, which sees every value)."""
-
-    def __init__(self, role: str):
-        super().__init__(role)
-        self.role = role
-
-
-def unit_stats(pair: Pair, tensors: dict[str, torch.Tensor]) -> UnitStats:
-    """Per-unit statistics of a pair; raises ``NonFiniteValues`` naming a member's role if
-    it holds NaN or Inf (max |x| propagates both)."""
-    n = pair.n_units
-    z = lambda fill=0.0: torch.full((n,), fill, dtype=torch.float64)  # noqa: E731
-    s = {+1: [z(), z(), z(), z(torch.inf)], -1: [z(), z(), z(), z(torch.inf)]}
-    for m in pair.members:
-        t = tensors[m.role]
-        if m.offset:   # a (offset + w) norm: the factor the network uses is what scales
-            t = t.double() + m.offset
-        sumsq, count, maxabs, minabs = _slice_reduce(t, m.axis)
-        if not bool(torch.isfinite(maxabs).all()):
-            raise NonFiniteValues(m.role)
-        keep = m.units >= 0
-        idx = m.units[keep]
-        acc = s[m.side]
-        if m.counts:
-            acc[0].index_add_(0, idx, sumsq[keep])
-            acc[1].index_add_(0, idx, torch.full((len(idx),), float(count), dtype=torch.float64))
-        acc[2].scatter_reduce_(0, idx, maxabs[keep], "amax")
-        acc[3].scatter_reduce_(0, idx, minabs[keep], "amin")
-    a, b = s[+1], s[-1]
-    return UnitStats(a[0], b[0], a[1], b[1], a[2], b[2], a[3], b[3])
+from .pairs import Member, Pair
+from .stats import (CHUNK_ELEMENTS, NonFiniteValues, SliceReduce, UnitStats, _compute_dtype,  # noqa: F401
+                    slice_reduce, unit_stats)
 
 
 def log2_imbalance(stats: UnitStats, norm: str) -> torch.Tensor:
@@ -205,6 +70,40 @@ def member_multipliers(pair: Pair, s: torch.Tensor, shapes: dict[str, tuple[int,
         shape[m.axis] = -1
         mult = scale_vector(m, s, shapes[m.role][m.axis]).view(shape)
         out[m.role] = out[m.role] * mult if m.role in out else mult
+    return out
+
+
+def chunk_multiplier(mult: torch.Tensor, offsets: tuple[int, ...], shape: tuple[int, ...],
+                     power: int = 1) -> torch.Tensor:
+    """The multiplier of one piece of a tensor: ``mult`` (broadcastable to the whole tensor,
+    from ``member_multipliers``) restricted to the box at ``offsets`` of size ``shape``,
+    to the power ``power``: 1 for weights (W' = S W), -1 for gradients, Adam's exp_avg and
+    SGD momentum, -2 for exp_avg_sq and Adagrad's sum."""
+    view = mult
+    for d, (start, n) in enumerate(zip(offsets, shape)):
+        if view.shape[d] != 1:
+            view = view.narrow(d, start, n)
+    return view.double() ** power
+
+
+def apply_multiplier(t: torch.Tensor, mult: torch.Tensor, power: int = 1) -> torch.Tensor:
+    """``t * mult**power`` rounded once to t's dtype (a negative power divides by
+    ``mult**-power``). Powers of two compute in t's own dtype, which is exact barring
+    underflow; other multipliers in float64, one row block at a time. ``mult`` broadcasts
+    to t (a whole tensor's, or a piece's from ``chunk_multiplier``)."""
+    factor = mult.double() ** abs(power)
+    divide = power < 0
+    if _exact_in(factor, t.dtype):
+        f = factor.to(t.dtype)
+        return t / f if divide else t * f
+    if t.dim() == 0:
+        return ((t.double() / factor) if divide else (t.double() * factor)).to(t.dtype)
+    out = torch.empty_like(t)
+    f = torch.broadcast_to(factor, t.shape)
+    step = max(1, (1 << 20) // max(t[0].numel(), 1))
+    for i in range(0, t.shape[0], step):
+        rows = t[i:i + step].double()
+        out[i:i + step] = ((rows / f[i:i + step]) if divide else (rows * f[i:i + step])).to(t.dtype)
     return out
 
 
@@ -274,9 +173,15 @@ class PairResult:
 
 def solve_pair(pair: Pair, tensors: dict[str, torch.Tensor], norm: str = "fro",
                strength: float = 1.0, pow2: bool = True,
-               dtype: torch.dtype = torch.float32) -> PairResult:
+               dtype: torch.dtype = torch.float32, reduce: SliceReduce = slice_reduce) -> PairResult:
     """Balancing scales for one pair, limited to the range that ``dtype`` keeps exact."""
-    stats = unit_stats(pair, tensors)
+    return scales_from_stats(pair.kind, unit_stats(pair, tensors, reduce), norm, strength, pow2, dtype)
+
+
+def scales_from_stats(kind: str, stats: UnitStats, norm: str = "fro", strength: float = 1.0, pow2: bool = True,
+                      dtype: torch.dtype = torch.float32) -> PairResult:
+    """Balancing scales from (reduced) statistics: what every backend calls once its
+    chunks', files' or ranks' partial statistics are merged."""
     s = balancing_scales(stats, norm, strength)
     lo, hi = safe_range(stats, dtype)
     if pow2:
@@ -287,5 +192,5 @@ def solve_pair(pair: Pair, tensors: dict[str, torch.Tensor], norm: str = "fro",
     clamped = int((final != ideal).sum())
     final = final.to(torch.float32).double()  # the scales as stored and applied
     before = log2_imbalance(stats, norm)
-    return PairResult(pair.kind, final.float(), before, before + 2 * torch.log2(final),
+    return PairResult(kind, final.float(), before, before + 2 * torch.log2(final),
                       int(stats.dead().sum()), clamped)

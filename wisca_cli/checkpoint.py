@@ -23,8 +23,7 @@ from .errors import WiscaError
 from .fileio import OutputFile
 from .spec import Layout, expected_shapes, layout_from_config
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+from .formats import INDEX_NAME, SINGLE_NAME  # noqa: F401 - one definition, re-exported
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

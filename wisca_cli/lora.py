@@ -36,24 +36,17 @@ import torch
 from . import __version__
 from .errors import VerificationFailed, WiscaError
 from .options import default
+from .record import RECORD_FORMAT, RECORD_NAME, SCALES_NAME, read_record, record_kind, save_tensors, shard_metadata
+from .record import stamp as record_stamp
+from .record import write_record
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-RECORD_NAME = "wisca.json"                  # the same names and format as api.transform's record
-SCALES_NAME = "wisca_scales.safetensors"
-RECORD_FORMAT = 1
+from .formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter  # noqa: F401 - re-exported
 KIND = "lora-adapter"
 PREFIX = "base_model.model."
 _LINEAR = re.compile(r"^(?P<mod>.+)\.lora_(?P<side>[AB])\.weight$")
 _EMBED = re.compile(r"^(?P<mod>.+)\.lora_embedding_(?P<side>[AB])$")
 # max |B'A' - BA| / max |BA| allowed with continuous scales, by adapter dtype
 PRODUCT_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-
-
-def is_adapter(folder: str | os.PathLike) -> bool:
-    """A PEFT adapter folder: adapter_config.json and adapter_model.safetensors."""
-    folder = Path(folder)
-    return (folder / ADAPTER_CONFIG).is_file() and (folder / ADAPTER_WEIGHTS).is_file()
 
 
 @dataclass
@@ -300,15 +293,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _write(out_tmp: Path, src: Path, tensors: dict | None, metadata: dict | None, stamp: dict | None) -> None:
-    from safetensors.torch import save_file
-
     if tensors is None:        # nothing changed: the file byte for byte
         shutil.copyfile(src / ADAPTER_WEIGHTS, out_tmp / ADAPTER_WEIGHTS)
         return
-    meta = {k: v for k, v in (metadata or {}).items() if k != "wisca"}
-    if stamp:
-        meta["wisca"] = json.dumps(stamp, separators=(",", ":"))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_tmp / ADAPTER_WEIGHTS), metadata=meta or None)
+    save_tensors(out_tmp / ADAPTER_WEIGHTS, tensors, shard_metadata(metadata, stamp))
 
 
 def _training_state(src: Path, tmp: Path, multipliers: dict, names: list[str], invert: bool,
@@ -411,27 +399,19 @@ def transform_adapter(src: str | os.PathLike, dst: str | os.PathLike, pow2: bool
         where = f"module {bad}" if bad else "the base model's logits"
         raise VerificationFailed(f"verification failed: base + adapter differ at {where}; nothing written", report)
 
-    from safetensors.torch import save_file
-
     with StagedOutput(dst_path, overwrite) as out:
         copy_other_files(src, out.tmp, skip={ADAPTER_WEIGHTS, RECORD_NAME, SCALES_NAME})
         _write(out.tmp, src, None if trivial else out_tensors, metadata,
-               {"version": __version__, "record": RECORD_NAME})
+               record_stamp())
         mults = _multipliers(modules, tensors, scales)
         report["training_state"] = _training_state(src, out.tmp, mults, list(tensors), False, base_path, trivial)
         report["seconds"] = round(time.perf_counter() - started, 3)
-        try:
-            save_file(scales, str(out.tmp / SCALES_NAME), metadata={"wisca_version": __version__, "kind": KIND})
-            (out.tmp / RECORD_NAME).write_text(json.dumps(report, indent=1) + "\n")
-        except Exception as e:   # OSError, or safetensors' own error for ENOSPC
-            raise WiscaError(f"{dst_path.parent}: writing the record failed: {' '.join(str(e).split())}") from e
+        write_record(out.tmp, report, scales, {"kind": KIND})
         out.commit()
     return report
 
 
 def read_adapter_record(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from .api import read_record
-
     record, scales = read_record(folder, "an adapter")
     path = folder / RECORD_NAME
     if record.get("record_format") != RECORD_FORMAT or record.get("kind") != KIND:
@@ -442,10 +422,7 @@ def read_adapter_record(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def is_adapter_record(folder: str | os.PathLike) -> bool:
     """True when folder holds a wisca record of a transformed adapter (undo -> undo_adapter)."""
-    try:
-        return json.loads((Path(folder) / RECORD_NAME).read_text()).get("kind") == KIND
-    except (OSError, ValueError, AttributeError):
-        return False
+    return record_kind(folder) == KIND
 
 
 def undo_adapter(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False,

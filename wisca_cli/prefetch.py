@@ -17,7 +17,7 @@ import os
 import threading
 from pathlib import Path
 
-INDEX_NAME = "model.safetensors.index.json"
+from .formats import INDEX_NAME
 BUDGET = 1 << 30          # at most this many bytes hinted at start-up
 MEMORY_FRACTION = 0.25    # and at most this share of the available memory
 

@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from .balance import PairResult, apply_scales, log2_imbalance, member_multipliers, solve_pair, unit_stats
+from .balance import PairResult, apply_scales, log2_imbalance, member_multipliers, solve_pair
+from .stats import SliceReduce, slice_reduce, unit_stats
 from .pairs import layer_pairs
 from .spec import Layout
 
@@ -35,8 +36,8 @@ def _overlapping(pairs) -> bool:
 
 def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
                   granularity: str, norm: str = "fro", strength: float = 1.0, pow2: bool = True,
-                  inplace: bool = False, before_apply: Callable[[], object] | None = None
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, PairResult]]:
+                  inplace: bool = False, before_apply: Callable[[], object] | None = None,
+                  reduce: SliceReduce = slice_reduce) -> tuple[dict[str, torch.Tensor], dict[str, PairResult]]:
     """Balance every applicable pair of one layer: (new tensors by role, result per pair kind).
 
     Pairs that touch the same tensors (the norm target and qk, vo, ffn) are balanced in turn,
@@ -44,6 +45,8 @@ def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], 
     scale is the product over the sweeps: what was applied, so undo divides it back out.
     ``inplace`` overwrites ``tensors``; ``before_apply()`` is called before the first write
     (e.g. to wait for another reader of the originals); disjoint pairs are all solved first.
+    ``reduce``: how a tensor's per-slice statistics are computed (a backend may split big
+    tensors over threads; the pieces merge, see ``stats``).
     """
     new: dict[str, torch.Tensor] = {}
     results: dict[str, PairResult] = {}
@@ -52,7 +55,7 @@ def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], 
     if not overlapping:   # one sweep: every solve reads the originals, then every apply
         for pair in pairs:
             dtype = _narrowest(tensors, (m.role for m in pair.members))
-            results[pair.kind] = solve_pair(pair, tensors, norm, strength, pow2, dtype)
+            results[pair.kind] = solve_pair(pair, tensors, norm, strength, pow2, dtype, reduce)
         if before_apply is not None:
             before_apply()
         for pair in pairs:
@@ -66,7 +69,7 @@ def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], 
         for pair in pairs:
             current = {**tensors, **new}
             dtype = _narrowest(current, (m.role for m in pair.members))
-            result = solve_pair(pair, current, norm, strength, pow2, dtype)
+            result = solve_pair(pair, current, norm, strength, pow2, dtype, reduce)
             new.update(apply_scales(pair, current, result.scales.double(), inplace=inplace or sweep > 0))
             step = result.scales.double()
             moved |= bool((torch.log2(step).abs() > (0 if pow2 else 1e-3)).any())
@@ -81,7 +84,7 @@ def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], 
     if sweeps > 1:   # the imbalance left after all sweeps, measured
         final = {**tensors, **new}
         for pair in pairs:
-            results[pair.kind].after = log2_imbalance(unit_stats(pair, final), norm)
+            results[pair.kind].after = log2_imbalance(unit_stats(pair, final, reduce), norm)
     return new, results
 
 

@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from .errors import WiscaError
+from .formats import INDEX_NAME
 
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "optim.pt")
 # state key -> p: the entry is a sum of gradient powers g**p, so it becomes entry / S**p
@@ -148,7 +149,7 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX_NAME
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
@@ -370,24 +371,11 @@ def _is_pow2(x: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def scale_moment(t: torch.Tensor, s: torch.Tensor, power: int, invert: bool) -> torch.Tensor:
-    """``t / S**power`` (``t * S**power`` when inverting), rounded once to t's dtype.
+    """``t / S**power`` (``t * S**power`` when inverting), rounded once to t's dtype:
+    the symmetry core's multiplier application (``balance.apply_multiplier``)."""
+    from .balance import apply_multiplier
 
-    Powers of two compute in t's own dtype, which is exact barring underflow; other scales
-    in float64, one row block at a time.
-    """
-    factor = s.double() ** power
-    if _is_pow2(factor, t.dtype):
-        f = factor.to(t.dtype)
-        return t * f if invert else t / f
-    out = torch.empty_like(t)
-    if t.dim() == 0:
-        return ((t.double() * factor) if invert else (t.double() / factor)).to(t.dtype)
-    f = torch.broadcast_to(factor, t.shape)
-    step = max(1, (1 << 20) // max(t[0].numel(), 1))
-    for i in range(0, t.shape[0], step):
-        rows = t[i:i + step].double()
-        out[i:i + step] = ((rows * f[i:i + step]) if invert else (rows / f[i:i + step])).to(t.dtype)
-    return out
+    return apply_multiplier(t, s, power if invert else -power)
 
 
 def _save(sd: dict, target: Path) -> None:
@@ -450,7 +438,7 @@ def _read_state(src: Path, weight_names: list[str] | None, multipliers: dict, ba
     if weight_names:
         known = set(weight_names)
         shapes = {n: s for n, s in shapes.items() if n in known}
-    from .lora import is_adapter   # a lazy import: lora imports this module
+    from .formats import is_adapter
 
     if fmt == "hf-trainer":
         mapping = _positional_mapping(src, sd, where, shapes, multipliers, is_adapter(src), base)

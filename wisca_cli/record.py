@@ -1,0 +1,112 @@
+"""The record a transform leaves beside its output: what was done, and how to undo it.
+
+Two files, the same for models and adapters:
+
+- ``wisca.json``: the report (tool version, options, per-pair summary, verification,
+  the undo command); ``kind`` says ``lora-adapter`` for adapters.
+- ``wisca_scales.safetensors``: the scales as applied, float32, one per unit, keyed
+  ``layers.{i}.{kind}`` (models) or by LoRA module prefix (adapters).
+
+Output shards get a ``wisca`` metadata entry pointing at the record. Everything here is
+written byte for byte reproducibly: the same scales and report give the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import TensorInfo, build_header
+from .errors import WiscaError
+
+RECORD_NAME = "wisca.json"
+SCALES_NAME = "wisca_scales.safetensors"
+RECORD_FORMAT = 1
+RECORD_FILES = (RECORD_NAME, SCALES_NAME)
+VOLATILE = ("created", "seconds")   # in the returned report, not in the record: same input, same files
+_SAFETENSORS_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def stamp() -> dict:
+    """The ``wisca`` metadata entry of every output shard."""
+    return {"version": __version__, "record": RECORD_NAME}
+
+
+def shard_metadata(meta: dict | None, with_stamp: dict | None) -> dict | None:
+    """A shard's safetensors metadata with the ``wisca`` entry replaced (or dropped)."""
+    out = {k: v for k, v in (meta or {}).items() if k != "wisca"}
+    if with_stamp:
+        out["wisca"] = json.dumps(with_stamp, separators=(",", ":"))
+    return out or None
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file with tensors and metadata in sorted order: reproducible bytes
+    (``safetensors.torch.save_file`` orders metadata keys differently from run to run)."""
+    infos, blobs, offset = [], [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        infos.append(TensorInfo(name, path.name, _SAFETENSORS_DTYPE[t.dtype], tuple(t.shape), 0, raw.numel(), offset))
+        blobs.append(raw)
+        offset += raw.numel()
+    meta = {k: str(metadata[k]) for k in sorted(metadata)} if metadata else None
+    with open(path, "wb") as f:
+        f.write(build_header(infos, meta))
+        for raw in blobs:
+            f.write(raw.numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_record(folder: Path, report: dict, scales: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """wisca.json and the scales into ``folder`` (the temporary output), without the
+    report's run time and wall-clock fields (``VOLATILE``), so the same input and options
+    give the same files; a write failure (a full disk) is an input error naming the folder."""
+    kept = {k: v for k, v in report.items() if k not in VOLATILE}
+    try:
+        save_tensors(folder / SCALES_NAME, scales, {"wisca_version": __version__, **metadata})
+        (folder / RECORD_NAME).write_text(json.dumps(kept, indent=1) + "\n")
+    except OSError as e:
+        raise WiscaError(f"{folder.parent}: writing the record failed: {e.strerror or e}") from e
+
+
+def read_record(folder: Path, what: str = "a checkpoint") -> tuple[dict, dict[str, torch.Tensor]]:
+    """wisca.json and the recorded scales of a folder written by wisca transform."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / RECORD_NAME
+    if not path.is_file():
+        raise WiscaError(f"{folder}: no {RECORD_NAME}: not {what} written by wisca transform")
+    try:
+        record = json.loads(path.read_text())
+        scales = load_file(str(folder / SCALES_NAME))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise WiscaError(f"{path}: cannot read the wisca record: {' '.join(str(e).split())}") from e
+    if not isinstance(record, dict) or record.get("record_format") != RECORD_FORMAT:
+        got = record.get("record_format") if isinstance(record, dict) else None
+        raise WiscaError(f"{path}: record format {got!r} is not supported by wisca {__version__}")
+    return record, scales
+
+
+def record_kind(folder: str | os.PathLike) -> str | None:
+    """``kind`` of a folder's wisca record ("lora-adapter"), "model" for a model's, None
+    when there is no readable record."""
+    try:
+        record = json.loads((Path(folder) / RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("kind", "model") if isinstance(record, dict) else None
+
+
+def layer_scales(scales: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """pair kind -> scales of one decoder layer, from the record's ``layers.{i}.{kind}`` keys."""
+    prefix = f"layers.{layer}."
+    return {k[len(prefix):]: v for k, v in scales.items() if k.startswith(prefix)}

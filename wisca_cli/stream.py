@@ -1,0 +1,429 @@
+"""The safetensors streaming backend: a checkpoint read once and written once, a few
+decoder layers in memory whatever the model size.
+
+Threads: one reads the next stage into one of a few reused slabs (``memory.SlabPool``),
+one writes the previous one (``O_DIRECT``, ``fileio``), and when verifying one runs the
+reference model's layer beside the balancing. The symmetry core (``pairs``, ``stats``,
+``balance``, ``solve``) does the math on the tensors this module hands it; the only
+thing this backend adds to it is ``parallel_reduce``, which splits a big tensor's
+statistics over two threads and merges the halves (see ``stats``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .checkpoint import ITEMSIZE, Checkpoint, ShardWriter, as_tensor, to_raw
+from .errors import WiscaError
+from .memory import SlabPool, carve, slab_bytes
+from .record import shard_metadata
+from .stats import CHUNK_ELEMENTS, slice_reduce
+from .verify import StreamVerifier, Tolerance, resolve_tolerance
+
+Progress = Callable[[int, str], None]   # (bytes done since last call, what is happening)
+
+
+# -- statistics on two threads ----------------------------------------------------------------
+PARALLEL_MIN = 1 << 22     # tensors at least this big are reduced in two halves at once
+_helper = None
+_scratch = threading.local()
+
+
+def _helper_pool() -> ThreadPoolExecutor:
+    """One extra thread: a big tensor's second half is reduced there while the caller
+    reduces the first (torch ops on cache-sized chunks are too small to split inside)."""
+    global _helper
+    if _helper is None:
+        _helper = ThreadPoolExecutor(1, thread_name_prefix="wisca-stats")
+    return _helper
+
+
+def _reduce_rows(t: torch.Tensor, axis: int):
+    """``stats.slice_reduce`` with this thread's reused chunk buffer (fresh memory costs a
+    page fault per 4 KiB)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.dtype != (torch.float64 if t.dtype == torch.float64 else torch.float32):
+        buf = _scratch.buf = torch.empty(CHUNK_ELEMENTS, dtype=torch.float64 if t.dtype == torch.float64
+                                         else torch.float32)
+    return slice_reduce(t, axis, scratch=buf)
+
+
+def parallel_reduce(t: torch.Tensor, axis: int):
+    """Per-slice statistics of a big tensor in two row halves on two threads, merged as
+    ``UnitStats.merge`` does: per-row results are disjoint (concatenated), per-column
+    sums add in float64, max and min combine."""
+    t = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+    if t.numel() < PARALLEL_MIN or t.shape[0] < 2:
+        return _reduce_rows(t, axis)
+    half = t.shape[0] // 2
+    other = _helper_pool().submit(_reduce_rows, t[half:], axis)
+    first = _reduce_rows(t[:half], axis)
+    second = other.result()
+    if axis == 0:
+        return (torch.cat([first[0], second[0]]), first[1], torch.cat([first[2], second[2]]),
+                torch.cat([first[3], second[3]]))
+    return (first[0] + second[0], first[1] + second[1], torch.maximum(first[2], second[2]),
+            torch.minimum(first[3], second[3]))
+
+
+# -- stages -----------------------------------------------------------------------------------
+@dataclass
+class Stage:
+    kind: str                    # "embed", "layer", "final"
+    layer: int
+    names: dict[str, str]        # role -> tensor name
+    raw: dict[str, torch.Tensor] = field(default_factory=dict)
+    streamed: tuple[str, ...] = ()   # roles too big to hold: read in row blocks when used
+    slab: torch.Tensor | None = None  # the memory ``raw`` lives in, owned until ``release``
+    pool: SlabPool | None = None
+    cursor: int = 0                   # the slab's bytes from here on are free
+
+    def tensors(self, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+        return {role: as_tensor(ckpt.tensors[self.names[role]], raw) for role, raw in self.raw.items()}
+
+    def held(self) -> list[str]:
+        return [name for role, name in self.names.items() if role not in self.streamed]
+
+    def release(self) -> None:
+        """Hand the slab back for a later stage (after the last use of ``raw``)."""
+        if self.pool is not None and self.slab is not None:
+            self.pool.release(self.slab)
+        self.slab = None
+        self.raw = {}
+
+
+def _stages(ckpt: Checkpoint) -> list[Stage]:
+    lay, spec = ckpt.layout, ckpt.layout.spec
+    embed = {"embed": spec.embed}
+    if spec.embedding.get("positions"):                 # learned positions (GPT-2)
+        embed["pos"] = spec.embedding["positions"]
+    stages = [Stage("embed", -1, embed, streamed=("embed",))]
+    stages += [Stage("layer", i, lay.layer_roles(i)) for i in range(lay.layers)]
+    head = spec.embed if lay.tie_embeddings else spec.lm_head
+    final = {"norm": spec.final_norm, "head": head}
+    if spec.final.get("norm_bias"):                     # LayerNorm families
+        final["norm_bias"] = spec.final["norm_bias"]
+    stages.append(Stage("final", lay.layers, final, streamed=("head",)))
+    return stages
+
+
+ADVISE_STREAMED = 256 << 20   # read-ahead hint for a streamed (embedding-sized) tensor
+
+
+def _stage_pool(items: list[tuple[Checkpoint, Stage]], count: int, room_for_blocks: bool = False) -> SlabPool:
+    """Slabs big enough for the largest stage's held tensors (``room_for_blocks``: plus
+    one row block of its streamed tensor, see ``_stream_big``)."""
+    def need(ckpt: Checkpoint, stage: Stage) -> int:
+        sizes = [ckpt.tensors[n].nbytes for n in stage.held()]
+        if room_for_blocks:
+            sizes += [ckpt.chunk_bytes(stage.names[r]) for r in stage.streamed]
+        return slab_bytes(sizes)
+
+    return SlabPool(count, max(need(c, s) for c, s in items), prefill=True)
+
+
+def _read_stages(items: list[tuple[Checkpoint, Stage]], slabs: SlabPool,
+                 align: Callable[[str], int] | None = None) -> Iterator[Stage]:
+    """Yield the stages (of one checkpoint, or of two interleaved) with their bytes read
+    into slabs; the next stage is read while this one computes. The consumer calls
+    ``stage.release()`` when done with a stage (after its bytes are written), which lets
+    the reader go on.
+
+    ``align(name)``: the output file offset of a tensor, so its buffer can go to the disk
+    without a copy."""
+    def load(i: int) -> Stage:
+        ckpt, stage = items[i]
+        if i + 1 < len(items):   # the disk fetches the stage after this one meanwhile
+            nckpt, nstage = items[i + 1]
+            for role, name in nstage.names.items():
+                nckpt.advise(name, ADVISE_STREAMED if role in nstage.streamed else None)
+        slab, cursor, raw = slabs.acquire(), 0, {}
+        for role in stage.names:
+            if role in stage.streamed:
+                continue
+            name = stage.names[role]
+            info = ckpt.tensors[name]
+            out, cursor = carve(slab, info.nbytes, cursor, align(name) if align else None, ITEMSIZE[info.dtype])
+            raw[role] = ckpt.read_raw(name, out=out)
+        return Stage(stage.kind, stage.layer, stage.names, raw, stage.streamed, slab, slabs, cursor)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            pending = pool.submit(load, 0) if items else None
+            for i in range(len(items)):
+                stage = pending.result()
+                pending = pool.submit(load, i + 1) if i + 1 < len(items) else None
+                yield stage
+                del stage
+        finally:
+            slabs.close()   # a reader waiting for a slab wakes up, so the pool can shut down
+
+
+class _WriteQueue:
+    """Writes run in one thread, in submission order, with at most ``depth`` batches in
+    flight: the compute never waits for the disk unless the disk falls ``depth`` behind,
+    and memory stays bounded."""
+
+    def __init__(self, pool: ThreadPoolExecutor, depth: int = 1):
+        self.pool, self.depth, self.pending = pool, depth, deque()
+
+    def put(self, items: list[tuple[Callable, tuple]]) -> None:
+        self.pending.append(self.pool.submit(_run_all, items))
+        while len(self.pending) > self.depth:
+            self.pending.popleft().result()
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+
+def _run_all(items: list[tuple[Callable, tuple]]) -> None:
+    for fn, args in items:
+        fn(*args)
+
+
+def _check_finite(ckpt: Checkpoint, stage: Stage, tensors: dict[str, torch.Tensor],
+                  skip: set[str] = frozenset()) -> None:
+    """Refuse NaN or Inf in a stage's tensors (``skip``: roles the balancing checks itself)."""
+    for role, t in tensors.items():
+        if role not in skip:
+            _require_finite(ckpt, stage.names[role], t)
+
+
+def _nonfinite_error(ckpt: Checkpoint, name: str) -> WiscaError:
+    return WiscaError(f"{ckpt.root / ckpt.tensors[name].shard}: tensor {name} contains NaN or Inf")
+
+
+def _require_finite(ckpt: Checkpoint, name: str, t: torch.Tensor) -> None:
+    """Refuse NaN or Inf, naming the tensor (min and max propagate NaN; one fast pass)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t)
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+        raise _nonfinite_error(ckpt, name)
+
+
+def _stream_big(ckpt: Checkpoint, name: str, writer: ShardWriter | None = None,
+                queue: _WriteQueue | None = None, chunks: SlabPool | None = None,
+                stage: Stage | None = None):
+    """Yield row blocks of a big untouched tensor, checked and (with a writer) copied out.
+
+    Blocks are read into ``chunks`` slabs (each handed back once written), or, without a
+    writer, into the free end of ``stage``'s slab (one block at a time: the consumer is
+    done with a block when it asks for the next)."""
+    info = ckpt.tensors[name]
+    align = writer.offset(name) if writer is not None else None
+    held: list[torch.Tensor] = []
+
+    def from_pool(nbytes: int, at: int | None) -> torch.Tensor:
+        held.append(chunks.acquire())
+        return carve(held[-1], nbytes, 0, at, ITEMSIZE[info.dtype])[0]
+
+    def from_stage(nbytes: int, at: int | None) -> torch.Tensor:
+        return carve(stage.slab, nbytes, stage.cursor, at, ITEMSIZE[info.dtype])[0]
+
+    buffer = from_pool if chunks is not None else from_stage if stage is not None and writer is None else None
+    for start, raw, rows in ckpt.row_chunks(name, align=align, buffer=buffer):
+        _require_finite(ckpt, name, rows)
+        done = [(chunks.release, (held.pop(),))] if chunks else []
+        if writer is not None:
+            offset = start * (info.nbytes // max(info.shape[0], 1))
+            queue.put([(writer.write_part, (name, offset, raw, offset + raw.numel() == info.nbytes)), *done])
+            done = []
+        try:
+            yield start, rows
+        finally:   # also when the consumer closes the generator early
+            del raw, rows
+            _run_all(done)
+
+
+def _chunk_pool(items: list[tuple[Checkpoint, Stage]], count: int) -> SlabPool:
+    sizes = [ckpt.chunk_bytes(s.names[r]) for ckpt, s in items for r in s.streamed]
+    return SlabPool(count, max([slab_bytes([n]) for n in sizes], default=1), prefill=True)
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """The pipeline parallelises by task (reader, writer, two model streams), not inside ops."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _main_dtype(ckpt: Checkpoint) -> str:
+    roles = ckpt.layout.layer_roles(0) if ckpt.layout.layers else {}
+    name = roles.get("q", roles.get("qkv", next(iter(roles.values()), None)))   # fused qkv: Phi-3, GPT-2
+    return ckpt.tensors[name].dtype if name else "F32"
+
+
+def _main_torch_dtype(ckpt: Checkpoint) -> torch.dtype:
+    from .checkpoint import DTYPES
+    return DTYPES.get(_main_dtype(ckpt), torch.float32)
+
+
+def _tolerance(ckpt: Checkpoint, given: Tolerance | dict | None) -> Tolerance:
+    return resolve_tolerance(_main_dtype(ckpt), given)
+
+
+# (layer, tensors, before_apply) -> (new tensors by role, report); tensors may be scaled in
+# place, but only after before_apply() returns
+LayerFn = Callable[[int, dict[str, torch.Tensor], Callable[[], object] | None], tuple[dict[str, torch.Tensor], dict]]
+STAGE_SLABS = 3    # one stage being read, one computed, one written
+CHUNK_SLABS = 3
+
+
+def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: StreamVerifier | None,
+             stamp: dict | None, progress: Progress | None,
+             checked: Callable[[int], set[str]] | None = None) -> tuple[list[dict], dict | None]:
+    """Stream ckpt into out_dir with layer_fn applied to each decoder layer.
+
+    ``checked(layer)``: roles that layer_fn itself refuses NaN and Inf in (so they are
+    not scanned twice).
+
+    Threads: one reads the next stage, one writes the previous one, and (when verifying)
+    one runs the reference model's layer beside the balancing; the scales are applied in
+    place once the reference is done, then the transformed layer runs. Stages live in
+    ``STAGE_SLABS`` reused slabs, so memory is a few layers whatever the model size.
+    """
+    writers = {name: ShardWriter(out_dir / name, shard, shard_metadata(shard.metadata, stamp))
+               for name, shard in ckpt.shards.items()}
+    writer_of = lambda name: writers[ckpt.tensors[name].shard]   # noqa: E731
+    stages = [(ckpt, s) for s in _stages(ckpt)]
+    slabs, chunks = _stage_pool(stages, STAGE_SLABS), _chunk_pool(stages, CHUNK_SLABS)
+    layer_reports, result = [], None
+    try:
+        with _torch_threads(1), ThreadPoolExecutor(1) as write_pool, ThreadPoolExecutor(1) as ref_pool, \
+                ThreadPoolExecutor(1) as cand_pool:
+            if verifier is not None:
+                verifier.pool, verifier.cand_pool = ref_pool, cand_pool
+            queue = _WriteQueue(write_pool)
+            for stage in _read_stages(stages, slabs, align=lambda n: writer_of(n).offset(n)):
+                tensors = stage.tensors(ckpt)
+                new: dict[str, torch.Tensor] = {}
+                skip = checked(stage.layer) if checked and stage.kind == "layer" else frozenset()
+                candidate = []   # the transformed layer's forward, which must end before the slab is reused
+                if stage.kind == "layer" and verifier is not None:
+                    # the reference layer (and the NaN check) run beside the balancing; the
+                    # transformed layer runs beside the next layer's balancing
+                    ref = verifier.start_layer(tensors, before=lambda: _check_finite(ckpt, stage, tensors, skip))
+                    new, report = layer_fn(stage.layer, tensors, ref.result)
+                    future = verifier.finish_layer_async(stage.layer, ref, {**tensors, **new})
+                    candidate = [(future.result, ())]
+                    layer_reports.append({"layer": stage.layer, **report})
+                else:
+                    _check_finite(ckpt, stage, tensors, skip)
+                    if stage.kind == "layer":
+                        new, report = layer_fn(stage.layer, tensors, None)
+                        layer_reports.append({"layer": stage.layer, **report})
+                # a layer is done with once written; the embed and final stages are still read
+                # below (norms, positions), so their slab goes back at the end of the iteration
+                release = [(stage.release, ())] if stage.kind == "layer" else []
+                queue.put([*((writer_of(stage.names[role]).write,
+                              (stage.names[role], to_raw(new[role]) if role in new else raw))
+                             for role, raw in stage.raw.items()), *candidate, *release])
+                if stage.kind == "embed":
+                    name = stage.names["embed"]
+                    for start, rows in _stream_big(ckpt, name, writer_of(name), queue, chunks):
+                        if verifier is not None:
+                            verifier.embed_rows(start, rows, rows)
+                    if verifier is not None:
+                        verifier.embed_done(tensors, tensors)
+                elif stage.kind == "final":
+                    name = stage.names["head"]
+                    tied = ckpt.layout.tie_embeddings   # the embedding, already written
+                    if verifier is not None:
+                        verifier.final_norm(tensors["norm"], tensors["norm"], tensors, tensors)
+                    if verifier is not None or not tied:
+                        for _, rows in _stream_big(ckpt, name, None if tied else writer_of(name), queue, chunks):
+                            if verifier is not None:
+                                verifier.head_rows(rows, rows)
+                    if verifier is not None:
+                        result = verifier.result()
+                del tensors, new
+                if stage.kind != "layer":
+                    queue.put([(stage.release, ())])
+                if progress:
+                    progress(sum(ckpt.tensors[n].nbytes for n in stage.names.values()), _stage_label(stage))
+            queue.put([(_copy_passthrough, (ckpt, writers))])
+            queue.drain()
+            for w in writers.values():
+                w.close()
+    except OSError as e:
+        raise WiscaError(f"{out_dir.parent}: writing the output failed: {e.strerror or e}") from e
+    finally:
+        slabs.close()
+        chunks.close()
+        for w in writers.values():
+            w.abort()
+    return layer_reports, result
+
+
+def _stage_label(stage: Stage) -> str:
+    return f"layer {stage.layer}" if stage.kind == "layer" else stage.kind
+
+
+def _copy_passthrough(ckpt: Checkpoint, writers: dict[str, ShardWriter]) -> None:
+    """Tensors outside the spec (e.g. rotary buffers) are copied byte for byte."""
+    known = {n for s in _stages(ckpt) for n in s.names.values()}
+    for name, info in ckpt.tensors.items():
+        if name not in known:
+            writers[info.shard].write(name, ckpt.read_raw(name))
+
+
+def verify_stream(ca: Checkpoint, cb: Checkpoint, verifier: StreamVerifier, progress: Progress | None):
+    """Feed both checkpoints' stages to the verifier, in turn, through one reader (A's and
+    B's layer in use, the next one read): 3 slabs in all. Returns the verifier's result."""
+    result = None
+    # one reader, A's and B's stages in turn: A's and B's layer in use, the next one read
+    items = [item for sa, sb in zip(_stages(ca), _stages(cb)) for item in ((ca, sa), (cb, sb))]
+    slabs = _stage_pool(items, 3, room_for_blocks=True)
+    with _torch_threads(1), ThreadPoolExecutor(1) as ref_pool:
+        verifier.pool = ref_pool
+        reader = _read_stages(items, slabs)
+        for sa in reader:
+            sb = next(reader)
+            ta, tb = sa.tensors(ca), sb.tensors(cb)
+            if sa.kind == "layer":
+                ref = verifier.start_layer(ta, before=lambda: _check_finite(ca, sa, ta))
+                _check_finite(cb, sb, tb)
+                verifier.finish_layer(sa.layer, ref, tb)
+                del ta, tb
+                sa.release(), sb.release()
+                if progress:
+                    progress(2 * sum(ca.tensors[n].nbytes for n in sa.names.values()), _stage_label(sa))
+                continue
+            _check_finite(ca, sa, ta)
+            _check_finite(cb, sb, tb)
+            if sa.kind == "final":
+                verifier.final_norm(ta["norm"], tb["norm"], ta, tb)
+            role = sa.streamed[0]
+            streams = (_stream_big(ca, sa.names[role], stage=sa), _stream_big(cb, sb.names[role], stage=sb))
+            try:
+                for (start, rows_a), (_, rows_b) in zip(*streams):
+                    if sa.kind == "embed":
+                        verifier.embed_rows(start, rows_a, rows_b)
+                    else:
+                        verifier.head_rows(rows_a, rows_b)
+            finally:   # zip leaves the second stream open: hand back its block now
+                for stream in streams:
+                    stream.close()
+            if sa.kind == "embed":
+                verifier.embed_done(ta, tb)
+            else:
+                result = verifier.result()
+            del ta, tb
+            sa.release(), sb.release()
+            if progress:
+                progress(2 * sum(ca.tensors[n].nbytes for n in sa.names.values()), _stage_label(sa))
+    return result
