@@ -1,13 +1,23 @@
-"""Fixtures: tiny checkpoints built with transformers' own classes.
+"""Fixtures: tiny checkpoints, all from one builder (``build``).
 
-Each model gets random, function-preserving rescalings of its Q/K, V/O and FFN pairs
-(``unbalance``) so its weight pattern is far from balanced, like a checkpoint deep into
-training, while it still computes exactly what the freshly initialised model computed.
+``build`` makes a checkpoint folder of any family, either with transformers' own classes
+(``via="transformers"``: the model is instantiated and saved by ``save_pretrained``) or as
+synthetic tensors written directly with safetensors (``via="synthetic"``: names and shapes
+from wisca's architecture spec, any size, no transformers). Most checkpoints then get
+random, function-preserving rescalings of their symmetries (``skew``), so their weight
+pattern is far from balanced, like a checkpoint deep into training, while they still
+compute exactly what the freshly initialised model computed.
+
+The named fixtures and functions the tests use are thin wrappers over ``build``:
+``ckpt_dir`` (the base families in ``FAMILIES``, skewed by ``unbalance``), ``arch_ckpt``
+(every family in ``ARCH_FAMILIES``, skewed through the spec by ``apply_scales``) and
+``synthetic_llama``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -24,23 +34,184 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "sample_checkpoints" / "tiny-gqa-llama"
 
+# -- families: name -> (model_type, config overrides) --------------------------------------------
+# The tiny config every transformers-built checkpoint starts from (``make_config``).
+BASE_CONFIG = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+                   max_position_embeddings=128, tie_word_embeddings=False, head_dim=16)
 FAMILIES = {
-    # name: (model_type, extra config)
+    # the base families (tests/test_transform.py): overrides on BASE_CONFIG
     "llama-gqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=2)),
     "llama-mqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=1)),
     "llama-mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4)),
     "mistral": ("mistral", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8)),
     "qwen2": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2)),
 }
+# every other decoder family (tests/test_architectures.py): overrides on BASE_CONFIG + ARCH_BASE
+ARCH_BASE = dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+ARCH_FAMILIES = {
+    "llama-tied": ("llama", dict(tie_word_embeddings=True)),
+    "qwen3": ("qwen3", {}),
+    "qwen3-tied": ("qwen3", dict(tie_word_embeddings=True)),
+    "phi3": ("phi3", {}),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=48, mlp_only_layers=[1])),
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    norm_topk_prob=True)),
+    "gemma2": ("gemma2", dict(sliding_window=8, query_pre_attn_scalar=16)),
+    "gemma3": ("gemma3_text", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                                   query_pre_attn_scalar=16)),
+    "olmo2": ("olmo2", {}),
+    "granite": ("granite", dict(embedding_multiplier=12.0, attention_multiplier=0.125,
+                                residual_multiplier=0.25, logits_scaling=4.0)),
+    "smollm3": ("smollm3", dict(no_rope_layers=[1, 0])),
+    # None drops a BASE_CONFIG / ARCH_BASE key (GPT-NeoX and GPT-2 have neither head_dim nor kv heads)
+    "gpt_neox": ("gpt_neox", dict(head_dim=None, num_key_value_heads=None, rotary_pct=0.5)),
+    "gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=None, head_dim=None,
+                          num_key_value_heads=None, tie_word_embeddings=True)),
+}
+# config.json of a synthetic checkpoint (``via="synthetic"``), before overrides
+SYNTHETIC_CONFIG = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu", "max_position_embeddings": 256,
+}
+
+
+def family_config(family: str) -> tuple[str, dict]:
+    """(model_type, config overrides on ``BASE_CONFIG``) of a family in FAMILIES or ARCH_FAMILIES."""
+    if family in FAMILIES:
+        return FAMILIES[family]
+    if family in ARCH_FAMILIES:
+        model_type, extra = ARCH_FAMILIES[family]
+        return model_type, {**ARCH_BASE, **extra}
+    raise KeyError(f"unknown test family {family!r}")
 
 
 def make_config(model_type: str, **extra):
+    """A transformers config: ``BASE_CONFIG`` with ``extra`` on top. An override of None
+    drops the key (``n_inner`` excepted: GPT-2 reads None as 4 x hidden)."""
     from transformers import AutoConfig
 
-    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
-                max_position_embeddings=128, tie_word_embeddings=False, head_dim=16)
-    base.update(extra)
-    return AutoConfig.for_model(model_type, **base)
+    cfg = {**BASE_CONFIG, **extra}
+    if model_type == "gpt2":   # GPT-2 takes its own names for these (n_embd, n_layer, ...)
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            cfg.pop(k, None)
+    return AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if v is not None or k == "n_inner"})
+
+
+# -- the one builder --------------------------------------------------------------------------------
+def build(path: Path, family: str | None = None, *, model_type: str | None = None, config: dict | None = None,
+          dtype=torch.float32, via: str = "transformers", shards: int = 1, shard_size: str | None = None,
+          skew: str | None = "unbalance", init: str | None = "biases", seed: int = 0, spread: float = 3.0,
+          std: float = 0.05) -> Path:
+    """Write a tiny checkpoint folder at ``path`` and return it.
+
+    - ``family``: a name from FAMILIES or ARCH_FAMILIES (its model_type and config
+      overrides), or None for ``model_type`` (default llama) with no family overrides;
+      ``config``: more config overrides on top.
+    - ``via``: ``"transformers"`` instantiates ``AutoModelForCausalLM.from_config`` (after
+      ``torch.manual_seed(seed)``) on ``make_config`` and saves it with ``save_pretrained``;
+      ``"synthetic"`` writes tensors named and shaped by wisca's spec for ``SYNTHETIC_CONFIG``
+      plus overrides, N(0, ``std``) from a generator seeded with ``seed`` (norm weights 1),
+      with safetensors' ``save_file`` and a plain config.json: no transformers needed.
+    - ``dtype``: of every tensor written.
+    - sharding: ``shard_size`` (transformers: ``max_shard_size``, e.g. "40KB") or ``shards``
+      (synthetic: that many files of about equal size, cut in model order, so layers
+      straddle files).
+    - ``skew``: ``"unbalance"`` rescales the live transformers model's Q/K, V/O and up/down
+      pairs by random factors (``unbalance``, before the cast to ``dtype``);
+      ``"spec"`` rescales the saved tensors of every pair the family's spec lists (qk, vo,
+      ffn, norm) by random powers of two with wisca's ``apply_scales``, and checks in
+      transformers that the logits did not change; None leaves the weights as initialised.
+      ``spread``: the log2 standard deviation of the random factors.
+    - ``init`` (transformers only): perturb the fresh model before the skew so that every
+      tensor's scaling is exercised: ``"biases"`` draws biases from N(0, 0.1); ``"vectors"``
+      adds N(0, 0.1) to every 1-D parameter (biases, norms) and draws all-zero matrices (a
+      router) from N(0, 0.02); None keeps transformers' init.
+    """
+    if family is not None:
+        model_type, overrides = family_config(family)
+    else:
+        model_type, overrides = model_type or "llama", {}
+    overrides = {**overrides, **(config or {})}
+    if skew not in (None, "unbalance", "spec"):
+        raise ValueError(f"skew must be 'unbalance', 'spec' or None, not {skew!r}")
+    if init not in (None, "biases", "vectors"):
+        raise ValueError(f"init must be 'biases', 'vectors' or None, not {init!r}")
+    if via == "transformers":
+        if shards != 1:
+            raise ValueError("via='transformers' shards by shard_size, not by a shard count")
+        _save_transformers(path, make_config(model_type, **overrides), dtype, shard_size, skew, init, seed, spread)
+    elif via == "synthetic":
+        if shard_size is not None or skew == "unbalance" or init == "vectors":
+            raise ValueError("via='synthetic' shards by count (shards=N), and its skew is None or 'spec' "
+                             "(unbalance and init need a transformers model)")
+        cfg = {k: v for k, v in {**SYNTHETIC_CONFIG, "model_type": model_type, **overrides}.items()
+               if v is not None}
+        _save_synthetic(path, cfg, dtype, shards, seed, std)
+    else:
+        raise ValueError(f"via must be 'transformers' or 'synthetic', not {via!r}")
+    if skew == "spec":
+        skew_by_spec(path, seed, spread)
+    return path
+
+
+def _save_transformers(path: Path, config, dtype, shard_size, skew, init, seed, spread) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if init == "biases" and name.endswith("bias"):    # they start at zero
+                param.normal_(0.0, 0.1)
+            elif init == "vectors" and param.dim() == 1:       # biases and norms
+                param.add_(torch.randn_like(param) * 0.1)
+            elif init == "vectors" and not param.any():        # a zero-initialised router
+                param.normal_(0.0, 0.02)
+    if skew == "unbalance":
+        unbalance(model, seed, spread)
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+
+
+def _save_synthetic(path: Path, cfg: dict, dtype, shards: int, seed: int, std: float) -> None:
+    from safetensors.torch import save_file
+
+    from wisca_cli.spec import expected_shapes, layout_from_config
+
+    layout = layout_from_config(cfg)
+    spec = layout.spec
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: (torch.randn(*s, generator=g) * std).to(dtype)  # noqa: E731
+    ones = lambda *s: torch.ones(*s, dtype=dtype)  # noqa: E731
+    # model order: embedding, final norm, lm_head, then each layer's norms and its other tensors
+    t = {spec.embed: rnd(layout.vocab, layout.hidden), spec.final_norm: ones(layout.hidden)}
+    if not layout.tie_embeddings:
+        t[spec.lm_head] = rnd(layout.vocab, layout.hidden)
+    for i in range(layout.layers):
+        shapes = expected_shapes(layout, i)
+        norms = {name for role, name in layout.layer_roles(i).items() if role.endswith("norm")}
+        t.update({name: ones(*shapes[name]) for name in shapes if name in norms})
+        t.update({name: rnd(*shapes[name]) for name in shapes if name not in norms})
+    path.mkdir(parents=True, exist_ok=True)
+    if shards == 1:
+        save_file(t, path / "model.safetensors", metadata={"format": "pt"})
+    else:
+        total, done, weight_map, groups = sum(v.nbytes for v in t.values()), 0, {}, [{} for _ in range(shards)]
+        for name, v in t.items():
+            groups[min(shards - 1, (done + v.nbytes // 2) * shards // total)][name] = v
+            done += v.nbytes
+        groups = [group for group in groups if group]
+        for k, group in enumerate(groups):
+            fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+            save_file(group, path / fname, metadata={"format": "pt"})
+            weight_map.update({name: fname for name in group})
+        (path / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(cfg))
 
 
 @torch.no_grad()
@@ -70,23 +241,57 @@ def unbalance(model, seed: int = 0, spread: float = 3.0) -> None:
         mlp.down_proj.weight.div_(u.reshape(1, -1))
 
 
-def build_checkpoint(path: Path, family: str, dtype=torch.float32, shard_size=None, seed=0) -> Path:
-    from transformers import AutoModelForCausalLM
+def skew_by_spec(path: Path, seed: int = 0, spread: float = 3.0) -> None:
+    """Rescale every symmetry the family's spec lists (qk, vo, ffn, norm) by random powers of
+    two, in the saved files. Logits before and after are compared in transformers (equal, or
+    within 1e-5 where the spec says the target rounds), so the symmetries are checked
+    independently of wisca's own verifier."""
+    from safetensors.torch import load_file, save_file
 
-    model_type, extra = FAMILIES[family]
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(make_config(model_type, **extra), attn_implementation="eager")
-    with torch.no_grad():   # biases start at zero: give them values so their scaling is tested
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.1)
-    unbalance(model, seed)
-    model = model.to(dtype)
-    kwargs = {"max_shard_size": shard_size} if shard_size else {}
-    model.save_pretrained(path, safe_serialization=True, **kwargs)
-    return path
+    from wisca_cli.balance import apply_scales
+    from wisca_cli.pairs import layer_pairs
+    from wisca_cli.spec import layout_from_config
+
+    ids = probe_tokens()
+    before = hf_logits(path, ids)
+    layout = layout_from_config(json.loads((path / "config.json").read_text()))
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    tensors, file_of = {}, {}
+    for f in files:
+        loaded = load_file(path / f)
+        tensors.update(loaded)
+        file_of.update(dict.fromkeys(loaded, f))
+    g = torch.Generator().manual_seed(seed)
+    for layer in range(layout.layers):
+        names = layout.layer_roles(layer)
+        w = {role: tensors[n] for role, n in names.items()}
+        for pair in layer_pairs(layout, layer, layout.spec.targets, "channel"):
+            s = torch.exp2(torch.round(torch.randn(pair.n_units, generator=g) * spread)).double()
+            w.update(apply_scales(pair, w, s))
+        tensors.update({names[r]: t.contiguous() for r, t in w.items()})
+    for f in files:
+        save_file({n: t for n, t in tensors.items() if file_of[n] == f}, path / f, metadata={"format": "pt"})
+    after = hf_logits(path, ids)
+    if layout.spec.inexact_targets:
+        assert (after - before).abs().max() <= 1e-5 * before.abs().max(), path
+    else:
+        assert torch.equal(before, after), f"{path}: unbalancing changed the function"
 
 
+def synthetic_llama(path: Path, hidden=64, layers=2, heads=4, kv_heads=2, inter=96, vocab=128,
+                    dtype=torch.float32, seed=0, std=0.05, shards: int = 1) -> Path:
+    """A llama checkpoint written directly with safetensors (no transformers), any size.
+    ``shards > 1`` cuts the tensors, in model order, into shards of about equal size, so
+    layers straddle shard files."""
+    return build(path, via="synthetic", model_type="llama", dtype=dtype, seed=seed, std=std, shards=shards,
+                 skew=None, init=None, config=dict(hidden_size=hidden, intermediate_size=inter,
+                                                   num_hidden_layers=layers, num_attention_heads=heads,
+                                                   num_key_value_heads=kv_heads, vocab_size=vocab))
+
+
+# -- helpers ----------------------------------------------------------------------------------------
 def probe_tokens(vocab: int = 128, batch: int = 2, length: int = 24, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -112,159 +317,31 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+# -- session fixtures: each checkpoint built once -----------------------------------------------------
 @pytest.fixture(scope="session")
 def ckpt_dir(tmp_path_factory):
-    """family-dtype -> built checkpoint folder (built once per session)."""
+    """(family, dtype, shard_size) -> a checkpoint of a FAMILIES family, skewed by ``unbalance``."""
     cache: dict[tuple, Path] = {}
 
     def get(family: str, dtype=torch.float32, shard_size=None) -> Path:
         key = (family, dtype, shard_size)
         if key not in cache:
             name = f"{family}-{str(dtype).split('.')[-1]}" + ("-sharded" if shard_size else "")
-            cache[key] = build_checkpoint(tmp_path_factory.mktemp("ckpt") / name, family, dtype, shard_size)
+            cache[key] = build(tmp_path_factory.mktemp("ckpt") / name, family, dtype=dtype, shard_size=shard_size,
+                               skew="unbalance", init="biases")
         return cache[key]
 
     return get
 
 
-def synthetic_llama(path: Path, hidden=64, layers=2, heads=4, kv_heads=2, inter=96, vocab=128,
-                    dtype=torch.float32, seed=0, std=0.05, shards: int = 1) -> Path:
-    """A llama checkpoint written directly with safetensors (no transformers), any size.
-    ``shards > 1`` cuts the tensors, in model order, into shards of about equal size, so
-    layers straddle shard files."""
-    from safetensors.torch import save_file
-    import json as _json
-
-    g = torch.Generator().manual_seed(seed)
-    d = hidden // heads
-    rnd = lambda *s: (torch.randn(*s, generator=g) * std).to(dtype)  # noqa: E731
-    t = {"model.embed_tokens.weight": rnd(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=dtype),
-         "lm_head.weight": rnd(vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        t.update({p + "input_layernorm.weight": torch.ones(hidden, dtype=dtype),
-                  p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dtype),
-                  p + "self_attn.q_proj.weight": rnd(heads * d, hidden),
-                  p + "self_attn.k_proj.weight": rnd(kv_heads * d, hidden),
-                  p + "self_attn.v_proj.weight": rnd(kv_heads * d, hidden),
-                  p + "self_attn.o_proj.weight": rnd(hidden, heads * d),
-                  p + "mlp.gate_proj.weight": rnd(inter, hidden), p + "mlp.up_proj.weight": rnd(inter, hidden),
-                  p + "mlp.down_proj.weight": rnd(hidden, inter)})
-    path.mkdir(parents=True, exist_ok=True)
-    if shards == 1:
-        save_file(t, path / "model.safetensors", metadata={"format": "pt"})
-    else:
-        total, done, weight_map, groups = sum(v.nbytes for v in t.values()), 0, {}, [{} for _ in range(shards)]
-        for name, v in t.items():
-            groups[min(shards - 1, (done + v.nbytes // 2) * shards // total)][name] = v
-            done += v.nbytes
-        groups = [g for g in groups if g]
-        for k, g in enumerate(groups):
-            fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-            save_file(g, path / fname, metadata={"format": "pt"})
-            weight_map.update({name: fname for name in g})
-        (path / "model.safetensors.index.json").write_text(_json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (path / "config.json").write_text(_json.dumps({
-        "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-        "max_position_embeddings": 256}))
-    return path
-
-
-# -- every decoder family (tests/test_architectures.py) ------------------------------------------
-_SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
-              max_position_embeddings=128, tie_word_embeddings=False, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-ARCH_FAMILIES = {
-    # name: (model_type, config overrides); one tiny model per family
-    "llama-tied": ("llama", dict(tie_word_embeddings=True)),
-    "qwen3": ("qwen3", {}),
-    "qwen3-tied": ("qwen3", dict(tie_word_embeddings=True)),
-    "phi3": ("phi3", {}),
-    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
-    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                    shared_expert_intermediate_size=48, mlp_only_layers=[1])),
-    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                    norm_topk_prob=True)),
-    "gemma2": ("gemma2", dict(sliding_window=8, query_pre_attn_scalar=16)),
-    "gemma3": ("gemma3_text", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                                   query_pre_attn_scalar=16)),
-    "olmo2": ("olmo2", {}),
-    "granite": ("granite", dict(embedding_multiplier=12.0, attention_multiplier=0.125,
-                                residual_multiplier=0.25, logits_scaling=4.0)),
-    "smollm3": ("smollm3", dict(no_rope_layers=[1, 0])),
-    "gpt_neox": ("gpt_neox", dict(head_dim=None, num_key_value_heads=None, rotary_pct=0.5)),
-    "gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=None, head_dim=None,
-                          num_key_value_heads=None, tie_word_embeddings=True)),
-}
-
-
-def _arch_config(model_type: str, extra: dict):
-    from transformers import AutoConfig
-
-    cfg = {**_SMALL, **extra}
-    if model_type == "gpt2":
-        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-            cfg.pop(k)
-    return AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if v is not None or k == "n_inner"})
-
-
-def build_arch_checkpoint(path: Path, family: str, seed: int = 0, spread: float = 3.0) -> Path:
-    """A tiny checkpoint of one family, built and saved by transformers, then given skewed
-    weights: random power-of-two rescalings of every symmetry the family's spec lists (qk,
-    vo, ffn, norm). Logits before and after are compared in transformers (equal, or within
-    1e-5 where the spec says the target rounds), so the symmetries are checked independently
-    of wisca's own verifier."""
-    import json as _json
-
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
-
-    from wisca_cli.balance import apply_scales
-    from wisca_cli.pairs import layer_pairs
-    from wisca_cli.spec import layout_from_config
-
-    model_type, extra = ARCH_FAMILIES[family]
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_arch_config(model_type, extra), attn_implementation="eager")
-    with torch.no_grad():   # biases, norms (and a zero-initialised router) get values of their own
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-            elif not p.any():
-                p.normal_(0.0, 0.02)
-    model.save_pretrained(path, safe_serialization=True)
-    ids = probe_tokens()
-    before = hf_logits(path, ids)
-    layout = layout_from_config(_json.loads((path / "config.json").read_text()))
-    tensors = load_file(path / "model.safetensors")
-    g = torch.Generator().manual_seed(seed)
-    for layer in range(layout.layers):
-        names = layout.layer_roles(layer)
-        w = {role: tensors[n] for role, n in names.items()}
-        for pair in layer_pairs(layout, layer, layout.spec.targets, "channel"):
-            s = torch.exp2(torch.round(torch.randn(pair.n_units, generator=g) * spread)).double()
-            w.update(apply_scales(pair, w, s))
-        tensors.update({names[r]: t.contiguous() for r, t in w.items()})
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    after = hf_logits(path, ids)
-    if layout.spec.inexact_targets:
-        assert (after - before).abs().max() <= 1e-5 * before.abs().max(), family
-    else:
-        assert torch.equal(before, after), f"{family}: unbalancing changed the function"
-    return path
-
-
 @pytest.fixture(scope="session")
 def arch_ckpt(tmp_path_factory):
-    """family -> tiny skewed checkpoint of that family (built once per session)."""
+    """family -> a tiny fp32 checkpoint of an ARCH_FAMILIES family, skewed through its spec."""
     cache: dict[str, Path] = {}
 
     def get(family: str) -> Path:
         if family not in cache:
-            cache[family] = build_arch_checkpoint(tmp_path_factory.mktemp("arch") / family, family)
+            cache[family] = build(tmp_path_factory.mktemp("arch") / family, family, skew="spec", init="vectors")
         return cache[family]
 
     return get

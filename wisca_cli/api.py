@@ -25,11 +25,12 @@ import torch
 
 from . import __version__
 from . import solve
-from .balance import NonFiniteValues, PairResult
+from .balance import NonFiniteValues
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import VerificationFailed, WiscaError
 from .output import StagedOutput, check_target, copy_other_files
-from .record import RECORD_FORMAT, RECORD_NAME, SCALES_NAME, layer_scales, read_record, write_record
+from .record import (RECORD_FORMAT, RECORD_NAME, SCALES_NAME, layer_scales, pair_report, read_record,
+                     summarise, write_record)
 from .record import stamp as record_stamp
 from .options import (DEFAULT_TARGETS, OPTIONS, PROBE_FIELDS, TOLERANCE_FIELDS, OptionError, check,
                       default)
@@ -123,40 +124,6 @@ def _model_warnings(opts: TransformOptions, src, exact: bool) -> list[dict]:
     return out
 
 
-def _summarise(layer_reports: list[dict]) -> dict:
-    """Per pair kind: units, dead, clamped, mean |log2 imbalance| before and after."""
-    summary: dict[str, dict] = {}
-    for rep in layer_reports:
-        for kind, p in rep.items():
-            if kind == "layer":
-                continue
-            s = summary.setdefault(kind, {"units": 0, "dead": 0, "clamped": 0, "_b": 0.0, "_a": 0.0,
-                                          "_n": 0, "log2_scale_min": 0.0, "log2_scale_max": 0.0})
-            live = p["units"] - p["dead"]
-            s["units"] += p["units"]
-            s["dead"] += p["dead"]
-            s["clamped"] += p["clamped"]
-            s["_b"] += p["imbalance_before"] * live
-            s["_a"] += p["imbalance_after"] * live
-            s["_n"] += live
-            s["log2_scale_min"] = min(s["log2_scale_min"], p["log2_scale_min"])
-            s["log2_scale_max"] = max(s["log2_scale_max"], p["log2_scale_max"])
-    for s in summary.values():
-        n = max(s.pop("_n"), 1)
-        s["imbalance_before"] = s.pop("_b") / n
-        s["imbalance_after"] = s.pop("_a") / n
-    return summary
-
-
-def _pair_report(r: PairResult) -> dict:
-    live = ~torch.isnan(r.before)
-    log2s = torch.log2(r.scales.double())
-    mean = lambda x: float(x[live].abs().mean()) if bool(live.any()) else 0.0  # noqa: E731
-    return {"units": len(r.scales), "dead": r.dead, "clamped": r.clamped,
-            "imbalance_before": mean(r.before), "imbalance_after": mean(r.after),
-            "log2_scale_min": float(log2s.min()), "log2_scale_max": float(log2s.max())}
-
-
 # -- transform -------------------------------------------------------------------------------
 def transform(src: str | os.PathLike, dst: str | os.PathLike, options: TransformOptions | None = None,
               progress: Progress | None = None, **kwargs) -> dict:
@@ -218,7 +185,7 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                 raise _nonfinite_error(ckpt, ckpt.layout.layer_roles(layer)[e.role]) from None
             for kind, r in results.items():
                 scales[f"layers.{layer}.{kind}"] = r.scales
-            return new, {kind: _pair_report(r) for kind, r in results.items()}
+            return new, {kind: pair_report(r) for kind, r in results.items()}
 
         stamp = record_stamp()
         with StagedOutput(dst_path, opts.overwrite) as out:
@@ -235,7 +202,7 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                 "targets_not_applicable": [t for t in opts.targets if t not in ckpt.layout.spec.targets],
                 "exactness": exactness,
                 "warnings": warnings,
-                "summary": _summarise(layers),
+                "summary": summarise(layers),
                 "verification": result.to_dict() if result else None,
                 "scales_file": SCALES_NAME,
                 "undo": f"wisca undo {dst_path} RESTORED  (multiplies back by the recorded scales; "

@@ -274,11 +274,11 @@ def validate(ckpt: Checkpoint) -> None:
     _check_tensor(ckpt, spec.final_norm, (lay.hidden,), "final norm")
     if not lay.tie_embeddings:
         _check_tensor(ckpt, spec.lm_head, (lay.vocab, lay.hidden), "lm_head")
-    if spec.final.get("norm_bias"):
-        _check_tensor(ckpt, spec.final["norm_bias"], (lay.hidden,), "final norm")
-    if spec.embedding.get("positions"):
-        count = lay.value(spec.embedding.get("positions_count", "max_position_embeddings"), 0)
-        _check_tensor(ckpt, spec.embedding["positions"], (int(count), lay.hidden), "position embedding")
+    if spec.final.norm_bias:
+        _check_tensor(ckpt, spec.final.norm_bias, (lay.hidden,), "final norm")
+    if spec.embedding.positions:
+        count = lay.value(spec.embedding.positions_count, 0)
+        _check_tensor(ckpt, spec.embedding.positions, (int(count), lay.hidden), "position embedding")
     pattern = layer_pattern(lay)
     known = set()
     for layer in range(lay.layers):

@@ -517,6 +517,8 @@ def run(argv: list[str] | None = None) -> int:
         code = 1
     except WiscaError as e:
         message = f"{flag_of(e.field)}: {e.detail}" if isinstance(e, OptionError) else str(e)
+        for field in e.fields:   # the library names option fields; the user typed flags
+            message = message.replace(f"`{field}`", flag_of(field))
         code = _fail(message, e.exit_code, e.details, argv)
     except (click.exceptions.Exit, *_typer_click("Exit")) as e:
         code = e.exit_code

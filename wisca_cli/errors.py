@@ -11,9 +11,10 @@ class WiscaError(Exception):
 
     exit_code = 2
 
-    def __init__(self, message: str, *args, details: list[str] | None = None):
+    def __init__(self, message: str, *args, details: list[str] | None = None, fields: tuple[str, ...] = ()):
         super().__init__(one_line(message), *args)
         self.details = [one_line(d) for d in details or []]   # for --json and WISCA_DEBUG=1
+        self.fields = fields      # options named in the message as `field`: the CLI shows their flags
 
 
 class VerificationFailed(WiscaError):

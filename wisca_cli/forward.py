@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import WiscaError
 from .spec import Layout
 
 ACTIVATIONS = {
@@ -44,9 +45,9 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                layout: Layout) -> torch.Tensor:
     """The family's norm: RMSNorm (optionally ``(offset + w)``) or LayerNorm with bias."""
-    if layout.spec.norm.get("kind", "rms") == "layernorm":
+    if layout.spec.norm.kind == "layernorm":
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    return rms_norm(x, weight, eps, layout.spec.norm.get("weight_offset", 0.0))
+    return rms_norm(x, weight, eps, layout.spec.norm.weight_offset)
 
 
 def rope_tables(layout: Layout, positions: torch.Tensor, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +62,7 @@ def rope_tables(layout: Layout, positions: torch.Tensor, layer: int | None = Non
     elif kind == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, scaling)
     freqs = positions[:, None].float() * inv_freq[None, :].float()
-    if layout.spec.attention.get("rotary") == "interleaved":
+    if layout.spec.attention.rotary == "interleaved":
         emb = freqs.repeat_interleave(2, dim=-1)
     else:
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -121,33 +122,41 @@ def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask
     d, heads, kv = layout.head_dim, layout.heads, layout.kv_heads
     att = layout.spec.attention
     q, k, v = linear(x, w, "q"), linear(x, w, "k"), linear(x, w, "v")
-    offset = layout.spec.norm.get("weight_offset", 0.0)
-    if att.get("qk_norm") == "full":            # OLMo2: over the whole projection
+    offset = layout.spec.norm.weight_offset
+    if att.qk_norm == "full":            # OLMo2: over the whole projection
         q, k = rms_norm(q, w["q_norm"], layout.eps, offset), rms_norm(k, w["k_norm"], layout.eps, offset)
     q = q.view(batch, length, heads, d).transpose(1, 2)
     k = k.view(batch, length, kv, d).transpose(1, 2)
     v = v.view(batch, length, kv, d).transpose(1, 2)
-    if att.get("qk_norm") == "head":            # Qwen3, Gemma3: per head, one shared weight
+    if att.qk_norm == "head":            # Qwen3, Gemma3: per head, one shared weight
         q, k = rms_norm(q, w["q_norm"], layout.eps, offset), rms_norm(k, w["k_norm"], layout.eps, offset)
     if rope is not None:
-        style = att.get("rotary")
+        style = att.rotary
         q, k = apply_rope(q, *rope, style), apply_rope(k, *rope, style)
     k = k.repeat_interleave(layout.group_size, dim=1)
     v = v.repeat_interleave(layout.group_size, dim=1)
-    scale = att.get("scale")
-    if scale and "inv_sqrt" in scale:
-        scaling = layout.value(scale["inv_sqrt"], d) ** -0.5
-    elif scale and "value" in scale:
-        scaling = layout.value(scale["value"], d ** -0.5)
+    scale = att.scale
+    if scale is not None and scale.inv_sqrt is not None:
+        scaling = layout.value(scale.inv_sqrt, d) ** -0.5
+    elif scale is not None:
+        scaling = layout.value(scale.value, d ** -0.5)
     else:
         scaling = d ** -0.5
-    scores = _softcap((q @ k.transpose(-1, -2)) * scaling, layout.value(att.get("softcap"))) + mask
+    scores = _softcap((q @ k.transpose(-1, -2)) * scaling, layout.value(att.softcap)) + mask
     out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     return linear(out.transpose(1, 2).reshape(batch, length, heads * d), w, "o")
 
 
+def activation(layout: Layout):
+    """The MLP's activation function (a clear error for one the forward does not have)."""
+    if layout.act not in ACTIVATIONS:
+        raise WiscaError(f"config.json: activation {layout.act!r} is not supported by the verifier "
+                         f"(supported: {', '.join(sorted(ACTIVATIONS))})")
+    return ACTIVATIONS[layout.act]
+
+
 def gated_mlp(x: torch.Tensor, w: dict, layout: Layout, prefix: str = "") -> torch.Tensor:
-    act = ACTIVATIONS[layout.act]
+    act = activation(layout)
     return linear(act(linear(x, w, prefix + "gate")) * linear(x, w, prefix + "up"), w, prefix + "down")
 
 
@@ -155,8 +164,8 @@ def mlp(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
     """Gated (SwiGLU, GeGLU), plain (fc1 -> act -> fc2, ``up`` and ``down``) or MoE."""
     if "router" in w:
         return moe(x, w, layout)
-    if layout.spec.mlp.get("kind", "gated") == "plain":
-        return linear(ACTIVATIONS[layout.act](linear(x, w, "up")), w, "down")
+    if layout.spec.mlp.kind == "plain":
+        return linear(activation(layout)(linear(x, w, "up")), w, "down")
     return gated_mlp(x, w, layout)
 
 
@@ -166,8 +175,8 @@ def moe(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     probs = torch.softmax(F.linear(x, w["router"]), dim=-1, dtype=torch.float32)
-    top, idx = torch.topk(probs, int(layout.value(spec["top_k"])), dim=-1)
-    if layout.value(spec.get("norm_topk"), False):
+    top, idx = torch.topk(probs, int(layout.value(spec.top_k)), dim=-1)
+    if layout.value(spec.norm_topk, False):
         top = top / top.sum(-1, keepdim=True)
     top = top.to(x.dtype)
     out = torch.zeros_like(x)
@@ -194,9 +203,9 @@ def decoder_layer(h: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, 
     post norms), or parallel residual (GPT-NeoX: h + attn(ln1 h) + mlp(ln2 h))."""
     w = logical(layout, w)
     block = layout.spec.block
-    res = layout.value(block.get("residual_multiplier"), 1.0)
+    res = layout.value(block.residual_multiplier, 1.0)
     a = _norm(attention(_norm(h, w, "attn_norm", layout), w, layout, rope, mask), w, "post_attn_norm", layout)
-    if layout.value(block.get("parallel_residual"), False):
+    if layout.value(block.parallel_residual, False):
         return h + (mlp(_norm(h, w, "mlp_norm", layout), w, layout) + a)
     h = h + (a * res if res != 1.0 else a)
     m = _norm(mlp(_norm(h, w, "mlp_norm", layout), w, layout), w, "post_mlp_norm", layout)
@@ -205,7 +214,7 @@ def decoder_layer(h: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, 
 
 def embed_scale(layout: Layout) -> float | None:
     """The factor on the embedding output: Gemma's sqrt(hidden), Granite's multiplier."""
-    scale = layout.spec.embedding.get("scale")
+    scale = layout.spec.embedding.scale
     if scale == "sqrt_hidden":
         return layout.hidden ** 0.5
     value = layout.value(scale, None)
@@ -215,10 +224,10 @@ def embed_scale(layout: Layout) -> float | None:
 def postprocess_logits(logits: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Granite's logits divisor, Gemma2's final softcap (elementwise: any vocab block)."""
     final = layout.spec.final
-    div = layout.value(final.get("logits_divisor"), None)
+    div = layout.value(final.logits_divisor, None)
     if div not in (None, 1.0):
         logits = logits / div
-    return _softcap(logits, layout.value(final.get("softcap"), None))
+    return _softcap(logits, layout.value(final.softcap, None))
 
 
 def final_logits(h: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor, layout: Layout,
@@ -230,14 +239,3 @@ def final_logits(h: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor,
     return torch.cat([postprocess_logits(F.linear(x, head[i:i + chunk_rows].to(x.dtype)), layout)
                       for i in range(0, head.shape[0], chunk_rows)], dim=-1)
 
-
-def check_supported(layout: Layout) -> None:
-    from .errors import WiscaError
-
-    if layout.act not in ACTIVATIONS:
-        raise WiscaError(f"config.json: hidden_act {layout.act!r} is not supported by the verifier "
-                         f"(supported: {', '.join(sorted(ACTIVATIONS))})")
-    kind = (layout.rope_scaling or {}).get("rope_type", (layout.rope_scaling or {}).get("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
-        raise WiscaError(f"config.json: rope scaling {kind!r} is not supported by the verifier "
-                         f"(supported: default, linear, llama3)")

@@ -36,7 +36,8 @@ import torch
 from . import __version__
 from .errors import VerificationFailed, WiscaError
 from .options import default
-from .record import RECORD_FORMAT, RECORD_NAME, SCALES_NAME, read_record, record_kind, save_tensors, shard_metadata
+from .record import (RECORD_FORMAT, RECORD_NAME, SCALES_NAME, pair_report, read_record, record_kind, save_tensors,
+                     shard_metadata)
 from .record import stamp as record_stamp
 from .record import write_record
 
@@ -155,13 +156,7 @@ def _product(module: LoraModule, tensors: dict[str, torch.Tensor]) -> torch.Tens
 
 
 def _pair_report(module: LoraModule, r) -> dict:
-    live = ~torch.isnan(r.before)
-    log2s = torch.log2(r.scales.double())
-    mean = lambda x: float(x[live].abs().mean()) if bool(live.any()) else 0.0  # noqa: E731
-    return {"module": module.key, "rank": module.rank, "scaling": module.scaling, "units": len(r.scales),
-            "dead": r.dead, "clamped": r.clamped, "imbalance_before": mean(r.before),
-            "imbalance_after": mean(r.after), "log2_scale_min": float(log2s.min()),
-            "log2_scale_max": float(log2s.max())}
+    return {"module": module.key, "rank": module.rank, "scaling": module.scaling, **pair_report(r)}
 
 
 def _summarise(reports: list[dict]) -> dict:
@@ -262,7 +257,7 @@ def verify_with_base(base: str | os.PathLike, config: dict, modules: list[LoraMo
         verifier = StreamVerifier(lay, ids, exact=exact, tolerance=resolve_tolerance("F32", tolerance),
                                   dtype=torch.float32)
         emb = ckpt.read(spec.embed)
-        extra = {"pos": ckpt.read(spec.embedding["positions"])} if spec.embedding.get("positions") else None
+        extra = {"pos": ckpt.read(spec.embedding.positions)} if spec.embedding.positions else None
         verifier.embed_rows(0, merged(spec.embed, emb, d_old), merged(spec.embed, emb, d_new))
         verifier.embed_done(extra, extra)
         for i in range(lay.layers):
@@ -270,7 +265,7 @@ def verify_with_base(base: str | os.PathLike, config: dict, modules: list[LoraMo
             w = {role: ckpt.read(n) for role, n in names.items()}
             verifier.layer(i, {r: merged(names[r], t, d_old) for r, t in w.items()},
                            {r: merged(names[r], t, d_new) for r, t in w.items()})
-        final = {"norm_bias": ckpt.read(spec.final["norm_bias"])} if spec.final.get("norm_bias") else None
+        final = {"norm_bias": ckpt.read(spec.final.norm_bias)} if spec.final.norm_bias else None
         norm = ckpt.read(spec.final_norm)
         verifier.final_norm(norm, norm, final, final)
         # a tied head reads the base table: only a LoRA of lm_head itself changes it

@@ -31,7 +31,7 @@ def check_target(src: Path, dst: Path, overwrite: bool) -> Path:
         raise WiscaError(f"{dst.parent}: output parent folder does not exist")
     if dst.exists() or dst.is_symlink():
         if not overwrite:
-            raise WiscaError(f"{dst}: already exists (use --overwrite to replace it)")
+            raise WiscaError(f"{dst}: already exists (pass `overwrite` to replace it)", fields=("overwrite",))
         if not dst.is_dir():
             raise WiscaError(f"{dst}: exists and is not a folder; not replacing it")
     return dst

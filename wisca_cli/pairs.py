@@ -72,7 +72,7 @@ def rotary_units(head_dim: int, rotary_dims: int, style: str | None) -> tuple[to
 def _qk_maps(layout: Layout, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Unit of every Q row and K row (group x rotary pair), and units per kv head."""
     d, group = layout.head_dim, layout.group_size
-    per_dim, per_head = rotary_units(d, layout.rotary_dims_at(layer), layout.spec.attention.get("rotary"))
+    per_dim, per_head = rotary_units(d, layout.rotary_dims_at(layer), layout.spec.attention.rotary)
     kv_rows = (torch.arange(layout.kv_heads)[:, None] * per_head + per_dim[None, :]).reshape(-1)
     q_rows = (torch.arange(layout.heads)[:, None] // group * per_head + per_dim[None, :]).reshape(-1)
     return q_rows, kv_rows, per_head
@@ -86,9 +86,9 @@ def qk_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
     per rotary pair) or ``full`` (weights of size H*d and G*d: the same maps as the rows).
     """
     q_rows, kv_rows, per_head = _qk_maps(layout, layer)
-    qk_norm = layout.spec.attention.get("qk_norm")
+    qk_norm = layout.spec.attention.qk_norm
     if qk_norm == "head":
-        per_dim, n = rotary_units(layout.head_dim, layout.rotary_dims_at(layer), layout.spec.attention.get("rotary"))
+        per_dim, n = rotary_units(layout.head_dim, layout.rotary_dims_at(layer), layout.spec.attention.rotary)
         return Pair("qk", n, torch.zeros(n, dtype=torch.long),
                     (Member("q_norm", 0, per_dim, +1), Member("k_norm", 0, per_dim, -1)))
     if qk_norm == "full":
@@ -141,16 +141,15 @@ def ffn_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
 def norm_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
     """Norm weight (and bias) channel c times s, input column c of every linear reading it / s.
 
-    The attention input norm feeds q, k, v; the MLP input norm feeds gate and up (of every
-    expert and the shared expert, the router and the shared-expert gate). Post norms feed
-    the residual stream, not a linear: not part of this target. One "head" per norm.
+    The spec's ``norm_readers`` name the linears reading each input norm (q, k, v; gate and
+    up of every MLP of the layer, the router, the shared-expert gate). Post norms feed the
+    residual stream, not a linear: not part of this target. One "head" per norm.
     """
     h = layout.hidden
-    readers = {"attn_norm": ["q", "k", "v"],
-               "mlp_norm": [p + r for p, _ in _mlps(layout, roles) for r in ("gate", "up")]
-               + [r for r in ("router", "shared_gate") if r in roles]}
+    prefixes = [p for p, _ in _mlps(layout, roles)]
     members, n = [], 0
-    for norm, linears in readers.items():
+    for norm in layout.spec.norm_readers:
+        linears = layout.spec.norm_reader_roles(norm, prefixes)
         if norm not in roles:
             continue
         units = torch.arange(n, n + h)
@@ -171,7 +170,7 @@ def physical_roles(layout: Layout, roles: set[str]) -> set[str]:
     for fused in layout.spec.fused:
         for suffix in ("", "_bias"):
             if fused + suffix in roles:
-                out |= {p + suffix for p in layout.spec.fused[fused]["parts"]}
+                out |= {p + suffix for p in layout.spec.fused[fused].parts}
     return out
 
 
@@ -179,7 +178,7 @@ def to_physical(layout: Layout, pair: Pair) -> Pair:
     """Map a pair on logical roles to the tensors as stored: fused tensors (a part's slices
     inside the fused tensor, -1 elsewhere) and Conv1D weights (``[in, out]``: axes swapped).
     Several logical members reading one fused tensor's input columns become one member."""
-    offset = float(layout.spec.norm.get("weight_offset", 0.0))
+    offset = layout.spec.norm.weight_offset
     members, seen = [], set()
     for m in pair.members:
         role, axis, units = m.role, m.axis, m.units
@@ -200,10 +199,6 @@ def to_physical(layout: Layout, pair: Pair) -> Pair:
             axis = 1 - axis
         members.append(Member(role, axis, units, m.side, m.counts, offset if is_norm and not bias else 0.0))
     return Pair(pair.kind, pair.n_units, pair.head_of, tuple(members))
-
-
-def applicable(layout: Layout, target: str) -> bool:
-    return target in layout.spec.targets
 
 
 def layer_pairs(layout: Layout, layer: int, targets: tuple[str, ...], granularity: str) -> list[Pair]:

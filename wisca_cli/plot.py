@@ -112,7 +112,7 @@ def plot_pattern(report: dict, path: str | os.PathLike, after: dict | None = Non
         import numpy as np
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise WiscaError("--plot needs matplotlib: pip install 'wisca-cli[plot]'") from e
+        raise WiscaError("`plot` needs matplotlib: pip install 'wisca-cli[plot]'", fields=("plot",)) from e
     if "matplotlib.pyplot" not in sys.modules:
         # no display needed; left alone if pyplot is already in use (switching would close its figures)
         matplotlib.use("Agg")

@@ -110,3 +110,43 @@ def layer_scales(scales: dict[str, torch.Tensor], layer: int) -> dict[str, torch
     """pair kind -> scales of one decoder layer, from the record's ``layers.{i}.{kind}`` keys."""
     prefix = f"layers.{layer}."
     return {k[len(prefix):]: v for k, v in scales.items() if k.startswith(prefix)}
+
+
+# -- report summaries ---------------------------------------------------------------------
+def summarise(layer_reports: list[dict]) -> dict:
+    """Per pair kind, over the layers' reports: units, dead, clamped, mean |log2 imbalance|
+    before and after (weighted by live units), log2 scale range, units changed."""
+    summary: dict[str, dict] = {}
+    for rep in layer_reports:
+        for kind, p in rep.items():
+            if kind == "layer":
+                continue
+            s = summary.setdefault(kind, {"units": 0, "dead": 0, "clamped": 0, "_b": 0.0, "_a": 0.0,
+                                          "_n": 0, "log2_scale_min": 0.0, "log2_scale_max": 0.0,
+                                          "units_changed": 0})
+            live = p["units"] - p["dead"]
+            s["units"] += p["units"]
+            s["dead"] += p["dead"]
+            s["clamped"] += p["clamped"]
+            s["units_changed"] += p.get("units_changed", 0)
+            s["_b"] += p["imbalance_before"] * live
+            s["_a"] += p["imbalance_after"] * live
+            s["_n"] += live
+            s["log2_scale_min"] = min(s["log2_scale_min"], p["log2_scale_min"])
+            s["log2_scale_max"] = max(s["log2_scale_max"], p["log2_scale_max"])
+    for s in summary.values():
+        n = max(s.pop("_n"), 1)
+        s["imbalance_before"] = s.pop("_b") / n
+        s["imbalance_after"] = s.pop("_a") / n
+    return summary
+
+
+def pair_report(r) -> dict:
+    """One pair's report from its ``balance.PairResult``."""
+    live = ~torch.isnan(r.before)
+    log2s = torch.log2(r.scales.double())
+    mean = lambda x: float(x[live].abs().mean()) if bool(live.any()) else 0.0  # noqa: E731
+    return {"units": len(r.scales), "dead": r.dead, "clamped": r.clamped,
+            "units_changed": int((r.scales != 1).sum()),
+            "imbalance_before": mean(r.before), "imbalance_after": mean(r.after),
+            "log2_scale_min": float(log2s.min()), "log2_scale_max": float(log2s.max())}

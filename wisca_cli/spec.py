@@ -1,99 +1,405 @@
 """Architecture specs: what a model family's checkpoint looks like, as data.
 
 Each family is one small JSON file in ``architectures/``: tensor names by role, the
-norm and MLP kind, the rotary style, and the WISCA targets that apply. ``Layout``
-combines a spec with a checkpoint's ``config.json`` into the numbers the math needs
-(heads, kv heads, head dim, ...). Nothing here reads tensors.
+norm and MLP kind, the rotary style, and the WISCA targets that apply. A file states
+only what differs from the family it ``extends`` (merged key by key, see ``merge``).
+The files are parsed into small frozen objects (``ArchSpec`` and its sections), every
+key and value type checked when the specs are first loaded. ``Layout`` combines a spec
+with a checkpoint's ``config.json`` into the numbers the math needs (heads, kv heads,
+head dim, ...). Nothing here reads tensors.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import torch
 
 from .errors import WiscaError
 
+SPEC_TARGETS = ("qk", "vo", "ffn", "norm")          # the symmetries pairs.py builds
+FUSABLE_PARTS = ("q", "k", "v", "gate", "up")        # logical roles a fused tensor may hold
+MLP_ROLES = ("gate", "up", "down")                   # roles of one MLP: dense, each expert, shared
+NOT_INHERITED = ("name", "model_types")              # every file states its own
+
+
+# -- value checks ----------------------------------------------------------------------------
+# A check takes (value, where, path, partial) and returns the value as the spec object holds
+# it. ``partial``: the value comes from one file before merging (a null removes a key).
+Check = Callable[[Any, str, str, bool], Any]
+
+
+def _bad(where: str, path: str, want: str, value: Any) -> WiscaError:
+    return WiscaError(f"{where}: {path} must be {want}, got {json.dumps(value)}")
+
+
+def _string(value, where, path, partial):
+    if not isinstance(value, str) or not value:
+        raise _bad(where, path, "a non-empty string", value)
+    return value
+
+
+def _boolean(value, where, path, partial):
+    if not isinstance(value, bool):
+        raise _bad(where, path, "true or false", value)
+    return value
+
+
+def _flag(value, where, path, partial):
+    """true / false, or a config.json key holding one."""
+    if not isinstance(value, bool) and not (isinstance(value, str) and value):
+        raise _bad(where, path, "true, false or a config key", value)
+    return value
+
+
+def _number(value, where, path, partial):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(where, path, "a number", value)
+    return float(value)
+
+
+def _positive_int_value(value, where, path, partial):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _bad(where, path, "a positive integer", value)
+    return value
+
+
+def _config_value(value, where, path, partial):
+    """A config.json key, or a literal number (``Layout.value`` reads both)."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or (isinstance(value, str) and value)):
+        raise _bad(where, path, "a config key or a number", value)
+    return value
+
+
+def _choice(*options: str) -> Check:
+    def check(value, where, path, partial):
+        if value not in options:
+            raise _bad(where, path, "one of " + ", ".join(json.dumps(o) for o in options), value)
+        return value
+    return check
+
+
+def _str_list(choices: tuple[str, ...] | None = None, nonempty: bool = False) -> Check:
+    def check(value, where, path, partial):
+        want = ("a non-empty " if nonempty else "a ") + "list of " + \
+            ("names from: " + ", ".join(choices) if choices else "strings")
+        if not isinstance(value, list) or (nonempty and not value):
+            raise _bad(where, path, want, value)
+        for item in value:
+            if not isinstance(item, str) or not item or (choices and item not in choices):
+                raise _bad(where, path, want, value)
+        if len(set(value)) != len(value):
+            raise _bad(where, path, "a list without repeats", value)
+        return tuple(value)
+    return check
+
+
+def _mapping(item: Check) -> Check:
+    """An object of name -> item (a null item in a file removes the inherited one)."""
+    def check(value, where, path, partial):
+        if not isinstance(value, dict):
+            raise _bad(where, path, "an object", value)
+        out = {}
+        for key, v in value.items():
+            if v is None and partial:
+                continue
+            out[key] = item(v, where, f"{path}.{key}", partial)
+        return MappingProxyType(out)
+    return check
+
+
+def _section(cls: type) -> Check:
+    def check(value, where, path, partial):
+        return _build(cls, value, where, path, partial)
+    return check
+
+
+def _no_entries() -> Mapping:
+    return MappingProxyType({})
+
+
+def _spec_field(check: Check, default: Any = MISSING, factory: Any = MISSING) -> Any:
+    return field(default=default, default_factory=factory, metadata={"check": check})
+
+
+def _build(cls: type, data: Any, where: str, path: str, partial: bool, also: tuple[str, ...] = ()):
+    """Check an object against a section class; build it (``partial``: only check).
+    ``also``: keys allowed beside the fields (and left out of the object)."""
+    label = path or "the spec"
+    if not isinstance(data, dict):
+        raise _bad(where, label, "an object", data)
+    known = [f.name for f in fields(cls)] + list(also)
+    for key in data:
+        if key not in known:
+            raise WiscaError(f"{where}: unknown key {key!r} in {label} (known: {', '.join(known)})")
+    values = {}
+    for f in fields(cls):
+        sub = f"{path}.{f.name}" if path else f.name
+        if data.get(f.name) is None:
+            if not partial and f.default is MISSING and f.default_factory is MISSING:
+                raise WiscaError(f"{where}: missing key {f.name!r} in {label}")
+            continue
+        values[f.name] = f.metadata["check"](data[f.name], where, sub, partial)
+    if partial:
+        return None
+    obj = cls(**values)
+    obj.check(where, label)
+    return obj
+
+
+class _Section:
+    """Base of the spec sections: frozen dataclasses, checked when built.
+
+    ``get`` / ``[]``: the dict-style reads of the spec's former raw dicts
+    (``spec.final.get("norm_bias")``), kept for callers not yet on attributes."""
+
+    def check(self, where: str, label: str) -> None:
+        """Constraints across fields (a section overrides it)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self[key]
+        return default if value is None else value
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+# -- the spec objects ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NormSpec(_Section):
+    eps: str = _spec_field(_string)                                  # config key of the epsilon
+    kind: str = _spec_field(_choice("rms", "layernorm"), "rms")
+    weight_offset: float = _spec_field(_number, 0.0)                 # 1.0: Gemma's (1 + w)
+
 
 @dataclass(frozen=True)
-class ArchSpec:
-    name: str
-    model_types: tuple[str, ...]
-    embed: str
-    final_norm: str
-    lm_head: str
-    layer_prefix: str
-    norm: dict
-    layer_tensors: dict[str, str]          # role -> name inside the layer
-    optional_tensors: dict[str, dict]      # role -> {"name", "when": bool | config key}
-    attention: dict
-    mlp: dict
-    targets: tuple[str, ...]
-    inexact_targets: tuple[str, ...] = ()   # round even with pow2 scales: verified with a tolerance
-    # Optional fields (absent: the llama behaviour). See docs/architectures.md.
-    config_keys: dict = field(default_factory=dict)   # canonical config key -> this family's key
-    linear: str = "linear"            # "linear": W[out, in]; "conv1d" (GPT-2): W[in, out]
-    fused: dict = field(default_factory=dict)         # fused role -> {"parts": [...], "layout": concat|heads}
-    block: dict = field(default_factory=dict)         # {"parallel_residual": bool | key, "residual_multiplier": key}
-    moe: dict = field(default_factory=dict)           # experts: counts, tensors, router, shared expert
-    embedding: dict = field(default_factory=dict)     # {"scale": "sqrt_hidden" | key, "positions": name}
-    final: dict = field(default_factory=dict)         # {"norm_bias": name, "softcap": key, "logits_divisor": key}
+class AttentionScale(_Section):
+    inv_sqrt: str | float | None = _spec_field(_config_value, None)  # scale = value ** -0.5
+    value: str | float | None = _spec_field(_config_value, None)     # scale = value
+
+    def check(self, where: str, label: str) -> None:
+        if (self.inv_sqrt is None) == (self.value is None):
+            raise WiscaError(f"{where}: {label} must have exactly one of inv_sqrt, value")
+
+
+@dataclass(frozen=True)
+class AttentionSpec(_Section):
+    rotary: str | None = _spec_field(_choice("half", "interleaved"), None)   # None: no RoPE
+    qk_norm: str | None = _spec_field(_choice("head", "full"), None)
+    scale: AttentionScale | None = _spec_field(_section(AttentionScale), None)  # None: head_dim ** -0.5
+    softcap: str | float | None = _spec_field(_config_value, None)
+    sliding_window: str | None = _spec_field(_string, None)          # config keys
+    sliding_window_enabled: str | None = _spec_field(_string, None)
+    rope_layers: str | None = _spec_field(_string, None)             # per-layer 0/1 list (NoPE layers)
+    head_dim_key: bool = _spec_field(_boolean, True)                 # False: config head_dim ignored
+
+
+@dataclass(frozen=True)
+class MlpSpec(_Section):
+    kind: str = _spec_field(_choice("gated", "plain"), "gated")
+    act: str | None = _spec_field(_string, None)                     # config key (absent: silu)
+    intermediate_default: int | None = _spec_field(_positive_int_value, None)   # x hidden
+
+
+@dataclass(frozen=True)
+class BlockSpec(_Section):
+    parallel_residual: bool | str = _spec_field(_flag, False)
+    residual_multiplier: str | float | None = _spec_field(_config_value, None)
+
+
+@dataclass(frozen=True)
+class MoeSpec(_Section):
+    num_experts: str = _spec_field(_string)                          # config keys ...
+    top_k: str | int = _spec_field(_config_value)
+    router: str = _spec_field(_string)                               # ... and tensor names in a layer
+    expert_tensors: Mapping[str, str] = _spec_field(_mapping(_string))   # role -> name with {expert}
+    norm_topk: bool | str = _spec_field(_flag, False)
+    intermediate: str | None = _spec_field(_string, None)            # absent: intermediate_size
+    shared_intermediate: str | None = _spec_field(_string, None)
+    shared_tensors: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
+    shared_gate: str | None = _spec_field(_string, None)
+    sparse_step: str | int | None = _spec_field(_config_value, None)
+    dense_layers: str | None = _spec_field(_string, None)
+    dense_tensors: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
+
+    def check(self, where: str, label: str) -> None:
+        for role, name in self.expert_tensors.items():
+            if "{expert}" not in name:
+                raise WiscaError(f"{where}: {label}.expert_tensors.{role} must contain {{expert}}, got {name!r}")
+        for key in ("expert_tensors", "shared_tensors", "dense_tensors"):
+            extra = sorted(set(getattr(self, key)) - set(MLP_ROLES))
+            if extra:
+                raise WiscaError(f"{where}: unknown role {extra[0]!r} in {label}.{key} (known: {', '.join(MLP_ROLES)})")
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec(_Section):
+    scale: str | float | None = _spec_field(_config_value, None)     # "sqrt_hidden" or a multiplier key
+    positions: str | None = _spec_field(_string, None)               # learned positions tensor (GPT-2)
+    positions_count: str | int = _spec_field(_config_value, "max_position_embeddings")
+    tied_default: bool = _spec_field(_boolean, False)                # tie_word_embeddings when absent
+
+
+@dataclass(frozen=True)
+class FinalSpec(_Section):
+    norm_bias: str | None = _spec_field(_string, None)               # tensor name (LayerNorm families)
+    softcap: str | float | None = _spec_field(_config_value, None)
+    logits_divisor: str | float | None = _spec_field(_config_value, None)
+
+
+@dataclass(frozen=True)
+class FusedSpec(_Section):
+    parts: tuple[str, ...] = _spec_field(_str_list(FUSABLE_PARTS, nonempty=True))
+    layout: str = _spec_field(_choice("concat", "heads"), "concat")  # heads: per head [q d, k d, v d]
+
+
+@dataclass(frozen=True)
+class OptionalTensor(_Section):
+    name: str = _spec_field(_string)                                 # name inside the layer
+    when: bool | str = _spec_field(_flag)                            # true or a config key
+
+
+@dataclass(frozen=True)
+class ArchSpec(_Section):
+    name: str = _spec_field(_string)
+    model_types: tuple[str, ...] = _spec_field(_str_list(nonempty=True))
+    embed: str = _spec_field(_string)
+    final_norm: str = _spec_field(_string)
+    lm_head: str = _spec_field(_string)
+    layer_prefix: str = _spec_field(_string)                         # with {layer}
+    norm: NormSpec = _spec_field(_section(NormSpec))
+    layer_tensors: Mapping[str, str] = _spec_field(_mapping(_string))            # role -> name in a layer
+    attention: AttentionSpec = _spec_field(_section(AttentionSpec))
+    mlp: MlpSpec = _spec_field(_section(MlpSpec))
+    targets: tuple[str, ...] = _spec_field(_str_list(SPEC_TARGETS))
+    inexact_targets: tuple[str, ...] = _spec_field(_str_list(SPEC_TARGETS), ())  # round even with pow2 scales
+    optional_tensors: Mapping[str, OptionalTensor] = _spec_field(_mapping(_section(OptionalTensor)), factory=_no_entries)
+    # norm role -> roles of the linears reading it (the norm target); MLP_ROLES are read on
+    # every MLP of the layer (dense, each expert, the shared expert), then the others in order
+    norm_readers: Mapping[str, tuple[str, ...]] = _spec_field(_mapping(_str_list()), factory=_no_entries)
+    config_keys: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)  # canonical -> family key
+    linear: str = _spec_field(_choice("linear", "conv1d"), "linear")  # conv1d (GPT-2): W[in, out]
+    fused: Mapping[str, FusedSpec] = _spec_field(_mapping(_section(FusedSpec)), factory=_no_entries)
+    block: BlockSpec = _spec_field(_section(BlockSpec), factory=BlockSpec)
+    moe: MoeSpec | None = _spec_field(_section(MoeSpec), None)       # None: dense
+    embedding: EmbeddingSpec = _spec_field(_section(EmbeddingSpec), factory=EmbeddingSpec)
+    final: FinalSpec = _spec_field(_section(FinalSpec), factory=FinalSpec)
+
+    def check(self, where: str, label: str) -> None:
+        if "{layer}" not in self.layer_prefix:
+            raise WiscaError(f"{where}: layer_prefix must contain {{layer}}, got {self.layer_prefix!r}")
+        extra = [t for t in self.inexact_targets if t not in self.targets]
+        if extra:
+            raise WiscaError(f"{where}: inexact target {extra[0]!r} is not in targets ({', '.join(self.targets)})")
+        if "norm" in self.targets and not self.norm_readers:
+            raise WiscaError(f"{where}: the norm target needs norm_readers")
 
     def layer_name(self, layer: int, suffix: str) -> str:
         return self.layer_prefix.format(layer=layer) + suffix
 
+    def norm_reader_roles(self, norm: str, mlp_prefixes: list[str]) -> list[str]:
+        """The roles reading a norm: MLP roles on every MLP (``experts.3.gate``), then the rest."""
+        readers = self.norm_readers.get(norm, ())
+        return ([p + r for p in mlp_prefixes for r in readers if r in MLP_ROLES]
+                + [r for r in readers if r not in MLP_ROLES])
 
-def _merge(base: dict, over: dict) -> dict:
+
+# -- loading ---------------------------------------------------------------------------------
+def merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, deeply: objects merged key by key, lists and scalars
+    replaced, a null removing the key (the field's default, or no such role)."""
     out = dict(base)
     for key, value in over.items():
-        if key != "extends":
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict):
+            out[key] = merge(out[key] if isinstance(out.get(key), dict) else {}, value)
+        else:
             out[key] = value
     return out
 
 
+def parse_spec(data: dict, where: str = "spec") -> ArchSpec:
+    """A complete spec (no ``extends``) as an ``ArchSpec``; nulls are dropped first."""
+    return _build(ArchSpec, merge({}, data), where, "", partial=False)
+
+
+def _resolved(name: str, raw: dict[str, tuple[str, dict]], stack: tuple[str, ...] = ()) -> dict:
+    where, data = raw[name]
+    parent = data.get("extends")
+    if parent is None:
+        return merge({}, {k: v for k, v in data.items() if k != "extends"})
+    if not isinstance(parent, str) or parent not in raw:
+        raise WiscaError(f"{where}: extends {json.dumps(parent)} names no spec (known: {', '.join(sorted(raw))})")
+    if parent in stack or parent == name:
+        raise WiscaError(f"{where}: extends {parent!r} makes a cycle ({' -> '.join((*stack, name, parent))})")
+    base = {k: v for k, v in _resolved(parent, raw, (*stack, name)).items() if k not in NOT_INHERITED}
+    return merge(base, {k: v for k, v in data.items() if k != "extends"})
+
+
+def load_specs(files: Mapping[str, Any]) -> dict[str, ArchSpec]:
+    """Spec name -> ``ArchSpec`` for spec files (file name -> parsed JSON), each checked on
+    its own (unknown keys, value types: the error names the file that has them), then
+    resolved through ``extends`` and checked complete."""
+    raw: dict[str, tuple[str, dict]] = {}
+    for where, data in files.items():
+        if not isinstance(data, dict):
+            raise _bad(where, "the spec", "an object", data)
+        _build(ArchSpec, data, where, "", partial=True, also=("extends",))
+        for key in NOT_INHERITED:
+            if key not in data:
+                raise WiscaError(f"{where}: missing key {key!r} in the spec (not inherited through extends)")
+        stem = where.rsplit("/", 1)[-1].removesuffix(".json")
+        if data["name"] != stem and where.endswith(".json"):
+            raise WiscaError(f"{where}: name {data['name']!r} differs from the file name")
+        if data["name"] in raw:
+            raise WiscaError(f"{where}: spec {data['name']!r} is also in {raw[data['name']][0]}")
+        raw[data["name"]] = (where, data)
+    def depth(name: str) -> int:      # parents first: an error is named where it starts
+        seen = [name]
+        while isinstance(raw[seen[-1]][1].get("extends"), str) and raw[seen[-1]][1]["extends"] in raw:
+            if raw[seen[-1]][1]["extends"] in seen:
+                break
+            seen.append(raw[seen[-1]][1]["extends"])
+        return len(seen)
+
+    specs, owner = {}, {}
+    for name in sorted(raw, key=lambda n: (depth(n), n)):
+        where = raw[name][0]
+        spec = _build(ArchSpec, _resolved(name, raw), where, "", partial=False)
+        for model_type in spec.model_types:
+            if model_type in owner:
+                raise WiscaError(f"{where}: model_type {model_type!r} is also served by {raw[owner[model_type]][0]}")
+            owner[model_type] = name
+        specs[name] = spec
+    return specs
+
+
 @lru_cache(maxsize=None)
-def _raw_specs() -> dict[str, dict]:
-    files = resources.files(__package__) / "architectures"
-    raw = {}
-    for entry in files.iterdir():
+def shipped_specs() -> dict[str, ArchSpec]:
+    """Spec name -> spec, for every file in ``architectures/`` (all checked on first use)."""
+    files = {}
+    for entry in sorted(resources.files(__package__).joinpath("architectures").iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):
-            data = json.loads(entry.read_text())
-            raw[data["name"]] = data
-    return raw
-
-
-def _resolve(name: str, raw: dict[str, dict]) -> dict:
-    data = raw[name]
-    if "extends" in data:
-        return _merge(_resolve(data["extends"], raw), data)
-    return data
+            where = f"architectures/{entry.name}"
+            try:
+                files[where] = json.loads(entry.read_text())
+            except ValueError as e:
+                raise WiscaError(f"{where}: not valid JSON ({e})") from None
+    return load_specs(files)
 
 
 @lru_cache(maxsize=None)
 def all_specs() -> dict[str, ArchSpec]:
     """model_type -> spec, for every family shipped."""
-    raw = _raw_specs()
-    by_type = {}
-    for name in raw:
-        d = _resolve(name, raw)
-        spec = ArchSpec(
-            name=d["name"], model_types=tuple(d["model_types"]), embed=d["embed"],
-            final_norm=d["final_norm"], lm_head=d["lm_head"], layer_prefix=d["layer_prefix"],
-            norm=d["norm"], layer_tensors=d["layer_tensors"],
-            optional_tensors=d.get("optional_tensors", {}), attention=d["attention"],
-            mlp=d["mlp"], targets=tuple(d["targets"]),
-            inexact_targets=tuple(d.get("inexact_targets", ())),
-            config_keys=d.get("config_keys", {}), linear=d.get("linear", "linear"),
-            fused=d.get("fused", {}), block=d.get("block", {}), moe=d.get("moe", {}),
-            embedding=d.get("embedding", {}), final=d.get("final", {}),
-        )
-        for model_type in spec.model_types:
-            by_type[model_type] = spec
-    return by_type
+    return {model_type: spec for spec in shipped_specs().values() for model_type in spec.model_types}
 
 
 def supported_model_types() -> list[str]:
@@ -169,7 +475,7 @@ class Layout:
 
     def rotary_dims_at(self, layer: int) -> int:
         """Rotary dims of one layer: 0 on SmolLM3's NoPE layers."""
-        key = self.spec.attention.get("rope_layers")
+        key = self.spec.attention.rope_layers
         flags = self.config.get(key) if key else None
         if isinstance(flags, list) and layer < len(flags) and not flags[layer]:
             return 0
@@ -185,9 +491,9 @@ class Layout:
         moe = self.spec.moe
         if not moe or not self.experts:
             return False
-        if layer in (self.config.get(moe.get("dense_layers", ""), None) or []):
+        if moe.dense_layers and layer in (self.config.get(moe.dense_layers) or []):
             return False
-        step = self.value(moe.get("sparse_step"), 1) or 1
+        step = self.value(moe.sparse_step, 1) or 1
         return (layer + 1) % step == 0
 
     def layer_roles(self, layer: int) -> dict[str, str]:
@@ -195,23 +501,23 @@ class Layout:
         spec = self.spec
         roles = {role: spec.layer_name(layer, name) for role, name in spec.layer_tensors.items()}
         for role, opt in spec.optional_tensors.items():
-            if self.config_flag(opt["when"]):
-                roles[role] = spec.layer_name(layer, opt["name"])
+            if self.config_flag(opt.when):
+                roles[role] = spec.layer_name(layer, opt.name)
         moe = spec.moe
         if moe:
             if self.is_moe_layer(layer):
-                roles["router"] = spec.layer_name(layer, moe["router"])
+                roles["router"] = spec.layer_name(layer, moe.router)
                 for e in range(self.experts):
-                    for role, name in moe["expert_tensors"].items():
+                    for role, name in moe.expert_tensors.items():
                         roles[f"experts.{e}.{role}"] = spec.layer_name(layer, name.format(expert=e))
                 if self.shared_intermediate:
-                    for role, name in moe.get("shared_tensors", {}).items():
+                    for role, name in moe.shared_tensors.items():
                         roles[f"shared.{role}"] = spec.layer_name(layer, name)
-                    if moe.get("shared_gate"):
-                        roles["shared_gate"] = spec.layer_name(layer, moe["shared_gate"])
+                    if moe.shared_gate:
+                        roles["shared_gate"] = spec.layer_name(layer, moe.shared_gate)
             else:
                 roles.update({role: spec.layer_name(layer, name)
-                              for role, name in moe.get("dense_tensors", {}).items()})
+                              for role, name in moe.dense_tensors.items()})
         return roles
 
     def fused_parts(self, fused_role: str) -> dict[str, torch.Tensor]:
@@ -220,13 +526,13 @@ class Layout:
         ``concat``: parts one after the other (Phi-3 qkv_proj, gate_up_proj, GPT-2 c_attn);
         ``heads``: per head [q d | k d | v d] (GPT-NeoX query_key_value)."""
         info = self.spec.fused[fused_role]
-        sizes = [self.part_size(p) for p in info["parts"]]
-        if info.get("layout", "concat") == "heads":
+        sizes = [self.part_size(p) for p in info.parts]
+        if info.layout == "heads":
             d, n = self.head_dim, len(sizes)
             heads = torch.arange(self.heads)[:, None] * (n * d)
-            return {p: (heads + i * d + torch.arange(d)[None, :]).reshape(-1) for i, p in enumerate(info["parts"])}
+            return {p: (heads + i * d + torch.arange(d)[None, :]).reshape(-1) for i, p in enumerate(info.parts)}
         out, start = {}, 0
-        for p, size in zip(info["parts"], sizes):
+        for p, size in zip(info.parts, sizes):
             out[p] = torch.arange(start, start + size)
             start += size
         return out
@@ -238,7 +544,7 @@ class Layout:
     def fused_of(self, role: str) -> str | None:
         """The fused tensor holding a logical role (``q`` -> ``qkv``), or None."""
         for fused, info in self.spec.fused.items():
-            if role in info["parts"]:
+            if role in info.parts:
                 return fused
         return None
 
@@ -263,8 +569,8 @@ def layout_from_config(config: dict, where: str = "config.json") -> Layout:
     # a family's own key names (GPT-2's n_embd, ...) under the canonical ones
     config = {**config, **{canon: config[key] for canon, key in spec.config_keys.items()
                            if config.get(key) is not None}}
-    if config.get("intermediate_size") is None and spec.mlp.get("intermediate_default"):
-        config["intermediate_size"] = int(spec.mlp["intermediate_default"]) * config.get("hidden_size", 0)
+    if config.get("intermediate_size") is None and spec.mlp.intermediate_default:
+        config["intermediate_size"] = spec.mlp.intermediate_default * config.get("hidden_size", 0)
     hidden = _positive_int(config, "hidden_size", where)
     heads = _positive_int(config, "num_attention_heads", where)
     kv_heads = config.get("num_key_value_heads") or heads
@@ -272,7 +578,7 @@ def layout_from_config(config: dict, where: str = "config.json") -> Layout:
         raise WiscaError(
             f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
         )
-    head_dim = (config.get("head_dim") if spec.attention.get("head_dim_key", True) else None) or hidden // heads
+    head_dim = (config.get("head_dim") if spec.attention.head_dim_key else None) or hidden // heads
     if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
         raise WiscaError(f"{where}: head_dim must be a positive even integer, got {head_dim!r}")
 
@@ -284,34 +590,34 @@ def layout_from_config(config: dict, where: str = "config.json") -> Layout:
     if rope and rope.get("rope_type", "default") != "default":
         scaling = rope
     partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    rotary_dims = int(head_dim * partial) if spec.attention.get("rotary") else 0
+    rotary_dims = int(head_dim * partial) if spec.attention.rotary else 0
     rotary_dims -= rotary_dims % 2
 
     window = None
-    window_key = spec.attention.get("sliding_window")
+    window_key = spec.attention.sliding_window
     if window_key:
-        enabled_key = spec.attention.get("sliding_window_enabled")
+        enabled_key = spec.attention.sliding_window_enabled
         if enabled_key is None or config.get(enabled_key, False):
             window = config.get(window_key)
 
     moe, experts, expert_inter, shared_inter = spec.moe, 0, 0, 0
     if moe:
-        experts = _positive_int(config, moe["num_experts"], where)
-        expert_inter = _positive_int(config, moe["intermediate"], where) if moe.get("intermediate") else \
+        experts = _positive_int(config, moe.num_experts, where)
+        expert_inter = _positive_int(config, moe.intermediate, where) if moe.intermediate else \
             _positive_int(config, "intermediate_size", where)
-        if moe.get("shared_intermediate"):
-            shared_inter = int(config.get(moe["shared_intermediate"]) or 0)
+        if moe.shared_intermediate:
+            shared_inter = int(config.get(moe.shared_intermediate) or 0)
 
-    act_key = spec.mlp.get("act")
+    act_key = spec.mlp.act
     return Layout(
         spec=spec, config=config, hidden=hidden,
         layers=_positive_int(config, "num_hidden_layers", where),
         heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         intermediate=_positive_int(config, "intermediate_size", where),
         vocab=_positive_int(config, "vocab_size", where),
-        eps=float(config.get(spec.norm["eps"], 1e-6)),
+        eps=float(config.get(spec.norm.eps, 1e-6)),
         act=str(config.get(act_key, "silu")) if act_key else "silu",
-        tie_embeddings=bool(config.get("tie_word_embeddings", spec.embedding.get("tied_default", False))),
+        tie_embeddings=bool(config.get("tie_word_embeddings", spec.embedding.tied_default)),
         rope_theta=float(theta), rope_scaling=scaling, rotary_dims=rotary_dims,
         sliding_window=int(window) if window else None,
         experts=experts, expert_intermediate=expert_inter, shared_intermediate=shared_inter,
@@ -331,7 +637,7 @@ def logical_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
         "gate_bias": (inter,), "up_bias": (inter,), "down_bias": (h,),
         "router": (layout.experts, h), "shared_gate": (1, h),
     }
-    qk_norm = layout.spec.attention.get("qk_norm")
+    qk_norm = layout.spec.attention.qk_norm
     if qk_norm:
         shapes["q_norm"], shapes["k_norm"] = ((d,), (d,)) if qk_norm == "head" else ((q_out,), (kv_out,))
     for prefix, n in (("shared.", layout.shared_intermediate), *((f"experts.{e}.", layout.expert_intermediate)
@@ -344,8 +650,8 @@ def expected_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
     """Full tensor name -> expected shape (as stored) for one decoder layer."""
     shapes = logical_shapes(layout, layer)
     for fused, info in layout.spec.fused.items():
-        first = shapes[info["parts"][0]]
-        shapes[fused] = (sum(shapes[p][0] for p in info["parts"]), *first[1:])
+        first = shapes[info.parts[0]]
+        shapes[fused] = (sum(shapes[p][0] for p in info.parts), *first[1:])
         shapes[fused + "_bias"] = (shapes[fused][0],)
     if layout.spec.linear == "conv1d":
         shapes = {role: tuple(reversed(s)) if len(s) == 2 else s for role, s in shapes.items()}
@@ -360,14 +666,11 @@ def support_matrix() -> list[dict[str, str]]:
     """One row per family: model_type(s) and, per target, exact / within tolerance / not
     applicable with the default power-of-two scales. ``experts``: the ffn target on every
     routed (and shared) expert of an MoE family. The README table is checked against this."""
-    rows, seen = [], set()
-    for spec in sorted(all_specs().values(), key=lambda s: s.name):
-        if spec.name in seen:
-            continue
-        seen.add(spec.name)
+    rows = []
+    for spec in sorted(shipped_specs().values(), key=lambda s: s.name):
         row = {"family": spec.name, "model_type": ", ".join(spec.model_types)}
         for target in MATRIX_TARGETS:
-            applies = ("ffn" in spec.targets and bool(spec.moe)) if target == "experts" else target in spec.targets
+            applies = ("ffn" in spec.targets and spec.moe is not None) if target == "experts" else target in spec.targets
             key = "ffn" if target == "experts" else target
             row[target] = MATRIX_WORDS["not applicable" if not applies else
                                        "tolerance" if key in spec.inexact_targets else "exact"]

@@ -103,14 +103,14 @@ class Stage:
 def _stages(ckpt: Checkpoint) -> list[Stage]:
     lay, spec = ckpt.layout, ckpt.layout.spec
     embed = {"embed": spec.embed}
-    if spec.embedding.get("positions"):                 # learned positions (GPT-2)
-        embed["pos"] = spec.embedding["positions"]
+    if spec.embedding.positions:                 # learned positions (GPT-2)
+        embed["pos"] = spec.embedding.positions
     stages = [Stage("embed", -1, embed, streamed=("embed",))]
     stages += [Stage("layer", i, lay.layer_roles(i)) for i in range(lay.layers)]
     head = spec.embed if lay.tie_embeddings else spec.lm_head
     final = {"norm": spec.final_norm, "head": head}
-    if spec.final.get("norm_bias"):                     # LayerNorm families
-        final["norm_bias"] = spec.final["norm_bias"]
+    if spec.final.norm_bias:                     # LayerNorm families
+        final["norm_bias"] = spec.final.norm_bias
     stages.append(Stage("final", lay.layers, final, streamed=("head",)))
     return stages
 

@@ -230,7 +230,7 @@ def _adapter_base_config(src: Path, base: Path | None, where: str) -> Path:
         except Exception:   # noqa: BLE001
             pass
     raise WiscaError(f"{where}: lists adapter parameters by position; rebuilding their order needs the base "
-                     f"model's config.json: pass the base model folder (base=, --base)")
+                     f"model's config.json: pass the base model folder (`base`)", fields=("base",))
 
 
 def _trainer_candidates(src: Path, where: str, adapter: bool, base: Path | None) -> dict[str, list[list[str]]]:

@@ -111,6 +111,7 @@ class StreamVerifier:
 
     def __init__(self, layout: Layout, ids: torch.Tensor, exact: bool, tolerance: Tolerance,
                  dtype: torch.dtype = torch.float32, pool=None, cand_pool=None):
+        forward.activation(layout)   # an activation the forward lacks fails here, before any work
         self.layout, self.ids, self.exact, self.tol, self.dtype = layout, ids, exact, tolerance, dtype
         self.pool, self.cand_pool = pool, cand_pool
         self._last_cand = None
@@ -218,11 +219,6 @@ class StreamVerifier:
                 bad = not (diff / scale <= self.tol.max_rel)   # also catches NaN
             if bad:
                 self.first_bad = index
-
-    def finish(self, norm_ref, head_ref, norm_new, head_new) -> VerifyResult:
-        self.final_norm(norm_ref, norm_new)
-        self.head_rows(head_ref, head_new)
-        return self.result()
 
     def final_norm(self, norm_ref: torch.Tensor, norm_new: torch.Tensor,
                    extra_ref: dict | None = None, extra_new: dict | None = None) -> None:

@@ -1,14 +1,18 @@
 """Benchmark ``wisca`` against ``cp -r`` on a synthetic checkpoint.
 
-    python -m wisca_cli.bench                      # TinyLlama-1.1B shape, 3 rounds
-    python -m wisca_cli.bench --quick              # tiny shape, 1 round, under a minute
-    python -m wisca_cli.bench --only cp --keep     # harness only, keep the checkpoint
+    python -m benchmarks.bench                     # TinyLlama-1.1B shape, 3 rounds
+    python -m benchmarks.bench --quick             # tiny shape, 1 round, under a minute
+    python -m benchmarks.bench --only cp --keep    # harness only, keep the checkpoint
+
+(run from the repository root; the harness is not part of the installed package)
 
 What it does:
 
 1. Writes a random llama checkpoint of the requested shape into ``--workdir``, one tensor
-   (in row chunks) at a time, so generating a 2 GiB checkpoint needs little memory. The
-   shards are cut by size, so a decoder layer's tensors may straddle two shards, as in
+   (in row chunks) at a time, so generating a 2 GiB checkpoint needs little memory. Tensor
+   names and shapes come from wisca's llama architecture spec (``wisca_cli.spec``), and the
+   shards are written with wisca's own shard writer (``wisca_cli.checkpoint.ShardWriter``).
+   The shards are cut by size, so a decoder layer's tensors may straddle two shards, as in
    real HF checkpoints. A checkpoint from an earlier ``--keep`` run with the same shape is
    reused.
 2. Times each command as a fresh subprocess, cold (source files evicted from the page
@@ -39,7 +43,6 @@ import re
 import resource
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -52,11 +55,14 @@ from rich.console import Console
 from rich.table import Table
 from safetensors import safe_open
 
+from wisca_cli.checkpoint import INDEX_NAME, SINGLE_NAME, Shard, ShardWriter, TensorInfo, build_header
+from wisca_cli.spec import Layout, expected_shapes, layout_from_config
+
 MIB = 1024 * 1024
 GIB = 1024 * MIB
-INDEX_NAME = "model.safetensors.index.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAMP_VERSION = 1
+SHARD_METADATA = {"format": "pt"}
 
 # name -> (torch dtype, safetensors dtype, config torch_dtype)
 DTYPES = {
@@ -104,25 +110,23 @@ class Shape:
         if self.heads % self.kv_heads:
             raise SystemExit(f"shape: heads {self.heads} must be a multiple of kv heads {self.kv_heads}")
 
+    def layout(self) -> Layout:
+        """wisca's view of the checkpoint: the llama spec combined with ``config()``."""
+        return layout_from_config(self.config(), "benchmark shape")
+
     def tensors(self) -> list[TensorSpec]:
-        """Every tensor of the checkpoint, in model order."""
-        h, kv, inter = self.hidden, self.kv_heads * self.head_dim, self.intermediate
-        out = [TensorSpec("model.embed_tokens.weight", (self.vocab, h), "embed")]
-        for i in range(self.layers):
-            p, g = f"model.layers.{i}.", f"layer {i}"
-            out += [
-                TensorSpec(p + "input_layernorm.weight", (h,), g, norm=True),
-                TensorSpec(p + "self_attn.q_proj.weight", (self.heads * self.head_dim, h), g),
-                TensorSpec(p + "self_attn.k_proj.weight", (kv, h), g),
-                TensorSpec(p + "self_attn.v_proj.weight", (kv, h), g),
-                TensorSpec(p + "self_attn.o_proj.weight", (h, self.heads * self.head_dim), g),
-                TensorSpec(p + "post_attention_layernorm.weight", (h,), g, norm=True),
-                TensorSpec(p + "mlp.gate_proj.weight", (inter, h), g),
-                TensorSpec(p + "mlp.up_proj.weight", (inter, h), g),
-                TensorSpec(p + "mlp.down_proj.weight", (h, inter), g),
-            ]
-        out += [TensorSpec("model.norm.weight", (h,), "final norm", norm=True),
-                TensorSpec("lm_head.weight", (self.vocab, h), "lm_head")]
+        """Every tensor of the checkpoint, in model order, named and shaped by wisca's llama
+        spec (the tensors ``wisca transform`` expects for this config)."""
+        layout = self.layout()
+        spec = layout.spec
+        out = [TensorSpec(spec.embed, (layout.vocab, layout.hidden), "embed")]
+        for i in range(layout.layers):
+            roles = {name: role for role, name in layout.layer_roles(i).items()}
+            out += [TensorSpec(name, shape, f"layer {i}", norm=roles[name].endswith("norm"))
+                    for name, shape in expected_shapes(layout, i).items()]
+        out.append(TensorSpec(spec.final_norm, (layout.hidden,), "final norm", norm=True))
+        if not layout.tie_embeddings:
+            out.append(TensorSpec(spec.lm_head, (layout.vocab, layout.hidden), "lm_head"))
         return out
 
     def config(self) -> dict:
@@ -196,7 +200,7 @@ def plan_shards(tensors: list[TensorSpec], dtype: str, count: int | None, size: 
 
 def shard_names(count: int) -> list[str]:
     if count == 1:
-        return ["model.safetensors"]
+        return [SINGLE_NAME]
     return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
 
 
@@ -218,27 +222,31 @@ def tensor_chunks(t: TensorSpec, dtype: str, seed: int):
         yield chunk.to(DTYPES[dtype][0])
 
 
-def safetensors_header(tensors: list[TensorSpec], dtype: str) -> bytes:
-    """The 8-byte length plus the JSON header, space-padded to a multiple of 8."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
+def shard_layout(name: str, tensors: list[TensorSpec], dtype: str) -> Shard:
+    """The shard as wisca's reader would describe it: tensors back to back in plan order."""
+    infos, offset = [], 0
     for t in tensors:
         n = t.nbytes(dtype)
-        header[t.name] = {"dtype": DTYPES[dtype][1], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        infos.append(TensorInfo(t.name, name, DTYPES[dtype][1], t.shape, offset, n, offset))
         offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+    return Shard(name, Path(name), dict(SHARD_METADATA), infos, 0)
 
 
-def write_shard(path: Path, tensors: list[TensorSpec], dtype: str, seed: int) -> int:
-    """Header first, then each tensor's bytes in header order; returns the file size."""
-    with open(path, "wb") as f:
-        f.write(safetensors_header(tensors, dtype))
+def write_shard(path: Path, name: str, tensors: list[TensorSpec], dtype: str, seed: int) -> int:
+    """Write one shard with wisca's ``ShardWriter`` (the header, then each tensor's row
+    chunks at their offsets; fsynced when the last tensor is in); returns the file size."""
+    writer = ShardWriter(path, shard_layout(name, tensors, dtype), dict(SHARD_METADATA))
+    try:
         for t in tensors:
+            done, total = 0, t.nbytes(dtype)
             for chunk in tensor_chunks(t, dtype, seed):
-                f.write(memoryview(chunk.contiguous().view(torch.uint8).numpy()))
-        return f.tell()
+                raw = chunk.contiguous().reshape(-1).view(torch.uint8)
+                writer.write_part(t.name, done, raw, last=done + raw.numel() == total)
+                done += raw.numel()
+    except BaseException:
+        writer.abort()
+        raise
+    return path.stat().st_size
 
 
 @dataclass
@@ -277,7 +285,7 @@ def make_checkpoint(path: Path, shape: Shape, shards: int | None, shard_size: in
         path.mkdir(parents=True)
         weight_map = {}
         for name, shard in zip(names, plan):
-            write_shard(path / name, shard, shape.dtype, seed)
+            write_shard(path / name, name, shard, shape.dtype, seed)
             weight_map.update({t.name: name for t in shard})
         total = sum(t.nbytes(shape.dtype) for t in tensors)
         if len(plan) > 1:
@@ -322,11 +330,12 @@ def check_checkpoint(path: Path, plan: list[list[TensorSpec]], names: list[str],
             raise SystemExit(f"{path / INDEX_NAME}: total_size is not {total}")
     for name, shard in zip(names, plan):
         file = path / name
-        expected_size = len(safetensors_header(shard, dtype)) + sum(t.nbytes(dtype) for t in shard)
+        layout = shard_layout(name, shard, dtype)
+        expected_size = len(build_header(layout.tensors, layout.metadata)) + sum(t.nbytes(dtype) for t in shard)
         if file.stat().st_size != expected_size:
             raise SystemExit(f"{file}: {file.stat().st_size} bytes, expected {expected_size}")
         with safe_open(str(file), framework="pt") as f:
-            if f.metadata() != {"format": "pt"}:
+            if f.metadata() != SHARD_METADATA:
                 raise SystemExit(f"{file}: unexpected metadata {f.metadata()}")
             if set(f.keys()) != {t.name for t in shard}:
                 raise SystemExit(f"{file}: tensor names do not match the plan")
@@ -686,7 +695,7 @@ def parse_size(text: str) -> int:
 
 # -- command line -------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m wisca_cli.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     shape = p.add_argument_group("checkpoint shape (default: TinyLlama-1.1B)")
     shape.add_argument("--layers", type=int)

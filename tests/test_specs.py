@@ -1,0 +1,143 @@
+"""The architecture specs as data: every shipped file loads, resolves exactly as before the
+typed specs (tests/data/resolved_specs.json), states only what differs from its parent, and
+a wrong key or value type is one clear error naming the file."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from wisca_cli import spec
+from wisca_cli.errors import WiscaError
+
+SNAPSHOT = json.loads((Path(__file__).parent / "data" / "resolved_specs.json").read_text())["specs"]
+# The norm target's readers, hard-coded in pairs.norm_pair before the specs declared them.
+OLD_NORM_READERS = {"attn_norm": ["q", "k", "v"], "mlp_norm": ["gate", "up", "router", "shared_gate"]}
+
+
+def _files() -> dict[str, dict]:
+    folder = resources.files("wisca_cli") / "architectures"
+    return {f"architectures/{e.name}": json.loads(e.read_text()) for e in folder.iterdir() if e.name.endswith(".json")}
+
+
+def test_every_shipped_spec_loads():
+    files = _files()
+    specs = spec.shipped_specs()
+    assert sorted(specs) == sorted(d["name"] for d in files.values()) == sorted(SNAPSHOT)
+    for s in specs.values():
+        assert isinstance(s, spec.ArchSpec)
+        assert isinstance(s.norm, spec.NormSpec) and isinstance(s.attention, spec.AttentionSpec)
+        assert all(isinstance(o, spec.OptionalTensor) for o in s.optional_tensors.values())
+        assert all(isinstance(f, spec.FusedSpec) for f in s.fused.values())
+        assert s.moe is None or isinstance(s.moe, spec.MoeSpec)
+        for model_type in s.model_types:
+            assert spec.spec_for(model_type) is s
+
+
+@pytest.mark.parametrize("name", sorted(SNAPSHOT))
+def test_resolved_spec_equals_the_old_one(name):
+    """The deep-merged, shrunken files resolve to exactly the specs the full files gave."""
+    old = spec.parse_spec({**SNAPSHOT[name], "norm_readers": OLD_NORM_READERS}, f"snapshot {name}")
+    assert spec.shipped_specs()[name] == old
+
+
+def _restated(child, parent, path=""):
+    """Leaves of a child file equal to what it inherits anyway."""
+    out = []
+    for key, value in child.items():
+        if key in ("name", "extends", *spec.NOT_INHERITED) and not path:
+            continue
+        here = f"{path}{key}"
+        if isinstance(value, dict) and isinstance(parent.get(key), dict):
+            out += _restated(value, parent[key], here + ".")
+        elif key in parent and parent[key] == value:
+            out.append(here)
+    return out
+
+
+def test_children_state_only_what_differs():
+    files = {d["name"]: d for d in _files().values()}
+    resolved = {}
+
+    def resolve(name):
+        if name not in resolved:
+            d = files[name]
+            base = resolve(d["extends"]) if "extends" in d else {}
+            resolved[name] = spec.merge({k: v for k, v in base.items() if k not in spec.NOT_INHERITED},
+                                        {k: v for k, v in d.items() if k != "extends"})
+        return resolved[name]
+
+    for name, d in files.items():
+        if "extends" in d:
+            assert _restated(d, resolve(d["extends"])) == [], name
+    assert "gate" not in files["qwen3"].get("layer_tensors", {})
+    assert set(files["qwen3"]["layer_tensors"]) == {"q_norm", "k_norm"}
+
+
+def test_merge_is_deep_and_null_removes():
+    base = {"a": {"x": 1, "y": {"p": 1}}, "l": [1, 2], "s": 1, "gone": {"k": 1}}
+    got = spec.merge(base, {"a": {"y": {"q": 2}, "z": 3}, "l": [3], "s": None, "gone": None, "new": {"n": None}})
+    assert got == {"a": {"x": 1, "y": {"p": 1, "q": 2}, "z": 3}, "l": [3], "new": {}}
+    assert base["a"]["y"] == {"p": 1}   # the parent is left alone
+
+
+def _load_with(name: str, change) -> None:
+    files = json.loads(json.dumps(_files()))
+    change(files[f"architectures/{name}.json"])
+    spec.load_specs(files)
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("qwen3", lambda d: d.update(atention={}),
+     "architectures/qwen3.json: unknown key 'atention' in the spec (known: name, model_types,"),
+    ("qwen3", lambda d: d["attention"].update(rotery="half"),
+     "architectures/qwen3.json: unknown key 'rotery' in attention (known: rotary,"),
+    ("llama", lambda d: d["optional_tensors"]["q_bias"].update(nam="x"),
+     "architectures/llama.json: unknown key 'nam' in optional_tensors.q_bias (known: name, when)"),
+    ("mixtral", lambda d: d["moe"].update(topk=2), "architectures/mixtral.json: unknown key 'topk' in moe"),
+    ("qwen3", lambda d: d["attention"].update(rotary="full"),
+     'architectures/qwen3.json: attention.rotary must be one of "half", "interleaved", got "full"'),
+    ("gpt2", lambda d: d["attention"].update(head_dim_key="no"),
+     'architectures/gpt2.json: attention.head_dim_key must be true or false, got "no"'),
+    ("llama", lambda d: d.update(targets=["qk", "moe"]),
+     "architectures/llama.json: targets must be a list of names from: qk, vo, ffn, norm, got"),
+    ("gemma2", lambda d: d["norm"].update(weight_offset="1"),
+     'architectures/gemma2.json: norm.weight_offset must be a number, got "1"'),
+    ("phi3", lambda d: d["fused"]["qkv"].update(parts=["q", "o"]),
+     "architectures/phi3.json: fused.qkv.parts must be a non-empty list of names from:"),
+    ("granite", lambda d: d["attention"]["scale"].update(inv_sqrt="head_dim"),
+     "architectures/granite.json: attention.scale must have exactly one of inv_sqrt, value"),
+    ("qwen3", lambda d: d.update(extends="lama"), 'architectures/qwen3.json: extends "lama" names no spec'),
+    ("qwen3", lambda d: d.pop("model_types"), "architectures/qwen3.json: missing key 'model_types'"),
+    ("qwen3", lambda d: d.update(model_types=["llama"]),
+     "model_type 'llama' is also served by architectures/llama.json"),
+    ("llama", lambda d: d.pop("norm_readers"), "architectures/llama.json: the norm target needs norm_readers"),
+    ("gemma2", lambda d: d.update(inexact_targets=["ffn"], targets=["qk", "vo"]),
+     "architectures/gemma2.json: inexact target 'ffn' is not in targets"),
+    ("mixtral", lambda d: d["moe"]["expert_tensors"].update(up="w3.weight"),
+     "architectures/mixtral.json: moe.expert_tensors.up must contain {expert}"),
+])
+def test_bad_spec_is_one_line_naming_file_and_key(name, change, message):
+    with pytest.raises(WiscaError) as e:
+        _load_with(name, change)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_norm_readers_expand_over_every_mlp():
+    s = spec.shipped_specs()["qwen2_moe"]
+    prefixes = ["experts.0.", "experts.1.", "shared."]
+    assert s.norm_reader_roles("mlp_norm", prefixes) == [
+        "experts.0.gate", "experts.0.up", "experts.1.gate", "experts.1.up", "shared.gate", "shared.up",
+        "router", "shared_gate"]
+    assert s.norm_reader_roles("attn_norm", [""]) == ["q", "k", "v"]
+
+
+def test_sections_are_frozen():
+    s = spec.shipped_specs()["llama"]
+    with pytest.raises(AttributeError):
+        s.attention.rotary = None
+    with pytest.raises(TypeError):
+        s.layer_tensors["q"] = "x"
