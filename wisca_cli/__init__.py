@@ -13,6 +13,7 @@ _API = {
     "scale_multipliers": "api", "transform_adapter": "lora", "undo_adapter": "lora",
     "transform_training_state": "training",
     "WiscaError": "errors", "VerificationFailed": "errors", "Tolerance": "verify",
+    "transition": "live", "transition_lora": "live", "WiscaCallback": "callbacks",
 }
 __all__ = [*_API, "__version__"]
 
