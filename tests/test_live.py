@@ -258,3 +258,15 @@ def test_trainer_callback_transitions_at_step_3(tmp_path):
               if not torch.equal(p, q)]
     assert differ
     assert wisca.WiscaCallback(every=2).due(4) and not wisca.WiscaCallback(every=2).due(3)
+
+
+def test_nan_in_a_later_layer_changes_nothing():
+    model = _llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    params, _, _ = _snapshot(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(wisca.WiscaError, match="NaN or Inf"):
+        wisca.transition(model)
+    after = {n: p.detach() for n, p in model.named_parameters()}
+    assert all(torch.equal(after[n], params[n], ) or n.endswith("down_proj.weight") and
+               torch.equal(torch.nan_to_num(after[n]), torch.nan_to_num(params[n])) for n in params)

@@ -14,7 +14,7 @@ import torch
 
 from .options import NORMS  # noqa: F401 - re-exported
 from .pairs import Member, Pair
-from .stats import (CHUNK_ELEMENTS, NonFiniteValues, SliceReduce, UnitStats, _compute_dtype,  # noqa: F401
+from .stats import (CHUNK_ELEMENTS, NonFiniteValues, SliceReduce, UnitStats, _compute_dtype,  # noqa: F401 - re-exported
                     slice_reduce, unit_stats)
 
 
@@ -105,6 +105,16 @@ def apply_multiplier(t: torch.Tensor, mult: torch.Tensor, power: int = 1) -> tor
         rows = t[i:i + step].double()
         out[i:i + step] = ((rows / f[i:i + step]) if divide else (rows * f[i:i + step])).to(t.dtype)
     return out
+
+
+def apply_multiplier_(t: torch.Tensor, mult: torch.Tensor, power: int = 1) -> torch.Tensor:
+    """``apply_multiplier`` in place: powers of two multiply the storage directly (no copy,
+    no temporary the size of t); other multipliers compute and copy back."""
+    factor = mult.double() ** abs(power)
+    if _exact_in(factor, t.dtype):
+        f = factor.to(t.dtype)
+        return t.div_(f) if power < 0 else t.mul_(f)
+    return t.copy_(apply_multiplier(t, mult, power))
 
 
 def _exact_in(values: torch.Tensor, dtype: torch.dtype) -> bool:

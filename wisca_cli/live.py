@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .balance import apply_multiplier, chunk_multiplier, member_multipliers, scales_from_stats
+from .balance import apply_multiplier_, chunk_multiplier, member_multipliers, scales_from_stats
 from .errors import VerificationFailed, WiscaError
 from .options import DEFAULT_TARGETS, check, default
 from .pairs import layer_pairs
 from .record import RECORD_FORMAT, pair_report, summarise, write_record
 from .solve import MAX_SWEEPS, _overlapping, exactness
 from .spec import Layout, layout_from_config
-from .stats import UnitStats, chunk_stats
+from .stats import NonFiniteValues, UnitStats, chunk_stats
 from .training import FAMILIES
 from .verify import compare_logits, probe_ids, resolve_tolerance
 
@@ -182,6 +182,23 @@ def _agree(ok: bool) -> bool:
     return flag.item() == 0
 
 
+def _mixed_precision_dtypes(model) -> set:
+    """Compute dtypes of FSDP2 mixed precision (``MixedPrecisionPolicy.param_dtype`` of every
+    ``fully_shard`` module): the safe range must hold in them too."""
+    out = set()
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        try:
+            dtype = get_state()._mp_policy.param_dtype
+        except AttributeError:   # another torch version's internals: the caller's compute_dtype still applies
+            continue
+        if dtype is not None:
+            out.add(dtype)
+    return out
+
+
 def _narrowest(dtypes) -> torch.dtype:
     return min(dtypes, key=lambda d: torch.finfo(d).max)
 
@@ -201,12 +218,13 @@ class _Touched:
         self.exact, self.log, self.copies = exact, [], {}
 
     def scale(self, key: tuple, view: torch.Tensor, mult: torch.Tensor, power: int, offset: float = 0.0) -> None:
+        mult = mult.to(view.device)
         if not self.exact and key not in self.copies:
             self.copies[key] = (view, view.clone())
         if offset:   # a (offset + w) norm weight stores (offset + w) * s - offset (rounds)
             view.copy_(((view.double() + offset) * mult.double() ** power - offset).to(view.dtype))
         else:
-            view.copy_(apply_multiplier(view, mult, power))
+            apply_multiplier_(view, mult, power)
         self.log.append((view, mult, power, offset))
 
     def restore(self) -> None:
@@ -218,7 +236,7 @@ class _Touched:
             if offset:
                 view.copy_(((view.double() + offset) * mult.double() ** -power - offset).to(view.dtype))
             else:
-                view.copy_(apply_multiplier(view, mult, -power))
+                apply_multiplier_(view, mult, -power)
 
 
 def _check_common(granularity, norm, strength, scales, optimizer_state, max_kl, min_top1, max_rel):
@@ -252,18 +270,27 @@ def _run(model, params: dict, optimizer, powers: dict, groups, vocab: int, exact
         ids = probe_ids(vocab, *probe) if verify else None
         before = _logits(model, ids) if verify else None
         touched = _Touched(exact)
+        mp_dtypes = _mixed_precision_dtypes(model)
         reports, recorded = [], {}
-        for label, pairs, regions in groups:
-            results = _balance_layer(pairs, regions, params, opts["norm"], opts["strength"], opts["pow2"],
-                                     compute_dtype, touched)
-            totals: dict[str, torch.Tensor] = {}
-            for kind, (result, mults) in results.items():
-                recorded[label["key"](kind)] = result.scales
-                for role, m in mults.items():
-                    totals[role] = totals[role] * m if role in totals else m
-            for role, mult in totals.items():   # gradients and moments follow the weights
-                _scale_state(regions[role], params[regions[role].name], optimizer, powers, mult, touched)
-            reports.append({**label["report"], **{k: pair_report(r) for k, (r, _) in results.items()}})
+        groups = list(groups)   # every name resolved before anything is touched
+        try:
+            for label, pairs, regions in groups:
+                results = _balance_layer(pairs, regions, params, opts["norm"], opts["strength"], opts["pow2"],
+                                         compute_dtype, touched, mp_dtypes)
+                totals: dict[str, torch.Tensor] = {}
+                for kind, (result, mults) in results.items():
+                    recorded[label["key"](kind)] = result.scales
+                    for role, m in mults.items():
+                        totals[role] = totals[role] * m if role in totals else m
+                for role, mult in totals.items():   # gradients and moments follow the weights
+                    _scale_state(regions[role], params[regions[role].name], optimizer, powers, mult, touched)
+                reports.append({**label["report"], **{k: pair_report(r) for k, (r, _) in results.items()}})
+        except NonFiniteValues as e:
+            touched.restore()
+            raise WiscaError(f"transition: a parameter of role {e.role} contains NaN or Inf; nothing changed") from None
+        except BaseException:
+            touched.restore()
+            raise
         verification = None
         if verify:
             after = _logits(model, ids)
@@ -297,7 +324,8 @@ def transition(model, optimizer=None, *, targets=DEFAULT_TARGETS, granularity: s
     ``optimizer_state``: "transform" (moments follow the scales; an optimizer wisca cannot
     transform raises before anything is touched) or "reset" (its state is cleared).
     ``compute_dtype``: a mixed-precision compute dtype narrower than the parameters (the
-    safe range then follows it). ``record_dir``: also write ``wisca.json`` and the scales
+    safe range then follows it; FSDP2's ``MixedPrecisionPolicy.param_dtype`` is found by
+    itself). ``record_dir``: also write ``wisca.json`` and the scales
     there (rank 0), so a checkpoint saved into that folder can be undone with ``wisca undo``.
     A PEFT model is handed to ``transition_lora``. Returns the report (``wisca transform
     --json``'s shape, JSON-serialisable); raises ``VerificationFailed`` (everything
@@ -436,11 +464,12 @@ def _apply_pair(pair, s: torch.Tensor, regions, params, touched: _Touched) -> di
     return mults
 
 
-def _balance_layer(pairs, regions, params, norm, strength, pow2, compute_dtype, touched: _Touched) -> dict:
+def _balance_layer(pairs, regions, params, norm, strength, pow2, compute_dtype, touched: _Touched,
+                   mp_dtypes=()) -> dict:
     """As ``solve.balance_layer``: disjoint pairs solved from the originals, then applied;
     pairs sharing tensors (the norm target) balanced in turn, sweep after sweep."""
     def solve(pair):
-        dtypes: list = []
+        dtypes: list = list(mp_dtypes)
         stats = _all_reduce([_stats(pair, regions, params, dtypes)])[0]
         dtype = _narrowest(dtypes + ([compute_dtype] if compute_dtype else []))
         return scales_from_stats(pair.kind, stats, norm, strength, pow2, dtype), stats

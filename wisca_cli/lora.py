@@ -221,11 +221,13 @@ def verify_with_base(base: str | os.PathLike, config: dict, modules: list[LoraMo
                      probe_ids_file: str | None = None, tolerance: dict | None = None) -> dict:
     """Logits of base + original adapter against base + transformed adapter.
 
-    Both adapters are merged into the base weights (``W + scaling * B A``) one decoder layer
-    at a time and streamed through the project's reference forward (``StreamVerifier``),
-    in float32. Returns the verifier's result as a dict.
+    Both adapters are merged into the base weights (``W + scaling * B A``) stage by stage as
+    the base checkpoint streams (``stream.verify_derived``: the same walk as ``wisca
+    verify``) through the project's reference forward, in float32. Returns the verifier's
+    result as a dict.
     """
     from .checkpoint import open_checkpoint
+    from .stream import verify_derived
     from .verify import StreamVerifier, probe_ids, resolve_tolerance
 
     if config.get("use_dora"):
@@ -247,35 +249,25 @@ def verify_with_base(base: str | os.PathLike, config: dict, modules: list[LoraMo
                                  f"base tensor has {tuple(info.shape)}: not this adapter's base model")
         used: set[str] = set()
 
-        def merged(name: str, w: torch.Tensor, deltas: dict) -> torch.Tensor:
-            if name not in deltas:
-                return w
-            used.add(name)
-            return w.float() + deltas[name]
+        def derive(role: str, name: str, w: torch.Tensor, first_row: int):
+            """The base tensor (or a row block of it) merged with each adapter's update.
+            A tied head reads the base table: only a LoRA of lm_head itself changes it."""
+            key = spec.lm_head if role == "head" else name
+            if key not in d_old:
+                return w, w
+            used.add(key)
+            rows = slice(first_row, first_row + w.shape[0])
+            return w.float() + d_old[key][rows], w.float() + d_new[key][rows]
 
         ids = probe_ids(lay.vocab, probe_batch, probe_len, seed, probe_ids_file)
         verifier = StreamVerifier(lay, ids, exact=exact, tolerance=resolve_tolerance("F32", tolerance),
                                   dtype=torch.float32)
-        emb = ckpt.read(spec.embed)
-        extra = {"pos": ckpt.read(spec.embedding.positions)} if spec.embedding.positions else None
-        verifier.embed_rows(0, merged(spec.embed, emb, d_old), merged(spec.embed, emb, d_new))
-        verifier.embed_done(extra, extra)
-        for i in range(lay.layers):
-            names = lay.layer_roles(i)
-            w = {role: ckpt.read(n) for role, n in names.items()}
-            verifier.layer(i, {r: merged(names[r], t, d_old) for r, t in w.items()},
-                           {r: merged(names[r], t, d_new) for r, t in w.items()})
-        final = {"norm_bias": ckpt.read(spec.final.norm_bias)} if spec.final.norm_bias else None
-        norm = ckpt.read(spec.final_norm)
-        verifier.final_norm(norm, norm, final, final)
-        # a tied head reads the base table: only a LoRA of lm_head itself changes it
-        head = ckpt.read(spec.embed if lay.tie_embeddings else spec.lm_head)
-        verifier.head_rows(merged(spec.lm_head, head, d_old), merged(spec.lm_head, head, d_new))
+        result = verify_derived(ckpt, verifier, derive)
         unused = sorted(set(d_old) - used)
         if unused:
             raise WiscaError(f"{ckpt.root}: the adapter adapts {unused[0][:-len('.weight')]}, which the reference "
                              f"forward does not read; cannot check logits with this base model")
-        return verifier.result().to_dict()
+        return result.to_dict()
     finally:
         ckpt.close()
 

@@ -119,7 +119,7 @@ def summarise(layer_reports: list[dict]) -> dict:
     summary: dict[str, dict] = {}
     for rep in layer_reports:
         for kind, p in rep.items():
-            if kind == "layer":
+            if not isinstance(p, dict):   # the layer number, a module's name and rank
                 continue
             s = summary.setdefault(kind, {"units": 0, "dead": 0, "clamped": 0, "_b": 0.0, "_a": 0.0,
                                           "_n": 0, "log2_scale_min": 0.0, "log2_scale_max": 0.0,

@@ -332,24 +332,18 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
                 queue.put([*((writer_of(stage.names[role]).write,
                               (stage.names[role], to_raw(new[role]) if role in new else raw))
                              for role, raw in stage.raw.items()), *candidate, *release])
-                if stage.kind == "embed":
-                    name = stage.names["embed"]
-                    for start, rows in _stream_big(ckpt, name, writer_of(name), queue, chunks):
-                        if verifier is not None:
-                            verifier.embed_rows(start, rows, rows)
-                    if verifier is not None:
-                        verifier.embed_done(tensors, tensors)
-                elif stage.kind == "final":
-                    name = stage.names["head"]
-                    tied = ckpt.layout.tie_embeddings   # the embedding, already written
-                    if verifier is not None:
-                        verifier.final_norm(tensors["norm"], tensors["norm"], tensors, tensors)
-                    if verifier is not None or not tied:
-                        for _, rows in _stream_big(ckpt, name, None if tied else writer_of(name), queue, chunks):
-                            if verifier is not None:
-                                verifier.head_rows(rows, rows)
-                    if verifier is not None:
-                        result = verifier.result()
+                if stage.kind != "layer":   # embedding / head rows: written (a tied head was, as the
+                    name = stage.names[stage.streamed[0]]                      # embedding) and verified
+                    write = not (stage.kind == "final" and ckpt.layout.tie_embeddings)
+                    if verifier is not None or write:
+                        blocks = _stream_big(ckpt, name, writer_of(name) if write else None, queue, chunks)
+                        rows = ((start, r, r) for start, r in blocks)
+                        if verifier is None:
+                            for _ in rows:
+                                pass
+                        else:
+                            out = _feed_verifier(verifier, stage.kind, stage.layer, tensors, tensors, rows)
+                            result = out if out is not None else result
                 del tensors, new
                 if stage.kind != "layer":
                     queue.put([(stage.release, ())])
@@ -381,11 +375,32 @@ def _copy_passthrough(ckpt: Checkpoint, writers: dict[str, ShardWriter]) -> None
             writers[info.shard].write(name, ckpt.read_raw(name))
 
 
+def _feed_verifier(verifier: StreamVerifier, kind: str, layer: int, ta: dict, tb: dict, rows=(),
+                   before: Callable[[], object] | None = None):
+    """One stage of two models into the verifier: a decoder layer, or the embedding or final
+    stage with its streamed rows (``(start, rows_a, rows_b)`` blocks). The result after the
+    final stage, else None. The one place that knows how stages feed the reference forward."""
+    if kind == "layer":
+        ref = verifier.start_layer(ta, before=before)
+        verifier.finish_layer(layer, ref, tb)
+        return None
+    if kind == "final":
+        verifier.final_norm(ta["norm"], tb["norm"], ta, tb)
+    for start, rows_a, rows_b in rows:
+        if kind == "embed":
+            verifier.embed_rows(start, rows_a, rows_b)
+        else:
+            verifier.head_rows(rows_a, rows_b)
+    if kind == "embed":
+        verifier.embed_done(ta, tb)
+        return None
+    return verifier.result()
+
+
 def verify_stream(ca: Checkpoint, cb: Checkpoint, verifier: StreamVerifier, progress: Progress | None):
     """Feed both checkpoints' stages to the verifier, in turn, through one reader (A's and
     B's layer in use, the next one read): 3 slabs in all. Returns the verifier's result."""
     result = None
-    # one reader, A's and B's stages in turn: A's and B's layer in use, the next one read
     items = [item for sa, sb in zip(_stages(ca), _stages(cb)) for item in ((ca, sa), (cb, sb))]
     slabs = _stage_pool(items, 3, room_for_blocks=True)
     with _torch_threads(1), ThreadPoolExecutor(1) as ref_pool:
@@ -395,35 +410,52 @@ def verify_stream(ca: Checkpoint, cb: Checkpoint, verifier: StreamVerifier, prog
             sb = next(reader)
             ta, tb = sa.tensors(ca), sb.tensors(cb)
             if sa.kind == "layer":
-                ref = verifier.start_layer(ta, before=lambda: _check_finite(ca, sa, ta))
                 _check_finite(cb, sb, tb)
-                verifier.finish_layer(sa.layer, ref, tb)
-                del ta, tb
-                sa.release(), sb.release()
-                if progress:
-                    progress(2 * sum(ca.tensors[n].nbytes for n in sa.names.values()), _stage_label(sa))
-                continue
-            _check_finite(ca, sa, ta)
-            _check_finite(cb, sb, tb)
-            if sa.kind == "final":
-                verifier.final_norm(ta["norm"], tb["norm"], ta, tb)
-            role = sa.streamed[0]
-            streams = (_stream_big(ca, sa.names[role], stage=sa), _stream_big(cb, sb.names[role], stage=sb))
-            try:
-                for (start, rows_a), (_, rows_b) in zip(*streams):
-                    if sa.kind == "embed":
-                        verifier.embed_rows(start, rows_a, rows_b)
-                    else:
-                        verifier.head_rows(rows_a, rows_b)
-            finally:   # zip leaves the second stream open: hand back its block now
-                for stream in streams:
-                    stream.close()
-            if sa.kind == "embed":
-                verifier.embed_done(ta, tb)
+                _feed_verifier(verifier, "layer", sa.layer, ta, tb, before=lambda: _check_finite(ca, sa, ta))
             else:
-                result = verifier.result()
+                _check_finite(ca, sa, ta)
+                _check_finite(cb, sb, tb)
+                role = sa.streamed[0]
+                streams = (_stream_big(ca, sa.names[role], stage=sa), _stream_big(cb, sb.names[role], stage=sb))
+                try:
+                    rows = ((start, ra, rb) for (start, ra), (_, rb) in zip(*streams))
+                    result = _feed_verifier(verifier, sa.kind, sa.layer, ta, tb, rows)
+                finally:   # zip leaves the second stream open: hand back its block now
+                    for stream in streams:
+                        stream.close()
             del ta, tb
             sa.release(), sb.release()
             if progress:
                 progress(2 * sum(ca.tensors[n].nbytes for n in sa.names.values()), _stage_label(sa))
+    return result
+
+
+Derive = Callable[[str, str, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def verify_derived(ckpt: Checkpoint, verifier: StreamVerifier, derive: Derive, progress: Progress | None = None):
+    """Two models made from one checkpoint, stage by stage: ``derive(role, name, tensor,
+    first_row)`` gives the tensor in model A and in model B (a base model with two LoRA
+    adapters merged, say). The same walk and reader as ``verify_stream``."""
+    result = None
+    items = [(ckpt, s) for s in _stages(ckpt)]
+    slabs = _stage_pool(items, STAGE_SLABS, room_for_blocks=True)
+    with _torch_threads(1), ThreadPoolExecutor(1) as ref_pool:
+        verifier.pool = ref_pool
+        for stage in _read_stages(items, slabs):
+            t = stage.tensors(ckpt)
+            _check_finite(ckpt, stage, t)
+            pairs = {role: derive(role, stage.names[role], x, 0) for role, x in t.items()}
+            ta, tb = {r: p[0] for r, p in pairs.items()}, {r: p[1] for r, p in pairs.items()}
+            rows = ()
+            if stage.kind != "layer":
+                role = stage.streamed[0]
+                stream = _stream_big(ckpt, stage.names[role], stage=stage)
+                rows = ((start, *derive(role, stage.names[role], r, start)) for start, r in stream)
+            out = _feed_verifier(verifier, stage.kind, stage.layer, ta, tb, rows)
+            result = out if out is not None else result
+            del t, ta, tb, pairs
+            stage.release()
+            if progress:
+                progress(sum(ckpt.tensors[n].nbytes for n in stage.names.values()), _stage_label(stage))
     return result
