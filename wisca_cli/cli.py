@@ -202,13 +202,14 @@ def _check_report(report: Optional[Path]) -> None:
         raise OptionError("report", f"{report}: is a folder")
 
 
-def _given(ctx: typer.Context, **values) -> dict:
-    """The options the user typed (not left at their defaults): the API applies its own
-    defaults to the rest and warns about given options that do not apply to the input."""
+def _given(ctx: typer.Context) -> dict:
+    """The options the user typed (not left at their defaults), by API field name: the API
+    applies its own defaults to the rest and warns about given options the input does not use."""
     out = {}
-    for name, value in values.items():
+    for name, value in ctx.params.items():
         source = ctx.get_parameter_source(name)
-        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+        if name in OPTIONS and name != "report" and source is not None and \
+                source.name not in ("DEFAULT", "DEFAULT_MAP"):
             out[name] = value
     return out
 
@@ -255,10 +256,7 @@ def transform(
     warm_start(src)   # the disk starts on the checkpoint while torch imports
     _check_report(report)
     api = _import_api()
-    given = _given(ctx, targets=targets, granularity=granularity, norm=norm, strength=strength, scales=scales,
-                   verify=verify, probe_batch=probe_batch, probe_len=probe_len, seed=seed,
-                   probe_ids_file=probe_ids_file, max_kl=max_kl, min_top1=min_top1, max_rel=max_rel,
-                   revision=revision, base=base, overwrite=overwrite)
+    given = _given(ctx)
     options = api.TransformOptions.build(**given)
     if not options.verify:
         err.print("[yellow]warning: --no-verify: the output is written without checking that it "
@@ -314,9 +312,7 @@ def verify(
     warm_start(a, b)
     _check_report(report)
     api = _import_api()
-    given = _given(ctx, mode=mode, probe_batch=probe_batch, probe_len=probe_len, seed=seed,
-                   probe_ids_file=probe_ids_file, max_kl=max_kl, min_top1=min_top1, max_rel=max_rel,
-                   revision=revision)
+    given = _given(ctx)
     with _progress(None, not json_out) as advance:
         result = api.verify(a, b, progress=advance, **given)
     _print_warnings(result)
@@ -402,7 +398,7 @@ def inspect(
     """Show the weight pattern: per layer and pair kind, the imbalance log2(||A|| / ||B||)."""
     _check_report(report)
     api = _import_api()
-    given = _given(ctx, granularity=granularity, norm=norm, targets=targets, revision=revision, plot=plot)
+    given = _given(ctx)
     with _progress(None, not json_out) as advance:
         result = api.inspect(src, progress=advance, **given)
     _print_warnings(result)
@@ -435,7 +431,7 @@ def undo(
     warm_start(transformed)
     _check_report(report)
     api = _import_api()
-    given = _given(ctx, verify=verify, overwrite=overwrite)
+    given = _given(ctx)
     with _progress(_total_bytes(transformed) if err.is_terminal else None, not json_out) as advance:
         result = api.undo(transformed, restored, progress=advance, **given)
     _emit_json(result, json_out, report)
