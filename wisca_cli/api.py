@@ -17,7 +17,6 @@ import datetime as _dt
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
@@ -29,102 +28,17 @@ from .balance import NonFiniteValues
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import VerificationFailed, WiscaError
 from .output import StagedOutput, check_target, copy_other_files
-from .record import (RECORD_FORMAT, RECORD_NAME, SCALES_NAME, layer_scales, pair_report, read_record,
-                     summarise, write_record)
+from .record import (RECORD_FORMAT, RECORD_NAME, SCALES_NAME, layer_pattern, layer_scales, pair_report, pattern_summary,
+                     read_record, summarise, write_record)
 from .record import stamp as record_stamp
-from .options import (DEFAULT_TARGETS, OPTIONS, PROBE_FIELDS, TOLERANCE_FIELDS, OptionError, check,
-                      default)
+from .options import (DEFAULT_TARGETS, OPTIONS, PROBE_FIELDS, TOLERANCE_FIELDS, OptionError,  # noqa: F401
+                      TransformOptions, check, default, model_warnings, not_applicable)
 from .pairs import layer_pairs
 from .stream import (Progress, _main_dtype, _main_torch_dtype, _nonfinite_error, _rewrite, _tolerance,
                      parallel_reduce, verify_stream)
 from .verify import StreamVerifier, Tolerance, compute_dtype, probe_ids
 
 
-@dataclass
-class TransformOptions:
-    """The options of ``transform``; defaults and valid values come from ``options.OPTIONS``."""
-
-    targets: tuple[str, ...] = default("targets")
-    granularity: str = default("granularity")
-    norm: str = default("norm")
-    strength: float = default("strength")
-    scales: str = default("scales")                 # "pow2" or "continuous"
-    verify: bool = default("verify")
-    probe_batch: int = default("probe_batch")
-    probe_len: int = default("probe_len")
-    seed: int = default("seed")
-    probe_ids_file: str | None = None
-    max_kl: float | None = None                      # tolerance fields: None = the dtype's default
-    min_top1: float | None = None
-    max_rel: float | None = None
-    tolerance: Tolerance | dict | None = None        # all three at once (fields left None: default)
-    overwrite: bool = default("overwrite")
-    revision: str | None = None
-    base: str | None = None                          # LoRA adapters: base model folder for the logits check
-    given: frozenset = frozenset()                   # fields the caller set explicitly
-
-    @classmethod
-    def build(cls, options: "TransformOptions | None" = None, **kwargs) -> "TransformOptions":
-        """``options`` with the fields in ``kwargs`` replaced, validated."""
-        names = {f.name for f in fields(cls)} - {"given"}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise OptionError(unknown[0], f"unknown option (options: {', '.join(sorted(names))})")
-        base = options or cls()
-        values = {n: getattr(base, n) for n in names}
-        values.update(kwargs)
-        opts = cls(**values, given=frozenset(base.given) | frozenset(kwargs))
-        opts.check()
-        return opts
-
-    def is_given(self, name: str) -> bool:
-        """Set by the caller: named in ``build``'s keywords, or different from the default."""
-        if name == "tolerance":
-            return self.tolerance is not None
-        return name in self.given or getattr(self, name) != (OPTIONS[name].default if name in OPTIONS else None)
-
-    def check(self) -> None:
-        for name in OPTIONS:
-            if hasattr(self, name):
-                setattr(self, name, check(name, getattr(self, name)))
-        given = self.given_tolerance()
-        for name in TOLERANCE_FIELDS:
-            check(name, given.get(name))
-
-    def given_tolerance(self) -> dict:
-        """The tolerance fields the caller set (the rest stay the dtype's defaults)."""
-        tol = self.tolerance
-        out = dict(asdict(tol) if isinstance(tol, Tolerance) else (tol or {}))
-        out.update({k: getattr(self, k) for k in TOLERANCE_FIELDS if getattr(self, k) is not None})
-        return {k: v for k, v in out.items() if v is not None}
-
-    def record(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)
-             if f.name not in ("overwrite", "tolerance", "given", *TOLERANCE_FIELDS)}
-        d["targets"] = list(self.targets)
-        d["tolerance"] = self.given_tolerance() or None
-        return d
-
-
-def _not_applicable(opts: TransformOptions, names, why: str) -> list[dict]:
-    """Warnings for options the caller set that this input does not use."""
-    return [{"option": n, "message": f"ignored: {why}"} for n in names if opts.is_given(n)]
-
-
-def _model_warnings(opts: TransformOptions, src, exact: bool) -> list[dict]:
-    out = []
-    if not opts.verify:
-        return out + _not_applicable(opts, (*PROBE_FIELDS, *TOLERANCE_FIELDS, "tolerance"), "verification is off")
-    if opts.probe_ids_file:
-        out += _not_applicable(opts, ("probe_batch", "probe_len", "seed"), "probe_ids_file gives the probe tokens")
-    if exact:
-        out += _not_applicable(opts, (*TOLERANCE_FIELDS, "tolerance"),
-                               "these scales verify bit for bit (mode exact); tolerances apply to continuous "
-                               "scales and inexact targets")
-    return out
-
-
-# -- transform -------------------------------------------------------------------------------
 def transform(src: str | os.PathLike, dst: str | os.PathLike, options: TransformOptions | None = None,
               progress: Progress | None = None, **kwargs) -> dict:
     """Balance a checkpoint's weight pattern; write it to dst only if it verifies.
@@ -139,20 +53,20 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
     from .lora import is_adapter, transform_adapter
 
     if is_adapter(src):   # a PEFT LoRA adapter: balance lora_A / lora_B per rank channel
-        warnings = _not_applicable(opts, ("targets", "granularity"), "a LoRA adapter is balanced per rank channel")
+        warnings = not_applicable(opts, ("targets", "granularity"), "a LoRA adapter is balanced per rank channel")
         if opts.revision is not None:
             raise OptionError("revision", f"{src}: only applies to hub repo ids, not local folders")
         if not opts.verify:
-            warnings += _not_applicable(opts, (*PROBE_FIELDS, *TOLERANCE_FIELDS, "tolerance"), "verification is off")
+            warnings += not_applicable(opts, (*PROBE_FIELDS, *TOLERANCE_FIELDS, "tolerance"), "verification is off")
         else:
             if opts.base is None:
-                warnings += _not_applicable(opts, PROBE_FIELDS, "probe tokens are used only with base "
+                warnings += not_applicable(opts, PROBE_FIELDS, "probe tokens are used only with base "
                                                                 "(base + adapter logits)")
             if opts.scales == "pow2":
-                warnings += _not_applicable(opts, (*TOLERANCE_FIELDS, "tolerance"),
+                warnings += not_applicable(opts, (*TOLERANCE_FIELDS, "tolerance"),
                                             "pow2 scales verify bit for bit (mode exact)")
             elif opts.base is None:
-                warnings += _not_applicable(opts, ("max_kl", "min_top1"), "logits are compared only with base; "
+                warnings += not_applicable(opts, ("max_kl", "min_top1"), "logits are compared only with base; "
                                                                           "max_rel bounds the B A products")
         return transform_adapter(src, dst, pow2=opts.scales == "pow2", norm=opts.norm, strength=opts.strength,
                                  overwrite=opts.overwrite, base=opts.base, verify=opts.verify,
@@ -168,7 +82,7 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
         exactness = solve.exactness(ckpt.layout, opts.targets, pow2)
         exact = all(v != "tolerance" for v in exactness.values())
         tol = _tolerance(ckpt, opts.given_tolerance())
-        warnings = _model_warnings(opts, src, exact)
+        warnings = model_warnings(opts, src, exact)
         verifier = None
         if opts.verify:
             ids = probe_ids(ckpt.layout.vocab, opts.probe_batch, opts.probe_len, opts.seed, opts.probe_ids_file)
@@ -351,11 +265,11 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = default("mode
 
     if is_adapter(a) or is_adapter(b):
         mode = _resolve_mode(mode, Path(b))
-        warnings = _not_applicable(opts, PROBE_FIELDS, "adapters are compared by their B A products")
+        warnings = not_applicable(opts, PROBE_FIELDS, "adapters are compared by their B A products")
         if opts.revision is not None:
             raise OptionError("revision", f"{a}: only applies to hub repo ids, not local folders")
         if mode == "exact":
-            warnings += _not_applicable(opts, (*TOLERANCE_FIELDS, "tolerance"), "mode exact")
+            warnings += not_applicable(opts, (*TOLERANCE_FIELDS, "tolerance"), "mode exact")
         report = verify_adapters(a, b, mode == "exact", opts.given_tolerance())
         return {**report, "warnings": warnings, "seconds": round(time.perf_counter() - started, 3)}
     ca = open_checkpoint(a, revision)
@@ -366,10 +280,10 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = default("mode
             mode = _resolve_mode(mode, cb.root)
             warnings = []
             if probe_ids_file:
-                warnings += _not_applicable(opts, ("probe_batch", "probe_len", "seed"),
+                warnings += not_applicable(opts, ("probe_batch", "probe_len", "seed"),
                                             "probe_ids_file gives the probe tokens")
             if mode == "exact":
-                warnings += _not_applicable(opts, (*TOLERANCE_FIELDS, "tolerance"), "mode exact (bit-identical logits)")
+                warnings += not_applicable(opts, (*TOLERANCE_FIELDS, "tolerance"), "mode exact (bit-identical logits)")
             tolerance = opts.given_tolerance()
             ids = probe_ids(ca.layout.vocab, probe_batch, probe_len, seed, probe_ids_file)
             verifier = StreamVerifier(ca.layout, ids, exact=mode == "exact", tolerance=_tolerance(ca, tolerance),
@@ -385,37 +299,6 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = default("mode
 
 
 # -- inspect ---------------------------------------------------------------------------------
-def _layer_pattern(layout, layer: int, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
-                   granularity: str, norm: str) -> dict:
-    """One layer's weight pattern: per pair kind, the units' |log2 ratio| and per head (kv
-    group, expert or norm) the signed log2(||A|| / ||B||)."""
-    from .balance import log2_imbalance, unit_stats
-
-    entry: dict = {"layer": layer}
-    for pair in layer_pairs(layout, layer, targets, "channel"):
-        units = log2_imbalance(unit_stats(pair.regroup(granularity), tensors), norm)
-        heads = log2_imbalance(unit_stats(pair.regroup("head"), tensors), norm)
-        live = units[~torch.isnan(units)]
-        entry[pair.kind] = {
-            "units": len(units), "dead": int(torch.isnan(units).sum()),
-            "mean_abs_log2": float(live.abs().mean()) if len(live) else 0.0,
-            "max_abs_log2": float(live.abs().max()) if len(live) else 0.0,
-            "heads": [None if x != x else round(float(x), 4) for x in heads],
-        }
-    return entry
-
-
-def _pattern_summary(layers: list[dict], targets: tuple[str, ...]) -> dict:
-    summary = {}
-    for kind in targets:
-        vals = [(e[kind]["mean_abs_log2"], e[kind]["units"] - e[kind]["dead"]) for e in layers if kind in e]
-        n = sum(w for _, w in vals)
-        if vals:
-            summary[kind] = {"mean_abs_log2": sum(v * w for v, w in vals) / max(n, 1),
-                             "max_abs_log2": max(e[kind]["max_abs_log2"] for e in layers if kind in e)}
-    return summary
-
-
 def inspect(src: str | os.PathLike, granularity: str = default("granularity"), norm: str = default("norm"),
             targets: Iterable[str] = DEFAULT_TARGETS, revision: str | None = None,
             progress: Progress | None = None, plot: str | os.PathLike | None = None) -> dict:
@@ -468,7 +351,7 @@ def _inspect_model(src, granularity: str, norm: str, targets: tuple[str, ...], r
                 wanted |= solve.covered_roles(ckpt.layout, i, tuple(record["options"]["targets"]),
                                               record["options"]["granularity"])
             tensors = {role: ckpt.read(roles[role]) for role in wanted}
-            layers.append(_layer_pattern(ckpt.layout, i, tensors, targets, granularity, norm))
+            layers.append(layer_pattern(ckpt.layout, i, tensors, targets, granularity, norm))
             if record is not None:
                 prefix = f"layers.{i}."
                 mine = {k[len(prefix):]: v for k, v in scales.items() if k.startswith(prefix)}
@@ -479,16 +362,16 @@ def _inspect_model(src, granularity: str, norm: str, targets: tuple[str, ...], r
                 except KeyError as e:
                     raise WiscaError(f"{ckpt.root / SCALES_NAME}: scales {prefix}{e.args[0]} missing "
                                      f"or of the wrong size") from e
-                before.append(_layer_pattern(ckpt.layout, i, original, targets, granularity, norm))
+                before.append(layer_pattern(ckpt.layout, i, original, targets, granularity, norm))
             if progress:
                 progress(sum(t.numel() * t.element_size() for t in tensors.values()), f"layer {i}")
         report = {"command": "inspect", "wisca_version": __version__, "source": ckpt.source,
                   "architecture": ckpt.layout.spec.name, "granularity": granularity, "norm": norm,
-                  "warnings": [], "summary": _pattern_summary(layers, targets), "layers": layers}
+                  "warnings": [], "summary": pattern_summary(layers, targets), "layers": layers}
         if record is not None:
             report["before"] = {"source": f"{ckpt.source} before wisca transform (from its record)",
                                 "architecture": ckpt.layout.spec.name,
-                                "summary": _pattern_summary(before, targets), "layers": before}
+                                "summary": pattern_summary(before, targets), "layers": before}
         return report
     finally:
         ckpt.close()

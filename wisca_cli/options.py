@@ -9,7 +9,7 @@ rewrites that to the flag (``--max-kl``). Pure: no torch, no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any
 
 from .errors import WiscaError
@@ -126,3 +126,91 @@ def flag_of(field: str) -> str:
     """The CLI flag of an API field (for error messages the CLI shows)."""
     opt = OPTIONS.get(field)
     return opt.cli_flag if opt else field
+
+
+# -- the options of a transform ---------------------------------------------------------------
+@dataclass
+class TransformOptions:
+    """The options of ``transform``; defaults and valid values come from ``options.OPTIONS``."""
+
+    targets: tuple[str, ...] = default("targets")
+    granularity: str = default("granularity")
+    norm: str = default("norm")
+    strength: float = default("strength")
+    scales: str = default("scales")                 # "pow2" or "continuous"
+    verify: bool = default("verify")
+    probe_batch: int = default("probe_batch")
+    probe_len: int = default("probe_len")
+    seed: int = default("seed")
+    probe_ids_file: str | None = None
+    max_kl: float | None = None                      # tolerance fields: None = the dtype's default
+    min_top1: float | None = None
+    max_rel: float | None = None
+    tolerance: object = None                         # a verify.Tolerance or dict: all three at once
+    overwrite: bool = default("overwrite")
+    revision: str | None = None
+    base: str | None = None                          # LoRA adapters: base model folder for the logits check
+    given: frozenset = frozenset()                   # fields the caller set explicitly
+
+    @classmethod
+    def build(cls, options: "TransformOptions | None" = None, **kwargs) -> "TransformOptions":
+        """``options`` with the fields in ``kwargs`` replaced, validated."""
+        names = {f.name for f in fields(cls)} - {"given"}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise OptionError(unknown[0], f"unknown option (options: {', '.join(sorted(names))})")
+        base = options or cls()
+        values = {n: getattr(base, n) for n in names}
+        values.update(kwargs)
+        opts = cls(**values, given=frozenset(base.given) | frozenset(kwargs))
+        opts.check()
+        return opts
+
+    def is_given(self, name: str) -> bool:
+        """Set by the caller: named in ``build``'s keywords, or different from the default."""
+        if name == "tolerance":
+            return self.tolerance is not None
+        return name in self.given or getattr(self, name) != (OPTIONS[name].default if name in OPTIONS else None)
+
+    def check(self) -> None:
+        for name in OPTIONS:
+            if hasattr(self, name):
+                setattr(self, name, check(name, getattr(self, name)))
+        given = self.given_tolerance()
+        for name in TOLERANCE_FIELDS:
+            check(name, given.get(name))
+
+    def given_tolerance(self) -> dict:
+        """The tolerance fields the caller set (the rest stay the dtype's defaults)."""
+        tol = self.tolerance
+        out = dict(asdict(tol) if is_dataclass(tol) else (tol or {}))
+        out.update({k: getattr(self, k) for k in TOLERANCE_FIELDS if getattr(self, k) is not None})
+        return {k: v for k, v in out.items() if v is not None}
+
+    def record(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if f.name not in ("overwrite", "tolerance", "given", *TOLERANCE_FIELDS)}
+        d["targets"] = list(self.targets)
+        d["tolerance"] = self.given_tolerance() or None
+        return d
+
+
+def not_applicable(opts: TransformOptions, names, why: str) -> list[dict]:
+    """Warnings for options the caller set that this input does not use."""
+    return [{"option": n, "message": f"ignored: {why}"} for n in names if opts.is_given(n)]
+
+
+def model_warnings(opts: TransformOptions, src, exact: bool) -> list[dict]:
+    out = []
+    if not opts.verify:
+        return out + not_applicable(opts, (*PROBE_FIELDS, *TOLERANCE_FIELDS, "tolerance"), "verification is off")
+    if opts.probe_ids_file:
+        out += not_applicable(opts, ("probe_batch", "probe_len", "seed"), "probe_ids_file gives the probe tokens")
+    if exact:
+        out += not_applicable(opts, (*TOLERANCE_FIELDS, "tolerance"),
+                               "these scales verify bit for bit (mode exact); tolerances apply to continuous "
+                               "scales and inexact targets")
+    return out
+
+
+# -- transform -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 from . import __version__
 from .checkpoint import TensorInfo, build_header
 from .errors import WiscaError
+from .pairs import layer_pairs
 
 RECORD_NAME = "wisca.json"
 SCALES_NAME = "wisca_scales.safetensors"
@@ -150,3 +151,35 @@ def pair_report(r) -> dict:
             "units_changed": int((r.scales != 1).sum()),
             "imbalance_before": mean(r.before), "imbalance_after": mean(r.after),
             "log2_scale_min": float(log2s.min()), "log2_scale_max": float(log2s.max())}
+
+
+# -- weight patterns (inspect) ----------------------------------------------------------------
+def layer_pattern(layout, layer: int, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
+                   granularity: str, norm: str) -> dict:
+    """One layer's weight pattern: per pair kind, the units' |log2 ratio| and per head (kv
+    group, expert or norm) the signed log2(||A|| / ||B||)."""
+    from .balance import log2_imbalance, unit_stats
+
+    entry: dict = {"layer": layer}
+    for pair in layer_pairs(layout, layer, targets, "channel"):
+        units = log2_imbalance(unit_stats(pair.regroup(granularity), tensors), norm)
+        heads = log2_imbalance(unit_stats(pair.regroup("head"), tensors), norm)
+        live = units[~torch.isnan(units)]
+        entry[pair.kind] = {
+            "units": len(units), "dead": int(torch.isnan(units).sum()),
+            "mean_abs_log2": float(live.abs().mean()) if len(live) else 0.0,
+            "max_abs_log2": float(live.abs().max()) if len(live) else 0.0,
+            "heads": [None if x != x else round(float(x), 4) for x in heads],
+        }
+    return entry
+
+
+def pattern_summary(layers: list[dict], targets: tuple[str, ...]) -> dict:
+    summary = {}
+    for kind in targets:
+        vals = [(e[kind]["mean_abs_log2"], e[kind]["units"] - e[kind]["dead"]) for e in layers if kind in e]
+        n = sum(w for _, w in vals)
+        if vals:
+            summary[kind] = {"mean_abs_log2": sum(v * w for v, w in vals) / max(n, 1),
+                             "max_abs_log2": max(e[kind]["max_abs_log2"] for e in layers if kind in e)}
+    return summary
