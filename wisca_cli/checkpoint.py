@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import WiscaError
+from .errors import WiscaError, reason
 from .fileio import OutputFile
 from .spec import Layout, expected_shapes, layout_from_config
 
@@ -169,10 +169,6 @@ def _load_json(path: Path, what: str) -> dict:
     return data
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
-
-
 def read_shard(path: Path, name: str) -> Shard:
     """Header of one shard, validated by the safetensors library."""
     if not path.exists():
@@ -186,9 +182,9 @@ def read_shard(path: Path, name: str) -> Shard:
                 sl = f.get_slice(key)
                 specs.append((key, sl.get_dtype(), tuple(int(x) for x in sl.get_shape())))
     except SafetensorError as e:
-        raise WiscaError(f"{path}: not a valid safetensors file ({_one_line(e)})") from e
+        raise WiscaError(f"{path}: not a valid safetensors file ({reason(e)})") from e
     except (OSError, ValueError, TypeError) as e:
-        raise WiscaError(f"{path}: cannot read safetensors header ({_one_line(e)})") from e
+        raise WiscaError(f"{path}: cannot read safetensors header ({reason(e)})") from e
     size = path.stat().st_size
     infos, offset = [], 0
     for key, dtype, shape in specs:

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .errors import VerificationFailed, WiscaError
+from .errors import VerificationFailed, WiscaError, reason
 from .options import OPTIONS, OptionError, flag_of
 from .prefetch import warm_start
 
@@ -532,7 +532,7 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line, the traceback on request
         if os.environ.get("WISCA_DEBUG"):
             raise
-        msg = " ".join(str(e).split())[:300]
+        msg = reason(e, 300)
         err.print(f"internal error: {type(e).__name__}: {msg} (set WISCA_DEBUG=1 for the traceback; "
                   f"please report it)", style="red", markup=False, highlight=False, soft_wrap=True)
         code = 3

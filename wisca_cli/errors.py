@@ -6,6 +6,12 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(text))
 
 
+def reason(e: BaseException, limit: int | None = None) -> str:
+    """Another library's exception as a short phrase: whitespace folded, cut at ``limit``."""
+    text = " ".join(str(e).split())
+    return text if limit is None else text[:limit]
+
+
 class WiscaError(Exception):
     """Bad usage or bad input: the CLI prints one line and exits with code 2."""
 

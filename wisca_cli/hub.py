@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import WiscaError
+from .errors import WiscaError, reason
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "*.md"]
@@ -38,9 +38,9 @@ def resolve_source(src: str, revision: str | None = None) -> tuple[Path, str]:
         raise WiscaError(f"{src}: not in the local hub cache and the hub cannot be reached "
                          f"(offline mode or no network)") from e
     except HfHubHTTPError as e:
-        raise WiscaError(f"{src}: hub error: {' '.join(str(e).split())[:200]}") from e
+        raise WiscaError(f"{src}: hub error: {reason(e, 200)}") from e
     except Exception as e:  # network stack, bad revision, ...
         raise WiscaError(f"{src}: cannot fetch from the hub: {type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:200]}") from e
+                         f"{reason(e, 200)}") from e
     where = f"{src}@{revision}" if revision else src
     return Path(folder), f"hub:{where}"

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .errors import VerificationFailed, WiscaError
+from .errors import VerificationFailed, WiscaError, reason
 from .options import default
 from .record import (RECORD_FORMAT, RECORD_NAME, SCALES_NAME, pair_report, read_record, record_kind, save_tensors,
                      shard_metadata)
@@ -75,7 +75,7 @@ def read_config(folder: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise WiscaError(f"{path}: cannot read the adapter config: {' '.join(str(e).split())}") from e
+        raise WiscaError(f"{path}: cannot read the adapter config: {reason(e)}") from e
     if not isinstance(config, dict):
         raise WiscaError(f"{path}: not a JSON object")
     kind = config.get("peft_type", "LORA")
@@ -138,7 +138,7 @@ def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict | No
             metadata = f.metadata()
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise WiscaError(f"{where}: cannot read: {' '.join(str(e).split())[:200]}") from e
+        raise WiscaError(f"{where}: cannot read: {reason(e, 200)}") from e
     for name, t in tensors.items():
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             raise WiscaError(f"{where}: tensor {name} contains NaN or Inf")

@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .checkpoint import TensorInfo, build_header
-from .errors import WiscaError
+from .errors import WiscaError, reason
 from .pairs import layer_pairs
 
 RECORD_NAME = "wisca.json"
@@ -90,7 +90,7 @@ def read_record(folder: Path, what: str = "a checkpoint") -> tuple[dict, dict[st
         record = json.loads(path.read_text())
         scales = load_file(str(folder / SCALES_NAME))
     except (OSError, ValueError, SafetensorError) as e:
-        raise WiscaError(f"{path}: cannot read the wisca record: {' '.join(str(e).split())}") from e
+        raise WiscaError(f"{path}: cannot read the wisca record: {reason(e)}") from e
     if not isinstance(record, dict) or record.get("record_format") != RECORD_FORMAT:
         got = record.get("record_format") if isinstance(record, dict) else None
         raise WiscaError(f"{path}: record format {got!r} is not supported by wisca {__version__}")

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import WiscaError
+from .errors import WiscaError, reason
 from .formats import INDEX_NAME
 
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "optim.pt")
@@ -211,7 +211,7 @@ def _meta_model(config_dir: Path, where: str):
             return cls._from_config(config) if cls is not None else AutoModelForCausalLM.from_config(config)
     except Exception as e:   # noqa: BLE001 - any failure of transformers here is a bad input
         raise WiscaError(f"{where}: cannot rebuild the model from {config_dir}/config.json to map the optimizer's "
-                         f"parameter positions: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
+                         f"parameter positions: {type(e).__name__}: {reason(e, 200)}") from e
 
 
 def _adapter_base_config(src: Path, base: Path | None, where: str) -> Path:
@@ -249,7 +249,7 @@ def _trainer_candidates(src: Path, where: str, adapter: bool, base: Path | None)
                              f"peft: pip install peft") from e
         except Exception as e:   # noqa: BLE001
             raise WiscaError(f"{where}: cannot rebuild the PEFT model to map the optimizer's parameter positions: "
-                             f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
+                             f"{type(e).__name__}: {reason(e, 200)}") from e
     else:
         model = _meta_model(src, where)
     named = [(n, p.requires_grad) for n, p in model.named_parameters()]
@@ -420,7 +420,7 @@ def _read_state(src: Path, weight_names: list[str] | None, multipliers: dict, ba
         sd = _load(path)
     except Exception as e:   # noqa: BLE001 - pickled objects, corrupt files: left alone, loudly
         return _not_transformed(path.name, f"cannot be read with torch.load(weights_only=True): "
-                                           f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
+                                           f"{type(e).__name__}: {reason(e, 160)}")
     problem = _structure_problem(sd)
     if problem:
         return _not_transformed(path.name, problem)
