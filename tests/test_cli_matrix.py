@@ -196,6 +196,16 @@ def _build_inputs(root: Path) -> dict[str, str]:
 # per command: option -> valid uses (extra argv; the placeholders {ids}, {base}, {dst} and {root} are
 # filled in); and option -> invalid uses (each must exit 2 with one line).
 MODEL_INPUTS = ("sample", "fp32", "sharded", "trainer", "hub")
+PROBE_AND_TOLERANCE = {    # transform and verify share these
+        "probe_batch": [["--probe-batch", "3"]],
+        "probe_len": [["--probe-len", "8"]],
+        "seed": [["--seed", "7"]],
+        "probe_ids_file": [["--probe-ids", "{ids}"]],
+        "max_kl": [["--max-kl", "0.01"]],
+        "min_top1": [["--min-top1", "0.9"]],
+        "max_rel": [["--max-rel", "0.05"]],
+        "revision": [["--revision", "main"]],
+}
 VALID = {
     "transform": {
         "targets": [["--targets", "qk,vo,ffn,norm"], ["--targets", "qk"]],
@@ -204,14 +214,7 @@ VALID = {
         "strength": [["--strength", "0.5"]],
         "scales": [["--scales", "continuous"]],
         "verify": [["--no-verify"], ["--verify"]],
-        "probe_batch": [["--probe-batch", "3"]],
-        "probe_len": [["--probe-len", "8"]],
-        "seed": [["--seed", "7"]],
-        "probe_ids_file": [["--probe-ids", "{ids}"]],
-        "max_kl": [["--max-kl", "0.01"]],
-        "min_top1": [["--min-top1", "0.9"]],
-        "max_rel": [["--max-rel", "0.05"]],
-        "revision": [["--revision", "main"]],
+        **PROBE_AND_TOLERANCE,
         "base": [["--base", "{base}"]],
         "overwrite": [["--overwrite"]],
         "json_out": [],    # the mode every case also runs in
@@ -219,14 +222,7 @@ VALID = {
     },
     "verify": {
         "mode": [["--mode", "exact"], ["--mode", "tolerance"], ["--mode", "auto"]],
-        "probe_batch": [["--probe-batch", "3"]],
-        "probe_len": [["--probe-len", "8"]],
-        "seed": [["--seed", "7"]],
-        "probe_ids_file": [["--probe-ids", "{ids}"]],
-        "max_kl": [["--max-kl", "0.01"]],
-        "min_top1": [["--min-top1", "0.9"]],
-        "max_rel": [["--max-rel", "0.05"]],
-        "revision": [["--revision", "main"]],
+        **PROBE_AND_TOLERANCE,
         "json_out": [],
         "report": [["--report", "{root}/report.json"]],
     },

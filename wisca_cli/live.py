@@ -32,7 +32,7 @@ from .options import DEFAULT_TARGETS, check, default
 from .pairs import layer_pairs
 from .record import RECORD_FORMAT, pair_report, summarise, write_record
 from .solve import MAX_SWEEPS, _overlapping, exactness
-from .spec import Layout, layout_from_config
+from .spec import layout_from_config
 from .stats import NonFiniteValues, UnitStats, chunk_stats
 from .training import FAMILIES
 from .verify import compare_logits, probe_ids, resolve_tolerance
@@ -99,7 +99,7 @@ def _counts_here(t: torch.Tensor) -> bool:
 _EXPERT = re.compile(r"^(?P<pre>.*\.)(?:block_sparse_moe|mlp)\.experts\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
 
 
-def _resolver(params: dict[str, torch.Tensor], layout: Layout):
+def _resolver(params: dict[str, torch.Tensor]):
     """checkpoint tensor name -> Region of a live parameter. Names as saved, then
     transformers 5's in-memory layout: Mixtral's ``block_sparse_moe`` is ``mlp``, and the
     experts are fused, ``mlp.experts.gate_up_proj`` [E, 2I, H] (gate then up) and
@@ -348,7 +348,7 @@ def transition(model, optimizer=None, *, targets=DEFAULT_TARGETS, granularity: s
     exact_by_target = exactness(layout, targets, pow2)
     exact = pow2 and all(v != "tolerance" for v in exact_by_target.values())
     params = dict(model.named_parameters())
-    region_of = _resolver(params, layout)
+    region_of = _resolver(params)
     optimizer, powers = _prepare_optimizer(optimizer, optimizer_state)
 
     def groups():
