@@ -311,6 +311,32 @@ def tree_hash(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def dcp_llama(path: Path, steps: int = 1, flatten: bool = True) -> Path:
+    """A torch.distributed checkpoint of a skewed tiny GQA Llama and its AdamW state, saved in
+    one process ({"model": ..., "optimizer": ...}, as an FSDP2 loop does), with config.json."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = make_config("llama", num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():
+        unbalance(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt, options=options)},
+             checkpoint_id=path)
+    cfg.to_json_file(str(path / "config.json"))
+    return path
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m wisca_cli ARGS` the way a user or CI would."""
     return subprocess.run([sys.executable, "-m", "wisca_cli", *map(str, args)], capture_output=True,

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SAMPLE, make_config, synthetic_llama, unbalance
+from conftest import SAMPLE, dcp_llama, make_config, synthetic_llama, unbalance
 
 from wisca_cli.cli import app, run
 
@@ -177,8 +177,11 @@ def _build_inputs(root: Path) -> dict[str, str]:
     cache = root / "hub"
     make_hub_cache(cache, "wisca-test/tiny", SAMPLE, "b" * 40)
     k["hub"] = "wisca-test/tiny"
+    k["dcp"] = str(dcp_llama(root / "dcp"))                               # torch.distributed checkpoint
+    k["dcpcfg"] = str(root / "dcp" / "config.json")
     # transformed outputs, for verify / inspect / undo
-    for name, extra in (("sample", ()), ("sharded", ()), ("trainer", ()), ("adapter", ("--base", k["base"]))):
+    for name, extra in (("sample", ()), ("sharded", ()), ("trainer", ()), ("adapter", ("--base", k["base"])),
+                        ("dcp", ())):
         dst = root / f"{name}-T"
         res = run_pipe(["transform", k[name], dst, "--json", *extra])
         assert res.code == 0, res
@@ -195,7 +198,7 @@ def _build_inputs(root: Path) -> dict[str, str]:
 # -- the cases -----------------------------------------------------------------------------------------
 # per command: option -> valid uses (extra argv; the placeholders {ids}, {base}, {dst} and {root} are
 # filled in); and option -> invalid uses (each must exit 2 with one line).
-MODEL_INPUTS = ("sample", "fp32", "sharded", "trainer", "hub")
+MODEL_INPUTS = ("sample", "fp32", "sharded", "trainer", "hub", "dcp")
 PROBE_AND_TOLERANCE = {    # transform and verify share these
         "probe_batch": [["--probe-batch", "3"]],
         "probe_len": [["--probe-len", "8"]],
@@ -205,6 +208,7 @@ PROBE_AND_TOLERANCE = {    # transform and verify share these
         "min_top1": [["--min-top1", "0.9"]],
         "max_rel": [["--max-rel", "0.05"]],
         "revision": [["--revision", "main"]],
+        "config": [["--config", "{dcpcfg}"]],
 }
 VALID = {
     "transform": {
@@ -232,12 +236,14 @@ VALID = {
         "targets": [["--targets", "qk,vo,ffn,norm"]],
         "revision": [["--revision", "main"]],
         "plot": [["--plot", "{root}/pattern.png"]],
+        "config": [["--config", "{dcpcfg}"]],
         "json_out": [],
         "report": [["--report", "{root}/report.json"]],
     },
     "undo": {
         "verify": [["--no-verify"], ["--verify"]],
         "overwrite": [["--overwrite"]],
+        "config": [["--config", "{dcpcfg}"]],
         "json_out": [],
         "report": [["--report", "{root}/report.json"]],
     },
@@ -263,14 +269,15 @@ INVALID = {
     "report": [["--report", "{root}/no/such/dir/r.json"]],
     "mode": [["--mode", "fuzzy"]],
     "plot": [["--plot", "{root}/no/such/dir/p.png"]],
+    "config": [["--config", "{root}/no-such-config.json"]],
 }
 # the input kinds each command accepts (verify: pairs A B)
 INPUTS = {
-    "transform": (*MODEL_INPUTS, "adapter", "sample-T"),
+    "transform": (*MODEL_INPUTS, "adapter", "sample-T", "dcp-T"),
     "verify": (("sample", "sample-T"), ("sharded", "sharded-T"), ("trainer", "trainer-T"), ("hub", "sample-T"),
-               ("adapter", "adapter-T"), ("sample", "sample-Tc")),
-    "inspect": (*MODEL_INPUTS, "adapter", "sample-T", "adapter-T"),
-    "undo": ("sample-T", "sharded-T", "trainer-T", "adapter-T"),
+               ("adapter", "adapter-T"), ("sample", "sample-Tc"), ("dcp", "dcp-T")),
+    "inspect": (*MODEL_INPUTS, "adapter", "sample-T", "adapter-T", "dcp-T"),
+    "undo": ("sample-T", "sharded-T", "trainer-T", "adapter-T", "dcp-T"),
 }
 
 
@@ -281,13 +288,15 @@ def expected_code(command: str, option: str | None, args: list[str], src: str | 
         return 0 if first == "hub" else 2             # only hub repo ids have revisions
     if option == "base":
         return 0 if first == "adapter" else 2         # --base belongs to adapters
+    if option == "config":
+        return 0 if first.startswith("dcp") else 2    # --config belongs to torch.distributed checkpoints
     if command == "verify" and src == ("sample", "sample-Tc") and args[:2] == ["--mode", "exact"]:
         return 1                                      # continuous scales round: not bit-identical
     return 0
 
 
 def _fill(args: list[str], k: dict, dst: str) -> list[str]:
-    return [a.format(ids=k["ids"], base=k["base"], root=k["root"], dst=dst) for a in args]
+    return [a.format(ids=k["ids"], base=k["base"], root=k["root"], dst=dst, dcpcfg=k["dcpcfg"]) for a in args]
 
 
 def _command_params() -> dict[str, set[str]]:
@@ -319,7 +328,7 @@ def _runs(command: str, k: dict, tmp: Path):
         ins = [k[s] for s in src] if isinstance(src, tuple) else [k[src]]
         combos = [(opt, a) for opt, uses in VALID[command].items() for a in uses]
         combos.append((None, []))   # defaults
-        if command == "transform" and src in ("sample", "adapter"):
+        if command == "transform" and src in ("sample", "adapter", "dcp"):
             combos += [(None, ["--scales", "continuous", t, v]) for t, v in
                        (("--max-kl", "0.01"), ("--min-top1", "0.9"), ("--max-rel", "0.05"))]
             combos += [(None, ["--granularity", g, "--norm", nm, "--strength", st]) for g in ("layer", "head", "channel")

@@ -4,6 +4,7 @@ a wrong key or value type is one clear error naming the file."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import resources
 from pathlib import Path
@@ -41,7 +42,23 @@ def test_every_shipped_spec_loads():
 def test_resolved_spec_equals_the_old_one(name):
     """The deep-merged, shrunken files resolve to exactly the specs the full files gave."""
     old = spec.parse_spec({**SNAPSHOT[name], "norm_readers": OLD_NORM_READERS}, f"snapshot {name}")
-    assert spec.shipped_specs()[name] == old
+    # name adapters (other frameworks' names) came later; the rest is as it was
+    assert dataclasses.replace(spec.shipped_specs()[name], name_adapters=old.name_adapters) == old
+
+
+def test_name_adapter_renames_every_role_and_is_not_inherited():
+    llama = spec.shipped_specs()["llama"]
+    titan = llama.adapted("torchtitan")
+    assert titan.layer_name(2, titan.layer_tensors["q"]) == "layers.2.attention.wq.weight"
+    assert titan.attention.rotary == "interleaved" and llama.attention.rotary == "half"
+    assert set(titan.layer_tensors) == set(llama.layer_tensors)
+    assert spec.shipped_specs()["mistral"].name_adapters == {}      # extends llama, names its own
+    files = _files()
+    data = json.loads(json.dumps(files["architectures/llama.json"]))
+    del data["name_adapters"]["torchtitan"]["layer_tensors"]["up"]
+    with pytest.raises(WiscaError, match=r"llama.json: name adapter 'torchtitan' must rename every layer "
+                                         r"tensor role \(missing: up"):
+        spec.load_specs({**files, "architectures/llama.json": data})
 
 
 def _restated(child, parent, path=""):

@@ -28,7 +28,7 @@ from .balance import NonFiniteValues
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import VerificationFailed, WiscaError
 from .output import StagedOutput, check_target, copy_other_files
-from .record import (RECORD_FORMAT, RECORD_NAME, SCALES_NAME, layer_pattern, layer_scales, pair_report, pattern_summary,
+from .record import (RECORD_FORMAT, resolve_mode, RECORD_NAME, SCALES_NAME, layer_pattern, layer_scales, pair_report, pattern_summary,
                      read_record, summarise, write_record)
 from .record import stamp as record_stamp
 from .options import (DEFAULT_TARGETS, OPTIONS, PROBE_FIELDS, TOLERANCE_FIELDS, OptionError,  # noqa: F401
@@ -48,6 +48,11 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
     (nothing written) or ``WiscaError`` (bad input).
     """
     opts = TransformOptions.build(options, **kwargs)
+    if _dcp_input(src, opts.config, opts.revision):
+        from . import dcp_api
+        if opts.base is not None:
+            raise OptionError("base", f"applies only to a LoRA adapter; {src} is a model checkpoint")
+        return dcp_api.transform(src, dst, opts, progress)
     if opts.base is not None and not Path(opts.base).is_dir():
         raise OptionError("base", f"{opts.base}: no such folder")
     from .lora import is_adapter, transform_adapter
@@ -142,6 +147,24 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
         ckpt.close()
 
 
+def _dcp_input(src, config, revision=None) -> bool:
+    """True for a torch.distributed checkpoint; refuses what only applies to one (``config``,
+    a torchrun job) or never does (a hub revision)."""
+    from .dcp import is_dcp
+
+    if is_dcp(src):
+        if revision is not None:
+            raise OptionError("revision", f"{src}: only applies to hub repo ids, not local folders")
+        return True
+    if config is not None:
+        raise OptionError("config", f"applies only to torch.distributed checkpoints; {src} is not one "
+                                    f"(no {src}/.metadata)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise WiscaError(f"{src}: under torchrun wisca splits torch.distributed checkpoints (DCP) across ranks; "
+                         f"run plain wisca on this one")
+    return False
+
+
 # -- undo -----------------------------------------------------------------------------------
 def _multipliers(ckpt: Checkpoint, targets: tuple[str, ...], granularity: str,
                  scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -170,9 +193,13 @@ def scale_multipliers(transformed: str | os.PathLike) -> dict[str, torch.Tensor]
 
 
 def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite: bool = default("overwrite"),
-         verify: bool = default("verify"), progress: Progress | None = None) -> dict:
+         verify: bool = default("verify"), progress: Progress | None = None, config: str | None = None) -> dict:
     """Multiply back by the recorded scales: for pow2 scales the original tensors exactly."""
     from .lora import is_adapter_record, undo_adapter
+
+    if _dcp_input(transformed, config):
+        from . import dcp_api
+        return dcp_api.undo(transformed, restored, overwrite, verify, progress, config)
 
     if is_adapter_record(transformed):
         return undo_adapter(transformed, restored, overwrite=overwrite, verify=verify)
@@ -229,25 +256,12 @@ def _same_architecture(a: Checkpoint, b: Checkpoint) -> None:
             raise WiscaError(f"{b.root}: not the same architecture as {a.root} ({key} differs)")
 
 
-def _resolve_mode(mode: str, b_root: Path) -> str:
-    """auto: exact unless b's wisca record says its transform rounds."""
-    if mode != "auto":
-        return mode
-    rec = b_root / RECORD_NAME
-    try:
-        record = json.loads(rec.read_text()) if rec.is_file() else {}
-        rounds = record["options"]["scales"] == "continuous" or "tolerance" in record.get("exactness", {}).values()
-    except (ValueError, KeyError, TypeError, OSError):
-        rounds = False
-    return "tolerance" if rounds else "exact"
-
-
 def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = default("mode"),
            probe_batch: int = default("probe_batch"), probe_len: int = default("probe_len"),
            seed: int = default("seed"), probe_ids_file: str | None = None,
            tolerance: Tolerance | dict | None = None, progress: Progress | None = None,
            revision: str | None = None, max_kl: float | None = None, min_top1: float | None = None,
-           max_rel: float | None = None) -> dict:
+           max_rel: float | None = None, config: str | None = None) -> dict:
     """Do checkpoints a and b compute the same function on the probe tokens?
 
     mode: "exact" (bit-identical logits), "tolerance", or "auto": exact unless b's wisca
@@ -263,8 +277,17 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = default("mode
     check("mode", mode)
     from .lora import is_adapter, verify_adapters
 
+    if _dcp_input(a, config, revision) or _dcp_input(b, None):
+        from . import dcp_api
+        from .dcp import is_dcp
+        for path in (a, b):
+            if not is_dcp(path):
+                raise WiscaError(f"{path}: not a torch.distributed checkpoint; verify compares two of the same kind")
+        return dcp_api.verify(a, b, mode, (probe_batch, probe_len, seed, probe_ids_file), opts.given_tolerance(),
+                              progress, config)
+
     if is_adapter(a) or is_adapter(b):
-        mode = _resolve_mode(mode, Path(b))
+        mode = resolve_mode(mode, Path(b))
         warnings = not_applicable(opts, PROBE_FIELDS, "adapters are compared by their B A products")
         if opts.revision is not None:
             raise OptionError("revision", f"{a}: only applies to hub repo ids, not local folders")
@@ -277,7 +300,7 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = default("mode
         cb = open_checkpoint(b)
         try:
             _same_architecture(ca, cb)
-            mode = _resolve_mode(mode, cb.root)
+            mode = resolve_mode(mode, cb.root)
             warnings = []
             if probe_ids_file:
                 warnings += not_applicable(opts, ("probe_batch", "probe_len", "seed"),
@@ -301,7 +324,8 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = default("mode
 # -- inspect ---------------------------------------------------------------------------------
 def inspect(src: str | os.PathLike, granularity: str = default("granularity"), norm: str = default("norm"),
             targets: Iterable[str] = DEFAULT_TARGETS, revision: str | None = None,
-            progress: Progress | None = None, plot: str | os.PathLike | None = None) -> dict:
+            progress: Progress | None = None, plot: str | os.PathLike | None = None,
+            config: str | None = None) -> dict:
     """The weight pattern: per layer and pair kind, log2(||A|| / ||B||) of each unit.
 
     ``mean_abs_log2`` is the mean |log2 ratio| over the units at ``granularity`` (0 means
@@ -319,12 +343,18 @@ def inspect(src: str | os.PathLike, granularity: str = default("granularity"), n
     if is_adapter(src):
         if revision is not None:
             raise OptionError("revision", f"{src}: only applies to hub repo ids, not local folders")
+        _dcp_input(src, config)
         report = inspect_adapter(src, norm)
         report["warnings"] = [{"option": n, "message": "ignored: a LoRA adapter is inspected per rank channel"}
                               for n, v in (("granularity", granularity), ("targets", targets))
                               if v != default(n)]
     else:
-        report = _inspect_model(src, granularity, norm, targets, revision, progress)
+        if _dcp_input(src, config, revision):
+            from .dcp_api import open_readable
+            ckpt = open_readable(src, config)
+        else:
+            ckpt = open_checkpoint(src, revision)
+        report = _inspect_model(ckpt, granularity, norm, targets, progress)
     if plot is not None:
         from .plot import plot_pattern
 
@@ -335,9 +365,7 @@ def inspect(src: str | os.PathLike, granularity: str = default("granularity"), n
     return report
 
 
-def _inspect_model(src, granularity: str, norm: str, targets: tuple[str, ...], revision: str | None,
-                   progress: Progress | None) -> dict:
-    ckpt = open_checkpoint(src, revision)
+def _inspect_model(ckpt, granularity: str, norm: str, targets: tuple[str, ...], progress: Progress | None) -> dict:
     try:
         record = scales = None
         if (ckpt.root / RECORD_NAME).is_file():

@@ -86,6 +86,11 @@ def _progress(total_bytes: int | None, enabled: bool):
 
 def _total_bytes(src: str) -> int | None:
     try:
+        from .dcp import is_dcp, open_dcp
+        if is_dcp(src):
+            ckpt = open_dcp(src, None)
+            ckpt.close()
+            return sum(e.nbytes for e in ckpt.weights.values())
         from .checkpoint import open_checkpoint
         ckpt = open_checkpoint(src)
         ckpt.close()
@@ -94,7 +99,14 @@ def _total_bytes(src: str) -> int | None:
         return None
 
 
+def _other_rank() -> bool:
+    """A torchrun rank other than 0: it works, rank 0 speaks for the job."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 def _emit_json(report: dict, json_out: bool, report_file: Optional[Path]) -> None:
+    if _other_rank():
+        return
     text = json.dumps(report, indent=1)
     if report_file:
         try:
@@ -227,11 +239,13 @@ def _print_warnings(result: dict) -> None:
     "  wisca transform org/model out/ --revision main     # a hub repo id (cache, HF_HUB_OFFLINE honoured)\n\n"
     "  wisca transform ckpt/ out/ --scales continuous --granularity head --strength 0.5 --max-kl 1e-4\n\n"
     "  wisca transform adapter/ adapter-wisca/ --base base-model/   # a PEFT LoRA adapter\n\n"
-    "  wisca transform ckpt/ out/ --json --report wisca-report.json   # for CI"))
+    "  wisca transform ckpt/ out/ --json --report wisca-report.json   # for CI\n\n"
+    "  wisca transform step-1000/ step-1000-wisca/ --config config.json   # torch.distributed checkpoint\n\n"
+    "  torchrun --nproc-per-node 8 -m wisca_cli transform checkpoint-500/ out/   # split across ranks"))
 def transform(
     ctx: typer.Context,
-    src: str = typer.Argument(..., help="Checkpoint folder (config.json + safetensors), LoRA adapter folder "
-                                        "or hub repo id."),
+    src: str = typer.Argument(..., help="Checkpoint folder (config.json + safetensors), torch.distributed "
+                                        "checkpoint folder (.metadata), LoRA adapter folder or hub repo id."),
     dst: Path = typer.Argument(..., help="Output folder; must not exist (unless --overwrite)."),
     targets: str = _flag("targets"),
     granularity: str = _flag("granularity"),
@@ -248,6 +262,7 @@ def transform(
     max_rel: Optional[float] = _flag("max_rel"),
     revision: Optional[str] = _flag("revision"),
     base: Optional[str] = _flag("base"),
+    config: Optional[str] = _flag("config"),
     overwrite: bool = _flag("overwrite"),
     json_out: bool = JSON_FLAG,
     report: Optional[Path] = REPORT_FLAG,
@@ -305,6 +320,7 @@ def verify(
     min_top1: Optional[float] = _flag("min_top1"),
     max_rel: Optional[float] = _flag("max_rel"),
     revision: Optional[str] = _flag("revision"),
+    config: Optional[str] = _flag("config"),
     json_out: bool = JSON_FLAG,
     report: Optional[Path] = REPORT_FLAG,
 ) -> None:
@@ -392,6 +408,7 @@ def inspect(
     targets: str = _flag("targets"),
     revision: Optional[str] = _flag("revision"),
     plot: Optional[str] = _flag("plot"),
+    config: Optional[str] = _flag("config"),
     json_out: bool = JSON_FLAG,
     report: Optional[Path] = REPORT_FLAG,
 ) -> None:
@@ -424,6 +441,7 @@ def undo(
     restored: Path = typer.Argument(..., help="Output folder for the restored checkpoint."),
     verify: bool = _flag("verify"),
     overwrite: bool = _flag("overwrite"),
+    config: Optional[str] = _flag("config"),
     json_out: bool = JSON_FLAG,
     report: Optional[Path] = REPORT_FLAG,
 ) -> None:
@@ -502,6 +520,8 @@ def run(argv: list[str] | None = None) -> int:
     from .memory import tune_allocator
 
     tune_allocator()
+    if _other_rank():   # one voice per job: rank 0 prints the result or the first error of any rank
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     code = 0

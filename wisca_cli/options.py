@@ -104,6 +104,8 @@ _OPTIONS = [
     Option("revision", None, "Hub revision (branch, tag or commit) of a hub repo id."),
     Option("base", None, "LoRA adapter only: the base model folder; also compare base + adapter logits.",
            kind="path"),
+    Option("config", None, "torch.distributed checkpoints only: the model's config.json (or its folder) when "
+           "it is not in the checkpoint folder or its parent.", kind="path"),
     Option("overwrite", False, "Replace the output folder (the old one stays until the new one verified).",
            kind="bool"),
     Option("report", None, "Also write the JSON report to this file.", kind="path"),
@@ -150,6 +152,7 @@ class TransformOptions:
     overwrite: bool = default("overwrite")
     revision: str | None = None
     base: str | None = None                          # LoRA adapters: base model folder for the logits check
+    config: str | None = None                        # DCP checkpoints: config.json when not beside them
     given: frozenset = frozenset()                   # fields the caller set explicitly
 
     @classmethod

@@ -183,3 +183,16 @@ def pattern_summary(layers: list[dict], targets: tuple[str, ...]) -> dict:
             summary[kind] = {"mean_abs_log2": sum(v * w for v, w in vals) / max(n, 1),
                              "max_abs_log2": max(e[kind]["max_abs_log2"] for e in layers if kind in e)}
     return summary
+
+
+def resolve_mode(mode: str, b_root: Path) -> str:
+    """auto: exact unless b's wisca record says its transform rounds."""
+    if mode != "auto":
+        return mode
+    rec = b_root / RECORD_NAME
+    try:
+        record = json.loads(rec.read_text()) if rec.is_file() else {}
+        rounds = record["options"]["scales"] == "continuous" or "tolerance" in record.get("exactness", {}).values()
+    except (ValueError, KeyError, TypeError, OSError):
+        rounds = False
+    return "tolerance" if rounds else "exact"

@@ -12,7 +12,7 @@ head dim, ...). Nothing here reads tensors.
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from functools import lru_cache
 from importlib import resources
 from types import MappingProxyType
@@ -26,6 +26,7 @@ SPEC_TARGETS = ("qk", "vo", "ffn", "norm")          # the symmetries pairs.py bu
 FUSABLE_PARTS = ("q", "k", "v", "gate", "up")        # logical roles a fused tensor may hold
 MLP_ROLES = ("gate", "up", "down")                   # roles of one MLP: dense, each expert, shared
 NOT_INHERITED = ("name", "model_types")              # every file states its own
+OWN_ONLY = ("name_adapters",)                         # optional, and never inherited
 
 
 # -- value checks ----------------------------------------------------------------------------
@@ -267,6 +268,19 @@ class OptionalTensor(_Section):
 
 
 @dataclass(frozen=True)
+class NameAdapter(_Section):
+    """Another framework's names for the same family (torchtitan's ``layers.N.attention.wq``):
+    the tensor names it replaces and, where its weights store rotary pairs differently
+    (torchtitan's interleaved 2i, 2i+1 against HF's i, i + d/2), its rotary style."""
+    embed: str = _spec_field(_string)
+    final_norm: str = _spec_field(_string)
+    lm_head: str = _spec_field(_string)
+    layer_prefix: str = _spec_field(_string)
+    layer_tensors: Mapping[str, str] = _spec_field(_mapping(_string))   # role -> its name there
+    rotary: str | None = _spec_field(_choice("half", "interleaved"), None)   # None: the family's
+
+
+@dataclass(frozen=True)
 class ArchSpec(_Section):
     name: str = _spec_field(_string)
     model_types: tuple[str, ...] = _spec_field(_str_list(nonempty=True))
@@ -291,8 +305,17 @@ class ArchSpec(_Section):
     moe: MoeSpec | None = _spec_field(_section(MoeSpec), None)       # None: dense
     embedding: EmbeddingSpec = _spec_field(_section(EmbeddingSpec), factory=EmbeddingSpec)
     final: FinalSpec = _spec_field(_section(FinalSpec), factory=FinalSpec)
+    name_adapters: Mapping[str, NameAdapter] = _spec_field(_mapping(_section(NameAdapter)), factory=_no_entries)
 
     def check(self, where: str, label: str) -> None:
+        for name, adapter in self.name_adapters.items():   # every role renamed, and nothing else
+            roles, renamed = set(self.layer_tensors), set(adapter.layer_tensors)
+            if roles != renamed:
+                missing, extra = sorted(roles - renamed), sorted(renamed - roles)
+                raise WiscaError(f"{where}: name adapter {name!r} must rename every layer tensor role "
+                                 f"(missing: {', '.join(missing) or '-'}; unknown: {', '.join(extra) or '-'})")
+            if "{layer}" not in adapter.layer_prefix:
+                raise WiscaError(f"{where}: name adapter {name!r}: layer_prefix must contain {{layer}}")
         if "{layer}" not in self.layer_prefix:
             raise WiscaError(f"{where}: layer_prefix must contain {{layer}}, got {self.layer_prefix!r}")
         extra = [t for t in self.inexact_targets if t not in self.targets]
@@ -300,6 +323,14 @@ class ArchSpec(_Section):
             raise WiscaError(f"{where}: inexact target {extra[0]!r} is not in targets ({', '.join(self.targets)})")
         if "norm" in self.targets and not self.norm_readers:
             raise WiscaError(f"{where}: the norm target needs norm_readers")
+
+    def adapted(self, name: str) -> "ArchSpec":
+        """This family under another framework's names (``name_adapters[name]``)."""
+        a = self.name_adapters[name]
+        attention = self.attention if a.rotary is None else replace(self.attention, rotary=a.rotary)
+        return replace(self, name=f"{self.name}+{name}", embed=a.embed, final_norm=a.final_norm,
+                       lm_head=a.lm_head, layer_prefix=a.layer_prefix, attention=attention,
+                       layer_tensors=MappingProxyType(dict(a.layer_tensors)), name_adapters=_no_entries())
 
     def layer_name(self, layer: int, suffix: str) -> str:
         return self.layer_prefix.format(layer=layer) + suffix
@@ -340,7 +371,7 @@ def _resolved(name: str, raw: dict[str, tuple[str, dict]], stack: tuple[str, ...
         raise WiscaError(f"{where}: extends {json.dumps(parent)} names no spec (known: {', '.join(sorted(raw))})")
     if parent in stack or parent == name:
         raise WiscaError(f"{where}: extends {parent!r} makes a cycle ({' -> '.join((*stack, name, parent))})")
-    base = {k: v for k, v in _resolved(parent, raw, (*stack, name)).items() if k not in NOT_INHERITED}
+    base = {k: v for k, v in _resolved(parent, raw, (*stack, name)).items() if k not in (*NOT_INHERITED, *OWN_ONLY)}
     return merge(base, {k: v for k, v in data.items() if k != "extends"})
 
 

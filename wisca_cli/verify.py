@@ -122,6 +122,15 @@ class StreamVerifier:
         self.layer_diffs: list[float] = []
         self.first_bad: int | None = None
 
+    def get_state(self) -> dict:
+        """Both residual streams and the comparisons so far: what the next rank continues from."""
+        return {"h_ref": self.h_ref, "h_new": self.h_new, "started": self._started,
+                "layer_diffs": list(self.layer_diffs), "first_bad": self.first_bad}
+
+    def set_state(self, state: dict) -> None:
+        self.h_ref, self.h_new, self._started = state["h_ref"], state["h_new"], state["started"]
+        self.layer_diffs, self.first_bad = list(state["layer_diffs"]), state["first_bad"]
+
     def embed(self, emb_ref: torch.Tensor, emb_new: torch.Tensor) -> None:
         self.embed_rows(0, emb_ref, emb_new)
         self.embed_done()

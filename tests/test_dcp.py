@@ -1,0 +1,326 @@
+"""torch.distributed.checkpoint (DCP) inputs: the layouts FSDP2 loops, HF Trainer/Accelerate
+and torchtitan write (built by ``tests/dcp_worker.py`` under torchrun, 2 ranks, gloo), each
+transformed, loaded back with ``dcp.load`` at world size 1 and 2 into the training
+framework's own model (transformers' Llama, or the torchtitan-named model in
+``tests/titan_model.py``), compared bit for bit, trained on, and undone."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from conftest import REPO, run_cli
+
+import dcp_worker  # noqa: E402  (tests/ is on sys.path)
+from wisca_cli import solve
+from wisca_cli.dcp import MOMENT_POWERS, open_dcp
+from wisca_cli.record import layer_scales, read_record
+
+LAYOUTS = {"hf": "hf", "hf-nested": "hf-nested", "trainer": "trainer/checkpoint-3", "titan": "titan"}
+ENV = {"OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def torchrun(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **ENV, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dcp")
+    res = torchrun(REPO / "tests" / "dcp_worker.py", "make", root)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return root
+
+
+def config_args(made: Path, kind: str) -> list[str]:
+    return ["--config", str(made / "titan-config.json")] if kind == "titan" else []
+
+
+@pytest.fixture(scope="module")
+def transformed(made, tmp_path_factory):
+    """kind -> (source, output, report) for every layout, by `wisca transform` with defaults."""
+    out = tmp_path_factory.mktemp("dcp-out")
+    done = {}
+    for kind, rel in LAYOUTS.items():
+        dst = out / kind
+        res = run_cli("transform", made / rel, dst, "--json", *config_args(made, kind))
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        done[kind] = (made / rel, dst, json.loads(res.stdout))
+    return done
+
+
+def entries(folder: Path) -> dict:
+    """Every entry of a DCP checkpoint (its folders for the Trainer layout), flattened keys."""
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    out = {}
+    subs = [folder / "pytorch_model_fsdp_0", folder / "optimizer_0"] if (folder / "pytorch_model_fsdp_0").is_dir() \
+        else [folder]
+    for sub in subs:
+        sd: dict = {}
+        _load_state_dict(sd, storage_reader=dcp.FileSystemReader(sub), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)
+        md = dcp.FileSystemReader(sub).read_metadata()
+        for key, path in md.planner_data.items():
+            value = sd
+            for p in path:
+                value = value[p]
+            out[key] = value
+    return out
+
+
+def metadata(folder: Path):
+    subs = [folder / "pytorch_model_fsdp_0", folder / "optimizer_0"] if (folder / "pytorch_model_fsdp_0").is_dir() \
+        else [folder]
+    return [dcp.FileSystemReader(s).read_metadata() for s in subs]
+
+
+def expected_multipliers(dst: Path) -> dict[str, tuple[str, torch.Tensor]]:
+    """DCP key of each rescaled weight -> S, from the record (W' = S * W)."""
+    ckpt = open_dcp(dst)
+    record, scales = read_record(dst)
+    o, lay, out = record["options"], ckpt.layout, {}
+    for i in range(lay.layers):
+        roles = lay.layer_roles(i)
+        shapes = {r: ckpt.weights[n].size for r, n in roles.items()}
+        for role, m in solve.layer_multipliers(lay, i, shapes, tuple(o["targets"]), o["granularity"],
+                                               layer_scales(scales, i)).items():
+            out[ckpt.weights[roles[role]].key] = (roles[role], m)
+    ckpt.close()
+    return out
+
+
+def model_for(kind: str):
+    hf, titan = dcp_worker.models()
+    return titan if kind == "titan" else hf
+
+
+def load_logits(kind: str, folder: Path) -> torch.Tensor:
+    """World size 1: a fresh model and optimizer with the checkpoint loaded by dcp.load."""
+    model = model_for(kind)
+    dcp_worker.load_into(model, folder, kind)
+    with torch.no_grad():
+        return dcp_worker.logits(model)
+
+
+@pytest.mark.parametrize("kind", list(LAYOUTS))
+def test_transform_each_layout_bit_exact(kind, transformed, made):
+    src, dst, report = transformed[kind]
+    assert report["format"] == "dcp" and report["verification"]["identical"]
+    assert report["name_adapter"] == ("torchtitan" if kind == "titan" else None)
+    for pair in ("qk", "vo", "ffn"):   # the skew is undone
+        s = report["summary"][pair]
+        assert s["imbalance_after"] < 0.5 * s["imbalance_before"], (pair, s)
+    # the same DCP keys, chunks and planner data; only the storage table differs
+    for ma, mb in zip(metadata(src), metadata(dst)):
+        assert ma.state_dict_metadata == mb.state_dict_metadata and ma.planner_data == mb.planner_data
+    a, b = entries(src), entries(dst)
+    assert a.keys() == b.keys()
+    mults = expected_multipliers(dst)
+    assert any(bool((m != 1).any()) for _, m in mults.values())
+    by_param = {name: m for name, m in mults.values()}
+    moved = 0
+    for key, va in a.items():
+        vb = b[key]
+        if not isinstance(va, torch.Tensor):
+            assert va == vb, key                  # step counts, lr, param_groups, train state
+            continue
+        expect = va
+        if key in mults:
+            expect = va * mults[key][1].to(va.dtype)
+        elif key.startswith("optimizer.state."):
+            fqn, _, moment = key[len("optimizer.state."):].rpartition(".")
+            name = next((n for n in by_param if fqn == n or fqn.endswith("." + n)), None)
+            if name is not None and MOMENT_POWERS[moment]:
+                expect = va / by_param[name].to(va.dtype) ** MOMENT_POWERS[moment]
+                moved += 1
+        assert torch.equal(vb, expect), key
+    assert moved >= 2 * len(by_param)              # exp_avg and exp_avg_sq of every rescaled weight
+    # world size 1: dcp.load into the framework's own fresh model: the same logits, bit for bit
+    assert torch.equal(load_logits(kind, src), load_logits(kind, dst))
+
+
+def test_titan_model_is_torchtitans_llama():
+    """The torchtitan-named model computes what transformers' Llama computes (fp32), so
+    its rotary convention is really the interleaved one."""
+    hf, titan = dcp_worker.models()
+    with torch.no_grad():
+        torch.testing.assert_close(dcp_worker.logits(titan), dcp_worker.logits(hf), atol=1e-5, rtol=1e-5)
+
+
+def test_wrong_rotary_pairing_is_caught(made, tmp_path, monkeypatch):
+    """torchtitan's wq/wk pair rows (2i, 2i+1). Balanced with HF's pairing (i, i + d/2),
+    wisca's own verifier still agrees with itself, but torchtitan's model computes
+    something else: the cross-check against the framework's forward is what catches it."""
+    import wisca_cli as wisca
+    from wisca_cli.spec import ArchSpec
+
+    adapted = ArchSpec.adapted
+    monkeypatch.setattr(ArchSpec, "adapted", lambda self, name: dataclasses.replace(
+        adapted(self, name), attention=dataclasses.replace(self.attention, rotary="half")))
+    report = wisca.transform(made / "titan", tmp_path / "wrong", config=str(made / "titan-config.json"))
+    assert report["verification"]["identical"]          # the wrong model agrees with itself
+    assert not torch.equal(load_logits("titan", made / "titan"), load_logits("titan", tmp_path / "wrong"))
+
+
+def test_world_size_2_resume_and_undo(transformed, made, tmp_path):
+    """dcp.load at world size 2 (FSDP2, resharded): bit-identical logits, training goes on;
+    `wisca undo` gives the source's entries back bit for bit."""
+    args = [f"{k}={p}" for k in LAYOUTS for p in (transformed[k][0], transformed[k][1])]
+    res = torchrun(REPO / "tests" / "dcp_worker.py", "resume", tmp_path, *args)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    for i, kind in enumerate(LAYOUTS):
+        a, b = torch.load(tmp_path / f"{2 * i}.pt"), torch.load(tmp_path / f"{2 * i + 1}.pt")
+        assert torch.equal(a["logits"], b["logits"]), kind
+        assert torch.equal(a["logits"], load_logits(kind, transformed[kind][1])), kind   # ws 1 == ws 2
+        assert torch.isfinite(torch.tensor(b["loss_after"])), kind
+    for kind, (src, dst, _) in transformed.items():
+        restored = tmp_path / f"undo-{kind}"
+        res = run_cli("undo", dst, restored, "--json")
+        assert res.returncode == 0, res.stderr[-2000:]
+        a, b = entries(src), entries(restored)
+        assert a.keys() == b.keys()
+        for key, va in a.items():
+            assert (torch.equal(va, b[key]) if isinstance(va, torch.Tensor) else va == b[key]), (kind, key)
+        assert not (restored / "wisca.json").exists()
+
+
+def test_trainer_files_are_copied(transformed):
+    src, dst, _ = transformed["trainer"]
+    for name in ("trainer_state.json", "rng_state_0.pth", "config.json"):
+        assert (dst / name).read_bytes() == (src / name).read_bytes()
+    assert (dst / "wisca.json").is_file() and (dst / "optimizer_0" / ".metadata").is_file()
+
+
+def test_torchrun_transform_equals_single_process_and_a_fault_leaves_nothing(transformed, made, tmp_path):
+    src, single, _ = transformed["hf"]
+    out = tmp_path / "two-ranks"
+    res = torchrun("-m", "wisca_cli", "transform", src, out, "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    assert report["ranks"] == 2 and report["verification"]["identical"]
+    a, b = entries(single), entries(out)
+    assert a.keys() == b.keys()
+    for key, va in a.items():
+        assert (torch.equal(va, b[key]) if isinstance(va, torch.Tensor) else va == b[key]), key
+    assert sorted(p.name for p in out.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    # a fault on rank 1 after it wrote part of its output: nothing left, every rank fails
+    bad = tmp_path / "faulty"
+    res = torchrun("-m", "wisca_cli", "transform", src, bad, env={"WISCA_TEST_FAULT_RANK": "1"})
+    assert res.returncode != 0
+    assert not bad.exists() and not any(".wisca-tmp-" in p.name for p in tmp_path.iterdir())
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "rank 1" in errors[0] and "injected test fault" in errors[0], res.stderr[-2000:]
+    assert res.stderr.count("exitcode  : 2") == 2, res.stderr[-3000:]    # torchrun's report: both ranks exit 2
+
+
+# -- bad input: one line, exit 2, nothing written -------------------------------------------------------
+def _copy(made: Path, tmp: Path, kind: str = "hf") -> Path:
+    dst = tmp / f"src-{kind}"
+    shutil.copytree(made / LAYOUTS[kind], dst)
+    return dst
+
+
+def _edit_metadata(folder: Path, edit) -> None:
+    md = dcp.FileSystemReader(folder).read_metadata()
+    edit(md)
+    (folder / ".metadata").write_bytes(pickle.dumps(md))
+
+
+def _refused(src: Path, tmp: Path, *args: str, match: str) -> None:
+    dst = tmp / "never"
+    res = run_cli("transform", src, dst, *args)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and match in lines[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and not dst.exists()
+    assert not any(".wisca-tmp-" in p.name for p in tmp.iterdir())
+
+
+def test_missing_config_names_where_it_looked(made, tmp_path):
+    src = _copy(made, tmp_path, "titan")
+    _refused(src, tmp_path, match="no config.json in the folder or its parent; pass --config")
+
+
+def test_truncated_and_corrupt_chunks(made, tmp_path):
+    src = _copy(made, tmp_path)
+    data = src / "__1_0.distcp"
+    data.write_bytes(data.read_bytes()[:1000])
+    _refused(src, tmp_path, match="__1_0.distcp: file is shorter than .metadata says (truncated checkpoint)")
+    shutil.rmtree(src)
+    src = _copy(made, tmp_path)
+    raw = bytearray((src / "__0_0.distcp").read_bytes())
+    raw[100:4000] = bytes(3900)     # zeroed inside the first chunks
+    (src / "__0_0.distcp").write_bytes(bytes(raw))
+    _refused(src, tmp_path, match="is corrupt")
+
+
+def test_format_edge_cases(made, tmp_path):
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    src = _copy(made, tmp_path)
+
+    def compressed(md):
+        idx = next(iter(md.storage_data))
+        md.storage_data[idx].transform_descriptors = ["zstd"]
+    _edit_metadata(src, compressed)
+    _refused(src, tmp_path, match="is stored with DCP transforms (zstd), which wisca cannot rewrite")
+
+    shutil.rmtree(src)
+    src = _copy(made, tmp_path)
+
+    def megatron_buckets(md):
+        md.state_dict_metadata["optimizer.distributed.dp_group_idx_0.gbuf_idx_0.bucket_idx_0.exp_avg"] = \
+            BytesStorageMetadata()
+    _edit_metadata(src, megatron_buckets)
+    _refused(src, tmp_path, match="save with --dist-ckpt-optim-fully-reshardable")
+
+    # a .metadata that needs a framework's classes (Megatron-core's MCoreMetadata)
+    (src / ".metadata").write_bytes(b"\x80\x04cmegatron.core.dist_checkpointing.metadata\nMCoreMetadata\n)\x81.")
+    _refused(src, tmp_path, match="the metadata needs megatron, which is not installed (a Megatron-core checkpoint?")
+    (src / ".metadata").write_bytes(b"not a pickle")
+    _refused(src, tmp_path, match="not a torch.distributed.checkpoint metadata file")
+
+
+def test_safetensors_under_torchrun_and_config_elsewhere_are_refused(tmp_path):
+    from conftest import SAMPLE
+
+    res = run_cli("transform", SAMPLE, tmp_path / "o", "--config", SAMPLE / "config.json")
+    assert res.returncode == 2 and "--config: applies only to torch.distributed checkpoints" in res.stderr
+    res = run_cli("transform", SAMPLE, tmp_path / "o", env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert res.returncode == 2 and "run plain wisca on this one" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_and_verify_take_dcp(transformed, made, tmp_path):
+    src, dst, _ = transformed["titan"]
+    res = run_cli("inspect", dst, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(res.stdout)
+    assert report["architecture"] == "llama+torchtitan" and report["before"]["summary"]["qk"]["mean_abs_log2"] > \
+        report["summary"]["qk"]["mean_abs_log2"]
+    res = run_cli("verify", src, dst, "--json", *config_args(made, "titan"))
+    assert res.returncode == 0 and json.loads(res.stdout)["verification"]["identical"], res.stderr[-2000:]
+    # continuous scales round: not bit-identical (exit 1), within the tolerances
+    cont = tmp_path / "continuous"
+    res = run_cli("transform", src, cont, "--scales", "continuous", *config_args(made, "titan"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_cli("verify", src, cont, "--mode", "exact", *config_args(made, "titan"))
+    assert res.returncode == 1 and "verification failed" in res.stdout + res.stderr, res.stdout + res.stderr
+    res = run_cli("verify", src, cont, *config_args(made, "titan"))      # auto: the record says it rounds
+    assert res.returncode == 0, res.stdout + res.stderr
+    # torchtitan's layout against HF's: not comparable layer by layer (rotary pairs differ)
+    res = run_cli("verify", transformed["hf"][0], dst)
+    assert res.returncode == 2 and "(llama+torchtitan vs llama)" in res.stderr, res.stderr

@@ -1,0 +1,614 @@
+"""The torch.distributed.checkpoint (DCP) backend: pretraining checkpoints as torchtitan,
+FSDP2 loops, Accelerate / HF Trainer (FSDP ``SHARDED_STATE_DICT``) and OLMo-core write them.
+
+A DCP folder is a pickled ``.metadata`` (every tensor's global shape and chunks, and where
+each chunk lives: file, offset, length) and ``__R_N.distcp`` files holding the chunks,
+each one ``torch.save``'d. This backend reads a decoder layer's chunks (weights and their
+optimizer moments), balances the layer with the symmetry core, and writes the chunks
+again, each at its own offsets and sizes, into new ``.distcp`` files; untouched chunks
+and non-tensor entries (step, lr, param_groups, rng, data loader state) are copied byte
+for byte. The output's ``.metadata`` is the source's with the storage table replaced, so
+DCP's keys, planner data and chunking are unchanged and ``dcp.load`` reshards it to any
+world size.
+
+Under torchrun the layers are split into contiguous blocks, one per rank: each rank reads
+and writes disjoint chunks (a layer's statistics never span ranks, so nothing but the
+verifier's hidden states and the small storage tables crosses them), the verification's
+residual streams are handed from rank to rank, and rank 0 commits the output once every
+rank has written and verified its part. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import os
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .balance import apply_multiplier, chunk_multiplier
+from .errors import WiscaError, reason
+from .spec import Layout, layout_from_config
+
+METADATA = ".metadata"
+TRAINER_MODEL, TRAINER_OPTIM = "pytorch_model_fsdp_0", "optimizer_0"   # Accelerate's FSDP folders
+WRAPPER_SEGMENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+STATE = "optimizer.state."
+# optimizer state key -> p: entries are sums of gradient powers g**p, so they become entry / S**p
+MOMENT_POWERS = {"step": 0, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2, "mu_product": 0,
+                 "exp_inf": 1, "momentum_buffer": 1, "sum": 2}
+MEGATRON_BUCKETS = ("bucket_idx", "dp_group_idx", "param_state_sharding_type")
+
+
+def is_dcp(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / METADATA).is_file() or (p / TRAINER_MODEL / METADATA).is_file()
+
+
+# -- reading ----------------------------------------------------------------------------------
+@dataclass
+class Entry:
+    """One state-dict entry: a tensor (chunks) or a pickled object (bytes)."""
+    key: str
+    folder: "Folder"
+    indices: list            # MetadataIndex per stored piece (chunks, or the one bytes item)
+    dtype: torch.dtype | None = None
+    size: tuple[int, ...] = ()
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.dtype is not None
+
+    def pieces(self):
+        """(index, offsets, sizes) per chunk."""
+        for idx in self.indices:
+            yield idx, tuple(idx.offset or ()), self.folder.chunk_sizes.get(idx)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.folder.storage[i].length for i in self.indices)
+
+
+@dataclass
+class Folder:
+    """One DCP folder (``rel`` inside the checkpoint: "" or Accelerate's subfolder)."""
+    rel: str
+    path: Path
+    metadata: object
+    storage: dict            # MetadataIndex -> _StorageInfo
+    chunk_sizes: dict        # MetadataIndex -> chunk sizes
+    entries: dict[str, Entry] = field(default_factory=dict)
+    _files: dict = field(default_factory=dict, repr=False)
+
+    def read_raw(self, idx) -> bytes:
+        info = self.storage[idx]
+        path = self.path / info.relative_path
+        f = self._files.get(info.relative_path)
+        try:
+            if f is None:
+                f = self._files[info.relative_path] = open(path, "rb")
+            f.seek(info.offset)
+            raw = f.read(info.length)
+        except OSError as e:
+            raise WiscaError(f"{path}: cannot read {idx.fqn}: {e.strerror or e}") from e
+        if len(raw) != info.length:
+            raise WiscaError(f"{path}: file ended while reading {idx.fqn} (truncated checkpoint)")
+        return raw
+
+    def load(self, idx, raw: bytes | None = None) -> torch.Tensor:
+        """One chunk as a tensor (``raw``: its bytes, if already read)."""
+        raw = self.read_raw(idx) if raw is None else raw
+        path = self.path / self.storage[idx].relative_path
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as e:   # torch.load raises many kinds on a damaged file
+            raise WiscaError(f"{path}: chunk of {idx.fqn} is corrupt ({reason(e, 80)})") from e
+        want = self.chunk_sizes[idx]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(want):
+            raise WiscaError(f"{path}: chunk of {idx.fqn} is corrupt (not a tensor of shape {list(want)})")
+        return t
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def _read_metadata(folder: Path):
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = folder / METADATA
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            md = pickle.load(f)
+    except (ModuleNotFoundError, AttributeError) as e:
+        what = getattr(e, "name", None) or reason(e, 60)
+        hint = " (a Megatron-core checkpoint? install megatron-core)" if "megatron" in str(what).lower() else ""
+        raise WiscaError(f"{path}: the metadata needs {what}, which is not installed{hint}") from e
+    except OSError as e:
+        raise WiscaError(f"{path}: cannot read: {e.strerror or e}") from e
+    except Exception as e:   # an unpickling error of any kind
+        raise WiscaError(f"{path}: not a torch.distributed.checkpoint metadata file ({reason(e, 60)})") from e
+    if not isinstance(md, Metadata):
+        raise WiscaError(f"{path}: not a torch.distributed.checkpoint metadata file")
+    return md
+
+
+def open_folder(path: Path, rel: str) -> Folder:
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    md = _read_metadata(path)
+    where = path / METADATA
+    storage = md.storage_data
+    if not isinstance(storage, dict):
+        raise WiscaError(f"{where}: no file storage table (written by a storage writer wisca does not know)")
+    for idx, info in storage.items():
+        if not isinstance(info, _StorageInfo):
+            raise WiscaError(f"{where}: {idx.fqn} is stored as {type(info).__name__}, which wisca cannot read")
+        if info.transform_descriptors:
+            raise WiscaError(f"{where}: {idx.fqn} is stored with DCP transforms "
+                             f"({', '.join(info.transform_descriptors)}), which wisca cannot rewrite")
+    sizes = {}
+    for rel_path in sorted({info.relative_path for info in storage.values()}):
+        f = path / rel_path
+        if not f.is_file():
+            raise WiscaError(f"{f}: data file named in {METADATA} not found")
+        sizes[rel_path] = f.stat().st_size
+    for idx, info in storage.items():
+        if info.offset + info.length > sizes[info.relative_path]:
+            raise WiscaError(f"{path / info.relative_path}: file is shorter than {METADATA} says "
+                             f"(truncated checkpoint)")
+    by_fqn: dict[str, list] = {}
+    for idx in storage:
+        by_fqn.setdefault(idx.fqn, []).append(idx)
+    folder = Folder(rel, path, md, storage, {})
+    for key, meta in md.state_dict_metadata.items():
+        if any(mark in key for mark in MEGATRON_BUCKETS):
+            raise WiscaError(f"{where}: {key}: Megatron's dp_reshardable optimizer buckets cannot be mapped "
+                             f"to parameters; save with --dist-ckpt-optim-fully-reshardable")
+        if isinstance(meta, TensorStorageMetadata):
+            chunk_at = {tuple(c.offsets): tuple(c.sizes) for c in meta.chunks}
+            indices = sorted(by_fqn.get(key, []), key=lambda i: tuple(i.offset or ()))
+            for idx in indices:
+                at = tuple(idx.offset or ())
+                if at not in chunk_at:
+                    raise WiscaError(f"{where}: {key}: stored chunk at {list(at)} is not in the metadata")
+                folder.chunk_sizes[idx] = chunk_at[at]
+            if len(indices) != len(meta.chunks):
+                raise WiscaError(f"{where}: {key}: {len(meta.chunks)} chunks in the metadata, "
+                                 f"{len(indices)} stored")
+            folder.entries[key] = Entry(key, folder, indices, meta.properties.dtype, tuple(meta.size))
+        elif isinstance(meta, BytesStorageMetadata):
+            folder.entries[key] = Entry(key, folder, by_fqn.get(key, []))
+        else:
+            raise WiscaError(f"{where}: {key} has storage type {type(meta).__name__}, which wisca does not know")
+    return folder
+
+
+def read_full(entry: Entry) -> torch.Tensor:
+    """A whole tensor from its chunks."""
+    return _assemble(entry, [entry.folder.read_raw(idx) for idx in entry.indices])
+
+
+def _canonical(fqn: str) -> str:
+    """An FQN without wrapper segments (torch.compile, FSDP1, activation checkpointing, DDP)."""
+    parts = [p for p in fqn.split(".") if p not in WRAPPER_SEGMENTS]
+    if parts and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def _match(fqn: str, known: set[str]) -> str | None:
+    """The spec name an FQN ends with, at a segment boundary (wrapper prefixes dropped)."""
+    parts = _canonical(fqn).split(".")
+    for i in range(len(parts)):
+        name = ".".join(parts[i:])
+        if name in known:
+            return name
+    return None
+
+
+@dataclass
+class DcpCheckpoint:
+    root: Path
+    config: dict
+    layout: Layout
+    folders: list[Folder]
+    weights: dict[str, Entry]                   # spec name -> entry
+    moments: dict[str, dict[str, Entry]]        # spec name -> state key -> entry
+    adapter: str | None
+    config_path: Path
+    source: str = ""
+
+    @property
+    def tensors(self) -> dict:   # what api's helpers read: shapes by spec name
+        return {n: _Shape(e.size) for n, e in self.weights.items()}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for f in self.folders for e in f.entries.values())
+
+    def close(self) -> None:
+        for f in self.folders:
+            f.close()
+
+
+@dataclass(frozen=True)
+class _Shape:
+    shape: tuple[int, ...]
+
+
+def _find_config(root: Path, given: str | os.PathLike | None) -> Path:
+    if given is not None:
+        p = Path(given)
+        p = p / "config.json" if p.is_dir() else p
+        if not p.is_file():
+            from .options import OptionError
+            raise OptionError("config", f"{given}: no config.json there")
+        return p
+    for p in (root / "config.json", root.parent / "config.json"):
+        if p.is_file():
+            return p
+    raise WiscaError(f"{root}: no config.json in the folder or its parent; pass `config` "
+                     f"(a Hugging Face config.json, or the folder holding one)", fields=("config",))
+
+
+def _stage_list(layout: Layout):
+    from .stream import _stages
+    return _stages(_Lay(layout))
+
+
+def _known_names(layout: Layout) -> set[str]:
+    return {n for s in _stage_list(layout) for n in s.names.values()}
+
+
+@dataclass(frozen=True)
+class _Lay:
+    layout: Layout
+
+
+def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None) -> DcpCheckpoint:
+    from .checkpoint import _load_json
+
+    root = Path(src)
+    if (root / TRAINER_MODEL / METADATA).is_file():          # HF Trainer / Accelerate FSDP
+        folders = [open_folder(root / TRAINER_MODEL, TRAINER_MODEL)]
+        if (root / TRAINER_OPTIM / METADATA).is_file():
+            folders.append(open_folder(root / TRAINER_OPTIM, TRAINER_OPTIM))
+    else:
+        folders = [open_folder(root, "")]
+    cfg_path = _find_config(root, config)
+    cfg = _load_json(cfg_path, "config.json")
+    base = layout_from_config(cfg, str(cfg_path))
+    keys = [k for f in folders for k, e in f.entries.items() if e.is_tensor and not k.startswith("optimizer.")]
+    # the family's own (Hugging Face) names, or one of its adapters' (torchtitan's)
+    candidates = [(None, base)] + [(name, dataclasses.replace(base, spec=base.spec.adapted(name)))
+                                   for name in base.spec.name_adapters]
+    for adapter, layout in candidates:
+        known = _known_names(layout)
+        if any(_match(k, known) == layout.spec.embed for k in keys):
+            break
+    else:
+        names = " or ".join(lay.spec.embed for _, lay in candidates)
+        raise WiscaError(f"{root}: no tensor named like the {base.spec.name} embedding ({names}); "
+                         f"is {cfg_path} this model's config?")
+    weights, moments = {}, {}
+    for f in folders:
+        for key, e in f.entries.items():
+            if not e.is_tensor:
+                continue
+            if key.startswith(STATE):
+                fqn, _, moment = key[len(STATE):].rpartition(".")
+                name = _match(fqn, known)
+                if name is not None:
+                    moments.setdefault(name, {})[moment] = e
+            elif not key.startswith("optimizer."):
+                name = _match(key, known)
+                if name is not None:
+                    if name in weights:
+                        raise WiscaError(f"{f.path / METADATA}: {weights[name].key} and {key} both name {name}")
+                    weights[name] = e
+    ckpt = DcpCheckpoint(root, cfg, layout, folders, weights, moments, adapter, cfg_path, str(root))
+    for i in range(layout.layers):
+        for role, name in layout.layer_roles(i).items():
+            if name not in weights:
+                raise WiscaError(f"{root}: tensor {name} (layer {i} {role}) not in the checkpoint")
+    return ckpt
+
+
+# -- the world: one process, or the ranks of a torchrun job -------------------------------------
+class World:
+    """Rank and size, and the few collectives the backend needs (no-ops for one process)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        self.dist = dist if dist.is_available() and dist.is_initialized() else None
+        self.rank = self.dist.get_rank() if self.dist else 0
+        self.size = self.dist.get_world_size() if self.dist else 1
+
+    def gather(self, obj) -> list:
+        if self.dist is None:
+            return [obj]
+        out = [None] * self.size
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj, src: int = 0):
+        if self.dist is None:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def send(self, obj, dst: int) -> None:
+        self.dist.send_object_list([obj], dst)
+
+    def recv(self, src: int):
+        box = [None]
+        self.dist.recv_object_list(box, src)
+        return box[0]
+
+
+class PeerFailed(WiscaError):
+    """Another rank failed; its error is the one reported."""
+
+
+def blocks(layers: int, size: int) -> list[range]:
+    """Contiguous blocks of decoder layers, one per rank."""
+    return [range(r * layers // size, (r + 1) * layers // size) for r in range(size)]
+
+
+# -- writing ----------------------------------------------------------------------------------
+class ChunkWriter:
+    """One output ``.distcp`` file: chunks appended, each one's place recorded."""
+
+    def __init__(self, folder: Path, name: str):
+        self.name, self.path = name, folder / name
+        self.f = open(self.path, "wb")
+        self.infos: dict = {}
+
+    def put_raw(self, idx, raw) -> None:
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+        offset = self.f.tell()
+        self.f.write(raw)
+        self.infos[idx] = _StorageInfo(self.name, offset, len(raw))
+
+    def put_tensor(self, idx, t: torch.Tensor) -> None:
+        buf = io.BytesIO()
+        torch.save(t.detach().clone().contiguous(), buf)   # a clone: torch.save writes the whole storage
+        self.put_raw(idx, buf.getbuffer())
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+
+    def abort(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+
+
+def write_metadata(folder: Folder, out: Path, storage: dict) -> None:
+    """The source's metadata with the new storage table: same keys, chunks, planner data."""
+    md = copy.copy(folder.metadata)
+    md.storage_data = {idx: storage[idx] for idx in folder.storage}
+    with open(out / METADATA, "wb") as f:
+        pickle.dump(md, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# LayerFn: (layer, tensors by role) -> (new tensors by role, multipliers by role (W' = S * W),
+# layer report); it may change ``tensors`` in place (the reference forward has run by then)
+LayerFn = Callable[[int, dict], tuple[dict, dict]]
+
+
+def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, progress=None,
+            world: World | None = None) -> dict:
+    """This rank's part of the output: its block of layers (the embedding on rank 0, the
+    final norm and head on the last rank), their moments, and its share of every other
+    entry. Returns this rank's payload: storage tables, layer reports, verification."""
+    world = world or World()
+    rank, size, lay = world.rank, world.size, ckpt.layout
+    mine = blocks(lay.layers, size)[rank]
+    stage_names = {s.kind: s.names for s in _stage_list(lay) if s.kind != "layer"}
+    writers = {}
+    for f in ckpt.folders:
+        (out_root / f.rel).mkdir(parents=True, exist_ok=True)
+        writers[f.rel] = ChunkWriter(out_root / f.rel, f"__{rank}_0.distcp")
+    done: set[str] = set()       # entry keys handled by their stage
+    reports, fault = [], os.environ.get("WISCA_TEST_FAULT_RANK")
+    state = {"result": None}
+
+    def check_fault() -> None:
+        if fault is not None and int(fault) == rank:
+            raise WiscaError(f"injected test fault on rank {rank} (WISCA_TEST_FAULT_RANK)")
+
+    def copy_entry(e: Entry, use: Callable | None = None) -> None:
+        """Byte for byte; ``use(offsets, chunk)`` sees each chunk as a tensor on the way."""
+        for idx, offsets, _ in e.pieces():
+            raw = e.folder.read_raw(idx)
+            writers[e.folder.rel].put_raw(idx, raw)
+            if use is not None and e.is_tensor:
+                use(offsets, e.folder.load(idx, raw))
+        done.add(e.key)
+        check_fault()
+
+    def scale_entry(e: Entry, mult, power: int) -> None:
+        for idx, offsets, sizes in e.pieces():
+            piece = apply_multiplier(e.folder.load(idx), chunk_multiplier(mult, offsets, sizes), power)
+            writers[e.folder.rel].put_tensor(idx, piece)
+        done.add(e.key)
+        check_fault()
+
+    def moments_of(name: str, mult) -> None:
+        for moment, e in sorted(ckpt.moments.get(name, {}).items()):
+            if mult is None or MOMENT_POWERS.get(moment) == 0:
+                copy_entry(e)
+            elif moment not in MOMENT_POWERS:
+                raise WiscaError(f"{e.folder.path / METADATA}: {e.key}: optimizer state {moment!r} of a "
+                                 f"rescaled parameter; wisca knows {', '.join(MOMENT_POWERS)}")
+            else:
+                scale_entry(e, mult, -MOMENT_POWERS[moment])
+
+    def chained(step):
+        """Run ``step`` with the verifier's streams handed over from the previous rank."""
+        relay = verifier is not None and size > 1
+        if relay and rank > 0:
+            got = world.recv(rank - 1)
+            if got.get("failed"):
+                raise PeerFailed("another rank failed")
+            verifier.set_state(got)
+        try:
+            step()
+        except BaseException:
+            if relay and rank < size - 1:
+                world.send({"failed": True}, rank + 1)
+            raise
+        if relay and rank < size - 1:
+            world.send(verifier.get_state(), rank + 1)
+
+    def rows(e: Entry, feed: Callable) -> None:
+        """``feed(first_row, rows)`` over a big 2-D tensor, a chunk at a time when its chunks
+        are row blocks (FSDP's dim-0 shards), else whole; copied out on the way."""
+        row_blocks = all(offsets[1:] == (0,) * (len(e.size) - 1) and tuple(sizes[1:]) == e.size[1:]
+                         for _, offsets, sizes in e.pieces())
+        if row_blocks:
+            copy_entry(e, lambda offsets, t: feed(offsets[0], t))
+        else:
+            feed(0, read_full(e))
+            copy_entry(e)
+
+    def embed_stage():
+        names = stage_names["embed"]
+        e = ckpt.weights[names["embed"]]
+        extra = {}
+        for role, name in names.items():
+            if role != "embed":
+                extra[role] = read_full(ckpt.weights[name]) if verifier is not None else None
+                copy_entry(ckpt.weights[name])
+            moments_of(name, None)
+        if verifier is None:
+            copy_entry(e)
+        else:
+            rows(e, lambda start, t: (_require_finite(e, t), verifier.embed_rows(start, t, t)))
+            verifier.embed_done(extra, extra)
+        if progress:
+            progress(sum(ckpt.weights[n].nbytes for n in names.values()), "embed")
+
+    def layer_stage(i: int):
+        roles = lay.layer_roles(i)
+        entries = {role: ckpt.weights[name] for role, name in roles.items()}
+        raws = {role: [e.folder.read_raw(idx) for idx in e.indices] for role, e in entries.items()}
+        tensors = {role: _assemble(e, raws[role]) for role, e in entries.items()}
+        for role, t in tensors.items():
+            _require_finite(entries[role], t)
+        ref = verifier.start_layer(tensors) if verifier is not None else None   # the originals, now
+        new, mults, report = layer_fn(i, tensors)
+        tensors.update(new)
+        if verifier is not None:
+            verifier.finish_layer(i, ref, tensors)
+        for role, e in entries.items():
+            for j, (idx, offsets, sizes) in enumerate(e.pieces()):
+                if role in mults:
+                    writers[e.folder.rel].put_tensor(idx, tensors[role][_slices(offsets, sizes)])
+                else:
+                    writers[e.folder.rel].put_raw(idx, raws[role][j])
+            done.add(e.key)
+            check_fault()
+            moments_of(roles[role], mults.get(role))
+        reports.append({"layer": i, **report})
+        if progress:
+            progress(sum(e.nbytes for e in entries.values()), f"layer {i}")
+
+    def final_stage():
+        names = stage_names["final"]
+        head = ckpt.weights[names["head"]]
+        t = {}
+        for role, name in names.items():
+            if role == "head":
+                continue
+            if verifier is not None:
+                t[role] = read_full(ckpt.weights[name])
+                _require_finite(ckpt.weights[name], t[role])
+            copy_entry(ckpt.weights[name])
+            moments_of(name, None)
+        if verifier is not None:
+            verifier.final_norm(t["norm"], t["norm"], t, t)
+        write_head = not lay.tie_embeddings      # a tied head was written as the embedding
+        if verifier is not None:
+            feed = lambda start, w: (_require_finite(head, w), verifier.head_rows(w, w))  # noqa: E731
+            if write_head:
+                rows(head, feed)
+            else:
+                for idx, offsets, _ in sorted(head.pieces(), key=lambda p: p[1]):
+                    feed(offsets[0], head.folder.load(idx))
+            state["result"] = verifier.result()
+        elif write_head:
+            copy_entry(head)
+        if write_head:
+            moments_of(names["head"], None)
+        if progress:
+            progress(sum(ckpt.weights[n].nbytes for n in names.values()), "final")
+
+    def work():
+        if rank == 0:
+            embed_stage()
+        for i in mine:
+            layer_stage(i)
+        if rank == size - 1:
+            final_stage()
+
+    try:
+        chained(work)
+        # every other entry (tensors outside the spec, bytes, other state), shared out by rank
+        claimed = {e.key for e in ckpt.weights.values()} | {e.key for m in ckpt.moments.values()
+                                                            for e in m.values()}
+        rest = [e for f in ckpt.folders for k, e in sorted(f.entries.items()) if k not in claimed]
+        for j, e in enumerate(rest):
+            if j % size == rank:
+                copy_entry(e)
+        for w in writers.values():
+            w.close()
+    finally:
+        for w in writers.values():
+            w.abort()
+    return {"storage": {rel: w.infos for rel, w in writers.items()}, "layers": reports,
+            "result": state["result"]}
+
+
+def _slices(offsets, sizes) -> tuple[slice, ...]:
+    return tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
+
+
+def _assemble(e: Entry, raws: list[bytes]) -> torch.Tensor:
+    """A whole tensor from its chunks' bytes."""
+    if len(e.indices) == 1 and tuple(e.folder.chunk_sizes[e.indices[0]]) == e.size:
+        return e.folder.load(e.indices[0], raws[0])
+    out = torch.empty(e.size, dtype=e.dtype)
+    covered = 0
+    for (idx, offsets, sizes), raw in zip(e.pieces(), raws):
+        out[_slices(offsets, sizes)] = e.folder.load(idx, raw)
+        covered += torch.Size(sizes).numel()
+    if covered != out.numel():
+        raise WiscaError(f"{e.folder.path / METADATA}: {e.key}: chunks do not cover the tensor")
+    return out
+
+
+def _require_finite(e: Entry, t: torch.Tensor) -> None:
+    if t.is_floating_point() and t.numel():
+        lo, hi = torch.aminmax(t)
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+            raise WiscaError(f"{e.folder.path / METADATA}: tensor {e.key} contains NaN or Inf")

@@ -1,0 +1,381 @@
+"""transform, undo, verify and inspect for torch.distributed checkpoints (``dcp.py``), on
+one process or on every rank of a torchrun job.
+
+Every rank runs the same three phases: open (each rank reads the metadata), work (each
+rank writes its block of layers into the shared temporary folder), commit (rank 0 writes
+the ``.metadata`` files and the record and renames the folder into place). After each
+phase the ranks exchange a status, so an error on any rank stops all of them, every
+rank raises it (the same exit code everywhere) and the temporary folder goes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__, solve
+from .balance import NonFiniteValues
+from .dcp import METADATA, PeerFailed, World, open_dcp, read_full, rewrite, write_metadata
+from .errors import VerificationFailed, WiscaError
+from .options import TransformOptions, model_warnings
+from .output import StagedOutput, check_target, copy_other_files
+from .record import (RECORD_FORMAT, RECORD_NAME, resolve_mode, SCALES_NAME, layer_scales, pair_report, read_record, summarise,
+                     write_record)
+from .record import stamp as record_stamp
+from .verify import StreamVerifier, compute_dtype, probe_ids, resolve_tolerance
+
+DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
+# -- ranks -------------------------------------------------------------------------------------
+def init_distributed() -> bool:
+    """Join the torchrun job this process belongs to (gloo on CPU, nccl with GPUs); True when
+    this call started the process group (and so should end it)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
+class RankFailed(WiscaError):
+    """The error of another rank, raised on this one with that rank's exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.exit_code = code
+
+
+def _status(e: BaseException, rank: int) -> dict:
+    code = getattr(e, "exit_code", None)
+    if code is None:
+        code = 128 + e.signum if hasattr(e, "signum") else 3
+    return {"rank": rank, "peer": isinstance(e, PeerFailed), "code": code,
+            "message": str(e) if isinstance(e, WiscaError) else f"{type(e).__name__}: {e}"}
+
+
+def _phase(world: World, fn: Callable):
+    """``fn()`` on every rank, then the ranks compare notes: an error anywhere is raised
+    everywhere (this rank's own exception as it is, another rank's as ``RankFailed``)."""
+    try:
+        value, mine = fn(), None
+    except BaseException as e:   # noqa: BLE001 - reported to the other ranks, then re-raised
+        value, mine, exc = None, _status(e, world.rank), e
+    statuses = [s for s in world.gather(mine) if s is not None]
+    if not statuses:
+        return value
+    first = next((s for s in statuses if not s["peer"]), statuses[0])
+    if mine is not None and mine["rank"] == first["rank"]:
+        raise exc
+    where = f"rank {first['rank']}: " if world.size > 1 else ""
+    raise RankFailed(where + first["message"], first["code"])
+
+
+def _run(fn: Callable):
+    """``fn(world)`` inside the torchrun job's process group (started here if need be)."""
+    owns = init_distributed()
+    try:
+        return fn(World())
+    finally:
+        if owns:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+# -- transform and undo -------------------------------------------------------------------------
+def _main_dtype(ckpt) -> str:
+    roles = ckpt.layout.layer_roles(0) if ckpt.layout.layers else {}
+    name = roles.get("q", roles.get("qkv", next(iter(roles.values()), None)))
+    return DTYPE_NAMES.get(ckpt.weights[name].dtype, "F32") if name else "F32"
+
+
+def _rewrite_all(world: World, ckpt, dst_path: Path, overwrite: bool, layer_fn, verifier, progress,
+                 finish: Callable[[Path, list[dict]], dict]) -> dict:
+    """The work and commit phases: every rank writes its part into rank 0's temporary
+    folder; rank 0 calls ``finish(tmp, payloads)`` (the report; raise to abandon), writes
+    the metadata and renames the folder into place."""
+    staged = StagedOutput(dst_path, overwrite) if world.rank == 0 else None
+    try:
+        _phase(world, lambda: staged.__enter__() if staged else None)
+        tmp = Path(world.broadcast(str(staged.tmp) if staged else None))
+        payload = _phase(world, lambda: rewrite(ckpt, tmp, layer_fn, verifier, progress, world))
+        payload.update(scales=layer_fn.scales, **layer_fn.counts)   # this rank's layers'
+        payloads = world.gather(payload)
+
+        def commit():
+            if world.rank != 0:
+                return None
+            report = finish(tmp, payloads)
+            for folder in ckpt.folders:
+                storage = {idx: info for p in payloads for idx, info in p["storage"][folder.rel].items()}
+                write_metadata(folder, tmp / folder.rel, storage)
+            staged.commit()
+            return report
+
+        return world.broadcast(_phase(world, commit))
+    finally:
+        if staged is not None:
+            staged.__exit__(None, None, None)
+
+
+def _verifier(ckpt, exact: bool, probe: tuple, tolerance) -> StreamVerifier:
+    ids = probe_ids(ckpt.layout.vocab, *probe)
+    dtype = next(iter(ckpt.weights.values())).dtype
+    return StreamVerifier(ckpt.layout, ids, exact=exact, tolerance=resolve_tolerance(_main_dtype(ckpt), tolerance),
+                          dtype=compute_dtype(dtype, exact))
+
+
+def _copy_beside(ckpt, tmp: Path) -> None:
+    """The checkpoint's other files (Trainer state, tokenizer, ...) and its config.json; the
+    data files are written anew, the ``.metadata`` files last (``write_metadata``)."""
+    subs = {f.rel for f in ckpt.folders if f.rel}
+    for folder in ckpt.folders:
+        data = {info.relative_path for info in folder.storage.values()}
+        copy_other_files(folder.path, tmp / folder.rel, skip=data | {RECORD_NAME, SCALES_NAME} | (
+            subs if not folder.rel else set()))
+    if subs:   # Trainer's checkpoint-N/: its own files beside the DCP folders
+        copy_other_files(ckpt.root, tmp, skip=subs | {RECORD_NAME, SCALES_NAME})
+    if not (tmp / "config.json").exists():
+        shutil.copyfile(ckpt.config_path, tmp / "config.json")
+
+
+def _optimizer_report(ckpt, payloads: list[dict], invert: bool, exact: bool) -> dict:
+    if not ckpt.moments:
+        return {}
+    folders = sorted({e.folder.rel or "." for m in ckpt.moments.values() for e in m.values()})
+    return {"optimizer": {
+        "file": ", ".join(f"{f}/{METADATA}" if f != "." else METADATA for f in folders), "format": "dcp",
+        "optimizer": "/".join(sorted({k for m in ckpt.moments.values() for k in m})), "transformed": True,
+        "tensors": sum(p["moments_scaled"] for p in payloads),
+        "parameters": len(ckpt.moments), "scaled_parameters": sum(p["params_scaled"] for p in payloads),
+        "direction": "S (undo)" if invert else "1/S", "exact": exact}}
+
+
+def transform(src, dst, opts: TransformOptions, progress=None) -> dict:
+    return _run(lambda world: _transform(world, src, dst, opts, progress))
+
+
+def _transform(world: World, src, dst, opts: TransformOptions, progress) -> dict:
+    started = time.perf_counter()
+    ckpt, dst_path = _phase(world, lambda: _open(src, dst, opts.config, opts.overwrite))
+    try:
+        lay, pow2 = ckpt.layout, opts.scales == "pow2"
+        exactness = solve.exactness(lay, opts.targets, pow2)
+        exact = all(v != "tolerance" for v in exactness.values())
+        warnings = model_warnings(opts, src, exact)
+        verifier = _verifier(ckpt, exact, (opts.probe_batch, opts.probe_len, opts.seed, opts.probe_ids_file),
+                             opts.given_tolerance()) if opts.verify else None
+        scales: dict[str, torch.Tensor] = {}
+        counts = {"moments_scaled": 0, "params_scaled": 0}
+
+        def balance(layer: int, tensors: dict):
+            try:
+                new, results = solve.balance_layer(lay, layer, tensors, opts.targets, opts.granularity, opts.norm,
+                                                   opts.strength, pow2, inplace=True)
+            except NonFiniteValues as e:
+                raise WiscaError(f"{ckpt.root}: tensor {lay.layer_roles(layer)[e.role]} contains NaN or Inf") from None
+            for kind, r in results.items():
+                scales[f"layers.{layer}.{kind}"] = r.scales
+            shapes = {role: tuple(t.shape) for role, t in tensors.items()}
+            mults = solve.layer_multipliers(lay, layer, shapes, opts.targets, opts.granularity,
+                                            {k: r.scales for k, r in results.items()})
+            _count(ckpt, lay, layer, mults, counts)
+            return new, mults, {kind: pair_report(r) for kind, r in results.items()}
+
+        def finish(tmp: Path, payloads: list[dict]) -> dict:
+            layers = sorted((r for p in payloads for r in p["layers"]), key=lambda r: r["layer"])
+            result = next((p["result"] for p in payloads if p["result"] is not None), None)
+            report = {
+                "command": "transform", "wisca_version": __version__, "record_format": RECORD_FORMAT,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "source": ckpt.source, "output": str(dst_path), "format": "dcp", "ranks": world.size,
+                "name_adapter": ckpt.adapter, "config": str(ckpt.config_path),
+                "architecture": lay.spec.name, "model_type": ckpt.config.get("model_type"),
+                "dtype": _main_dtype(ckpt), "bytes": ckpt.total_bytes, "options": opts.record(),
+                "targets_applied": [t for t in opts.targets if t in lay.spec.targets],
+                "targets_not_applicable": [t for t in opts.targets if t not in lay.spec.targets],
+                "exactness": exactness, "warnings": warnings, "summary": summarise(layers),
+                "verification": result.to_dict() if result else None, "scales_file": SCALES_NAME,
+                "undo": f"wisca undo {dst_path} RESTORED  (multiplies back by the recorded scales; "
+                        f"{'bit-exact' if pow2 else 'exact up to rounding'})",
+                "layers": layers,
+            }
+            if result is not None and not result.passed:
+                where = result.first_diverging_layer
+                at = "logits" if where is None else ("embeddings" if where < 0 else f"layer {where}")
+                raise VerificationFailed(
+                    f"verification failed: outputs diverge at {at} (max abs diff {result.max_abs_diff:.3g}, "
+                    f"KL {result.kl:.3g}, top-1 {result.top1:.3f}); nothing written", report)
+            _copy_beside(ckpt, tmp)
+            report["training_state"] = _optimizer_report(ckpt, payloads, False, pow2)
+            report["seconds"] = round(time.perf_counter() - started, 3)
+            all_scales = {k: v for p in payloads for k, v in p["scales"].items()}
+            write_record(tmp, report, all_scales, {"granularity": opts.granularity})
+            return report
+
+        return _rewrite_all(world, ckpt, dst_path, opts.overwrite, _Tagged(balance, scales, counts), verifier,
+                            progress, finish)
+    finally:
+        ckpt.close()
+
+
+class _Tagged:
+    """A layer function whose scales and counts travel in this rank's payload."""
+
+    def __init__(self, fn, scales: dict, counts: dict):
+        self.fn, self.scales, self.counts = fn, scales, counts
+
+    def __call__(self, layer, tensors):
+        return self.fn(layer, tensors)
+
+
+def _count(ckpt, lay, layer: int, mults: dict, counts: dict) -> None:
+    roles = lay.layer_roles(layer)
+    for role in mults:
+        moments = ckpt.moments.get(roles[role], {})
+        if moments:
+            counts["params_scaled"] += 1
+            counts["moments_scaled"] += sum(1 for m in moments if m != "step")
+
+
+def _open(src, dst, config, overwrite):
+    ckpt = open_dcp(src, config)
+    try:
+        return ckpt, check_target(ckpt.root, Path(dst), overwrite)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def undo(transformed, restored, overwrite: bool = False, verify: bool = True, progress=None,
+         config=None) -> dict:
+    return _run(lambda world: _undo(world, transformed, restored, overwrite, verify, progress, config))
+
+
+def _undo(world: World, transformed, restored, overwrite, verify, progress, config) -> dict:
+    started = time.perf_counter()
+    ckpt, dst_path = _phase(world, lambda: _open(transformed, restored, config, overwrite))
+    try:
+        record, scales = _phase(world, lambda: read_record(ckpt.root))
+        o, lay = record["options"], ckpt.layout
+        targets = tuple(o["targets"])
+        pow2 = all(v != "tolerance" for v in solve.exactness(lay, targets, o["scales"] == "pow2").values())
+        verifier = _verifier(ckpt, pow2, (o["probe_batch"], o["probe_len"], o["seed"], None), None) \
+            if verify else None
+        counts = {"moments_scaled": 0, "params_scaled": 0}
+
+        def unscale(layer: int, tensors: dict):
+            mine = layer_scales(scales, layer)
+            try:
+                new = solve.unscale_layer(lay, layer, tensors, targets, o["granularity"], mine, inplace=True)
+            except KeyError as e:
+                raise WiscaError(f"{ckpt.root / SCALES_NAME}: scales layers.{layer}.{e.args[0]} missing "
+                                 f"or of the wrong size") from e
+            shapes = {role: tuple(t.shape) for role, t in tensors.items()}
+            mults = {role: 1.0 / m for role, m in
+                     solve.layer_multipliers(lay, layer, shapes, targets, o["granularity"], mine).items()}
+            _count(ckpt, lay, layer, mults, counts)
+            return new, mults, {}
+
+        def finish(tmp: Path, payloads: list[dict]) -> dict:
+            result = next((p["result"] for p in payloads if p["result"] is not None), None)
+            if result is not None and not result.passed:
+                raise VerificationFailed("undo: the restored model does not compute the same function; "
+                                         "nothing written", {"verification": result.to_dict()})
+            _copy_beside(ckpt, tmp)
+            return {"command": "undo", "wisca_version": __version__, "source": str(ckpt.root),
+                    "output": str(dst_path), "format": "dcp", "ranks": world.size,
+                    "verification": result.to_dict() if result else None,
+                    "training_state": _optimizer_report(ckpt, payloads, True, pow2), "warnings": [],
+                    "seconds": round(time.perf_counter() - started, 3)}
+
+        return _rewrite_all(world, ckpt, dst_path, overwrite, _Tagged(unscale, {}, counts), verifier, progress,
+                            finish)
+    finally:
+        ckpt.close()
+
+
+# -- verify and inspect (one process) ------------------------------------------------------------
+def verify(a, b, mode: str, probe: tuple, tolerance, progress=None, config=None) -> dict:
+    started = time.perf_counter()
+    ca = open_dcp(a, config)
+    try:
+        cb = open_dcp(b, config if not (Path(b) / "config.json").is_file() else None)
+        try:
+            la, lb = ca.layout, cb.layout
+            if la.spec.name != lb.spec.name:   # names and rotary layout too (torchtitan's vs HF's)
+                raise WiscaError(f"{cb.root}: not the same architecture as {ca.root} "
+                                 f"({lb.spec.name} vs {la.spec.name})")
+            for key in ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
+                if getattr(la, key) != getattr(lb, key):
+                    raise WiscaError(f"{cb.root}: not the same architecture as {ca.root} ({key} differs)")
+            mode = resolve_mode(mode, cb.root)
+            v = _verifier(ca, mode == "exact", probe, tolerance)
+            result = _verify_walk(ca, cb, v, progress)
+            return {"command": "verify", "wisca_version": __version__, "a": str(ca.root), "b": str(cb.root),
+                    "format": "dcp", "architecture": la.spec.name, "verification": result.to_dict(),
+                    "warnings": [], "seconds": round(time.perf_counter() - started, 3)}
+        finally:
+            cb.close()
+    finally:
+        ca.close()
+
+
+def _verify_walk(ca, cb, v: StreamVerifier, progress):
+    la, spec = ca.layout, ca.layout.spec
+
+    def both(name_a: str, name_b: str):
+        return read_full(ca.weights[name_a]), read_full(cb.weights[name_b])
+
+    ea, eb = both(spec.embed, cb.layout.spec.embed)
+    v.embed_rows(0, ea, eb)
+    extra = {}
+    if spec.embedding.positions:
+        pa, pb = both(spec.embedding.positions, cb.layout.spec.embedding.positions)
+        extra = ({"pos": pa}, {"pos": pb})
+    v.embed_done(*(extra or ({}, {})))
+    del ea, eb
+    for i in range(la.layers):
+        ra, rb = la.layer_roles(i), cb.layout.layer_roles(i)
+        ta = {role: read_full(ca.weights[n]) for role, n in ra.items()}
+        tb = {role: read_full(cb.weights[rb[role]]) for role in ra}
+        v.layer(i, ta, tb)
+        if progress:
+            progress(2 * sum(ca.weights[n].nbytes for n in ra.values()), f"layer {i}")
+    na, nb = both(spec.final_norm, cb.layout.spec.final_norm)
+    xa, xb = {"norm": na}, {"norm": nb}
+    if spec.final.norm_bias:
+        xa["norm_bias"], xb["norm_bias"] = both(spec.final.norm_bias, cb.layout.spec.final.norm_bias)
+    v.final_norm(na, nb, xa, xb)
+    head_a = spec.embed if la.tie_embeddings else spec.lm_head
+    head_b = cb.layout.spec.embed if la.tie_embeddings else cb.layout.spec.lm_head
+    v.head_rows(*both(head_a, head_b))
+    return v.result()
+
+
+class Readable:
+    """A DCP checkpoint as ``api``'s inspect reads one: ``layout``, ``read(name)``, ``root``."""
+
+    def __init__(self, ckpt):
+        self.ckpt, self.layout, self.root, self.source = ckpt, ckpt.layout, ckpt.root, ckpt.source
+        self.tensors = ckpt.tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        return read_full(self.ckpt.weights[name])
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+def open_readable(src, config=None) -> Readable:
+    return Readable(open_dcp(src, config))
