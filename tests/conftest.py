@@ -69,6 +69,14 @@ ARCH_FAMILIES = {
     "gpt_neox": ("gpt_neox", dict(head_dim=None, num_key_value_heads=None, rotary_pct=0.5)),
     "gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=None, head_dim=None,
                           num_key_value_heads=None, tie_word_embeddings=True)),
+    # parallel block on one LayerNorm (no bias), interleaved rotary, logit_scale; Command R+'s per-head QK-norm
+    "cohere": ("cohere", dict(logit_scale=0.25)),
+    "cohere-qknorm": ("cohere", dict(use_qk_norm=True, tie_word_embeddings=True)),
+    # Phi-2: parallel block on one LayerNorm, partial rotary, GELU fc1/fc2, biases everywhere, lm_head bias
+    "phi": ("phi", dict(partial_rotary_factor=0.5)),
+    "phi-qknorm": ("phi", dict(partial_rotary_factor=0.5, qk_layernorm=True, tie_word_embeddings=True)),
+    # GELU c_fc/c_proj with biases, LayerNorm, GQA attention with biases, sliding window
+    "starcoder2": ("starcoder2", dict(sliding_window=8)),
 }
 # config.json of a synthetic checkpoint (``via="synthetic"``), before overrides
 SYNTHETIC_CONFIG = {

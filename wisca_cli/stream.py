@@ -111,6 +111,8 @@ def _stages(ckpt: Checkpoint) -> list[Stage]:
     final = {"norm": spec.final_norm, "head": head}
     if spec.final.norm_bias:                     # LayerNorm families
         final["norm_bias"] = spec.final.norm_bias
+    if spec.final.head_bias:                     # a head with a bias (Phi)
+        final["head_bias"] = spec.final.head_bias
     stages.append(Stage("final", lay.layers, final, streamed=("head",)))
     return stages
 
@@ -390,7 +392,7 @@ def _feed_verifier(verifier: StreamVerifier, kind: str, layer: int, ta: dict, tb
         if kind == "embed":
             verifier.embed_rows(start, rows_a, rows_b)
         else:
-            verifier.head_rows(rows_a, rows_b)
+            verifier.head_rows(rows_a, rows_b, start)
     if kind == "embed":
         verifier.embed_done(ta, tb)
         return None
