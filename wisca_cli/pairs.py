@@ -220,6 +220,27 @@ def layer_pairs(layout: Layout, layer: int, targets: tuple[str, ...], granularit
     return pairs
 
 
+FINAL = "final"   # the stage after the last decoder layer: the final norm and the head
+
+
+def final_pairs(layout: Layout, targets: tuple[str, ...], granularity: str) -> list[Pair]:
+    """The ``norm`` target between the last layer and the logits: final norm weight (and
+    LayerNorm bias) of channel c times s, input column c of lm_head times 1/s. Roles are the
+    final stage's: ``norm``, ``norm_bias``, ``head`` (a ``W[out, in]`` linear in every family).
+
+    None with tied embeddings: the head is then the embedding table, whose columns also
+    make the residual stream entering layer 0, so scaling them would change the input."""
+    if "norm" not in targets or "norm" not in layout.spec.targets or layout.tie_embeddings:
+        return []
+    h = layout.hidden
+    units = torch.arange(h)
+    members = [Member("norm", 0, units, +1, offset=layout.spec.norm.weight_offset)]
+    if layout.spec.final.norm_bias:
+        members.append(Member("norm_bias", 0, units, +1, False))
+    members.append(Member("head", 1, units, -1))
+    return [Pair("norm", h, torch.zeros(h, dtype=torch.long), tuple(members)).regroup(granularity)]
+
+
 def lora_pair(rank: int) -> Pair:
     """PEFT LoRA: dW = (alpha / r) B A; row k of A times s[k], column k of B times 1/s[k]."""
     units = torch.arange(rank)
