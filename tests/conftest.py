@@ -69,6 +69,14 @@ ARCH_FAMILIES = {
     "gpt_neox": ("gpt_neox", dict(head_dim=None, num_key_value_heads=None, rotary_pct=0.5)),
     "gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=None, head_dim=None,
                           num_key_value_heads=None, tie_word_embeddings=True)),
+    # parallel block on one LayerNorm (no bias), interleaved rotary, logit_scale; Command R+'s per-head QK-norm
+    "cohere": ("cohere", dict(logit_scale=0.25)),
+    "cohere-qknorm": ("cohere", dict(use_qk_norm=True, tie_word_embeddings=True)),
+    # Phi-2: parallel block on one LayerNorm, partial rotary, GELU fc1/fc2, biases everywhere, lm_head bias
+    "phi": ("phi", dict(partial_rotary_factor=0.5)),
+    "phi-qknorm": ("phi", dict(partial_rotary_factor=0.5, qk_layernorm=True, tie_word_embeddings=True)),
+    # GELU c_fc/c_proj with biases, LayerNorm, GQA attention with biases, sliding window
+    "starcoder2": ("starcoder2", dict(sliding_window=8)),
 }
 # config.json of a synthetic checkpoint (``via="synthetic"``), before overrides
 SYNTHETIC_CONFIG = {
@@ -242,14 +250,14 @@ def unbalance(model, seed: int = 0, spread: float = 3.0) -> None:
 
 
 def skew_by_spec(path: Path, seed: int = 0, spread: float = 3.0) -> None:
-    """Rescale every symmetry the family's spec lists (qk, vo, ffn, norm) by random powers of
-    two, in the saved files. Logits before and after are compared in transformers (equal, or
+    """Rescale every symmetry the family's spec lists (qk, vo, ffn, norm, with the final norm ->
+    lm_head of an untied model) by random powers of two, in the saved files. Logits before and after are compared in transformers (equal, or
     within 1e-5 where the spec says the target rounds), so the symmetries are checked
     independently of wisca's own verifier."""
     from safetensors.torch import load_file, save_file
 
     from wisca_cli.balance import apply_scales
-    from wisca_cli.pairs import layer_pairs
+    from wisca_cli.pairs import final_pairs, layer_pairs
     from wisca_cli.spec import layout_from_config
 
     ids = probe_tokens()
@@ -270,6 +278,12 @@ def skew_by_spec(path: Path, seed: int = 0, spread: float = 3.0) -> None:
         for pair in layer_pairs(layout, layer, layout.spec.targets, "channel"):
             s = torch.exp2(torch.round(torch.randn(pair.n_units, generator=g) * spread)).double()
             w.update(apply_scales(pair, w, s))
+        tensors.update({names[r]: t.contiguous() for r, t in w.items()})
+    spec = layout.spec   # the final norm -> lm_head (untied embeddings only)
+    names = {"norm": spec.final_norm, "norm_bias": spec.final.norm_bias, "head": spec.lm_head}
+    for pair in final_pairs(layout, spec.targets, "channel"):
+        s = torch.exp2(torch.round(torch.randn(pair.n_units, generator=g) * spread)).double()
+        w = apply_scales(pair, {m.role: tensors[names[m.role]] for m in pair.members}, s)
         tensors.update({names[r]: t.contiguous() for r, t in w.items()})
     for f in files:
         save_file({n: t for n, t in tensors.items() if file_of[n] == f}, path / f, metadata={"format": "pt"})

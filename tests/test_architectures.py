@@ -127,6 +127,49 @@ def test_norm_target_alternating_with_the_others(family, arch_ckpt, tmp_path, mo
         assert (tmp_path / "back" / "model.safetensors").read_bytes() == a
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gpt_neox", "cohere", "phi", "starcoder2"])
+def test_final_norm_against_untied_lm_head(family, arch_ckpt, tmp_path):
+    """The norm target also pairs the final norm (and its LayerNorm bias) with lm_head's
+    input columns when the embeddings are untied: imbalance drops, same function, the
+    multipliers name both tensors (optimizer moments follow), undo is bit-exact."""
+    src, out = arch_ckpt(family), tmp_path / "out"
+    lay = open_checkpoint(src).layout
+    assert not lay.tie_embeddings
+    report = wisca.transform(src, out, targets=("norm",))
+    final = report["layers"][-1]
+    assert final["layer"] == "final" and final["norm"]["units"] == lay.hidden
+    assert final["norm"]["imbalance_after"] < final["norm"]["imbalance_before"]
+    assert not any("final norm" in w["message"] for w in report["warnings"])
+    _assert_same_function(src, out, "norm" not in _inexact(family))
+    before, after = wisca.inspect(src, targets=("norm",)), wisca.inspect(out, targets=("norm",))
+    assert before["layers"][-1]["layer"] == after["layers"][-1]["layer"] == "final"
+    assert after["layers"][-1]["norm"]["mean_abs_log2"] < before["layers"][-1]["norm"]["mean_abs_log2"]
+    assert after["before"]["layers"][-1]["norm"]["mean_abs_log2"] == \
+        pytest.approx(before["layers"][-1]["norm"]["mean_abs_log2"], rel=1e-6)
+    mults = api.scale_multipliers(out)
+    head, norm = mults[lay.spec.lm_head], mults[lay.spec.final_norm]
+    assert head.shape == (1, lay.hidden) and torch.equal(head.reshape(-1), 1 / norm.reshape(-1))
+    assert (head != 1).any()
+    if lay.spec.final.norm_bias:
+        assert torch.equal(mults[lay.spec.final.norm_bias], norm)
+    if "norm" not in _inexact(family):
+        wisca.undo(out, tmp_path / "back")
+        assert (tmp_path / "back" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "gpt2", "cohere-qknorm", "phi-qknorm"])
+def test_final_norm_is_not_applicable_with_tied_embeddings(family, arch_ckpt, tmp_path):
+    src = arch_ckpt(family)
+    assert open_checkpoint(src).layout.tie_embeddings
+    report = wisca.transform(src, tmp_path / "out", targets=("norm",))
+    assert report["targets_applied"] == ["norm"]              # the decoder layers' input norms
+    assert all(e["layer"] != "final" for e in report["layers"])
+    assert [w["option"] for w in report["warnings"] if "final norm -> lm_head" in w["message"]] == ["targets"]
+    assert "tied" in report["warnings"][-1]["message"]
+    assert all(e["layer"] != "final" for e in wisca.inspect(tmp_path / "out", targets=("norm",))["layers"])
+    _assert_same_function(src, tmp_path / "out", True)
+
+
 def test_norm_target_is_not_applicable_without_input_norms(arch_ckpt, tmp_path, monkeypatch):
     report = wisca.transform(arch_ckpt("olmo2"), tmp_path / "out", targets=("norm",))
     assert report["targets_not_applicable"] == ["norm"] and report["exactness"] == {"norm": "not applicable"}

@@ -99,6 +99,12 @@ def expected_multipliers(dst: Path) -> dict[str, tuple[str, torch.Tensor]]:
         for role, m in solve.layer_multipliers(lay, i, shapes, tuple(o["targets"]), o["granularity"],
                                                layer_scales(scales, i)).items():
             out[ckpt.weights[roles[role]].key] = (roles[role], m)
+    from wisca_cli.dcp_api import _final_names, _final_shapes
+    from wisca_cli.record import final_scales
+    names = _final_names(ckpt)
+    for role, m in solve.final_multipliers(lay, _final_shapes(ckpt), tuple(o["targets"]), o["granularity"],
+                                           final_scales(scales)).items():
+        out[ckpt.weights[names[role]].key] = (names[role], m)
     ckpt.close()
     return out
 
@@ -127,6 +133,14 @@ def test_transform_each_layout_bit_exact(kind, transformed, made):
     # the same DCP keys, chunks and planner data; only the storage table differs
     for ma, mb in zip(metadata(src), metadata(dst)):
         assert ma.state_dict_metadata == mb.state_dict_metadata and ma.planner_data == mb.planner_data
+    assert_rescaled(src, dst)
+    # world size 1: dcp.load into the framework's own fresh model: the same logits, bit for bit
+    assert torch.equal(load_logits(kind, src), load_logits(kind, dst))
+
+
+def assert_rescaled(src: Path, dst: Path) -> dict:
+    """Every entry of dst is src's: weights times S, moments / S or / S**2 (bit for bit),
+    everything else unchanged."""
     a, b = entries(src), entries(dst)
     assert a.keys() == b.keys()
     mults = expected_multipliers(dst)
@@ -149,8 +163,23 @@ def test_transform_each_layout_bit_exact(kind, transformed, made):
                 moved += 1
         assert torch.equal(vb, expect), key
     assert moved >= 2 * len(by_param)              # exp_avg and exp_avg_sq of every rescaled weight
-    # world size 1: dcp.load into the framework's own fresh model: the same logits, bit for bit
-    assert torch.equal(load_logits(kind, src), load_logits(kind, dst))
+    return mults
+
+
+def test_norm_target_with_the_final_norm(made, tmp_path):
+    """--targets with norm: the layer norms and the final norm -> lm_head pair, their moments too."""
+    src, dst = made / "hf", tmp_path / "norm"
+    res = run_cli("transform", src, dst, "--targets", "qk,vo,ffn,norm", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(res.stdout)
+    assert report["layers"][-1]["layer"] == "final" and "norm" in report["layers"][-1]
+    mults = assert_rescaled(src, dst)
+    assert {"model.lm_head.weight", "model.model.norm.weight"} <= set(mults)
+    assert torch.equal(load_logits("hf", src), load_logits("hf", dst))
+    restored = tmp_path / "restored"
+    assert run_cli("undo", dst, restored).returncode == 0
+    a, b = entries(src), entries(restored)
+    assert all(torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k] for k, v in a.items())
 
 
 def test_titan_model_is_torchtitans_llama():

@@ -121,6 +121,7 @@ def test_transition_matches_the_checkpoint_transform(tmp_path):
         if name in on_disk:
             assert torch.equal(p.detach(), on_disk[name]), name
     assert report["summary"].keys() == {"qk", "vo", "ffn", "norm"}
+    assert report["layers"][-1]["layer"] == "final"   # final norm -> lm_head (untied), as on disk
     # the record lets a checkpoint saved after the transition be undone
     model.save_pretrained(tmp_path / "rec")
     wisca.undo(tmp_path / "rec", tmp_path / "restored")

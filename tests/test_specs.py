@@ -15,7 +15,8 @@ from wisca_cli import spec
 from wisca_cli.errors import WiscaError
 
 SNAPSHOT = json.loads((Path(__file__).parent / "data" / "resolved_specs.json").read_text())["specs"]
-# The norm target's readers, hard-coded in pairs.norm_pair before the specs declared them.
+# The norm target's readers, hard-coded in pairs.norm_pair before the specs declared them
+# (families recorded later carry their own).
 OLD_NORM_READERS = {"attn_norm": ["q", "k", "v"], "mlp_norm": ["gate", "up", "router", "shared_gate"]}
 
 
@@ -41,7 +42,7 @@ def test_every_shipped_spec_loads():
 @pytest.mark.parametrize("name", sorted(SNAPSHOT))
 def test_resolved_spec_equals_the_old_one(name):
     """The deep-merged, shrunken files resolve to exactly the specs the full files gave."""
-    old = spec.parse_spec({**SNAPSHOT[name], "norm_readers": OLD_NORM_READERS}, f"snapshot {name}")
+    old = spec.parse_spec({"norm_readers": OLD_NORM_READERS, **SNAPSHOT[name]}, f"snapshot {name}")
     # name adapters (other frameworks' names) came later; the rest is as it was
     assert dataclasses.replace(spec.shipped_specs()[name], name_adapters=old.name_adapters) == old
 
@@ -136,6 +137,14 @@ def _load_with(name: str, change) -> None:
      "architectures/gemma2.json: inexact target 'ffn' is not in targets"),
     ("mixtral", lambda d: d["moe"]["expert_tensors"].update(up="w3.weight"),
      "architectures/mixtral.json: moe.expert_tensors.up must contain {expert}"),
+    ("cohere", lambda d: d["block"].update(parallel_residual=False),
+     "architectures/cohere.json: block.shared_norm needs parallel_residual"),
+    ("cohere", lambda d: d["layer_tensors"].update(mlp_norm="post_attention_layernorm.weight"),
+     "architectures/cohere.json: block.shared_norm: the MLP reads attn_norm, so there is no mlp_norm"),
+    ("cohere", lambda d: d["attention"].update(qk_norm="per_head"),
+     'architectures/cohere.json: attention.qk_norm must be one of "head", "heads", "full", got "per_head"'),
+    ("phi", lambda d: d["final"].update(head_bias=1),
+     "architectures/phi.json: final.head_bias must be a non-empty string, got 1"),
 ])
 def test_bad_spec_is_one_line_naming_file_and_key(name, change, message):
     with pytest.raises(WiscaError) as e:

@@ -326,3 +326,25 @@ def test_cli_warns_about_an_optimizer_state_it_cannot_transform(trained, tmp_pat
     res = run_cli("transform", src, tmp_path / "out2")
     assert res.returncode == 2 and "optimizer.pt" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out2").exists()
+
+
+def test_norm_target_carries_the_final_norm_and_lm_head_moments(trained, tmp_path):
+    """The final norm -> lm_head pair (untied embeddings): both tensors' Adam moments follow."""
+    _, ckpt, _ = trained
+    out = tmp_path / "out"
+    report = wisca.transform(ckpt, out, targets=("norm",))
+    assert report["layers"][-1]["layer"] == "final" and report["training_state"]["optimizer"]["exact"]
+    mult = wisca.scale_multipliers(out)
+    names = optimizer_parameter_names(ckpt)
+    before, after = _load(ckpt / "optimizer.pt"), _load(out / "optimizer.pt")
+    key_of = {names[k]: k for k in before["state"]}
+    for name in ("lm_head.weight", "model.norm.weight"):
+        s, k = mult[name].float(), key_of[name]
+        assert (s != 1).any(), name
+        assert torch.equal(after["state"][k]["exp_avg"], before["state"][k]["exp_avg"] / s), name
+        assert torch.equal(after["state"][k]["exp_avg_sq"], before["state"][k]["exp_avg_sq"] / (s * s)), name
+    wisca.undo(out, tmp_path / "back")
+    restored = _load(tmp_path / "back" / "optimizer.pt")
+    for name in ("lm_head.weight", "model.norm.weight"):
+        k = key_of[name]
+        assert all(torch.equal(restored["state"][k][m], before["state"][k][m]) for m in ("exp_avg", "exp_avg_sq"))

@@ -28,13 +28,14 @@ from .balance import NonFiniteValues
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import VerificationFailed, WiscaError
 from .output import StagedOutput, check_target, copy_other_files
-from .record import (RECORD_FORMAT, resolve_mode, RECORD_NAME, SCALES_NAME, layer_pattern, layer_scales, pair_report, pattern_summary,
-                     read_record, summarise, write_record)
+from .record import (RECORD_FORMAT, RECORD_NAME, SCALES_NAME, final_scales, layer_pattern, layer_scales, pair_report,
+                     pattern_summary, read_record, resolve_mode, summarise, write_record)
 from .record import stamp as record_stamp
 from .options import (DEFAULT_TARGETS, OPTIONS, PROBE_FIELDS, TOLERANCE_FIELDS, OptionError,  # noqa: F401
-                      TransformOptions, check, default, model_warnings, not_applicable)
-from .pairs import layer_pairs
-from .stream import (Progress, _main_dtype, _main_torch_dtype, _nonfinite_error, _rewrite, _tolerance,
+                      TransformOptions, check, default, final_norm_warnings, model_warnings, not_applicable)
+from .balance import apply_multiplier
+from .pairs import FINAL, final_pairs, layer_pairs
+from .stream import (Progress, _main_dtype, _main_torch_dtype, _nonfinite_error, _rewrite, _stages, _tolerance,
                      parallel_reduce, verify_stream)
 from .verify import StreamVerifier, Tolerance, compute_dtype, probe_ids
 
@@ -87,7 +88,8 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
         exactness = solve.exactness(ckpt.layout, opts.targets, pow2)
         exact = all(v != "tolerance" for v in exactness.values())
         tol = _tolerance(ckpt, opts.given_tolerance())
-        warnings = model_warnings(opts, src, exact)
+        warnings = model_warnings(opts, src, exact) + final_norm_warnings(
+            opts.targets, ckpt.layout.spec.targets, ckpt.layout.tie_embeddings)
         verifier = None
         if opts.verify:
             ids = probe_ids(ckpt.layout.vocab, opts.probe_batch, opts.probe_len, opts.seed, opts.probe_ids_file)
@@ -106,10 +108,22 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                 scales[f"layers.{layer}.{kind}"] = r.scales
             return new, {kind: pair_report(r) for kind, r in results.items()}
 
+        def balance_final(tensors: dict[str, torch.Tensor], head_blocks, head_dtype):
+            try:
+                new, results, mults = solve.balance_final(ckpt.layout, tensors, head_blocks, head_dtype,
+                                                          opts.targets, opts.granularity, opts.norm,
+                                                          opts.strength, pow2, reduce=parallel_reduce)
+            except NonFiniteValues as e:
+                raise _nonfinite_error(ckpt, _final_names(ckpt)[e.role]) from None
+            for kind, r in results.items():
+                scales[f"{FINAL}.{kind}"] = r.scales
+            return new, {kind: pair_report(r) for kind, r in results.items()}, mults
+
         stamp = record_stamp()
         with StagedOutput(dst_path, opts.overwrite) as out:
             layers, result = _rewrite(ckpt, out.tmp, balance, verifier, stamp, progress, checked=lambda layer:
-                                      solve.covered_roles(ckpt.layout, layer, opts.targets, opts.granularity))
+                                      solve.covered_roles(ckpt.layout, layer, opts.targets, opts.granularity),
+                                      final_fn=balance_final)
             report = {
                 "command": "transform", "wisca_version": __version__, "record_format": RECORD_FORMAT,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -175,7 +189,16 @@ def _multipliers(ckpt: Checkpoint, targets: tuple[str, ...], granularity: str,
         shapes = {role: ckpt.tensors[n].shape for role, n in names.items()}
         mults = solve.layer_multipliers(lay, layer, shapes, tuple(targets), granularity, layer_scales(scales, layer))
         out.update({names[role]: m for role, m in mults.items()})
+    names = _final_names(ckpt)
+    shapes = {role: ckpt.tensors[n].shape for role, n in names.items()}
+    mults = solve.final_multipliers(lay, shapes, tuple(targets), granularity, final_scales(scales))
+    out.update({names[role]: m for role, m in mults.items()})
     return out
+
+
+def _final_names(ckpt: Checkpoint) -> dict[str, str]:
+    """role -> tensor name of the final stage (``norm``, ``norm_bias``, ``head``, ``head_bias``)."""
+    return next(s.names for s in _stages(ckpt) if s.kind == "final")
 
 
 def scale_multipliers(transformed: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -227,8 +250,17 @@ def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite:
                 raise WiscaError(f"{ckpt.root / SCALES_NAME}: scales {prefix}{e.args[0]} missing "
                                  f"or of the wrong size") from e
 
+        def unscale_final(tensors: dict[str, torch.Tensor], head_blocks, head_dtype):
+            try:
+                new, mults = solve.unscale_final(ckpt.layout, tensors, tuple(opts["targets"]), opts["granularity"],
+                                                 final_scales(scales))
+            except KeyError as e:
+                raise WiscaError(f"{ckpt.root / SCALES_NAME}: scales {FINAL}.{e.args[0]} missing "
+                                 f"or of the wrong size") from e
+            return new, None, mults
+
         with StagedOutput(dst_path, overwrite) as out:
-            _, result = _rewrite(ckpt, out.tmp, unscale_layer, verifier, None, progress)
+            _, result = _rewrite(ckpt, out.tmp, unscale_layer, verifier, None, progress, final_fn=unscale_final)
             if result is not None and not result.passed:
                 raise VerificationFailed("undo: the restored model does not compute the same function; "
                                          "nothing written", {"verification": result.to_dict()})
@@ -393,6 +425,18 @@ def _inspect_model(ckpt, granularity: str, norm: str, targets: tuple[str, ...], 
                 before.append(layer_pattern(ckpt.layout, i, original, targets, granularity, norm))
             if progress:
                 progress(sum(t.numel() * t.element_size() for t in tensors.values()), f"layer {i}")
+        final = final_pairs(ckpt.layout, targets, "channel")
+        if final:   # final norm -> lm_head (the norm target, untied embeddings)
+            names = _final_names(ckpt)
+            tensors = {m.role: ckpt.read(names[m.role]) for m in final[0].members}
+            layers.append(layer_pattern(ckpt.layout, FINAL, tensors, targets, granularity, norm, final))
+            if record is not None:
+                try:
+                    original = {**tensors, **_unscale_final_whole(ckpt, tensors, record, scales)}
+                except KeyError as e:
+                    raise WiscaError(f"{ckpt.root / SCALES_NAME}: scales {FINAL}.{e.args[0]} missing "
+                                     f"or of the wrong size") from e
+                before.append(layer_pattern(ckpt.layout, FINAL, original, targets, granularity, norm, final))
         report = {"command": "inspect", "wisca_version": __version__, "source": ckpt.source,
                   "architecture": ckpt.layout.spec.name, "granularity": granularity, "norm": norm,
                   "warnings": [], "summary": pattern_summary(layers, targets), "layers": layers}
@@ -403,3 +447,14 @@ def _inspect_model(ckpt, granularity: str, norm: str, targets: tuple[str, ...], 
         return report
     finally:
         ckpt.close()
+
+
+def _unscale_final_whole(ckpt: Checkpoint, tensors: dict[str, torch.Tensor], record: dict,
+                         scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The final stage's tensors (the head whole) before the recorded transform."""
+    opts = record["options"]
+    new, mults = solve.unscale_final(ckpt.layout, tensors, tuple(opts["targets"]), opts["granularity"],
+                                     final_scales(scales))
+    if "head" in mults and "head" in tensors:
+        new["head"] = apply_multiplier(tensors["head"], mults["head"])
+    return new

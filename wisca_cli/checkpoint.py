@@ -272,6 +272,8 @@ def validate(ckpt: Checkpoint) -> None:
         _check_tensor(ckpt, spec.lm_head, (lay.vocab, lay.hidden), "lm_head")
     if spec.final.norm_bias:
         _check_tensor(ckpt, spec.final.norm_bias, (lay.hidden,), "final norm")
+    if spec.final.head_bias:
+        _check_tensor(ckpt, spec.final.head_bias, (lay.vocab,), "lm_head bias")
     if spec.embedding.positions:
         count = lay.value(spec.embedding.positions_count, 0)
         _check_tensor(ckpt, spec.embedding.positions, (int(count), lay.hidden), "position embedding")

@@ -416,10 +416,12 @@ LayerFn = Callable[[int, dict], tuple[dict, dict]]
 
 
 def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, progress=None,
-            world: World | None = None) -> dict:
+            world: World | None = None, final_fn: Callable | None = None) -> dict:
     """This rank's part of the output: its block of layers (the embedding on rank 0, the
     final norm and head on the last rank), their moments, and its share of every other
-    entry. Returns this rank's payload: storage tables, layer reports, verification."""
+    entry. ``final_fn(small tensors, head_blocks, head dtype) -> (new tensors, report, role ->
+    multiplier)``: the final norm -> lm_head pair (the norm target). Returns this rank's
+    payload: storage tables, layer reports, verification."""
     world = world or World()
     rank, size, lay = world.rank, world.size, ckpt.layout
     mine = blocks(lay.layers, size)[rank]
@@ -483,9 +485,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
     def rows(e: Entry, feed: Callable) -> None:
         """``feed(first_row, rows)`` over a big 2-D tensor, a chunk at a time when its chunks
         are row blocks (FSDP's dim-0 shards), else whole; copied out on the way."""
-        row_blocks = all(offsets[1:] == (0,) * (len(e.size) - 1) and tuple(sizes[1:]) == e.size[1:]
-                         for _, offsets, sizes in e.pieces())
-        if row_blocks:
+        if _row_blocks(e):
             copy_entry(e, lambda offsets, t: feed(offsets[0], t))
         else:
             feed(0, read_full(e))
@@ -536,32 +536,62 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
     def final_stage():
         names = stage_names["final"]
         head = ckpt.weights[names["head"]]
-        t = {}
-        for role, name in names.items():
-            if role == "head":
-                continue
-            if verifier is not None:
-                t[role] = read_full(ckpt.weights[name])
-                _require_finite(ckpt.weights[name], t[role])
-            copy_entry(ckpt.weights[name])
-            moments_of(name, None)
-        if verifier is not None:
-            verifier.final_norm(t["norm"], t["norm"], t, t)
         write_head = not lay.tie_embeddings      # a tied head was written as the embedding
-        if verifier is not None:
-            feed = lambda start, w: (_require_finite(head, w), verifier.head_rows(w, w))  # noqa: E731
-            if write_head:
-                rows(head, feed)
+        small = {role: read_full(ckpt.weights[n]) for role, n in names.items() if role != "head"}
+        for role, t in small.items():
+            _require_finite(ckpt.weights[names[role]], t)
+        ordered = sorted(head.pieces(), key=lambda p: p[1])
+        by_rows = _row_blocks(head)
+
+        def head_blocks():
+            if by_rows:
+                return ((offsets[0], head.folder.load(idx)) for idx, offsets, _ in ordered)
+            return iter([(0, read_full(head))])
+
+        new, mults = {}, {}
+        if final_fn is not None and write_head:   # the norm target's final norm -> lm_head
+            new, report, mults = final_fn(small, head_blocks, head.dtype)
+            if report:
+                reports.append({"layer": "final", **report})
+        for role, t in small.items():
+            e = ckpt.weights[names[role]]
+            if role in new:
+                for idx, offsets, sizes in e.pieces():
+                    writers[e.folder.rel].put_tensor(idx, new[role][_slices(offsets, sizes)])
+                done.add(e.key)
             else:
-                for idx, offsets, _ in sorted(head.pieces(), key=lambda p: p[1]):
-                    feed(offsets[0], head.folder.load(idx))
-            state["result"] = verifier.result()
-        elif write_head:
-            copy_entry(head)
+                copy_entry(e)
+            moments_of(names[role], mults.get(role))
+        if verifier is not None:
+            after = {**small, **new}
+            verifier.final_norm(small["norm"], after["norm"], small, after)
+        if write_head or verifier is not None:
+            for start, rows in head_blocks():
+                _require_finite(head, rows)
+                out = rows
+                if "head" in mults:
+                    offsets = (start,) + (0,) * (rows.dim() - 1)
+                    out = apply_multiplier(rows, chunk_multiplier(mults["head"], offsets, tuple(rows.shape)), 1)
+                if verifier is not None:
+                    verifier.head_rows(rows, out, start)
+                if write_head:
+                    _put_rows(head, start, rows if "head" not in mults else out)
+            if verifier is not None:
+                state["result"] = verifier.result()
         if write_head:
-            moments_of(names["head"], None)
+            done.add(head.key)
+            check_fault()
+            moments_of(names["head"], mults.get("head"))
         if progress:
             progress(sum(ckpt.weights[n].nbytes for n in names.values()), "final")
+
+    def _put_rows(e: Entry, start: int, rows: torch.Tensor) -> None:
+        """Write the chunks of ``e`` that a block of rows (starting at ``start``) holds."""
+        for idx, offsets, sizes in e.pieces():
+            lo = offsets[0] - start if offsets else 0
+            if 0 <= lo and lo + (sizes[0] if sizes else 1) <= rows.shape[0]:
+                box = (slice(lo, lo + sizes[0]), *(slice(o, o + n) for o, n in zip(offsets[1:], sizes[1:])))
+                writers[e.folder.rel].put_tensor(idx, rows[box])
 
     def work():
         if rank == 0:
@@ -587,6 +617,12 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
             w.abort()
     return {"storage": {rel: w.infos for rel, w in writers.items()}, "layers": reports,
             "result": state["result"]}
+
+
+def _row_blocks(e: Entry) -> bool:
+    """Every chunk spans whole rows (FSDP's dim-0 shards): the tensor can go a chunk at a time."""
+    return all(offsets[1:] == (0,) * (len(e.size) - 1) and tuple(sizes[1:]) == e.size[1:]
+               for _, offsets, sizes in e.pieces())
 
 
 def _slices(offsets, sizes) -> tuple[slice, ...]:

@@ -23,9 +23,10 @@ from . import __version__, solve
 from .balance import NonFiniteValues
 from .dcp import METADATA, PeerFailed, World, open_dcp, read_full, rewrite, write_metadata
 from .errors import VerificationFailed, WiscaError
-from .options import TransformOptions, model_warnings
+from .options import TransformOptions, final_norm_warnings, model_warnings
+from .pairs import FINAL
 from .output import StagedOutput, check_target, copy_other_files
-from .record import (RECORD_FORMAT, RECORD_NAME, resolve_mode, SCALES_NAME, layer_scales, pair_report, read_record, summarise,
+from .record import (RECORD_FORMAT, RECORD_NAME, resolve_mode, SCALES_NAME, final_scales, layer_scales, pair_report, read_record, summarise,
                      write_record)
 from .record import stamp as record_stamp
 from .verify import StreamVerifier, compute_dtype, probe_ids, resolve_tolerance
@@ -100,7 +101,7 @@ def _main_dtype(ckpt) -> str:
 
 
 def _rewrite_all(world: World, ckpt, dst_path: Path, overwrite: bool, layer_fn, verifier, progress,
-                 finish: Callable[[Path, list[dict]], dict]) -> dict:
+                 finish: Callable[[Path, list[dict]], dict], final_fn=None) -> dict:
     """The work and commit phases: every rank writes its part into rank 0's temporary
     folder; rank 0 calls ``finish(tmp, payloads)`` (the report; raise to abandon), writes
     the metadata and renames the folder into place."""
@@ -108,7 +109,7 @@ def _rewrite_all(world: World, ckpt, dst_path: Path, overwrite: bool, layer_fn, 
     try:
         _phase(world, lambda: staged.__enter__() if staged else None)
         tmp = Path(world.broadcast(str(staged.tmp) if staged else None))
-        payload = _phase(world, lambda: rewrite(ckpt, tmp, layer_fn, verifier, progress, world))
+        payload = _phase(world, lambda: rewrite(ckpt, tmp, layer_fn, verifier, progress, world, final_fn))
         payload.update(scales=layer_fn.scales, **layer_fn.counts)   # this rank's layers'
         payloads = world.gather(payload)
 
@@ -172,7 +173,8 @@ def _transform(world: World, src, dst, opts: TransformOptions, progress) -> dict
         lay, pow2 = ckpt.layout, opts.scales == "pow2"
         exactness = solve.exactness(lay, opts.targets, pow2)
         exact = all(v != "tolerance" for v in exactness.values())
-        warnings = model_warnings(opts, src, exact)
+        warnings = model_warnings(opts, src, exact) + final_norm_warnings(opts.targets, lay.spec.targets,
+                                                                          lay.tie_embeddings)
         verifier = _verifier(ckpt, exact, (opts.probe_batch, opts.probe_len, opts.seed, opts.probe_ids_file),
                              opts.given_tolerance()) if opts.verify else None
         scales: dict[str, torch.Tensor] = {}
@@ -192,8 +194,21 @@ def _transform(world: World, src, dst, opts: TransformOptions, progress) -> dict
             _count(ckpt, lay, layer, mults, counts)
             return new, mults, {kind: pair_report(r) for kind, r in results.items()}
 
+        def balance_final(small: dict, head_blocks, head_dtype):
+            try:
+                new, results, _ = solve.balance_final(lay, small, head_blocks, head_dtype, opts.targets,
+                                                      opts.granularity, opts.norm, opts.strength, pow2)
+            except NonFiniteValues as e:
+                raise WiscaError(f"{ckpt.root}: final stage tensor {e.role} contains NaN or Inf") from None
+            found = {kind: r.scales for kind, r in results.items()}
+            scales.update({f"{FINAL}.{kind}": s for kind, s in found.items()})
+            mults = solve.final_multipliers(lay, _final_shapes(ckpt), opts.targets, opts.granularity, found)
+            _count_final(ckpt, mults, counts)
+            return new, ({kind: pair_report(r) for kind, r in results.items()} or None), mults
+
         def finish(tmp: Path, payloads: list[dict]) -> dict:
-            layers = sorted((r for p in payloads for r in p["layers"]), key=lambda r: r["layer"])
+            layers = sorted((r for p in payloads for r in p["layers"]),
+                            key=lambda r: (r["layer"] == "final", r["layer"] if r["layer"] != "final" else 0))
             result = next((p["result"] for p in payloads if p["result"] is not None), None)
             report = {
                 "command": "transform", "wisca_version": __version__, "record_format": RECORD_FORMAT,
@@ -224,7 +239,7 @@ def _transform(world: World, src, dst, opts: TransformOptions, progress) -> dict
             return report
 
         return _rewrite_all(world, ckpt, dst_path, opts.overwrite, _Tagged(balance, scales, counts), verifier,
-                            progress, finish)
+                            progress, finish, balance_final)
     finally:
         ckpt.close()
 
@@ -243,6 +258,24 @@ def _count(ckpt, lay, layer: int, mults: dict, counts: dict) -> None:
     roles = lay.layer_roles(layer)
     for role in mults:
         moments = ckpt.moments.get(roles[role], {})
+        if moments:
+            counts["params_scaled"] += 1
+            counts["moments_scaled"] += sum(1 for m in moments if m != "step")
+
+
+def _final_names(ckpt) -> dict[str, str]:
+    from .dcp import _stage_list
+    return next(s.names for s in _stage_list(ckpt.layout) if s.kind == "final")
+
+
+def _final_shapes(ckpt) -> dict[str, tuple[int, ...]]:
+    return {role: ckpt.weights[n].size for role, n in _final_names(ckpt).items()}
+
+
+def _count_final(ckpt, mults: dict, counts: dict) -> None:
+    names = _final_names(ckpt)
+    for role in mults:
+        moments = ckpt.moments.get(names[role], {})
         if moments:
             counts["params_scaled"] += 1
             counts["moments_scaled"] += sum(1 for m in moments if m != "step")
@@ -287,6 +320,18 @@ def _undo(world: World, transformed, restored, overwrite, verify, progress, conf
             _count(ckpt, lay, layer, mults, counts)
             return new, mults, {}
 
+        def unscale_final(small: dict, head_blocks, head_dtype):
+            recorded = final_scales(scales)
+            try:
+                new, _ = solve.unscale_final(lay, small, targets, o["granularity"], recorded)
+            except KeyError as e:
+                raise WiscaError(f"{ckpt.root / SCALES_NAME}: scales {FINAL}.{e.args[0]} missing "
+                                 f"or of the wrong size") from e
+            mults = {role: 1.0 / m for role, m in
+                     solve.final_multipliers(lay, _final_shapes(ckpt), targets, o["granularity"], recorded).items()}
+            _count_final(ckpt, mults, counts)
+            return new, None, mults
+
         def finish(tmp: Path, payloads: list[dict]) -> dict:
             result = next((p["result"] for p in payloads if p["result"] is not None), None)
             if result is not None and not result.passed:
@@ -300,7 +345,7 @@ def _undo(world: World, transformed, restored, overwrite, verify, progress, conf
                     "seconds": round(time.perf_counter() - started, 3)}
 
         return _rewrite_all(world, ckpt, dst_path, overwrite, _Tagged(unscale, {}, counts), verifier, progress,
-                            finish)
+                            finish, unscale_final)
     finally:
         ckpt.close()
 

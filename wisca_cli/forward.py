@@ -44,9 +44,14 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                layout: Layout) -> torch.Tensor:
-    """The family's norm: RMSNorm (optionally ``(offset + w)``) or LayerNorm with bias."""
+    """The family's norm over the last dim: RMSNorm (optionally ``(offset + w)``) or
+    LayerNorm (bias optional). A weight of more dims (Cohere's per-head QK-norm, ``[H, d]``)
+    broadcasts over the trailing dims of x."""
     if layout.spec.norm.kind == "layernorm":
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        if weight.dim() == 1:
+            return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        y = F.layer_norm(x, (x.shape[-1],), None, None, eps) * weight
+        return y if bias is None else y + bias
     return rms_norm(x, weight, eps, layout.spec.norm.weight_offset)
 
 
@@ -122,14 +127,17 @@ def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask
     d, heads, kv = layout.head_dim, layout.heads, layout.kv_heads
     att = layout.spec.attention
     q, k, v = linear(x, w, "q"), linear(x, w, "k"), linear(x, w, "v")
-    offset = layout.spec.norm.weight_offset
-    if att.qk_norm == "full":            # OLMo2: over the whole projection
-        q, k = rms_norm(q, w["q_norm"], layout.eps, offset), rms_norm(k, w["k_norm"], layout.eps, offset)
-    q = q.view(batch, length, heads, d).transpose(1, 2)
-    k = k.view(batch, length, kv, d).transpose(1, 2)
-    v = v.view(batch, length, kv, d).transpose(1, 2)
-    if att.qk_norm == "head":            # Qwen3, Gemma3: per head, one shared weight
-        q, k = rms_norm(q, w["q_norm"], layout.eps, offset), rms_norm(k, w["k_norm"], layout.eps, offset)
+    qk_norm = att.qk_norm if "q_norm" in w else None   # QK-norm: the family's norm kind
+
+    def qk(x, role):
+        return layer_norm(x, w[role], w.get(role + "_bias"), layout.eps, layout)
+
+    if qk_norm == "full":                # OLMo2: over the whole projection
+        q, k = qk(q, "q_norm"), qk(k, "k_norm")
+    q, k, v = q.view(batch, length, heads, d), k.view(batch, length, kv, d), v.view(batch, length, kv, d)
+    if qk_norm in ("head", "heads"):     # per head: one shared weight (Qwen3, Gemma3), or one per head (Cohere)
+        q, k = qk(q, "q_norm"), qk(k, "k_norm")
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if rope is not None:
         style = att.rotary
         q, k = apply_rope(q, *rope, style), apply_rope(k, *rope, style)
@@ -204,9 +212,10 @@ def decoder_layer(h: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, 
     w = logical(layout, w)
     block = layout.spec.block
     res = layout.value(block.residual_multiplier, 1.0)
-    a = _norm(attention(_norm(h, w, "attn_norm", layout), w, layout, rope, mask), w, "post_attn_norm", layout)
-    if layout.value(block.parallel_residual, False):
-        return h + (mlp(_norm(h, w, "mlp_norm", layout), w, layout) + a)
+    x = _norm(h, w, "attn_norm", layout)
+    a = _norm(attention(x, w, layout, rope, mask), w, "post_attn_norm", layout)
+    if layout.value(block.parallel_residual, False):   # shared_norm: the MLP reads attn_norm too (Cohere, Phi)
+        return h + (mlp(x if block.shared_norm else _norm(h, w, "mlp_norm", layout), w, layout) + a)
     h = h + (a * res if res != 1.0 else a)
     m = _norm(mlp(_norm(h, w, "mlp_norm", layout), w, layout), w, "post_mlp_norm", layout)
     return h + (m * res if res != 1.0 else m)
@@ -222,20 +231,27 @@ def embed_scale(layout: Layout) -> float | None:
 
 
 def postprocess_logits(logits: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Granite's logits divisor, Gemma2's final softcap (elementwise: any vocab block)."""
+    """Granite's logits divisor, Cohere's logit scale, Gemma2's final softcap (elementwise:
+    any vocab block)."""
     final = layout.spec.final
     div = layout.value(final.logits_divisor, None)
     if div not in (None, 1.0):
         logits = logits / div
+    mul = layout.value(final.logits_scale, None)
+    if mul not in (None, 1.0):
+        logits = logits * mul
     return _softcap(logits, layout.value(final.softcap, None))
 
 
 def final_logits(h: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor, layout: Layout,
-                 chunk_rows: int = 8192, norm_bias: torch.Tensor | None = None) -> torch.Tensor:
+                 chunk_rows: int = 8192, norm_bias: torch.Tensor | None = None,
+                 head_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Logits, computing with the head a block of vocab rows at a time (cast to h's dtype).
 
-    ``norm_weight=None``: h is already normalised."""
+    ``norm_weight=None``: h is already normalised. ``head_bias``: the head's bias for
+    these rows (Phi's lm_head)."""
     x = h if norm_weight is None else layer_norm(h, norm_weight, norm_bias, layout.eps, layout)
-    return torch.cat([postprocess_logits(F.linear(x, head[i:i + chunk_rows].to(x.dtype)), layout)
+    return torch.cat([postprocess_logits(F.linear(x, head[i:i + chunk_rows].to(x.dtype),
+                                                  None if head_bias is None else
+                                                  head_bias[i:i + chunk_rows].to(x.dtype)), layout)
                       for i in range(0, head.shape[0], chunk_rows)], dim=-1)
-

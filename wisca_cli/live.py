@@ -28,8 +28,8 @@ import torch
 from . import __version__
 from .balance import apply_multiplier_, chunk_multiplier, member_multipliers, scales_from_stats
 from .errors import VerificationFailed, WiscaError
-from .options import DEFAULT_TARGETS, check, default
-from .pairs import layer_pairs
+from .options import DEFAULT_TARGETS, check, default, final_norm_warnings
+from .pairs import FINAL, final_pairs, layer_pairs
 from .record import RECORD_FORMAT, pair_report, summarise, write_record
 from .solve import MAX_SWEEPS, _overlapping, exactness
 from .spec import layout_from_config
@@ -357,10 +357,18 @@ def transition(model, optimizer=None, *, targets=DEFAULT_TARGETS, granularity: s
             pairs = layer_pairs(layout, layer, targets, granularity)
             regions = {m.role: region_of(m.role, roles[m.role]) for p in pairs for m in p.members}
             yield {"report": {"layer": layer}, "key": lambda kind, i=layer: f"layers.{i}.{kind}"}, pairs, regions
+        final = final_pairs(layout, targets, granularity)   # final norm -> lm_head (untied embeddings)
+        if final:
+            spec = layout.spec
+            names = {"norm": spec.final_norm, "norm_bias": spec.final.norm_bias, "head": spec.lm_head}
+            regions = {m.role: region_of(m.role, names[m.role]) for p in final for m in p.members}
+            yield {"report": {"layer": FINAL}, "key": lambda kind: f"{FINAL}.{kind}"}, final, regions
 
     def make_report(reports, verification):
-        return _report(layout.spec.name, targets, granularity, norm, strength, scales, exact_by_target, reports,
-                       verification)
+        out = _report(layout.spec.name, targets, granularity, norm, strength, scales, exact_by_target, reports,
+                      verification)
+        out["warnings"] += final_norm_warnings(targets, layout.spec.targets, layout.tie_embeddings)
+        return out
 
     opts = {"norm": norm, "strength": strength, "pow2": pow2, "optimizer_state": optimizer_state}
     report, recorded = _run(model, params, optimizer, powers, groups(), layout.vocab, exact, opts, compute_dtype,

@@ -216,4 +216,18 @@ def model_warnings(opts: TransformOptions, src, exact: bool) -> list[dict]:
     return out
 
 
+TIED_FINAL_NORM = ("the final norm -> lm_head part of the norm target is not applicable: the embeddings are "
+                   "tied, so lm_head is the embedding table, whose columns also make the residual stream "
+                   "entering layer 0 (scaling them would change the input); the decoder layers' input norms "
+                   "are balanced")
+
+
+def final_norm_warnings(targets: tuple[str, ...], family_targets: tuple[str, ...], tied: bool) -> list[dict]:
+    """The norm target requested on a family that has it, with tied embeddings: its final
+    norm -> lm_head pair does not apply (say so, as for a target not applicable)."""
+    if tied and "norm" in targets and "norm" in family_targets:
+        return [{"option": "targets", "message": TIED_FINAL_NORM}]
+    return []
+
+
 # -- transform -------------------------------------------------------------------------------

@@ -81,18 +81,25 @@ def _qk_maps(layout: Layout, layer: int) -> tuple[torch.Tensor, torch.Tensor, in
 def qk_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
     """Q rows of every query head in group g and K rows of kv head g, per rotary pair.
 
-    With QK-norm the scale lives on the norm weights instead (scaling q_proj/k_proj would
-    be absorbed by the norm): ``head`` (one weight of size d shared by all heads: one unit
-    per rotary pair) or ``full`` (weights of size H*d and G*d: the same maps as the rows).
+    With QK-norm (where the layer has a ``q_norm`` tensor) the scale lives on the norm
+    weights (and a LayerNorm's biases) instead: scaling q_proj/k_proj would be absorbed by
+    the norm. ``head`` (one weight of size d shared by all heads) and ``heads`` (a weight row
+    per head, ``[H, d]`` and ``[G, d]``: Cohere): one unit per rotary pair shared by all heads,
+    along the last axis; ``full`` (weights of size H*d and G*d): the same maps as the rows.
     """
     q_rows, kv_rows, per_head = _qk_maps(layout, layer)
-    qk_norm = layout.spec.attention.qk_norm
-    if qk_norm == "head":
+    qk_norm = layout.spec.attention.qk_norm if "q_norm" in roles else None
+    if qk_norm in ("head", "heads"):
         per_dim, n = rotary_units(layout.head_dim, layout.rotary_dims_at(layer), layout.spec.attention.rotary)
-        return Pair("qk", n, torch.zeros(n, dtype=torch.long),
-                    (Member("q_norm", 0, per_dim, +1), Member("k_norm", 0, per_dim, -1)))
+        axis = 0 if qk_norm == "head" else 1
+        members = [Member(r, axis, per_dim, side, not r.endswith("_bias"))
+                   for r, side in (("q_norm", +1), ("k_norm", -1), ("q_norm_bias", +1), ("k_norm_bias", -1))
+                   if r in roles]
+        return Pair("qk", n, torch.zeros(n, dtype=torch.long), tuple(members))
     if qk_norm == "full":
         members = [Member("q_norm", 0, q_rows, +1), Member("k_norm", 0, kv_rows, -1)]
+        members += [Member(r, 0, ids, side, False) for r, ids, side in
+                    (("q_norm_bias", q_rows, +1), ("k_norm_bias", kv_rows, -1)) if r in roles]
     else:
         members = [Member("q", 0, q_rows, +1), Member("k", 0, kv_rows, -1)]
         members += [Member(r, 0, ids, side, False) for r, ids, side in
@@ -211,6 +218,27 @@ def layer_pairs(layout: Layout, layer: int, targets: tuple[str, ...], granularit
             if pair.n_units:
                 pairs.append(to_physical(layout, pair).regroup(granularity))
     return pairs
+
+
+FINAL = "final"   # the stage after the last decoder layer: the final norm and the head
+
+
+def final_pairs(layout: Layout, targets: tuple[str, ...], granularity: str) -> list[Pair]:
+    """The ``norm`` target between the last layer and the logits: final norm weight (and
+    LayerNorm bias) of channel c times s, input column c of lm_head times 1/s. Roles are the
+    final stage's: ``norm``, ``norm_bias``, ``head`` (a ``W[out, in]`` linear in every family).
+
+    None with tied embeddings: the head is then the embedding table, whose columns also
+    make the residual stream entering layer 0, so scaling them would change the input."""
+    if "norm" not in targets or "norm" not in layout.spec.targets or layout.tie_embeddings:
+        return []
+    h = layout.hidden
+    units = torch.arange(h)
+    members = [Member("norm", 0, units, +1, offset=layout.spec.norm.weight_offset)]
+    if layout.spec.final.norm_bias:
+        members.append(Member("norm_bias", 0, units, +1, False))
+    members.append(Member("head", 1, units, -1))
+    return [Pair("norm", h, torch.zeros(h, dtype=torch.long), tuple(members)).regroup(granularity)]
 
 
 def lora_pair(rank: int) -> Pair:

@@ -113,6 +113,12 @@ def layer_scales(scales: dict[str, torch.Tensor], layer: int) -> dict[str, torch
     return {k[len(prefix):]: v for k, v in scales.items() if k.startswith(prefix)}
 
 
+def final_scales(scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """pair kind -> scales of the final stage (final norm -> lm_head), from ``final.{kind}`` keys."""
+    prefix = "final."
+    return {k[len(prefix):]: v for k, v in scales.items() if k.startswith(prefix)}
+
+
 # -- report summaries ---------------------------------------------------------------------
 def summarise(layer_reports: list[dict]) -> dict:
     """Per pair kind, over the layers' reports: units, dead, clamped, mean |log2 imbalance|
@@ -154,14 +160,15 @@ def pair_report(r) -> dict:
 
 
 # -- weight patterns (inspect) ----------------------------------------------------------------
-def layer_pattern(layout, layer: int, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
-                   granularity: str, norm: str) -> dict:
+def layer_pattern(layout, layer: int | str, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
+                   granularity: str, norm: str, pairs=None) -> dict:
     """One layer's weight pattern: per pair kind, the units' |log2 ratio| and per head (kv
-    group, expert or norm) the signed log2(||A|| / ||B||)."""
+    group, expert or norm) the signed log2(||A|| / ||B||). ``pairs``: other pairs than the
+    decoder layer's (the final stage's, ``layer="final"``)."""
     from .balance import log2_imbalance, unit_stats
 
     entry: dict = {"layer": layer}
-    for pair in layer_pairs(layout, layer, targets, "channel"):
+    for pair in layer_pairs(layout, layer, targets, "channel") if pairs is None else pairs:
         units = log2_imbalance(unit_stats(pair.regroup(granularity), tensors), norm)
         heads = log2_imbalance(unit_stats(pair.regroup("head"), tensors), norm)
         live = units[~torch.isnan(units)]

@@ -7,13 +7,13 @@ pair are what was applied, so undo multiplies them back out.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
-from .balance import PairResult, apply_scales, log2_imbalance, member_multipliers, solve_pair
-from .stats import SliceReduce, slice_reduce, unit_stats
-from .pairs import layer_pairs
+from .balance import PairResult, apply_scales, log2_imbalance, member_multipliers, scales_from_stats, solve_pair
+from .stats import SliceReduce, UnitStats, chunk_stats, slice_reduce, unit_stats
+from .pairs import Pair, final_pairs, layer_pairs
 from .spec import Layout
 
 
@@ -118,6 +118,75 @@ def layer_multipliers(layout: Layout, layer: int, shapes: dict[str, tuple[int, .
     for pair in layer_pairs(layout, layer, targets, granularity):
         for role, mult in member_multipliers(pair, scales[pair.kind].double(), shapes).items():
             out[role] = out[role] * mult if role in out else mult
+    return out
+
+
+# -- the final stage: final norm -> lm_head (the norm target, untied embeddings) --------------
+HeadBlocks = Callable[[], Iterable[tuple[int, torch.Tensor]]]   # () -> (first row, rows) of the head
+
+
+def _without_head(pair: Pair) -> Pair:
+    return Pair(pair.kind, pair.n_units, pair.head_of, tuple(m for m in pair.members if m.role != "head"))
+
+
+def _head_multiplier(layout: Layout, pair: Pair, s: torch.Tensor) -> torch.Tensor:
+    """The head's multiplier, ``[1, hidden]``: broadcast over any block of vocab rows."""
+    shapes = {m.role: (1, layout.hidden) if m.role == "head" else (layout.hidden,) for m in pair.members}
+    return member_multipliers(pair, s, shapes)["head"]
+
+
+def balance_final(layout: Layout, tensors: dict[str, torch.Tensor], head_blocks: HeadBlocks,
+                  head_dtype: torch.dtype, targets: tuple[str, ...], granularity: str, norm: str = "fro",
+                  strength: float = 1.0, pow2: bool = True, reduce: SliceReduce = slice_reduce
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, PairResult], dict[str, torch.Tensor]]:
+    """Balance the final norm against lm_head's columns: (new final norm tensors by role,
+    result per pair kind, role -> multiplier for the head, to apply to its row blocks).
+
+    ``tensors``: the final stage's small tensors (``norm``, ``norm_bias``); the head is read
+    through ``head_blocks()`` (row blocks, so a 2 GB head is never whole in memory). Empty
+    when the target does not apply (not requested, or tied embeddings: ``pairs.final_pairs``)."""
+    new, results, mults = {}, {}, {}
+    for pair in final_pairs(layout, targets, granularity):
+        stats = UnitStats.zeros(pair.n_units)
+        for m in pair.members:
+            if m.role == "head":
+                for start, rows in head_blocks():
+                    chunk_stats(m, pair.n_units, rows, (start, 0), reduce, into=stats)
+            else:
+                chunk_stats(m, pair.n_units, tensors[m.role], None, reduce, into=stats)
+        dtype = min([head_dtype, *(tensors[m.role].dtype for m in pair.members if m.role != "head")],
+                     key=lambda d: torch.finfo(d).max)
+        result = scales_from_stats(pair.kind, stats, norm, strength, pow2, dtype)
+        s = result.scales.double()
+        new.update(apply_scales(_without_head(pair), tensors, s))
+        mults["head"] = _head_multiplier(layout, pair, s)
+        results[pair.kind] = result
+    return new, results, mults
+
+
+def unscale_final(layout: Layout, tensors: dict[str, torch.Tensor], targets: tuple[str, ...], granularity: str,
+                  scales: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The final stage's recorded scales multiplied back out: (new final norm tensors, role ->
+    multiplier for the head's row blocks). Raises KeyError(kind) for missing scales; no
+    final scales at all: a record of a wisca without this target, nothing to undo there."""
+    new, mults = {}, {}
+    for pair in final_pairs(layout, targets, granularity) if scales else ():
+        s = scales.get(pair.kind)
+        if s is None or len(s) != pair.n_units:
+            raise KeyError(pair.kind)
+        inv = 1.0 / s.double()
+        new.update(apply_scales(_without_head(pair), tensors, inv))
+        mults["head"] = _head_multiplier(layout, pair, inv)
+    return new, mults
+
+
+def final_multipliers(layout: Layout, shapes: dict[str, tuple[int, ...]], targets: tuple[str, ...],
+                      granularity: str, scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """role (``norm``, ``norm_bias``, ``head``) -> multiplier S with W' = S * W after the final
+    stage (none without final scales: a record of a wisca without this target)."""
+    out: dict[str, torch.Tensor] = {}
+    for pair in final_pairs(layout, targets, granularity) if scales else ():
+        out.update(member_multipliers(pair, scales[pair.kind].double(), shapes))
     return out
 
 

@@ -193,7 +193,10 @@ class AttentionScale(_Section):
 @dataclass(frozen=True)
 class AttentionSpec(_Section):
     rotary: str | None = _spec_field(_choice("half", "interleaved"), None)   # None: no RoPE
-    qk_norm: str | None = _spec_field(_choice("head", "full"), None)
+    # head: one weight [d] shared by all heads; heads: one weight row per head ([H, d], [G, d]),
+    # normalised per head; full: one weight [H*d] over the whole projection. Applies where
+    # the layer has a q_norm tensor (an optional tensor: on with a config flag)
+    qk_norm: str | None = _spec_field(_choice("head", "heads", "full"), None)
     scale: AttentionScale | None = _spec_field(_section(AttentionScale), None)  # None: head_dim ** -0.5
     softcap: str | float | None = _spec_field(_config_value, None)
     sliding_window: str | None = _spec_field(_string, None)          # config keys
@@ -213,6 +216,12 @@ class MlpSpec(_Section):
 class BlockSpec(_Section):
     parallel_residual: bool | str = _spec_field(_flag, False)
     residual_multiplier: str | float | None = _spec_field(_config_value, None)
+    shared_norm: bool = _spec_field(_boolean, False)   # parallel block on one norm: the MLP reads attn_norm
+
+    def check(self, where: str, label: str) -> None:
+        if self.shared_norm and self.parallel_residual is False:
+            raise WiscaError(f"{where}: {label}.shared_norm needs parallel_residual (the MLP and attention "
+                             f"read one norm only in a parallel block)")
 
 
 @dataclass(frozen=True)
@@ -253,6 +262,8 @@ class FinalSpec(_Section):
     norm_bias: str | None = _spec_field(_string, None)               # tensor name (LayerNorm families)
     softcap: str | float | None = _spec_field(_config_value, None)
     logits_divisor: str | float | None = _spec_field(_config_value, None)
+    logits_scale: str | float | None = _spec_field(_config_value, None)   # logits * value (Cohere)
+    head_bias: str | None = _spec_field(_string, None)               # lm_head bias tensor name (Phi)
 
 
 @dataclass(frozen=True)
@@ -323,6 +334,12 @@ class ArchSpec(_Section):
             raise WiscaError(f"{where}: inexact target {extra[0]!r} is not in targets ({', '.join(self.targets)})")
         if "norm" in self.targets and not self.norm_readers:
             raise WiscaError(f"{where}: the norm target needs norm_readers")
+        if self.block.shared_norm:
+            if "mlp_norm" in self.layer_tensors or "mlp_norm" in self.norm_readers:
+                raise WiscaError(f"{where}: block.shared_norm: the MLP reads attn_norm, so there is no mlp_norm "
+                                 f"(in layer_tensors or norm_readers)")
+            if "attn_norm" not in self.layer_tensors:
+                raise WiscaError(f"{where}: block.shared_norm needs an attn_norm in layer_tensors")
 
     def adapted(self, name: str) -> "ArchSpec":
         """This family under another framework's names (``name_adapters[name]``)."""
@@ -670,7 +687,10 @@ def logical_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
     }
     qk_norm = layout.spec.attention.qk_norm
     if qk_norm:
-        shapes["q_norm"], shapes["k_norm"] = ((d,), (d,)) if qk_norm == "head" else ((q_out,), (kv_out,))
+        shapes["q_norm"], shapes["k_norm"] = {"head": ((d,), (d,)), "heads": ((layout.heads, d), (layout.kv_heads, d)),
+                                              "full": ((q_out,), (kv_out,))}[qk_norm]
+        shapes["q_norm_bias"], shapes["k_norm_bias"] = ((shapes["q_norm"][-1],), (shapes["k_norm"][-1],)) \
+            if qk_norm == "head" else (shapes["q_norm"], shapes["k_norm"])
     for prefix, n in (("shared.", layout.shared_intermediate), *((f"experts.{e}.", layout.expert_intermediate)
                                                                  for e in range(layout.experts))):
         shapes.update({prefix + "gate": (n, h), prefix + "up": (n, h), prefix + "down": (h, n)})

@@ -21,7 +21,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .checkpoint import ITEMSIZE, Checkpoint, ShardWriter, as_tensor, to_raw
+from .balance import apply_multiplier_, chunk_multiplier
+from .checkpoint import DTYPES, ITEMSIZE, Checkpoint, ShardWriter, as_tensor, to_raw
 from .errors import WiscaError
 from .memory import SlabPool, carve, slab_bytes
 from .record import shard_metadata
@@ -111,6 +112,8 @@ def _stages(ckpt: Checkpoint) -> list[Stage]:
     final = {"norm": spec.final_norm, "head": head}
     if spec.final.norm_bias:                     # LayerNorm families
         final["norm_bias"] = spec.final.norm_bias
+    if spec.final.head_bias:                     # a head with a bias (Phi)
+        final["head_bias"] = spec.final.head_bias
     stages.append(Stage("final", lay.layers, final, streamed=("head",)))
     return stages
 
@@ -213,8 +216,10 @@ def _require_finite(ckpt: Checkpoint, name: str, t: torch.Tensor) -> None:
 
 def _stream_big(ckpt: Checkpoint, name: str, writer: ShardWriter | None = None,
                 queue: _WriteQueue | None = None, chunks: SlabPool | None = None,
-                stage: Stage | None = None):
-    """Yield row blocks of a big untouched tensor, checked and (with a writer) copied out.
+                stage: Stage | None = None, edit: Callable[[int, torch.Tensor], object] | None = None):
+    """Yield row blocks of a big tensor, checked and (with a writer) copied out.
+    ``edit(first row, rows)`` changes a block in place before it is written (the final
+    norm target's column scales on lm_head).
 
     Blocks are read into ``chunks`` slabs (each handed back once written), or, without a
     writer, into the free end of ``stage``'s slab (one block at a time: the consumer is
@@ -233,6 +238,8 @@ def _stream_big(ckpt: Checkpoint, name: str, writer: ShardWriter | None = None,
     buffer = from_pool if chunks is not None else from_stage if stage is not None and writer is None else None
     for start, raw, rows in ckpt.row_chunks(name, align=align, buffer=buffer):
         _require_finite(ckpt, name, rows)
+        if edit is not None:
+            edit(start, rows)
         done = [(chunks.release, (held.pop(),))] if chunks else []
         if writer is not None:
             offset = start * (info.nbytes // max(info.shape[0], 1))
@@ -268,7 +275,6 @@ def _main_dtype(ckpt: Checkpoint) -> str:
 
 
 def _main_torch_dtype(ckpt: Checkpoint) -> torch.dtype:
-    from .checkpoint import DTYPES
     return DTYPES.get(_main_dtype(ckpt), torch.float32)
 
 
@@ -279,17 +285,23 @@ def _tolerance(ckpt: Checkpoint, given: Tolerance | dict | None) -> Tolerance:
 # (layer, tensors, before_apply) -> (new tensors by role, report); tensors may be scaled in
 # place, but only after before_apply() returns
 LayerFn = Callable[[int, dict[str, torch.Tensor], Callable[[], object] | None], tuple[dict[str, torch.Tensor], dict]]
+# (final stage tensors, head_blocks, head dtype) -> (new tensors by role, report or None, role ->
+# multiplier of the streamed head's rows): the final norm -> lm_head target
+FinalFn = Callable[[dict[str, torch.Tensor], Callable[[], Iterator[tuple[int, torch.Tensor]]], torch.dtype],
+                   tuple[dict[str, torch.Tensor], dict | None, dict[str, torch.Tensor]]]
 STAGE_SLABS = 3    # one stage being read, one computed, one written
 CHUNK_SLABS = 3
 
 
 def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: StreamVerifier | None,
              stamp: dict | None, progress: Progress | None,
-             checked: Callable[[int], set[str]] | None = None) -> tuple[list[dict], dict | None]:
+             checked: Callable[[int], set[str]] | None = None,
+             final_fn: FinalFn | None = None) -> tuple[list[dict], dict | None]:
     """Stream ckpt into out_dir with layer_fn applied to each decoder layer.
 
     ``checked(layer)``: roles that layer_fn itself refuses NaN and Inf in (so they are
-    not scanned twice).
+    not scanned twice). ``final_fn``: applied to the final stage (final norm and head);
+    the head is read once more for its statistics, then scaled block by block as written.
 
     Threads: one reads the next stage, one writes the previous one, and (when verifying)
     one runs the reference model's layer beside the balancing; the scales are applied in
@@ -326,6 +338,14 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
                     if stage.kind == "layer":
                         new, report = layer_fn(stage.layer, tensors, None)
                         layer_reports.append({"layer": stage.layer, **report})
+                head_mult = None
+                if stage.kind == "final" and final_fn is not None and not ckpt.layout.tie_embeddings:
+                    head = stage.names["head"]
+                    blocks = lambda: ((start, rows) for start, _, rows in ckpt.row_chunks(head))  # noqa: E731
+                    new, report, mults = final_fn(tensors, blocks, DTYPES[ckpt.tensors[head].dtype])
+                    head_mult = mults.get("head")
+                    if report:
+                        layer_reports.append({"layer": "final", **report})
                 # a layer is done with once written; the embed and final stages are still read
                 # below (norms, positions), so their slab goes back at the end of the iteration
                 release = [(stage.release, ())] if stage.kind == "layer" else []
@@ -336,13 +356,21 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
                     name = stage.names[stage.streamed[0]]                      # embedding) and verified
                     write = not (stage.kind == "final" and ckpt.layout.tie_embeddings)
                     if verifier is not None or write:
-                        blocks = _stream_big(ckpt, name, writer_of(name) if write else None, queue, chunks)
-                        rows = ((start, r, r) for start, r in blocks)
+                        originals: dict[int, torch.Tensor] = {}
+                        edit = None
+                        if head_mult is not None:
+                            def edit(start, rows, mult=head_mult):
+                                if verifier is not None:   # the reference model reads the original rows
+                                    originals[start] = rows.clone()
+                                apply_multiplier_(rows, chunk_multiplier(mult, (start, 0), tuple(rows.shape)))
+                        blocks = _stream_big(ckpt, name, writer_of(name) if write else None, queue, chunks,
+                                             edit=edit)
+                        rows = ((start, originals.pop(start, r), r) for start, r in blocks)
                         if verifier is None:
                             for _ in rows:
                                 pass
                         else:
-                            out = _feed_verifier(verifier, stage.kind, stage.layer, tensors, tensors, rows)
+                            out = _feed_verifier(verifier, stage.kind, stage.layer, tensors, {**tensors, **new}, rows)
                             result = out if out is not None else result
                 del tensors, new
                 if stage.kind != "layer":
@@ -390,7 +418,7 @@ def _feed_verifier(verifier: StreamVerifier, kind: str, layer: int, ta: dict, tb
         if kind == "embed":
             verifier.embed_rows(start, rows_a, rows_b)
         else:
-            verifier.head_rows(rows_a, rows_b)
+            verifier.head_rows(rows_a, rows_b, start)
     if kind == "embed":
         verifier.embed_done(ta, tb)
         return None

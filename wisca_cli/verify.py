@@ -231,22 +231,29 @@ class StreamVerifier:
 
     def final_norm(self, norm_ref: torch.Tensor, norm_new: torch.Tensor,
                    extra_ref: dict | None = None, extra_new: dict | None = None) -> None:
-        """The final norm; ``extra["norm_bias"]`` for LayerNorm families."""
+        """The final norm; ``extra["norm_bias"]`` for LayerNorm families, ``extra["head_bias"]``
+        for a head with a bias (Phi), kept for ``head_rows``."""
         self.drain()
 
-        def bias(extra):
-            return extra["norm_bias"].to(self.dtype) if extra and "norm_bias" in extra else None
+        def get(extra, role):
+            return extra[role].to(self.dtype) if extra and role in extra else None
 
         lay = self.layout
-        self.x_ref = forward.layer_norm(self.h_ref, norm_ref.to(self.dtype), bias(extra_ref), lay.eps, lay)
-        self.x_new = forward.layer_norm(self.h_new, norm_new.to(self.dtype), bias(extra_new), lay.eps, lay)
+        self.x_ref = forward.layer_norm(self.h_ref, norm_ref.to(self.dtype), get(extra_ref, "norm_bias"), lay.eps, lay)
+        self.x_new = forward.layer_norm(self.h_new, norm_new.to(self.dtype), get(extra_new, "norm_bias"), lay.eps, lay)
+        self.bias_ref, self.bias_new = get(extra_ref, "head_bias"), get(extra_new, "head_bias")
         self.logits_ref, self.logits_new = [], []
 
-    def head_rows(self, rows_ref: torch.Tensor, rows_new: torch.Tensor) -> None:
-        """Logits for a block of vocabulary rows of the output head."""
+    def head_rows(self, rows_ref: torch.Tensor, rows_new: torch.Tensor, start: int = 0) -> None:
+        """Logits for a block of vocabulary rows of the output head (first row ``start``)."""
+        def bias(b):
+            return None if b is None else b[start:start + rows_ref.shape[0]]
+
         with torch.no_grad():
-            self.logits_ref.append(forward.final_logits(self.x_ref, None, rows_ref, self.layout).float())
-            self.logits_new.append(forward.final_logits(self.x_new, None, rows_new, self.layout).float())
+            self.logits_ref.append(forward.final_logits(self.x_ref, None, rows_ref, self.layout,
+                                                        head_bias=bias(self.bias_ref)).float())
+            self.logits_new.append(forward.final_logits(self.x_new, None, rows_new, self.layout,
+                                                        head_bias=bias(self.bias_new)).float())
 
     def result(self) -> VerifyResult:
         a, b = torch.cat(self.logits_ref, -1), torch.cat(self.logits_new, -1)
