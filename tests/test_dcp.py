@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -157,6 +158,7 @@ def assert_rescaled(src: Path, dst: Path) -> dict:
             expect = va * mults[key][1].to(va.dtype)
         elif key.startswith("optimizer.state."):
             fqn, _, moment = key[len("optimizer.state."):].rpartition(".")
+            fqn = re.sub(r"(_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.", "", fqn)
             name = next((n for n in by_param if fqn == n or fqn.endswith("." + n)), None)
             if name is not None and MOMENT_POWERS[moment]:
                 expect = va / by_param[name].to(va.dtype) ** MOMENT_POWERS[moment]
@@ -353,3 +355,25 @@ def test_inspect_and_verify_take_dcp(transformed, made, tmp_path):
     # torchtitan's layout against HF's: not comparable layer by layer (rotary pairs differ)
     res = run_cli("verify", transformed["hf"][0], dst)
     assert res.returncode == 2 and "(llama+torchtitan vs llama)" in res.stderr, res.stderr
+
+
+def test_wrapper_segments_are_recognised_and_kept(tmp_path):
+    """torch.compile, activation checkpointing and FSDP1 wrapper segments in the FQNs: the
+    tensors are found, the keys stay exactly as they were."""
+    from conftest import dcp_llama
+
+    plain = dcp_llama(tmp_path / "plain", steps=2)
+    wrapped = {}
+    for key, value in entries(plain).items():
+        key = key.replace("model.layers.", "_orig_mod.model.layers.").replace(
+            ".self_attn.", "._checkpoint_wrapped_module.self_attn.").replace(".mlp.", "._fsdp_wrapped_module.mlp.")
+        wrapped[key] = value
+    src = tmp_path / "wrapped"
+    dcp.save(wrapped, checkpoint_id=src, no_dist=True)
+    shutil.copyfile(plain / "config.json", src / "config.json")
+    dst = tmp_path / "out"
+    res = run_cli("transform", src, dst, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    mults = assert_rescaled(src, dst)
+    assert any("_orig_mod." in k and "_checkpoint_wrapped_module." in k for k in mults)
+    assert any("._fsdp_wrapped_module.mlp." in k for k in mults)
