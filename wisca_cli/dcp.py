@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import io
 import os
 import pickle
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -100,6 +103,17 @@ class Folder:
         if len(raw) != info.length:
             raise WiscaError(f"{path}: file ended while reading {idx.fqn} (truncated checkpoint)")
         return raw
+
+    def source(self, idx) -> tuple[int, int, int]:
+        """(file descriptor, offset, length) of a stored piece, for a copy in the kernel."""
+        info = self.storage[idx]
+        f = self._files.get(info.relative_path)
+        if f is None:
+            try:
+                f = self._files[info.relative_path] = open(self.path / info.relative_path, "rb")
+            except OSError as e:
+                raise WiscaError(f"{self.path / info.relative_path}: cannot read: {e.strerror or e}") from e
+        return f.fileno(), info.offset, info.length
 
     def load(self, idx, raw: bytes | None = None) -> torch.Tensor:
         """One chunk as a tensor (``raw``: its bytes, if already read)."""
@@ -370,34 +384,91 @@ def blocks(layers: int, size: int) -> list[range]:
 
 # -- writing ----------------------------------------------------------------------------------
 class ChunkWriter:
-    """One output ``.distcp`` file: chunks appended, each one's place recorded."""
+    """One output ``.distcp`` file: chunks appended, each one's place fixed when it is handed
+    over and its bytes written by ``pool`` (one writer thread, positioned writes), so reading
+    and computing go on while the disk writes; at most ``BACKLOG`` bytes wait. Untouched
+    chunks go file to file in the kernel (``copy_file_range``)."""
 
-    def __init__(self, folder: Path, name: str):
-        self.name, self.path = name, folder / name
-        self.f = open(self.path, "wb")
-        self.infos: dict = {}
+    BACKLOG = 512 << 20
 
-    def put_raw(self, idx, raw) -> None:
+    def __init__(self, folder: Path, name: str, pool):
+        self.name, self.path, self.pool = name, folder / name, pool
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.pos, self.infos, self.pending = 0, {}, deque()
+
+    def _place(self, idx, n: int) -> int:
         from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-        offset = self.f.tell()
-        self.f.write(raw)
-        self.infos[idx] = _StorageInfo(self.name, offset, len(raw))
+        at, self.pos = self.pos, self.pos + n
+        self.infos[idx] = _StorageInfo(self.name, at, n)
+        return at
+
+    def _submit(self, n: int, fn, *args) -> None:
+        self.pending.append((n, self.pool.submit(fn, *args)))
+        while sum(k for k, _ in self.pending) > self.BACKLOG:
+            self.pending.popleft()[1].result()
+
+    def put_raw(self, idx, raw) -> None:
+        at = self._place(idx, len(raw))
+        self._submit(len(raw), _pwrite_all, self.fd, raw, at)
+
+    def put_copy(self, idx, src_fd: int, offset: int, n: int) -> None:
+        """A chunk's bytes straight from the source file."""
+        at = self._place(idx, n)
+        self._submit(0, _copy_range, src_fd, offset, self.fd, at, n)
 
     def put_tensor(self, idx, t: torch.Tensor) -> None:
         buf = io.BytesIO()
         torch.save(t.detach().clone().contiguous(), buf)   # a clone: torch.save writes the whole storage
         self.put_raw(idx, buf.getbuffer())
 
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft()[1].result()
+
     def close(self) -> None:
-        if not self.f.closed:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
+        if self.fd is not None:
+            self.drain()
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
 
     def abort(self) -> None:
-        if not self.f.closed:
-            self.f.close()
+        if self.fd is not None:
+            for _, f in self.pending:
+                f.cancel()
+            for _, f in self.pending:
+                if not f.cancelled():
+                    f.exception()
+            self.pending.clear()
+            os.close(self.fd)
+            self.fd = None
+
+
+def _pwrite_all(fd: int, raw, at: int) -> None:
+    view = memoryview(raw).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], at + done)
+
+
+def _copy_range(src: int, offset: int, dst: int, at: int, n: int) -> None:
+    done = 0
+    try:
+        while done < n:
+            got = os.copy_file_range(src, dst, n - done, offset + done, at + done)
+            if got == 0:
+                raise OSError("source file ended")
+            done += got
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        while done < n:   # a filesystem without copy_file_range: through user space
+            block = os.pread(src, min(n - done, 64 << 20), offset + done)
+            if not block:
+                raise OSError("source file ended") from e
+            _pwrite_all(dst, block, at + done)
+            done += len(block)
 
 
 def write_metadata(folder: Folder, out: Path, storage: dict) -> None:
@@ -427,9 +498,10 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
     mine = blocks(lay.layers, size)[rank]
     stage_names = {s.kind: s.names for s in _stage_list(lay) if s.kind != "layer"}
     writers = {}
+    pool = ThreadPoolExecutor(1, thread_name_prefix="wisca-dcp-write")
     for f in ckpt.folders:
         (out_root / f.rel).mkdir(parents=True, exist_ok=True)
-        writers[f.rel] = ChunkWriter(out_root / f.rel, f"__{rank}_0.distcp")
+        writers[f.rel] = ChunkWriter(out_root / f.rel, f"__{rank}_0.distcp", pool)
     done: set[str] = set()       # entry keys handled by their stage
     reports, fault = [], os.environ.get("WISCA_TEST_FAULT_RANK")
     state = {"result": None}
@@ -441,17 +513,22 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
     def copy_entry(e: Entry, use: Callable | None = None) -> None:
         """Byte for byte; ``use(offsets, chunk)`` sees each chunk as a tensor on the way."""
         for idx, offsets, _ in e.pieces():
+            if use is None or not e.is_tensor:
+                writers[e.folder.rel].put_copy(idx, *e.folder.source(idx))
+                continue
             raw = e.folder.read_raw(idx)
             writers[e.folder.rel].put_raw(idx, raw)
-            if use is not None and e.is_tensor:
-                use(offsets, e.folder.load(idx, raw))
+            use(offsets, e.folder.load(idx, raw))
         done.add(e.key)
         check_fault()
 
     def scale_entry(e: Entry, mult, power: int) -> None:
         for idx, offsets, sizes in e.pieces():
-            piece = apply_multiplier(e.folder.load(idx), chunk_multiplier(mult, offsets, sizes), power)
-            writers[e.folder.rel].put_tensor(idx, piece)
+            m = chunk_multiplier(mult, offsets, sizes)
+            if bool((m == 1).all()):   # a chunk whose units all keep s = 1: its bytes as they are
+                writers[e.folder.rel].put_copy(idx, *e.folder.source(idx))
+                continue
+            writers[e.folder.rel].put_tensor(idx, apply_multiplier(e.folder.load(idx), m, power))
         done.add(e.key)
         check_fault()
 
@@ -522,9 +599,9 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
             verifier.finish_layer(i, ref, tensors)
         for role, e in entries.items():
             for j, (idx, offsets, sizes) in enumerate(e.pieces()):
-                if role in mults:
+                if role in mults and not bool((chunk_multiplier(mults[role], offsets, sizes) == 1).all()):
                     writers[e.folder.rel].put_tensor(idx, tensors[role][_slices(offsets, sizes)])
-                else:
+                else:   # untouched (or every unit of this chunk kept s = 1)
                     writers[e.folder.rel].put_raw(idx, raws[role][j])
             done.add(e.key)
             check_fault()
@@ -615,6 +692,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
     finally:
         for w in writers.values():
             w.abort()
+        pool.shutdown(wait=True)
     return {"storage": {rel: w.infos for rel, w in writers.items()}, "layers": reports,
             "result": state["result"]}
 
