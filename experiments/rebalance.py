@@ -62,9 +62,9 @@ INDUCED = (("q_proj", 0, 8.0), ("k_proj", 0, 1 / 8), ("v_proj", 0, 8.0), ("o_pro
            ("up_proj", 0, 4.0), ("down_proj", 1, 1 / 4))
 
 FULL = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 176, "seq_len": 64,
-        "batch_size": 16, "steps": 300, "every": 50, "eval_every": 50, "eval_batches": 4, "grad_clip": 1.0,
+        "batch_size": 16, "steps": 150, "every": 25, "eval_every": 25, "eval_batches": 4, "grad_clip": 1.0,
         "seeds": [0, 1, 2, 3, 4], "lr": {"sgd": 0.3, "adamw": 3e-3}, "lr_mults": [1.0],
-        "cells": ["sgd/induced", "adamw/induced", "sgd/natural"], "arms": list(ARMS)}
+        "cells": ["sgd/induced", "adamw/induced"], "arms": list(ARMS)}
 SMOKE = {**FULL, "hidden": 32, "layers": 1, "intermediate": 64, "seq_len": 16, "batch_size": 2, "steps": 4,
          "every": 2, "eval_every": 2, "eval_batches": 1, "seeds": [0], "cells": ["sgd/induced", "adamw/induced"]}
 
