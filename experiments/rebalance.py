@@ -91,9 +91,9 @@ def layer_imbalance(model) -> dict[str, float]:
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         r = a.q_proj.weight.shape[0] / a.k_proj.weight.shape[0]     # GQA: Q has R x K's rows
-        out["qk"].append(abs(math.log2(a.q_proj.weight.norm() / a.k_proj.weight.norm() / math.sqrt(r))))
-        out["vo"].append(abs(math.log2(a.v_proj.weight.norm() * math.sqrt(r) / a.o_proj.weight.norm())))
-        out["ffn"].append(abs(math.log2(m.up_proj.weight.norm() / m.down_proj.weight.norm())))
+        out["qk"].append(abs(math.log2(a.q_proj.weight.detach().norm() / a.k_proj.weight.detach().norm() / math.sqrt(r))))
+        out["vo"].append(abs(math.log2(a.v_proj.weight.detach().norm() * math.sqrt(r) / a.o_proj.weight.detach().norm())))
+        out["ffn"].append(abs(math.log2(m.up_proj.weight.detach().norm() / m.down_proj.weight.detach().norm())))
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
@@ -134,10 +134,15 @@ def shuffled_transition(model, opt, seed: int) -> dict:
     real = multipliers_from_scales(model, scales)
     apply_multipliers_(model, opt, real, inverse=True)
     g = torch.Generator().manual_seed(seed)
-    perm = {k: v[torch.randperm(len(v), generator=g)] for k, v in sorted(scales.items())}
+    order = {k: torch.randperm(len(v), generator=g) for k, v in sorted(scales.items())}
+    perm = {k: scales[k][order[k]] for k in order}
     apply_multipliers_(model, opt, multipliers_from_scales(model, perm))
+    # per pair: (scales sorted, the control's sorted, the control equals the scales unit by unit,
+    # units the permutation moved): a uniform imbalance gives equal scales, which a permutation
+    # cannot change (docs/efficacy.md)
     report["control_scales"] = {k: (sorted(scales[k].tolist()), sorted(perm[k].tolist()),
-                                    bool(torch.equal(scales[k], perm[k]))) for k in scales}
+                                    bool(torch.equal(scales[k], perm[k])),
+                                    int((order[k] != torch.arange(len(order[k]))).sum())) for k in scales}
     return report
 
 

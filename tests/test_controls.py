@@ -112,10 +112,12 @@ def test_rebalance_smoke_arms_start_from_the_same_function_and_the_control_is_on
     for key, c in run["start_check"].items():
         assert c["bit_identical"] is True, key       # induced imbalance and transitions: pow2
         if c["control_scales"] is not None:
-            for before, after, same_order in c["control_scales"].values():
+            for before, after, _, moved in c["control_scales"].values():
                 assert before == after                # the same multiset of scales
-    ctrl = run["start_check"]["induced/shuffled-once"]["control_scales"]
-    assert any(not same for _, _, same in ctrl.values())    # ... on other units
+                assert moved > 0                      # ... put on other units
+    # the natural model's scales differ from unit to unit, so there the control is another pattern
+    ctrl = run["start_check"]["natural/shuffled-once"]["control_scales"]
+    assert any(not same for _, _, same, _ in ctrl.values()) or all(len(set(b)) == 1 for b, *_ in ctrl.values())
     assert run["start_check"]["induced/none"]["imbalance"]["qk"] > run["start_check"]["natural/none"]["imbalance"]["qk"] + 2
     assert run["start_check"]["induced/once"]["imbalance"]["qk"] < run["start_check"]["induced/none"]["imbalance"]["qk"]
     for cell, by_arm in run["runs"].items():
