@@ -111,7 +111,7 @@ def test_multipliers_applied_chunk_by_chunk_are_bit_identical(arch_ckpt, family)
 
 # -- the import graph --------------------------------------------------------------------------------
 PACKAGE = REPO / "wisca_cli"
-CORE = ("options", "spec", "pairs", "stats", "balance", "solve", "errors")
+CORE = ("options", "spec", "pairs", "stats", "balance", "solve", "errors", "gl")
 NOT_IN_CORE = {"os", "io", "threading", "concurrent", "subprocess", "socket", "mmap", "shutil", "tempfile",
                "safetensors", "typer", "rich", "click", "huggingface_hub",
                "checkpoint", "fileio", "output", "hub", "record", "prefetch", "memory", "stream", "api", "cli",
@@ -182,3 +182,41 @@ def test_the_same_input_gives_the_same_bytes(tmp_path):
         subprocess.run(["rm", "-rf", str(dst)], check=True)
     assert digests[0] == digests[1]
     assert {"wisca.json", "wisca_scales.safetensors", "model.safetensors"} <= set(digests[0])
+
+
+# -- GL(r) balancing of a low-rank pair ----------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gl_balance_preserves_the_product_and_balances_the_pair(dtype):
+    from wisca_cli.gl import gl_apply, gl_balance, gl_imbalance
+
+    g = torch.Generator().manual_seed(0)
+    A = (torch.randn(5, 4, 20, generator=g) * 8).to(dtype)            # batched: 5 pairs, rank 4
+    B = (torch.randn(5, 30, 4, generator=g) / 8).to(dtype)
+    M, Minv = gl_balance(A, B)
+    assert torch.allclose(M @ Minv, torch.eye(4, dtype=torch.float64).expand(5, 4, 4), atol=1e-10)
+    A2, B2 = gl_apply(A, B, M, Minv)
+    assert A2.dtype == dtype and B2.dtype == dtype
+    before, after = (B.double() @ A.double()), (B2.double() @ A2.double())
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert ((after - before).norm() / before.norm()) < tol            # the product, to rounding
+    assert float(gl_imbalance(A, B).min()) > 0.1
+    assert float(gl_imbalance(A2, B2).max()) < (1e-12 if dtype == torch.float64 else 1e-6)
+    P, Q = A2.double() @ A2.double().transpose(1, 2), B2.double().transpose(1, 2) @ B2.double()
+    assert torch.allclose(P, Q, rtol=0, atol=tol * float(P.abs().max()))   # A A^T = B^T B
+    assert torch.allclose(M, M.transpose(1, 2)) and bool((torch.linalg.eigvalsh(M) > 0).all())
+    # the norm sum is the minimum over GL(r): any other invertible map does no better
+    N = torch.linalg.qr(torch.randn(5, 4, 4, generator=g, dtype=torch.float64))[0] @ torch.diag_embed(
+        torch.rand(5, 4, generator=g, dtype=torch.float64) + 0.5)
+    cost = lambda a, b: a.square().sum((1, 2)) + b.square().sum((1, 2))  # noqa: E731
+    assert bool((cost(A2.double(), B2.double()) <= cost(N @ A2.double(), B2.double() @ torch.linalg.inv(N)) * (1 + 1e-9)).all())
+
+
+def test_gl_balance_leaves_a_rank_deficient_or_non_finite_pair_alone():
+    from wisca_cli.gl import gl_balance
+
+    A = torch.randn(2, 4, 20, dtype=torch.float64)
+    B = torch.zeros(2, 30, 4, dtype=torch.float64)                    # LoRA's B = 0
+    B[1, 0, 0] = float("inf")
+    M, Minv = gl_balance(A, B)
+    eye = torch.eye(4, dtype=torch.float64).expand(2, 4, 4)
+    assert torch.equal(M, eye) and torch.equal(Minv, eye)
