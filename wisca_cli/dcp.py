@@ -417,9 +417,11 @@ class ChunkWriter:
         at = self._place(idx, n)
         self._submit(0, _copy_range, src_fd, offset, self.fd, at, n)
 
-    def put_tensor(self, idx, t: torch.Tensor) -> None:
+    def put_tensor(self, idx, t: torch.Tensor, fresh: bool = False) -> None:
+        """``fresh``: t owns its storage exactly (else a clone: torch.save writes the whole
+        storage a view lives in)."""
         buf = io.BytesIO()
-        torch.save(t.detach().clone().contiguous(), buf)   # a clone: torch.save writes the whole storage
+        torch.save(t.detach() if fresh and t.is_contiguous() else t.detach().clone().contiguous(), buf)
         self.put_raw(idx, buf.getbuffer())
 
     def drain(self) -> None:
@@ -528,7 +530,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
             if bool((m == 1).all()):   # a chunk whose units all keep s = 1: its bytes as they are
                 writers[e.folder.rel].put_copy(idx, *e.folder.source(idx))
                 continue
-            writers[e.folder.rel].put_tensor(idx, apply_multiplier(e.folder.load(idx), m, power))
+            writers[e.folder.rel].put_tensor(idx, apply_multiplier(e.folder.load(idx), m, power), fresh=True)
         done.add(e.key)
         check_fault()
 
