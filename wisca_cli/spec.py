@@ -238,8 +238,14 @@ class MoeSpec(_Section):
     sparse_step: str | int | None = _spec_field(_config_value, None)
     dense_layers: str | None = _spec_field(_string, None)
     dense_tensors: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
+    # an expert's parameters in the order of its own module (one nn.Module per expert, as in
+    # transformers 4.x), which positional optimizer states of per-expert moments follow
+    expert_order: tuple[str, ...] = _spec_field(_str_list(MLP_ROLES, nonempty=True), MLP_ROLES)
 
     def check(self, where: str, label: str) -> None:
+        if sorted(self.expert_order) != sorted(self.expert_tensors):
+            raise WiscaError(f"{where}: {label}.expert_order must list the roles of {label}.expert_tensors "
+                             f"({', '.join(self.expert_tensors)}) once each, got {list(self.expert_order)}")
         for role, name in self.expert_tensors.items():
             if "{expert}" not in name:
                 raise WiscaError(f"{where}: {label}.expert_tensors.{role} must contain {{expert}}, got {name!r}")
