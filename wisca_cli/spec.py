@@ -323,6 +323,8 @@ class ArchSpec(_Section):
     embedding: EmbeddingSpec = _spec_field(_section(EmbeddingSpec), factory=EmbeddingSpec)
     final: FinalSpec = _spec_field(_section(FinalSpec), factory=FinalSpec)
     name_adapters: Mapping[str, NameAdapter] = _spec_field(_mapping(_section(NameAdapter)), factory=_no_entries)
+    # config key -> why a checkpoint whose config sets it (not null, not false) is refused
+    refuse_when: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
 
     def check(self, where: str, label: str) -> None:
         for name, adapter in self.name_adapters.items():   # every role renamed, and nothing else
@@ -620,6 +622,9 @@ def layout_from_config(config: dict, where: str = "config.json") -> Layout:
     if not isinstance(config, dict):
         raise WiscaError(f"{where}: expected a JSON object")
     spec = spec_for(config.get("model_type"), where)
+    for key, why in spec.refuse_when.items():
+        if config.get(key) not in (None, False):
+            raise WiscaError(f"{where}: {key}={json.dumps(config[key])} is not supported for {spec.name}: {why}")
     # a family's own key names (GPT-2's n_embd, ...) under the canonical ones
     config = {**config, **{canon: config[key] for canon, key in spec.config_keys.items()
                            if config.get(key) is not None}}
