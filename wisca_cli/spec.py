@@ -727,7 +727,10 @@ MATRIX_WORDS = {"exact": "exact", "tolerance": "within tolerance", "not applicab
 def support_matrix() -> list[dict[str, str]]:
     """One row per family: model_type(s) and, per target, exact / within tolerance / not
     applicable with the default power-of-two scales. ``experts``: the ffn target on every
-    routed (and shared) expert of an MoE family. The README table is checked against this."""
+    routed (and shared) expert of an MoE family. ``trainer``: a transformers Trainer
+    checkpoint's optimizer moments follow the weights bit for bit (powers of two divide
+    exactly, whatever the weights' own exactness); an MoE family's moments are those of the
+    experts fused in memory (``fused.py``). The README table is checked against this."""
     rows = []
     for spec in sorted(shipped_specs().values(), key=lambda s: s.name):
         row = {"family": spec.name, "model_type": ", ".join(spec.model_types)}
@@ -736,13 +739,18 @@ def support_matrix() -> list[dict[str, str]]:
             key = "ffn" if target == "experts" else target
             row[target] = MATRIX_WORDS["not applicable" if not applies else
                                        "tolerance" if key in spec.inexact_targets else "exact"]
+        row["trainer"] = "exact, fused experts" if spec.moe is not None else "exact"
         rows.append(row)
     return rows
 
 
+MATRIX_COLUMNS = (*MATRIX_TARGETS, "trainer")
+MATRIX_HEADINGS = {"trainer": "Trainer checkpoint"}
+
+
 def support_matrix_markdown() -> str:
-    head = "| family | `model_type` | " + " | ".join(MATRIX_TARGETS) + " |"
-    lines = [head, "|" + "---|" * (2 + len(MATRIX_TARGETS))]
+    head = "| family | `model_type` | " + " | ".join(MATRIX_HEADINGS.get(c, c) for c in MATRIX_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(MATRIX_COLUMNS))]
     for r in support_matrix():
-        lines.append(f"| {r['family']} | `{r['model_type']}` | " + " | ".join(r[t] for t in MATRIX_TARGETS) + " |")
+        lines.append(f"| {r['family']} | `{r['model_type']}` | " + " | ".join(r[c] for c in MATRIX_COLUMNS) + " |")
     return "\n".join(lines)
