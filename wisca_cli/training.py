@@ -544,7 +544,10 @@ def _read_state(src: Path, weight_names: list[str] | None, multipliers: dict, ba
 
 def optimizer_parameter_names(src: str | os.PathLike, base: str | os.PathLike | None = None) -> dict:
     """State key (position or name) -> checkpoint tensor name, as transform_training_state maps
-    the optimizer state of ``src`` ({} when there is none or it is not transformable)."""
+    the optimizer state of ``src`` ({} when there is none or it is not transformable); a
+    parameter fused in memory from several checkpoint tensors (transformers 5's
+    ``mlp.experts.gate_up_proj``) -> its in-memory name (``fused.parameter_layout`` lists
+    the tensors it holds)."""
     found = _read_state(Path(src), None, {}, Path(base) if base is not None else None)
     return found.mapping.names if isinstance(found, _State) else {}
 
