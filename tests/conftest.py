@@ -58,6 +58,8 @@ ARCH_FAMILIES = {
                                     shared_expert_intermediate_size=48, mlp_only_layers=[1])),
     "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                     norm_topk_prob=True)),
+    # OLMoE: QK-norm over the whole projection (q_norm [H*d]), softmax-then-top-k router
+    "olmoe": ("olmoe", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32)),
     "gemma2": ("gemma2", dict(sliding_window=8, query_pre_attn_scalar=16)),
     "gemma3": ("gemma3_text", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
                                    query_pre_attn_scalar=16)),

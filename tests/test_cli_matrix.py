@@ -477,13 +477,23 @@ def test_case5_base_on_a_model_or_missing_is_refused(inputs, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_case6_mixtral_trainer_checkpoint_error_is_one_readable_line(tmp_path, monkeypatch):
+def test_case6_mixtral_trainer_checkpoint_transforms_and_a_bad_one_is_one_readable_line(tmp_path, monkeypatch):
+    """transformers 5 fuses Mixtral's experts in memory (optimizer.pt holds the fused moments),
+    save_pretrained writes them per expert: the moments are carried over (exit 0); an
+    optimizer.pt that fits no parameter order is one readable line, the tried orders in details."""
     ckpt = _trainer_checkpoint(tmp_path / "run", "mixtral", num_local_experts=4, num_experts_per_tok=2,
                                intermediate_size=32)
+    res = run_pipe(["transform", ckpt, tmp_path / "ok", "--json"])
+    check(res, 0, True)
+    opt = json.loads(res.stdout)["training_state"]["optimizer"]
+    assert opt["transformed"] and opt["exact"] and opt["parameters"] == 21
+    sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    sd["state"][6]["exp_avg"] = sd["state"][6]["exp_avg"][:, :32]      # half of a fused gate_up_proj
+    torch.save(sd, ckpt / "optimizer.pt")
     res = run_pipe(["transform", ckpt, tmp_path / "o"])
     check(res, 2, False)
     line = res.lines()[0]
-    assert len(line) - len(str(ckpt)) <= 200 and "fused" in line, line   # readable: the path plus a sentence
+    assert len(line) - len(str(ckpt)) <= 200 and "gate_up_proj" in line, line   # readable: the path plus a sentence
     res = run_pipe(["transform", ckpt, tmp_path / "o", "--json"])
     check(res, 2, True)
     assert len(json.loads(res.stdout)["details"]) >= 2

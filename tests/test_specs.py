@@ -167,3 +167,12 @@ def test_sections_are_frozen():
         s.attention.rotary = None
     with pytest.raises(TypeError):
         s.layer_tensors["q"] = "x"
+
+
+def test_refuse_when_names_the_config_key():
+    cfg = {"model_type": "olmoe", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "num_hidden_layers": 2, "intermediate_size": 32, "vocab_size": 128, "num_experts": 4,
+           "num_experts_per_tok": 2}
+    assert spec.layout_from_config({**cfg, "clip_qkv": None}).experts == 4
+    with pytest.raises(WiscaError, match=r"config.json: clip_qkv=8.0 is not supported for olmoe: q, k and v are clamped"):
+        spec.layout_from_config({**cfg, "clip_qkv": 8.0})

@@ -238,8 +238,14 @@ class MoeSpec(_Section):
     sparse_step: str | int | None = _spec_field(_config_value, None)
     dense_layers: str | None = _spec_field(_string, None)
     dense_tensors: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
+    # an expert's parameters in the order of its own module (one nn.Module per expert, as in
+    # transformers 4.x), which positional optimizer states of per-expert moments follow
+    expert_order: tuple[str, ...] = _spec_field(_str_list(MLP_ROLES, nonempty=True), MLP_ROLES)
 
     def check(self, where: str, label: str) -> None:
+        if sorted(self.expert_order) != sorted(self.expert_tensors):
+            raise WiscaError(f"{where}: {label}.expert_order must list the roles of {label}.expert_tensors "
+                             f"({', '.join(self.expert_tensors)}) once each, got {list(self.expert_order)}")
         for role, name in self.expert_tensors.items():
             if "{expert}" not in name:
                 raise WiscaError(f"{where}: {label}.expert_tensors.{role} must contain {{expert}}, got {name!r}")
@@ -317,6 +323,8 @@ class ArchSpec(_Section):
     embedding: EmbeddingSpec = _spec_field(_section(EmbeddingSpec), factory=EmbeddingSpec)
     final: FinalSpec = _spec_field(_section(FinalSpec), factory=FinalSpec)
     name_adapters: Mapping[str, NameAdapter] = _spec_field(_mapping(_section(NameAdapter)), factory=_no_entries)
+    # config key -> why a checkpoint whose config sets it (not null, not false) is refused
+    refuse_when: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
 
     def check(self, where: str, label: str) -> None:
         for name, adapter in self.name_adapters.items():   # every role renamed, and nothing else
@@ -614,6 +622,9 @@ def layout_from_config(config: dict, where: str = "config.json") -> Layout:
     if not isinstance(config, dict):
         raise WiscaError(f"{where}: expected a JSON object")
     spec = spec_for(config.get("model_type"), where)
+    for key, why in spec.refuse_when.items():
+        if config.get(key) not in (None, False):
+            raise WiscaError(f"{where}: {key}={json.dumps(config[key])} is not supported for {spec.name}: {why}")
     # a family's own key names (GPT-2's n_embd, ...) under the canonical ones
     config = {**config, **{canon: config[key] for canon, key in spec.config_keys.items()
                            if config.get(key) is not None}}
@@ -716,7 +727,10 @@ MATRIX_WORDS = {"exact": "exact", "tolerance": "within tolerance", "not applicab
 def support_matrix() -> list[dict[str, str]]:
     """One row per family: model_type(s) and, per target, exact / within tolerance / not
     applicable with the default power-of-two scales. ``experts``: the ffn target on every
-    routed (and shared) expert of an MoE family. The README table is checked against this."""
+    routed (and shared) expert of an MoE family. ``trainer``: a transformers Trainer
+    checkpoint's optimizer moments follow the weights bit for bit (powers of two divide
+    exactly, whatever the weights' own exactness); an MoE family's moments are those of the
+    experts fused in memory (``fused.py``). The README table is checked against this."""
     rows = []
     for spec in sorted(shipped_specs().values(), key=lambda s: s.name):
         row = {"family": spec.name, "model_type": ", ".join(spec.model_types)}
@@ -725,13 +739,18 @@ def support_matrix() -> list[dict[str, str]]:
             key = "ffn" if target == "experts" else target
             row[target] = MATRIX_WORDS["not applicable" if not applies else
                                        "tolerance" if key in spec.inexact_targets else "exact"]
+        row["trainer"] = "exact, fused experts" if spec.moe is not None else "exact"
         rows.append(row)
     return rows
 
 
+MATRIX_COLUMNS = (*MATRIX_TARGETS, "trainer")
+MATRIX_HEADINGS = {"trainer": "Trainer checkpoint"}
+
+
 def support_matrix_markdown() -> str:
-    head = "| family | `model_type` | " + " | ".join(MATRIX_TARGETS) + " |"
-    lines = [head, "|" + "---|" * (2 + len(MATRIX_TARGETS))]
+    head = "| family | `model_type` | " + " | ".join(MATRIX_HEADINGS.get(c, c) for c in MATRIX_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(MATRIX_COLUMNS))]
     for r in support_matrix():
-        lines.append(f"| {r['family']} | `{r['model_type']}` | " + " | ".join(r[t] for t in MATRIX_TARGETS) + " |")
+        lines.append(f"| {r['family']} | `{r['model_type']}` | " + " | ".join(r[c] for c in MATRIX_COLUMNS) + " |")
     return "\n".join(lines)

@@ -25,7 +25,14 @@ Two file formats are understood, found in the checkpoint folder as ``optimizer.p
     (an optimizer built from ``model.parameters()``); a candidate must match the group
     sizes, name only tensors of the checkpoint and give every moment its parameter's shape.
     If no candidate fits, or two fit with different scales, nothing is written and a
-    ``WiscaError`` names the file. PEFT adapter checkpoints (``adapter_config.json``) are
+    ``WiscaError`` names the file. A parameter need not be one checkpoint tensor:
+    transformers 5 renames some modules in memory and fuses MoE experts
+    (``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) that
+    ``save_pretrained`` writes per expert; ``fused.parameter_layout`` says which saved
+    tensors each parameter holds and where, from transformers' own conversion mapping, and a
+    fused moment is scaled by the multiplier assembled from its experts' (``Param.multiplier``).
+    Each rule is also tried in the per-expert layout of transformers 4.x (one moment per
+    expert tensor, in the spec's ``moe.expert_order``). PEFT adapter checkpoints (``adapter_config.json``) are
     mapped the same way through PEFT's model (trainable parameters only, ``.default``
     dropped from the names); the base model's ``config.json`` comes from ``base`` or from
     the adapter's ``base_model_name_or_path``.
@@ -34,7 +41,8 @@ Two file formats are understood, found in the checkpoint folder as ``optimizer.p
     ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` returns (save it
     with ``torch.save`` as ``optimizer.pt`` in the checkpoint folder). Names are the model's
     parameter names; ``module.`` / ``_orig_mod.`` wrapper prefixes and PEFT's ``.default``
-    are dropped before matching the checkpoint's tensor names.
+    are dropped before matching the checkpoint's tensor names; names of the in-memory model
+    that are not tensors of the checkpoint (fused MoE experts) are mapped through its layout.
 
 Anything else that looks like an optimizer state (an optimizer whose state keys are not
 known to transform by a power of the gradient, e.g. Adafactor or 8-bit states, a file that
@@ -56,6 +64,7 @@ import torch
 
 from .errors import WiscaError, reason
 from .formats import INDEX_NAME
+from .fused import Param, identity, parameter_layout
 
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "optim.pt")
 # state key -> p: the entry is a sum of gradient powers g**p, so it becomes entry / S**p
@@ -233,8 +242,11 @@ def _adapter_base_config(src: Path, base: Path | None, where: str) -> Path:
                      f"model's config.json: pass the base model folder (`base`)", fields=("base",))
 
 
-def _trainer_candidates(src: Path, where: str, adapter: bool, base: Path | None) -> dict[str, list[list[str]]]:
-    """Rule -> parameter names per param group, as Trainer.create_optimizer builds them."""
+def _trainer_candidates(src: Path, where: str, adapter: bool, base: Path | None) -> dict[str, list[list[Param]]]:
+    """Rule -> the parameters per param group, as Trainer.create_optimizer builds them: each
+    with the checkpoint tensors it holds (``fused.parameter_layout``: transformers 5 fuses
+    MoE experts in memory). Where some are fused, each rule also comes in the per-expert
+    layout of transformers 4.x (one 2-D moment per expert tensor, ``_per_expert``)."""
     if adapter:
         model = _meta_model(_adapter_base_config(src, base, where), where)
         try:
@@ -250,13 +262,71 @@ def _trainer_candidates(src: Path, where: str, adapter: bool, base: Path | None)
         except Exception as e:   # noqa: BLE001
             raise WiscaError(f"{where}: cannot rebuild the PEFT model to map the optimizer's parameter positions: "
                              f"{type(e).__name__}: {reason(e, 200)}") from e
+        layout = {n: identity(checkpoint_name(n), tuple(p.shape)) for n, p in model.named_parameters()}
     else:
         model = _meta_model(src, where)
+        try:
+            layout = parameter_layout(model)
+        except WiscaError as e:
+            raise WiscaError(f"{where}: {e}") from e
     named = [(n, p.requires_grad) for n, p in model.named_parameters()]
     trainable = [n for n, grad in named if grad]
-    out = {"one group (model.parameters())": [trainable]}
+    rules = {"one group (model.parameters())": [trainable]}
     for rule, decay in _decay_rules(model).items():
-        out[rule] = [[n for n in trainable if n in decay], [n for n in trainable if n not in decay]]
+        rules[rule] = [[n for n in trainable if n in decay], [n for n in trainable if n not in decay]]
+    out = {rule: [[layout[n] for n in g] for g in groups] for rule, groups in rules.items()}
+    if any(p.fused for p in layout.values()):
+        ranks = _expert_ranks(src)
+        for rule, groups in list(out.items()):
+            per_expert = _per_expert(groups, ranks)
+            if per_expert is not None:
+                out[f"{rule}, experts per expert (transformers 4.x)"] = per_expert
+    return out
+
+
+def _expert_ranks(src: Path) -> dict[str, tuple[int, int]]:
+    """Checkpoint tensor name of an expert -> (expert, place in its module), from the spec
+    (``moe.expert_order``); {} when the family has no spec."""
+    from .spec import layout_from_config
+
+    try:
+        layout = layout_from_config(json.loads((src / "config.json").read_text()))
+    except (WiscaError, OSError, ValueError):
+        return {}
+    moe = layout.spec.moe
+    if moe is None:
+        return {}
+    ranks = {}
+    for layer in range(layout.layers):
+        for role, name in layout.layer_roles(layer).items():
+            parts = role.split(".")
+            if len(parts) == 3 and parts[0] == "experts" and parts[2] in moe.expert_order:
+                ranks[name] = (int(parts[1]), moe.expert_order.index(parts[2]))
+    return ranks
+
+
+def _per_expert(groups: list[list[Param]], ranks: dict) -> list[list[Param]] | None:
+    """The param groups as a model with one module per expert lists them (transformers 4.x):
+    the fused parameters of one experts module replaced, where the first of them stood, by
+    their checkpoint tensors, expert by expert in the spec's ``expert_order``; every other
+    parameter under its checkpoint name."""
+    out = []
+    for group in groups:
+        new, done = [], set()
+        for p in group:
+            if not p.fused:
+                new.append(identity(p.saved[0], p.shape))
+                continue
+            module = p.name.rsplit(".", 1)[0]
+            if module in done:
+                continue
+            done.add(module)
+            pieces = [q for other in group if other.fused and other.name.rsplit(".", 1)[0] == module
+                      for q in other.pieces]
+            if not all(q.saved in ranks for q in pieces):
+                return None
+            new += [identity(q.saved, q.shape) for q in sorted(pieces, key=lambda q: ranks[q.saved])]
+        out.append(new)
     return out
 
 
@@ -275,37 +345,53 @@ def checkpoint_name(name: str) -> str:
 
 @dataclass
 class _Mapping:
-    names: dict                    # state key -> checkpoint tensor name
+    params: dict[object, Param]    # state key -> the parameter and the checkpoint tensors it holds
     order: str                     # how the names were found
 
+    @property
+    def names(self) -> dict:
+        """State key -> checkpoint tensor name; a fused parameter (pieces of several
+        checkpoint tensors, e.g. ``mlp.experts.gate_up_proj``) -> its in-memory name."""
+        return {k: p.name if p.fused else p.saved[0] for k, p in self.params.items()}
 
-def _check(sd: dict, names: dict, shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """Why this key -> name mapping cannot be right (None: it is consistent)."""
-    for key, name in names.items():
-        if name not in shapes:
-            return f"parameter {name} (state {key!r}) is not a tensor of the checkpoint"
+
+def _resolve(p: Param, shapes: dict[str, tuple[int, ...]]) -> Param:
+    """A parameter the checkpoint stores whole under its in-memory name (experts saved
+    fused) is that tensor, whatever transformers would have saved."""
+    if p.fused and shapes.get(p.name) == p.shape:
+        return identity(p.name, p.shape)
+    return p
+
+
+def _check(sd: dict, params: dict[object, Param], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why this key -> parameter mapping cannot be right (None: it is consistent)."""
+    for key, p in params.items():
+        for piece in p.pieces:
+            if piece.saved not in shapes:
+                held = f" (held by the in-memory {p.name})" if p.fused else ""
+                return f"parameter {piece.saved}{held} (state {key!r}) is not a tensor of the checkpoint"
+            if piece.shape != shapes[piece.saved]:
+                return (f"parameter {piece.saved} has shape {shapes[piece.saved]} in the checkpoint, but "
+                        f"{list(piece.shape)} in the in-memory {p.name}")
         for k, t in sd["state"].get(key, {}).items():
-            if isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) != shapes[name]:
-                return (f"state {key!r} {k} has shape {tuple(t.shape)} but its parameter {name} has "
-                        f"shape {shapes[name]}")
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) != p.shape:
+                return (f"state {key!r} {k} has shape {tuple(t.shape)} but "
+                        f"{p.name if p.fused else p.saved[0]} has {p.shape}")
     return None
 
 
-def _same_scales(a: dict, b: dict, multipliers: dict) -> str | None:
+def _same_scales(a: dict[object, Param], b: dict[object, Param], multipliers: dict) -> str | None:
     for key in a:
-        ma, mb = multipliers.get(a[key]), multipliers.get(b[key])
+        ma, mb = a[key].multiplier(multipliers), b[key].multiplier(multipliers)
         if ma is None and mb is None:
             continue
         if ma is None or mb is None or ma.shape != mb.shape or not torch.equal(ma, mb):
-            return f"position {key} is {a[key]} or {b[key]}, which scale differently"
+            return f"position {key} is {a[key].name} or {b[key].name}, which scale differently"
     return None
 
 
-def _likely_reason(reasons: dict[str, str], names: set[str]) -> str:
-    """The one reason worth a line, out of every parameter order tried (``names``: the
-    in-memory model's parameter names)."""
-    if any(re.search(r"\.experts\.(gate_up_proj|down_proj)$", n) for n in names):
-        return "MoE experts are fused in memory (experts.gate_up_proj) but saved per expert; not supported yet"
+def _likely_reason(reasons: dict[str, str]) -> str:
+    """The one reason worth a line, out of every parameter order tried."""
     # a rule whose group sizes fitted got furthest: its reason is the specific one
     closest = [why for why in reasons.values() if not why.startswith("the model has")]
     first = (closest or list(reasons.values()) or ["no parameter order fits"])[0]
@@ -322,22 +408,21 @@ def _positional_mapping(src: Path, sd: dict, where: str, shapes: dict, multiplie
     stray = sorted(set(sd["state"]) - set(flat))
     if stray:
         raise WiscaError(f"{where}: state for position {stray[0]} which no param group lists")
-    fits, reasons, seen = {}, {}, set()
-    for rule, names_by_group in _trainer_candidates(src, where, adapter, base).items():
-        seen.update(n for g in names_by_group for n in g)
-        if [len(g) for g in names_by_group] != [len(g) for g in groups]:
-            reasons[rule] = (f"the model has {sum(len(g) for g in names_by_group)} trainable parameters in groups of "
-                             f"{[len(g) for g in names_by_group]}, the optimizer {[len(g) for g in groups]}")
+    fits, reasons = {}, {}
+    for rule, params_by_group in _trainer_candidates(src, where, adapter, base).items():
+        if [len(g) for g in params_by_group] != [len(g) for g in groups]:
+            reasons[rule] = (f"the model has {sum(len(g) for g in params_by_group)} trainable parameters in groups of "
+                             f"{[len(g) for g in params_by_group]}, the optimizer {[len(g) for g in groups]}")
             continue
-        names = {k: checkpoint_name(n) for g, gn in zip(groups, names_by_group) for k, n in zip(g, gn)}
-        problem = _check(sd, names, shapes)
+        params = {k: _resolve(p, shapes) for g, gp in zip(groups, params_by_group) for k, p in zip(g, gp)}
+        problem = _check(sd, params, shapes)
         if problem:
             reasons[rule] = problem
         else:
-            fits[rule] = names
+            fits[rule] = params
     if not fits:
         raise WiscaError(f"{where}: cannot map the optimizer's parameter positions to the checkpoint's tensors "
-                         f"({_likely_reason(reasons, seen)})",
+                         f"({_likely_reason(reasons)})",
                          details=[f"{rule}: {why}" for rule, why in reasons.items()])
     rules = list(fits)
     for rule in rules[1:]:
@@ -349,7 +434,7 @@ def _positional_mapping(src: Path, sd: dict, where: str, shapes: dict, multiplie
                                     f"{', '.join(rules)}")
 
 
-def _by_name_mapping(sd: dict, where: str, shapes: dict) -> _Mapping:
+def _by_name_mapping(src: Path, sd: dict, where: str, shapes: dict) -> _Mapping:
     listed = [n for g in sd["param_groups"] for n in g["params"]]
     if len(set(listed)) != len(listed):
         raise WiscaError(f"{where}: a parameter name is listed in two param groups")
@@ -357,10 +442,20 @@ def _by_name_mapping(sd: dict, where: str, shapes: dict) -> _Mapping:
     if stray:
         raise WiscaError(f"{where}: state for {stray[0]!r} which no param group lists")
     names = {n: checkpoint_name(n) for n in listed}
-    problem = _check(sd, names, shapes)
+    layout = {}
+    if any(n not in shapes for n in names.values()) and not (src / "adapter_config.json").is_file():
+        # names of the in-memory model (fused MoE experts, renamed modules): its layout says
+        # which checkpoint tensors they hold
+        try:
+            layout = parameter_layout(_meta_model(src, where))
+        except WiscaError as e:
+            raise WiscaError(f"{where}: {e}") from e
+    params = {n: _resolve(layout[c], shapes) if c not in shapes and c in layout
+              else identity(c, shapes.get(c, ())) for n, c in names.items()}
+    problem = _check(sd, params, shapes)
     if problem:
         raise WiscaError(f"{where}: {problem}")
-    return _Mapping(names, "parameter names stored in the state dict")
+    return _Mapping(params, "parameter names stored in the state dict")
 
 
 # -- scaling ---------------------------------------------------------------------------------
@@ -443,13 +538,16 @@ def _read_state(src: Path, weight_names: list[str] | None, multipliers: dict, ba
     if fmt == "hf-trainer":
         mapping = _positional_mapping(src, sd, where, shapes, multipliers, is_adapter(src), base)
     else:
-        mapping = _by_name_mapping(sd, where, shapes)
+        mapping = _by_name_mapping(src, sd, where, shapes)
     return _State(path, sd, fmt, powers, name, mapping)
 
 
 def optimizer_parameter_names(src: str | os.PathLike, base: str | os.PathLike | None = None) -> dict:
     """State key (position or name) -> checkpoint tensor name, as transform_training_state maps
-    the optimizer state of ``src`` ({} when there is none or it is not transformable)."""
+    the optimizer state of ``src`` ({} when there is none or it is not transformable); a
+    parameter fused in memory from several checkpoint tensors (transformers 5's
+    ``mlp.experts.gate_up_proj``) -> its in-memory name (``fused.parameter_layout`` lists
+    the tensors it holds)."""
     found = _read_state(Path(src), None, {}, Path(base) if base is not None else None)
     return found.mapping.names if isinstance(found, _State) else {}
 
@@ -484,9 +582,9 @@ def transform_training_state(src: Path, dst: Path, multipliers: dict[str, torch.
         return found
     path, sd, fmt, powers, name, mapping = found.path, found.sd, found.fmt, found.powers, found.name, found.mapping
     where = str(path)
-    new_state, tensors, scaled, underflow = {}, 0, set(), 0
+    new_state, tensors, scaled, underflow, names = {}, 0, {}, 0, mapping.names
     for key, entry in sd["state"].items():
-        s = multipliers.get(mapping.names[key])
+        s = mapping.params[key].multiplier(multipliers)
         if s is None or bool((s == 1).all()):
             new_state[key] = entry
             continue
@@ -498,18 +596,18 @@ def transform_training_state(src: Path, dst: Path, multipliers: dict[str, torch.
                 continue
             out = scale_moment(t, s, p, invert)
             if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
-                raise WiscaError(f"{where}: {k} of {mapping.names[key]} overflows when scaled; nothing written")
+                raise WiscaError(f"{where}: {k} of {names[key]} overflows when scaled; nothing written")
             info = torch.finfo(t.dtype)
             underflow += int(((t != 0) & (out.abs() < info.tiny)).sum())
             new_entry[k] = out
             tensors += 1
-        scaled.add(mapping.names[key])
+        scaled[names[key]] = s
         new_state[key] = new_entry
-    exact = underflow == 0 and all(_is_pow2(multipliers[n].double(), torch.float32) for n in scaled)
+    exact = underflow == 0 and all(_is_pow2(m.double(), torch.float32) for m in scaled.values())
     if scaled:
         _save({**sd, "state": new_state}, dst / path.name)
     return {"optimizer": {
         "file": path.name, "format": fmt, "optimizer": name, "transformed": True, "tensors": tensors,
-        "parameters": len(mapping.names), "scaled_parameters": len(scaled), "order": mapping.order,
+        "parameters": len(names), "scaled_parameters": len(scaled), "order": mapping.order,
         "direction": "S (undo)" if invert else "1/S", "exact": exact, "underflow": underflow,
     }}
