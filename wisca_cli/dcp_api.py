@@ -382,14 +382,13 @@ def _verify_walk(ca, cb, v: StreamVerifier, progress):
     def both(name_a: str, name_b: str):
         return read_full(ca.weights[name_a]), read_full(cb.weights[name_b])
 
-    ea, eb = both(spec.embed, cb.layout.spec.embed)
-    v.embed_rows(0, ea, eb)
+    for start, ra, rb in _row_pairs(ca.weights[spec.embed], cb.weights[cb.layout.spec.embed]):
+        v.embed_rows(start, ra, rb)
     extra = {}
     if spec.embedding.positions:
         pa, pb = both(spec.embedding.positions, cb.layout.spec.embedding.positions)
         extra = ({"pos": pa}, {"pos": pb})
     v.embed_done(*(extra or ({}, {})))
-    del ea, eb
     for i in range(la.layers):
         ra, rb = la.layer_roles(i), cb.layout.layer_roles(i)
         ta = {role: read_full(ca.weights[n]) for role, n in ra.items()}
@@ -404,8 +403,21 @@ def _verify_walk(ca, cb, v: StreamVerifier, progress):
     v.final_norm(na, nb, xa, xb)
     head_a = spec.embed if la.tie_embeddings else spec.lm_head
     head_b = cb.layout.spec.embed if la.tie_embeddings else cb.layout.spec.lm_head
-    v.head_rows(*both(head_a, head_b))
+    for start, ra, rb in _row_pairs(ca.weights[head_a], cb.weights[head_b]):
+        v.head_rows(ra, rb, start)
     return v.result()
+
+
+def _row_pairs(ea, eb):
+    """(first row, rows of A, rows of B) of two big tensors: a chunk at a time when both are
+    stored in the same row blocks (an embedding never whole in memory), else whole."""
+    from .dcp import _row_blocks
+    pa, pb = sorted(ea.pieces(), key=lambda p: p[1]), sorted(eb.pieces(), key=lambda p: p[1])
+    if _row_blocks(ea) and _row_blocks(eb) and [p[1:] for p in pa] == [p[1:] for p in pb]:
+        for (ia, offsets, _), (ib, _, _) in zip(pa, pb):
+            yield offsets[0], ea.folder.load(ia), eb.folder.load(ib)
+    else:
+        yield 0, read_full(ea), read_full(eb)
 
 
 class Readable:
