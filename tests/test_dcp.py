@@ -377,3 +377,19 @@ def test_wrapper_segments_are_recognised_and_kept(tmp_path):
     mults = assert_rescaled(src, dst)
     assert any("_orig_mod." in k and "_checkpoint_wrapped_module." in k for k in mults)
     assert any("._fsdp_wrapped_module.mlp." in k for k in mults)
+
+
+def test_fused_moe_experts_are_refused_in_one_line(tmp_path):
+    """transformers 5 Mixtral: experts fused in memory (mlp.experts.gate_up_proj), so its
+    state dict in DCP does not carry the per-expert tensors the spec names."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_config
+
+    cfg = make_config("mixtral", num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                      num_experts_per_tok=2)
+    src = tmp_path / "moe"
+    dcp.save({"model": AutoModelForCausalLM.from_config(cfg).state_dict()}, checkpoint_id=src, no_dist=True)
+    cfg.to_json_file(str(src / "config.json"))
+    _refused(src, tmp_path, match="MoE experts stored fused (model.model.layers.0.mlp.experts.")
+

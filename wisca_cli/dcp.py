@@ -333,9 +333,13 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None) ->
                         raise WiscaError(f"{f.path / METADATA}: {weights[name].key} and {key} both name {name}")
                     weights[name] = e
     ckpt = DcpCheckpoint(root, cfg, layout, folders, weights, moments, adapter, cfg_path, str(root))
+    fused = next((k for k in keys if k.endswith((".experts.gate_up_proj", ".experts.down_proj"))), None)
     for i in range(layout.layers):
         for role, name in layout.layer_roles(i).items():
             if name not in weights:
+                if fused is not None:
+                    raise WiscaError(f"{root}: MoE experts stored fused ({fused}), as transformers 5 holds them "
+                                     f"in memory; not mapped in torch.distributed checkpoints yet")
                 raise WiscaError(f"{root}: tensor {name} (layer {i} {role}) not in the checkpoint")
     return ckpt
 
