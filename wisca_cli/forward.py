@@ -26,7 +26,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     """RMSNorm computed in float32 and cast back, as transformers does."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (offset + weight) * y.to(x.dtype)
+    return (offset + weight.to(x.dtype)) * y.to(x.dtype)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -47,6 +47,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """The family's norm over the last dim: RMSNorm (optionally ``(offset + w)``) or
     LayerNorm (bias optional). A weight of more dims (Cohere's per-head QK-norm, ``[H, d]``)
     broadcasts over the trailing dims of x."""
+    weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
     if layout.spec.norm.kind == "layernorm":
         if weight.dim() == 1:
             return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
@@ -87,8 +88,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
     return torch.cat((rot * cos + turned * sin, rest), dim=-1)
 
 
+CONVERT_BLOCK = 1 << 20    # elements of a stored-narrower weight converted at a time
+
+
 def linear(x: torch.Tensor, w: dict, role: str) -> torch.Tensor:
-    return F.linear(x, w[role], w.get(role + "_bias"))
+    """``x W^T + b`` in x's dtype. A weight stored narrower (bf16 verified in float32) is
+    converted here a block of output rows at a time, so neither a layer nor a whole matrix
+    is ever held twice."""
+    weight, b = w[role], w.get(role + "_bias")
+    b = None if b is None else b.to(x.dtype)
+    if weight.dtype == x.dtype or weight.numel() <= CONVERT_BLOCK:
+        return F.linear(x, weight.to(x.dtype), b)
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    step = max(1, CONVERT_BLOCK // weight.shape[1])
+    for r in range(0, weight.shape[0], step):
+        out[..., r:r + step] = F.linear(x, weight[r:r + step].to(x.dtype), None if b is None else b[r:r + step])
+    return out
 
 
 def attention_mask(layout: Layout, length: int, layer: int | None = None) -> torch.Tensor:
@@ -182,7 +197,7 @@ def moe(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
     spec = layout.spec.moe
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    probs = torch.softmax(F.linear(x, w["router"]), dim=-1, dtype=torch.float32)
+    probs = torch.softmax(F.linear(x, w["router"].to(x.dtype)), dim=-1, dtype=torch.float32)
     top, idx = torch.topk(probs, int(layout.value(spec.top_k)), dim=-1)
     if layout.value(spec.norm_topk, False):
         top = top / top.sum(-1, keepdim=True)
@@ -196,7 +211,7 @@ def moe(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
     if "shared.up" in w:
         shared = gated_mlp(x, w, layout, "shared.")
         if "shared_gate" in w:
-            shared = torch.sigmoid(F.linear(x, w["shared_gate"])) * shared
+            shared = torch.sigmoid(F.linear(x, w["shared_gate"].to(x.dtype))) * shared
         out = out + shared
     return out.reshape(shape)
 
@@ -244,7 +259,7 @@ def postprocess_logits(logits: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 
 def final_logits(h: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor, layout: Layout,
-                 chunk_rows: int = 8192, norm_bias: torch.Tensor | None = None,
+                 chunk_rows: int = 1024, norm_bias: torch.Tensor | None = None,
                  head_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Logits, computing with the head a block of vocab rows at a time (cast to h's dtype).
 
