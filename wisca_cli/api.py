@@ -143,11 +143,7 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                 "layers": layers,
             }
             if result is not None and not result.passed:
-                where = result.first_diverging_layer
-                at = "logits" if where is None else ("embeddings" if where < 0 else f"layer {where}")
-                raise VerificationFailed(
-                    f"verification failed: outputs diverge at {at} (max abs diff {result.max_abs_diff:.3g}, "
-                    f"KL {result.kl:.3g}, top-1 {result.top1:.3f}); nothing written", report)
+                raise VerificationFailed(result.failure(), report)
             copy_other_files(ckpt.root, out.tmp, skip=set(ckpt.shards) | {RECORD_NAME, SCALES_NAME})
             from .training import transform_training_state   # optimizer.pt of a Trainer checkpoint
 

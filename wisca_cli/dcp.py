@@ -648,22 +648,28 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
         if verifier is not None:
             after = {**small, **new}
             verifier.final_norm(small["norm"], after["norm"], small, after)
-        if write_head or verifier is not None:
-            for start, rows in head_blocks():
-                _require_finite(head, rows)
-                out = rows
-                if "head" in mults:
-                    offsets = (start,) + (0,) * (rows.dim() - 1)
-                    out = apply_multiplier(rows, chunk_multiplier(mults["head"], offsets, tuple(rows.shape)), 1)
+        def feed(start: int, block: torch.Tensor, out: torch.Tensor | None = None) -> None:
+            _require_finite(head, block)
+            verifier.head_rows(block, block if out is None else out, start)
+
+        if "head" in mults:        # the final norm pair: lm_head's columns rescaled, chunk by chunk
+            for start, block in head_blocks():
+                offsets = (start,) + (0,) * (block.dim() - 1)
+                out = apply_multiplier(block, chunk_multiplier(mults["head"], offsets, tuple(block.shape)), 1)
                 if verifier is not None:
-                    verifier.head_rows(rows, out, start)
-                if write_head:
-                    _put_rows(head, start, rows if "head" not in mults else out)
-            if verifier is not None:
-                state["result"] = verifier.result()
+                    feed(start, block, out)
+                _put_rows(head, start, out)
+        elif write_head and verifier is not None:   # untouched: its bytes as they are, read once
+            rows(head, feed)
+        elif write_head:
+            copy_entry(head)
+        elif verifier is not None:  # tied: the embedding, written with the embed stage
+            for start, block in head_blocks():
+                feed(start, block)
+        if verifier is not None:
+            state["result"] = verifier.result()
         if write_head:
             done.add(head.key)
-            check_fault()
             moments_of(names["head"], mults.get("head"))
         if progress:
             progress(sum(ckpt.weights[n].nbytes for n in names.values()), "final")

@@ -101,16 +101,18 @@ def _main_dtype(ckpt) -> str:
 
 
 def _rewrite_all(world: World, ckpt, dst_path: Path, overwrite: bool, layer_fn, verifier, progress,
-                 finish: Callable[[Path, list[dict]], dict], final_fn=None) -> dict:
+                 finish: Callable[[Path, list[dict]], dict], final_fn=None, extras: dict | None = None) -> dict:
     """The work and commit phases: every rank writes its part into rank 0's temporary
     folder; rank 0 calls ``finish(tmp, payloads)`` (the report; raise to abandon), writes
-    the metadata and renames the folder into place."""
+    the metadata and renames the folder into place. ``extras``: what this rank's layer
+    functions collected (scales, counts), filled in by the time its part is written and sent
+    along in its payload."""
     staged = StagedOutput(dst_path, overwrite) if world.rank == 0 else None
     try:
         _phase(world, lambda: staged.__enter__() if staged else None)
         tmp = Path(world.broadcast(str(staged.tmp) if staged else None))
         payload = _phase(world, lambda: rewrite(ckpt, tmp, layer_fn, verifier, progress, world, final_fn))
-        payload.update(scales=layer_fn.scales, **layer_fn.counts)   # this rank's layers'
+        payload.update(extras or {})
         payloads = world.gather(payload)
 
         def commit():
@@ -157,8 +159,8 @@ def _optimizer_report(ckpt, payloads: list[dict], invert: bool, exact: bool) -> 
     return {"optimizer": {
         "file": ", ".join(f"{f}/{METADATA}" if f != "." else METADATA for f in folders), "format": "dcp",
         "optimizer": "/".join(sorted({k for m in ckpt.moments.values() for k in m})), "transformed": True,
-        "tensors": sum(p["moments_scaled"] for p in payloads),
-        "parameters": len(ckpt.moments), "scaled_parameters": sum(p["params_scaled"] for p in payloads),
+        "tensors": sum(p["counts"]["moments_scaled"] for p in payloads),
+        "parameters": len(ckpt.moments), "scaled_parameters": sum(p["counts"]["params_scaled"] for p in payloads),
         "direction": "S (undo)" if invert else "1/S", "exact": exact}}
 
 
@@ -191,7 +193,7 @@ def _transform(world: World, src, dst, opts: TransformOptions, progress) -> dict
             shapes = {role: tuple(t.shape) for role, t in tensors.items()}
             mults = solve.layer_multipliers(lay, layer, shapes, opts.targets, opts.granularity,
                                             {k: r.scales for k, r in results.items()})
-            _count(ckpt, lay, layer, mults, counts)
+            _count(ckpt, lay.layer_roles(layer), mults, counts)
             return new, mults, {kind: pair_report(r) for kind, r in results.items()}
 
         def balance_final(small: dict, head_blocks, head_dtype):
@@ -203,7 +205,7 @@ def _transform(world: World, src, dst, opts: TransformOptions, progress) -> dict
             found = {kind: r.scales for kind, r in results.items()}
             scales.update({f"{FINAL}.{kind}": s for kind, s in found.items()})
             mults = solve.final_multipliers(lay, _final_shapes(ckpt), opts.targets, opts.granularity, found)
-            _count_final(ckpt, mults, counts)
+            _count(ckpt, _final_names(ckpt), mults, counts)
             return new, ({kind: pair_report(r) for kind, r in results.items()} or None), mults
 
         def finish(tmp: Path, payloads: list[dict]) -> dict:
@@ -226,11 +228,7 @@ def _transform(world: World, src, dst, opts: TransformOptions, progress) -> dict
                 "layers": layers,
             }
             if result is not None and not result.passed:
-                where = result.first_diverging_layer
-                at = "logits" if where is None else ("embeddings" if where < 0 else f"layer {where}")
-                raise VerificationFailed(
-                    f"verification failed: outputs diverge at {at} (max abs diff {result.max_abs_diff:.3g}, "
-                    f"KL {result.kl:.3g}, top-1 {result.top1:.3f}); nothing written", report)
+                raise VerificationFailed(result.failure(), report)
             _copy_beside(ckpt, tmp)
             report["training_state"] = _optimizer_report(ckpt, payloads, False, pow2)
             report["seconds"] = round(time.perf_counter() - started, 3)
@@ -238,26 +236,16 @@ def _transform(world: World, src, dst, opts: TransformOptions, progress) -> dict
             write_record(tmp, report, all_scales, {"granularity": opts.granularity})
             return report
 
-        return _rewrite_all(world, ckpt, dst_path, opts.overwrite, _Tagged(balance, scales, counts), verifier,
-                            progress, finish, balance_final)
+        return _rewrite_all(world, ckpt, dst_path, opts.overwrite, balance, verifier, progress, finish,
+                            balance_final, extras={"scales": scales, "counts": counts})
     finally:
         ckpt.close()
 
 
-class _Tagged:
-    """A layer function whose scales and counts travel in this rank's payload."""
-
-    def __init__(self, fn, scales: dict, counts: dict):
-        self.fn, self.scales, self.counts = fn, scales, counts
-
-    def __call__(self, layer, tensors):
-        return self.fn(layer, tensors)
-
-
-def _count(ckpt, lay, layer: int, mults: dict, counts: dict) -> None:
-    roles = lay.layer_roles(layer)
+def _count(ckpt, names: dict[str, str], mults: dict, counts: dict) -> None:
+    """Rescaled parameters with optimizer state, and their moments (``names``: role -> name)."""
     for role in mults:
-        moments = ckpt.moments.get(roles[role], {})
+        moments = ckpt.moments.get(names[role], {})
         if moments:
             counts["params_scaled"] += 1
             counts["moments_scaled"] += sum(1 for m in moments if m != "step")
@@ -270,15 +258,6 @@ def _final_names(ckpt) -> dict[str, str]:
 
 def _final_shapes(ckpt) -> dict[str, tuple[int, ...]]:
     return {role: ckpt.weights[n].size for role, n in _final_names(ckpt).items()}
-
-
-def _count_final(ckpt, mults: dict, counts: dict) -> None:
-    names = _final_names(ckpt)
-    for role in mults:
-        moments = ckpt.moments.get(names[role], {})
-        if moments:
-            counts["params_scaled"] += 1
-            counts["moments_scaled"] += sum(1 for m in moments if m != "step")
 
 
 def _open(src, dst, config, overwrite):
@@ -317,7 +296,7 @@ def _undo(world: World, transformed, restored, overwrite, verify, progress, conf
             shapes = {role: tuple(t.shape) for role, t in tensors.items()}
             mults = {role: 1.0 / m for role, m in
                      solve.layer_multipliers(lay, layer, shapes, targets, o["granularity"], mine).items()}
-            _count(ckpt, lay, layer, mults, counts)
+            _count(ckpt, lay.layer_roles(layer), mults, counts)
             return new, mults, {}
 
         def unscale_final(small: dict, head_blocks, head_dtype):
@@ -329,7 +308,7 @@ def _undo(world: World, transformed, restored, overwrite, verify, progress, conf
                                  f"or of the wrong size") from e
             mults = {role: 1.0 / m for role, m in
                      solve.final_multipliers(lay, _final_shapes(ckpt), targets, o["granularity"], recorded).items()}
-            _count_final(ckpt, mults, counts)
+            _count(ckpt, _final_names(ckpt), mults, counts)
             return new, None, mults
 
         def finish(tmp: Path, payloads: list[dict]) -> dict:
@@ -344,8 +323,8 @@ def _undo(world: World, transformed, restored, overwrite, verify, progress, conf
                     "training_state": _optimizer_report(ckpt, payloads, True, pow2), "warnings": [],
                     "seconds": round(time.perf_counter() - started, 3)}
 
-        return _rewrite_all(world, ckpt, dst_path, overwrite, _Tagged(unscale, {}, counts), verifier, progress,
-                            finish, unscale_final)
+        return _rewrite_all(world, ckpt, dst_path, overwrite, unscale, verifier, progress, finish, unscale_final,
+                            extras={"scales": {}, "counts": counts})
     finally:
         ckpt.close()
 

@@ -60,6 +60,13 @@ class VerifyResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def failure(self) -> str:
+        """The one line for a transform whose output did not verify."""
+        where = self.first_diverging_layer
+        at = "logits" if where is None else ("embeddings" if where < 0 else f"layer {where}")
+        return (f"verification failed: outputs diverge at {at} (max abs diff {self.max_abs_diff:.3g}, "
+                f"KL {self.kl:.3g}, top-1 {self.top1:.3f}); nothing written")
+
 
 def probe_ids(vocab: int, batch: int, length: int, seed: int, file: str | None = None) -> torch.Tensor:
     """Probe tokens: seeded random ids, or a JSON list of lists / whitespace ints from a file."""
