@@ -24,18 +24,20 @@ import copy
 import dataclasses
 import errno
 import io
+import mmap
 import os
 import pickle
 import warnings
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .balance import apply_multiplier, chunk_multiplier
+from . import chunkbytes
+from .balance import apply_multiplier, apply_multiplier_, chunk_multiplier
 from .errors import WiscaError, reason
 from .spec import Layout, layout_from_config
 
@@ -47,6 +49,8 @@ STATE = "optimizer.state."
 MOMENT_POWERS = {"step": 0, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2, "mu_product": 0,
                  "exp_inf": 1, "momentum_buffer": 1, "sum": 2}
 MEGATRON_BUCKETS = ("bucket_idx", "dp_group_idx", "param_state_sharding_type")
+_DONE: Future = Future()
+_DONE.set_result(None)
 
 
 def is_dcp(path: str | os.PathLike) -> bool:
@@ -103,6 +107,21 @@ class Folder:
         if len(raw) != info.length:
             raise WiscaError(f"{path}: file ended while reading {idx.fqn} (truncated checkpoint)")
         return raw
+
+    def read_into(self, idx, buf) -> None:
+        """A stored piece's bytes into ``buf`` (exactly its length)."""
+        fd, offset, length = self.source(idx)
+        view, done = memoryview(buf).cast("B"), 0
+        try:
+            while done < length:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got == 0:
+                    raise WiscaError(f"{self.path / self.storage[idx].relative_path}: file ended while "
+                                     f"reading {idx.fqn} (truncated checkpoint)")
+                done += got
+        except OSError as e:
+            raise WiscaError(f"{self.path / self.storage[idx].relative_path}: cannot read {idx.fqn}: "
+                             f"{e.strerror or e}") from e
 
     def source(self, idx) -> tuple[int, int, int]:
         """(file descriptor, offset, length) of a stored piece, for a copy in the kernel."""
@@ -387,6 +406,46 @@ def blocks(layers: int, size: int) -> list[range]:
 
 
 # -- writing ----------------------------------------------------------------------------------
+class Ring:
+    """Memory for chunks on their way from the source to the output: one mapping, handed
+    out in order and handed back as the writer thread finishes with it, so its pages stay
+    hot (writing into fresh memory cost several times the copy itself here) and the RSS
+    stays flat. A chunk that does not fit, or that would land on memory not yet handed to
+    the writer, gets fresh memory instead."""
+
+    def __init__(self, size: int = 256 << 20):
+        self.size, self.head, self.mem = size, 0, None
+        self.live: deque[list] = deque()       # [start, end, future or None], oldest first
+
+    def take(self, n: int) -> tuple[memoryview, list | None]:
+        """(writable memory of ``n`` bytes, its slot: hand it to ``ChunkWriter.put_region``
+        or ``release``)."""
+        if n == 0 or 2 * n > self.size:
+            return memoryview(bytearray(n)), None
+        start = self.head if self.head + n <= self.size else 0
+        while any(lo < start + n and start < hi for lo, hi, _ in self.live):
+            if self.live[0][2] is None:        # still in use before the writer has it
+                return memoryview(bytearray(n)), None
+            self.live.popleft()[2].result()
+        if self.mem is None:
+            self.mem = memoryview(mmap.mmap(-1, self.size))
+        slot = [start, start + n, None]
+        self.live.append(slot)
+        self.head = start + n
+        return self.mem[start:start + n], slot
+
+    @staticmethod
+    def release(slot: list | None) -> None:
+        if slot is not None:
+            slot[2] = _DONE
+
+    def drain(self) -> None:
+        while self.live:
+            f = self.live.popleft()[2]
+            if f is not None:
+                f.result()
+
+
 class ChunkWriter:
     """One output ``.distcp`` file: chunks appended, each one's place fixed when it is handed
     over and its bytes written by ``pool`` (one writer thread, positioned writes), so reading
@@ -407,14 +466,30 @@ class ChunkWriter:
         self.infos[idx] = _StorageInfo(self.name, at, n)
         return at
 
-    def _submit(self, n: int, fn, *args) -> None:
-        self.pending.append((n, self.pool.submit(fn, *args)))
+    def _submit(self, n: int, fn, *args) -> Future:
+        future = self.pool.submit(fn, *args)
+        self.pending.append((n, future))
         while sum(k for k, _ in self.pending) > self.BACKLOG:
             self.pending.popleft()[1].result()
+        return future
 
     def put_raw(self, idx, raw) -> None:
         at = self._place(idx, len(raw))
         self._submit(len(raw), _pwrite_all, self.fd, raw, at)
+
+    def put_region(self, idx, buf, slot: list | None, record: chunkbytes.Record | None = None) -> None:
+        """A chunk's archive in ring memory; ``record``: its tensor bytes changed, so the
+        CRCs are recomputed (on the writer thread) first."""
+        at = self._place(idx, len(buf))
+
+        def write():
+            if record is not None:
+                chunkbytes.seal(buf, record)
+            _pwrite_all(self.fd, buf, at)
+
+        future = self._submit(len(buf), write)
+        if slot is not None:
+            slot[2] = future
 
     def put_copy(self, idx, src_fd: int, offset: int, n: int) -> None:
         """A chunk's bytes straight from the source file."""
@@ -449,6 +524,11 @@ class ChunkWriter:
             self.pending.clear()
             os.close(self.fd)
             self.fd = None
+
+
+def _will_need(fd: int, offset: int, length: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
 
 def _pwrite_all(fd: int, raw, at: int) -> None:
@@ -505,6 +585,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
     stage_names = {s.kind: s.names for s in _stage_list(lay) if s.kind != "layer"}
     writers = {}
     pool = ThreadPoolExecutor(1, thread_name_prefix="wisca-dcp-write")
+    ring = Ring()
     for f in ckpt.folders:
         (out_root / f.rel).mkdir(parents=True, exist_ok=True)
         writers[f.rel] = ChunkWriter(out_root / f.rel, f"__{rank}_0.distcp", pool)
@@ -528,13 +609,40 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
         done.add(e.key)
         check_fault()
 
+    def read_chunk(e: Entry, idx) -> tuple:
+        """(its bytes in ring memory, their slot, the tensor record or None)."""
+        buf, slot = ring.take(e.folder.storage[idx].length)
+        e.folder.read_into(idx, buf)
+        return buf, slot, chunkbytes.locate(buf, e.dtype, e.folder.chunk_sizes[idx])
+
+    def chunk_tensor(e: Entry, idx, chunk: tuple) -> torch.Tensor:
+        buf, _, rec = chunk
+        if rec is None:
+            return e.folder.load(idx, bytes(buf))
+        return chunkbytes.view(buf, rec, e.dtype, e.folder.chunk_sizes[idx])
+
+    def put_chunk(e: Entry, idx, chunk: tuple, new: torch.Tensor | None = None) -> None:
+        """A chunk read by ``read_chunk``, as it was or (``new``) with these values."""
+        buf, slot, rec = chunk
+        if new is None:
+            writers[e.folder.rel].put_region(idx, buf, slot)
+        elif rec is None:
+            ring.release(slot)
+            writers[e.folder.rel].put_tensor(idx, new)
+        else:
+            view = chunkbytes.view(buf, rec, e.dtype, e.folder.chunk_sizes[idx])
+            if view.data_ptr() != new.data_ptr():
+                view.copy_(new)
+            writers[e.folder.rel].put_region(idx, buf, slot, rec)
+
     def scale_entry(e: Entry, mult, power: int) -> None:
         for idx, offsets, sizes in e.pieces():
             m = chunk_multiplier(mult, offsets, sizes)
             if bool((m == 1).all()):   # a chunk whose units all keep s = 1: its bytes as they are
                 writers[e.folder.rel].put_copy(idx, *e.folder.source(idx))
                 continue
-            writers[e.folder.rel].put_tensor(idx, apply_multiplier(e.folder.load(idx), m, power), fresh=True)
+            chunk = read_chunk(e, idx)
+            put_chunk(e, idx, chunk, apply_multiplier_(chunk_tensor(e, idx, chunk), m, power))
         done.add(e.key)
         check_fault()
 
@@ -594,8 +702,9 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
     def layer_stage(i: int):
         roles = lay.layer_roles(i)
         entries = {role: ckpt.weights[name] for role, name in roles.items()}
-        raws = {role: [e.folder.read_raw(idx) for idx in e.indices] for role, e in entries.items()}
-        tensors = {role: _assemble(e, raws[role]) for role, e in entries.items()}
+        chunks = {role: [read_chunk(e, idx) for idx in e.indices] for role, e in entries.items()}
+        tensors = {role: _assemble(e, [chunk_tensor(e, idx, c) for idx, c in zip(e.indices, chunks[role])])
+                   for role, e in entries.items()}
         for role, t in tensors.items():
             _require_finite(entries[role], t)
         ref = verifier.start_layer(tensors) if verifier is not None else None   # the originals, now
@@ -606,9 +715,9 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
         for role, e in entries.items():
             for j, (idx, offsets, sizes) in enumerate(e.pieces()):
                 if role in mults and not bool((chunk_multiplier(mults[role], offsets, sizes) == 1).all()):
-                    writers[e.folder.rel].put_tensor(idx, tensors[role][_slices(offsets, sizes)])
+                    put_chunk(e, idx, chunks[role][j], tensors[role][_slices(offsets, sizes)])
                 else:   # untouched (or every unit of this chunk kept s = 1)
-                    writers[e.folder.rel].put_raw(idx, raws[role][j])
+                    put_chunk(e, idx, chunks[role][j])
             done.add(e.key)
             check_fault()
             moments_of(roles[role], mults.get(role))
@@ -682,10 +791,20 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
                 box = (slice(lo, lo + sizes[0]), *(slice(o, o + n) for o, n in zip(offsets[1:], sizes[1:])))
                 writers[e.folder.rel].put_tensor(idx, rows[box])
 
+    def prefetch(i: int) -> None:
+        """Ask the kernel to read layer ``i``'s chunks (weights and moments) while this one computes."""
+        if i in mine:
+            for name in lay.layer_roles(i).values():
+                for e in [ckpt.weights[name], *ckpt.moments.get(name, {}).values()]:
+                    for idx in e.indices:
+                        _will_need(*e.folder.source(idx))
+
     def work():
+        prefetch(mine.start if len(mine) else -1)
         if rank == 0:
             embed_stage()
         for i in mine:
+            prefetch(i + 1)
             layer_stage(i)
         if rank == size - 1:
             final_stage()
@@ -705,6 +824,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
         for w in writers.values():
             w.abort()
         pool.shutdown(wait=True)
+        ring.live.clear()
     return {"storage": {rel: w.infos for rel, w in writers.items()}, "layers": reports,
             "result": state["result"]}
 
@@ -720,13 +840,16 @@ def _slices(offsets, sizes) -> tuple[slice, ...]:
 
 
 def _assemble(e: Entry, raws: list[bytes]) -> torch.Tensor:
-    """A whole tensor from its chunks' bytes."""
+    """A whole tensor from its chunks (their bytes, or the chunks as tensors)."""
+    def load(idx, raw):
+        return raw if isinstance(raw, torch.Tensor) else e.folder.load(idx, raw)
+
     if len(e.indices) == 1 and tuple(e.folder.chunk_sizes[e.indices[0]]) == e.size:
-        return e.folder.load(e.indices[0], raws[0])
+        return load(e.indices[0], raws[0])
     out = torch.empty(e.size, dtype=e.dtype)
     covered = 0
     for (idx, offsets, sizes), raw in zip(e.pieces(), raws):
-        out[_slices(offsets, sizes)] = e.folder.load(idx, raw)
+        out[_slices(offsets, sizes)] = load(idx, raw)
         covered += torch.Size(sizes).numel()
     if covered != out.numel():
         raise WiscaError(f"{e.folder.path / METADATA}: {e.key}: chunks do not cover the tensor")
