@@ -93,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work, shape = args.workdir, tinyllama(args.layers)
     src, dst = work / "src", work / "dst"
-    if not (src / ".metadata").is_file():
+    marker = work / "shape.json"        # a kept checkpoint is reused only for the same shape
+    if not (src / ".metadata").is_file() or not marker.is_file() or json.loads(marker.read_text()) != vars(shape):
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         make(src, shape)
+        marker.write_text(json.dumps(vars(shape)))
     wisca = [sys.executable, "-m", "wisca_cli"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "wisca_cli"]
