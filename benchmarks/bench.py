@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench                     # TinyLlama-1.1B shape, 3 rounds
     python -m benchmarks.bench --quick             # tiny shape, 1 round, under a minute
+    python -m benchmarks.bench --shape llama3-8b --rounds 2   # Llama-3-8B shape, about 16 GB in 4 shards
     python -m benchmarks.bench --only cp --keep    # harness only, keep the checkpoint
 
 (run from the repository root; the harness is not part of the installed package)
@@ -87,6 +88,12 @@ DEFAULT_SHAPE = dict(layers=22, hidden=2048, intermediate=5632, heads=32, kv_hea
                      vocab=32000, dtype="bf16")
 QUICK_SHAPE = dict(layers=2, hidden=256, intermediate=688, heads=4, kv_heads=2,
                    vocab=1024, dtype="bf16")
+SHAPES = {   # --shape presets; single flags (--layers ...) override them
+    "tinyllama": DEFAULT_SHAPE,
+    "llama3-8b": dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8,
+                      vocab=128256, dtype="bf16"),     # about 16 GB; 4 shards like Meta's release
+}
+SHAPE_SHARDS = {"llama3-8b": 4}
 
 
 # -- checkpoint shape ---------------------------------------------------------------------------
@@ -741,6 +748,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     shape = p.add_argument_group("checkpoint shape (default: TinyLlama-1.1B)")
+    shape.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                       help="a preset: tinyllama (2.05 GiB, the default) or llama3-8b (about 16 GB, 4 shards)")
     shape.add_argument("--layers", type=int)
     shape.add_argument("--hidden", type=int)
     shape.add_argument("--intermediate", type=int)
@@ -774,12 +783,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--json", type=Path, help="write the results to this file")
     args = p.parse_args(argv)
 
-    preset = QUICK_SHAPE if args.quick else DEFAULT_SHAPE
+    if args.quick and args.shape:
+        p.error("--quick and --shape exclude each other")
+    preset = QUICK_SHAPE if args.quick else SHAPES[args.shape or "tinyllama"]
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.shards is None and args.shard_size is None:
-        args.shards = 5
+        args.shards = SHAPE_SHARDS.get(args.shape, 5)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.startup_runs = args.startup_runs or (1 if args.quick else 5)
     args.warmup = args.warmup or ("cat" if args.quick else "rerun")
