@@ -85,10 +85,14 @@ ARCH_FAMILIES = {
                                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
                                         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                         n_group=2, topk_group=1, first_k_dense_replace=1)),
-    # no q latent (q_proj), rotate_half rope, biases on kv_a and o, two shared experts, one group
+    # no q latent (q_proj), rotate_half YaRN rope (mscale on cos/sin and the softmax scale), biases on
+    # kv_a and o, two shared experts, one group
     "deepseek_v3-plain": ("deepseek_v3", dict(head_dim=None, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=24,
                                               qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
-                                              rope_interleave=False, attention_bias=True, n_routed_experts=4,
+                                              rope_interleave=False, rope_parameters=dict(
+                                                  rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0,
+                                                  mscale_all_dim=0.7, original_max_position_embeddings=16),
+                                              attention_bias=True, n_routed_experts=4,
                                               num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
                                               n_group=1, topk_group=1, norm_topk_prob=False,
                                               first_k_dense_replace=0)),

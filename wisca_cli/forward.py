@@ -42,6 +42,35 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _yarn(inv_freq: torch.Tensor, theta: float, r: int, scaling: dict, layout: Layout) -> tuple[torch.Tensor, float]:
+    """YaRN (transformers' ``_compute_yarn_parameters``): inverse frequencies blended between
+    interpolated and extrapolated by a linear ramp over the dims, and the factor on cos/sin."""
+    factor = scaling.get("factor") or layout.config["max_position_embeddings"] / scaling["original_max_position_embeddings"]
+    old_len = scaling["original_max_position_embeddings"]
+    mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = float(yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)) if mscale and mscale_all \
+            else yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return (r * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, r - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(r // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    return (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation, attention_factor
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                layout: Layout) -> torch.Tensor:
     """The family's norm over the last dim: RMSNorm (optionally ``(offset + w)``) or
@@ -63,15 +92,20 @@ def rope_tables(layout: Layout, positions: torch.Tensor, layer: int | None = Non
     inv_freq = 1.0 / (theta ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r))
     scaling = scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    attention_factor = 1.0
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif kind == "yarn":
+        inv_freq, attention_factor = _yarn(inv_freq, theta, r, scaling, layout)
     freqs = positions[:, None].float() * inv_freq[None, :].float()
     if layout.rotary_style == "interleaved":
         emb = freqs.repeat_interleave(2, dim=-1)
     else:
         emb = torch.cat((freqs, freqs), dim=-1)
+    if attention_factor != 1.0:
+        return emb.cos() * attention_factor, emb.sin() * attention_factor
     return emb.cos(), emb.sin()
 
 
@@ -152,7 +186,8 @@ def mla_attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, 
     through the q latent (``q_a`` -> RMSNorm -> ``q_b``) or ``q``; ``kv_a`` gives the kv
     latent (RMSNorm -> ``kv_b``: per head k_nope, v) and one rope key shared by all heads.
     transformers' interleaved rope de-interleaves q and k alike; rotating the pairs in place
-    gives the same scores (the same permutation of both)."""
+    gives the same scores (the same permutation of both). With YaRN rope and ``mscale_all_dim``
+    the softmax scale is multiplied by its mscale squared, as transformers does."""
     batch, length, _ = x.shape
     mla, heads = layout.mla, layout.heads
     eps = float(layout.value(layout.spec.attention.mla.latent_eps))
@@ -170,7 +205,11 @@ def mla_attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, 
         q_rope, k_rope = apply_rope(q_rope, *rope, layout.rotary_style), apply_rope(k_rope, *rope, layout.rotary_style)
     q = torch.cat([q_nope, q_rope], dim=-1)
     k = torch.cat([k_nope, k_rope.expand(-1, heads, -1, -1)], dim=-1)
-    scores = (q @ k.transpose(-1, -2)) * attention_scaling(layout, mla.nope + mla.rope) + mask
+    scaling = attention_scaling(layout, mla.nope + mla.rope)
+    rope_scaling = layout.rope_scaling or {}
+    if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) != "default" and rope_scaling.get("mscale_all_dim"):
+        scaling = scaling * yarn_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"]) ** 2
+    scores = (q @ k.transpose(-1, -2)) * scaling + mask
     out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     return linear(out.transpose(1, 2).reshape(batch, length, heads * mla.v), w, "o")
 
