@@ -362,6 +362,9 @@ class ArchSpec(_Section):
     embedding: EmbeddingSpec = _spec_field(_section(EmbeddingSpec), factory=EmbeddingSpec)
     final: FinalSpec = _spec_field(_section(FinalSpec), factory=FinalSpec)
     name_adapters: Mapping[str, NameAdapter] = _spec_field(_mapping(_section(NameAdapter)), factory=_no_entries)
+    # config key: that many layers after num_hidden_layers that transformers does not load
+    # (multi-token prediction); their tensors are copied unchanged
+    extra_layers: str | None = _spec_field(_string, None)
     # config key -> why a checkpoint whose config sets it (not null, not false) is refused
     refuse_when: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
 
