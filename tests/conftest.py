@@ -79,6 +79,27 @@ ARCH_FAMILIES = {
     "phi-qknorm": ("phi", dict(partial_rotary_factor=0.5, qk_layernorm=True, tie_word_embeddings=True)),
     # GELU c_fc/c_proj with biases, LayerNorm, GQA attention with biases, sliding window
     "starcoder2": ("starcoder2", dict(sliding_window=8)),
+    # MLA (q and kv latents, one rope key shared by all heads, interleaved rope), dense layer 0,
+    # then sigmoid routing with group-limited top-k, a correction bias, routed_scaling_factor
+    "deepseek_v3": ("deepseek_v3", dict(head_dim=None, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24,
+                                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                                        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                        n_group=2, topk_group=1, first_k_dense_replace=1)),
+    # no q latent (q_proj), rotate_half YaRN rope (mscale on cos/sin and the softmax scale), biases on
+    # kv_a and o, two shared experts, one group
+    "deepseek_v3-plain": ("deepseek_v3", dict(head_dim=None, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=24,
+                                              qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                                              rope_interleave=False, rope_parameters=dict(
+                                                  rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0,
+                                                  mscale_all_dim=0.7, original_max_position_embeddings=16),
+                                              attention_bias=True, n_routed_experts=4,
+                                              num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
+                                              n_group=1, topk_group=1, norm_topk_prob=False,
+                                              first_k_dense_replace=0)),
+    # GLM-4.5: partial rotary (0.5), q/k/v biases, per-head QK-norm, the same router as DeepSeek-V3
+    "glm4_moe": ("glm4_moe", dict(attention_bias=True, use_qk_norm=True, n_routed_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=32, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                                  first_k_dense_replace=1)),
 }
 # config.json of a synthetic checkpoint (``via="synthetic"``), before overrides
 SYNTHETIC_CONFIG = {
@@ -100,14 +121,18 @@ def family_config(family: str) -> tuple[str, dict]:
 
 def make_config(model_type: str, **extra):
     """A transformers config: ``BASE_CONFIG`` with ``extra`` on top. An override of None
-    drops the key (``n_inner`` excepted: GPT-2 reads None as 4 x hidden)."""
+    drops the key (``KEEP_NONE`` excepted: GPT-2 reads n_inner None as 4 x hidden, DeepSeek
+    q_lora_rank None as no q latent)."""
     from transformers import AutoConfig
 
     cfg = {**BASE_CONFIG, **extra}
     if model_type == "gpt2":   # GPT-2 takes its own names for these (n_embd, n_layer, ...)
         for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             cfg.pop(k, None)
-    return AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if v is not None or k == "n_inner"})
+    return AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if v is not None or k in KEEP_NONE})
+
+
+KEEP_NONE = ("n_inner", "q_lora_rank")
 
 
 # -- the one builder --------------------------------------------------------------------------------
@@ -180,6 +205,11 @@ def _save_transformers(path: Path, config, dtype, shard_size, skew, init, seed, 
                 param.add_(torch.randn_like(param) * 0.1)
             elif init == "vectors" and not param.any():        # a zero-initialised router
                 param.normal_(0.0, 0.02)
+        if init == "vectors":   # saved buffers too (DeepSeek's e_score_correction_bias starts at zero)
+            saved = model.state_dict()
+            for name, buf in model.named_buffers():
+                if name in saved and buf.is_floating_point():
+                    buf.add_(torch.randn_like(buf) * 0.1)
     if skew == "unbalance":
         unbalance(model, seed, spread)
     model = model.to(dtype)

@@ -217,3 +217,28 @@ def test_norm_target_on_the_base_families(family, ckpt_dir, tmp_path, monkeypatc
     report = wisca.transform(src, tmp_path / "out", targets=("qk", "vo", "ffn", "norm"))
     assert report["verification"]["identical"]
     _assert_same_function(src, tmp_path / "out", True)
+
+
+def test_multi_token_prediction_layers_are_copied_unchanged(arch_ckpt, tmp_path):
+    """DeepSeek-V3 / GLM-4.5 checkpoints carry their MTP module as layer num_hidden_layers
+    (``num_nextn_predict_layers`` of them), which transformers does not load: copied byte for
+    byte (the default targets leave the residual stream, the embedding and the head as they
+    were); a layer beyond them is still refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(arch_ckpt("deepseek_v3"), src)
+    config = json.loads((src / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1 and config["num_hidden_layers"] == 2
+    tensors = load_file(src / "model.safetensors")
+    mtp = {"model.layers.2.eh_proj.weight": torch.randn(64, 128), "model.layers.2.enorm.weight": torch.randn(64)}
+    save_file({**tensors, **mtp}, src / "model.safetensors", metadata={"format": "pt"})
+    report = wisca.transform(src, tmp_path / "out")
+    assert report["verification"]["identical"]
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(out[n], t) for n, t in mtp.items())
+    config["num_nextn_predict_layers"] = 0
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(wisca.WiscaError, match=r"tensor model\.layers\.2\.\w+\.weight is beyond num_hidden_layers=2 "
+                                               r"\+ num_nextn_predict_layers=0"):
+        wisca.transform(src, tmp_path / "out2")

@@ -114,7 +114,7 @@ def _load_with(name: str, change) -> None:
     ("qwen3", lambda d: d["attention"].update(rotery="half"),
      "architectures/qwen3.json: unknown key 'rotery' in attention (known: rotary,"),
     ("llama", lambda d: d["optional_tensors"]["q_bias"].update(nam="x"),
-     "architectures/llama.json: unknown key 'nam' in optional_tensors.q_bias (known: name, when)"),
+     "architectures/llama.json: unknown key 'nam' in optional_tensors.q_bias (known: name, when, unless)"),
     ("mixtral", lambda d: d["moe"].update(topk=2), "architectures/mixtral.json: unknown key 'topk' in moe"),
     ("qwen3", lambda d: d["attention"].update(rotary="full"),
      'architectures/qwen3.json: attention.rotary must be one of "half", "interleaved", got "full"'),
@@ -145,6 +145,17 @@ def _load_with(name: str, change) -> None:
      'architectures/cohere.json: attention.qk_norm must be one of "head", "heads", "full", got "per_head"'),
     ("phi", lambda d: d["final"].update(head_bias=1),
      "architectures/phi.json: final.head_bias must be a non-empty string, got 1"),
+    ("deepseek_v3", lambda d: d["moe"].update(routing="topk"),
+     'architectures/deepseek_v3.json: moe.routing must be one of "softmax", "sigmoid", got "topk"'),
+    ("deepseek_v3", lambda d: d["moe"].pop("topk_groups"),
+     "architectures/deepseek_v3.json: moe.groups and moe.topk_groups go together"),
+    ("glm4_moe", lambda d: d["moe"].pop("routing"),
+     'architectures/glm4_moe.json: moe.groups and moe.correction need routing "sigmoid"'),
+    ("deepseek_v3", lambda d: d["attention"]["mla"].pop("kv_lora_rank"),
+     "architectures/deepseek_v3.json: missing key 'kv_lora_rank' in attention.mla"),
+    ("deepseek_v3", lambda d: d["optional_tensors"]["q_a_bias"].update(when=[]),
+     "architectures/deepseek_v3.json: optional_tensors.q_a_bias.when must be true, false, a config key or a "
+     "non-empty list of config keys, got []"),
 ])
 def test_bad_spec_is_one_line_naming_file_and_key(name, change, message):
     with pytest.raises(WiscaError) as e:
@@ -176,3 +187,30 @@ def test_refuse_when_names_the_config_key():
     assert spec.layout_from_config({**cfg, "clip_qkv": None}).experts == 4
     with pytest.raises(WiscaError, match=r"config.json: clip_qkv=8.0 is not supported for olmoe: q, k and v are clamped"):
         spec.layout_from_config({**cfg, "clip_qkv": 8.0})
+
+
+DEEPSEEK = {"model_type": "deepseek_v3", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 128, "n_routed_experts": 4,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 2, "first_k_dense_replace": 1,
+            "q_lora_rank": 32, "kv_lora_rank": 24, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12}
+
+
+@pytest.mark.parametrize("q_lora, bias, want", [
+    (32, False, {"q_a", "q_a_norm", "q_b"}), (32, True, {"q_a", "q_a_bias", "q_a_norm", "q_b", "kv_a_bias", "o_bias"}),
+    (None, False, {"q"}), (None, True, {"q", "kv_a_bias", "o_bias"})])
+def test_optional_tensors_when_all_and_unless(q_lora, bias, want):
+    """``when`` as a list: every key set (q_a_proj's bias needs a q latent and attention_bias);
+    ``unless``: absent when the key is set (q_proj only without a q latent)."""
+    lay = spec.layout_from_config({**DEEPSEEK, "q_lora_rank": q_lora, "attention_bias": bias})
+    roles = set(lay.layer_roles(0))
+    assert roles & {"q", "q_a", "q_a_bias", "q_a_norm", "q_b", "kv_a_bias", "o_bias"} == want
+    assert {"kv_a", "kv_a_norm", "kv_b", "o", "gate", "up", "down"} <= roles and "router" not in roles
+    moe = set(lay.layer_roles(1))        # first_k_dense_replace=1: layer 1 routes
+    assert {"router", "router_correction", "shared.up", "experts.3.down"} <= moe and "up" not in moe
+    assert lay.shared_intermediate == 2 * 32 and lay.head_dim == lay.rotary_dims == 8
+
+
+def test_mla_needs_a_kv_head_per_query_head():
+    with pytest.raises(WiscaError, match=r"config.json: num_key_value_heads=2 must equal num_attention_heads=4 "
+                                         r"for multi-head latent attention"):
+        spec.layout_from_config({**DEEPSEEK, "num_key_value_heads": 2})

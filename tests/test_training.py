@@ -351,7 +351,7 @@ def test_norm_target_carries_the_final_norm_and_lm_head_moments(trained, tmp_pat
 
 
 # -- MoE: experts fused in memory (transformers 5), saved per expert ---------------------------
-MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe"]
 # transformers 4.x's per-expert modules, their parameters in definition order (Mixtral:
 # MixtralBlockSparseTop2MLP defines w1, w2, w3; the others a LlamaMLP-like gate, up, down)
 PER_EXPERT_ORDER = {"mixtral": ("w1", "w2", "w3")}
@@ -455,7 +455,8 @@ def test_moe_transform_is_exact_and_moments_follow_bit_for_bit(moe_trained, moe_
         else:
             s = mult.get(optimizer_parameter_names(ckpt)[key], torch.ones(1, dtype=torch.float64)).float()
             assert torch.equal(a["exp_avg"], b["exp_avg"] / s) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"] / (s * s))
-    layers = 2 if family != "qwen2_moe" else 1               # qwen2_moe's layer 1 is dense (mlp_only_layers)
+    layers = sum(n.endswith("experts.gate_up_proj") for n in live.values())   # dense layers have none
+    assert layers == (1 if family in ("qwen2_moe", "deepseek_v3", "glm4_moe") else 2)      # mlp_only_layers, first_k_dense_replace
     assert fused == 2 * layers                               # gate_up_proj (up rows) and down_proj per MoE layer
 
 

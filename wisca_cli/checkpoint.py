@@ -287,8 +287,12 @@ def validate(ckpt: Checkpoint) -> None:
         m = pattern.match(name)
         if m and name not in known:
             where = ckpt.root / ckpt.tensors[name].shard
-            if int(m.group(1)) >= lay.layers:
-                raise WiscaError(f"{where}: tensor {name} is beyond num_hidden_layers={lay.layers} in config.json")
+            layer, extra = int(m.group(1)), int(lay.value(spec.extra_layers, 0) or 0)
+            if lay.layers <= layer < lay.layers + extra:   # not loaded by transformers (MTP): copied as it is
+                continue
+            if layer >= lay.layers:
+                also = f" + {spec.extra_layers}={extra}" if spec.extra_layers else ""
+                raise WiscaError(f"{where}: tensor {name} is beyond num_hidden_layers={lay.layers}{also} in config.json")
             raise WiscaError(f"{where}: tensor {name} is not part of the {spec.name} architecture spec "
                              f"(check config.json, e.g. attention_bias)")
 

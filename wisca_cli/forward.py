@@ -42,6 +42,35 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _yarn(inv_freq: torch.Tensor, theta: float, r: int, scaling: dict, layout: Layout) -> tuple[torch.Tensor, float]:
+    """YaRN (transformers' ``_compute_yarn_parameters``): inverse frequencies blended between
+    interpolated and extrapolated by a linear ramp over the dims, and the factor on cos/sin."""
+    factor = scaling.get("factor") or layout.config["max_position_embeddings"] / scaling["original_max_position_embeddings"]
+    old_len = scaling["original_max_position_embeddings"]
+    mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = float(yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)) if mscale and mscale_all \
+            else yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return (r * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, r - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(r // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    return (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation, attention_factor
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                layout: Layout) -> torch.Tensor:
     """The family's norm over the last dim: RMSNorm (optionally ``(offset + w)``) or
@@ -63,15 +92,20 @@ def rope_tables(layout: Layout, positions: torch.Tensor, layer: int | None = Non
     inv_freq = 1.0 / (theta ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r))
     scaling = scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    attention_factor = 1.0
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif kind == "yarn":
+        inv_freq, attention_factor = _yarn(inv_freq, theta, r, scaling, layout)
     freqs = positions[:, None].float() * inv_freq[None, :].float()
-    if layout.spec.attention.rotary == "interleaved":
+    if layout.rotary_style == "interleaved":
         emb = freqs.repeat_interleave(2, dim=-1)
     else:
         emb = torch.cat((freqs, freqs), dim=-1)
+    if attention_factor != 1.0:
+        return emb.cos() * attention_factor, emb.sin() * attention_factor
     return emb.cos(), emb.sin()
 
 
@@ -137,7 +171,52 @@ def _softcap(x: torch.Tensor, cap) -> torch.Tensor:
     return torch.tanh(x / cap) * cap if cap else x
 
 
+def attention_scaling(layout: Layout, d: int) -> float:
+    """The factor on q k^T: the spec's (``inv_sqrt`` or ``value``), else ``d ** -0.5``."""
+    scale = layout.spec.attention.scale
+    if scale is not None and scale.inv_sqrt is not None:
+        return layout.value(scale.inv_sqrt, d) ** -0.5
+    if scale is not None:
+        return layout.value(scale.value, d ** -0.5)
+    return d ** -0.5
+
+
+def mla_attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask: torch.Tensor) -> torch.Tensor:
+    """Multi-head latent attention (DeepSeek-V3), as transformers computes it: queries
+    through the q latent (``q_a`` -> RMSNorm -> ``q_b``) or ``q``; ``kv_a`` gives the kv
+    latent (RMSNorm -> ``kv_b``: per head k_nope, v) and one rope key shared by all heads.
+    transformers' interleaved rope de-interleaves q and k alike; rotating the pairs in place
+    gives the same scores (the same permutation of both). With YaRN rope and ``mscale_all_dim``
+    the softmax scale is multiplied by its mscale squared, as transformers does."""
+    batch, length, _ = x.shape
+    mla, heads = layout.mla, layout.heads
+    eps = float(layout.value(layout.spec.attention.mla.latent_eps))
+    if "q_b" in w:
+        q = linear(rms_norm(linear(x, w, "q_a"), w["q_a_norm"], eps), w, "q_b")
+    else:
+        q = linear(x, w, "q")
+    q = q.view(batch, length, heads, mla.nope + mla.rope).transpose(1, 2)
+    latent, k_rope = linear(x, w, "kv_a").split([mla.kv_lora, mla.rope], dim=-1)
+    kv = linear(rms_norm(latent, w["kv_a_norm"], eps), w, "kv_b").view(batch, length, heads, mla.nope + mla.v)
+    k_nope, v = kv.transpose(1, 2).split([mla.nope, mla.v], dim=-1)
+    q_nope, q_rope = q.split([mla.nope, mla.rope], dim=-1)
+    k_rope = k_rope.view(batch, 1, length, mla.rope)
+    if rope is not None:
+        q_rope, k_rope = apply_rope(q_rope, *rope, layout.rotary_style), apply_rope(k_rope, *rope, layout.rotary_style)
+    q = torch.cat([q_nope, q_rope], dim=-1)
+    k = torch.cat([k_nope, k_rope.expand(-1, heads, -1, -1)], dim=-1)
+    scaling = attention_scaling(layout, mla.nope + mla.rope)
+    rope_scaling = layout.rope_scaling or {}
+    if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) != "default" and rope_scaling.get("mscale_all_dim"):
+        scaling = scaling * yarn_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"]) ** 2
+    scores = (q @ k.transpose(-1, -2)) * scaling + mask
+    out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    return linear(out.transpose(1, 2).reshape(batch, length, heads * mla.v), w, "o")
+
+
 def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask: torch.Tensor) -> torch.Tensor:
+    if layout.mla:
+        return mla_attention(x, w, layout, rope, mask)
     batch, length, _ = x.shape
     d, heads, kv = layout.head_dim, layout.heads, layout.kv_heads
     att = layout.spec.attention
@@ -154,18 +233,11 @@ def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask
         q, k = qk(q, "q_norm"), qk(k, "k_norm")
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if rope is not None:
-        style = att.rotary
+        style = layout.rotary_style
         q, k = apply_rope(q, *rope, style), apply_rope(k, *rope, style)
     k = k.repeat_interleave(layout.group_size, dim=1)
     v = v.repeat_interleave(layout.group_size, dim=1)
-    scale = att.scale
-    if scale is not None and scale.inv_sqrt is not None:
-        scaling = layout.value(scale.inv_sqrt, d) ** -0.5
-    elif scale is not None:
-        scaling = layout.value(scale.value, d ** -0.5)
-    else:
-        scaling = d ** -0.5
-    scores = _softcap((q @ k.transpose(-1, -2)) * scaling, layout.value(att.softcap)) + mask
+    scores = _softcap((q @ k.transpose(-1, -2)) * attention_scaling(layout, d), layout.value(att.softcap)) + mask
     out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     return linear(out.transpose(1, 2).reshape(batch, length, heads * d), w, "o")
 
@@ -192,15 +264,41 @@ def mlp(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
     return gated_mlp(x, w, layout)
 
 
-def moe(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
-    """Top-k routed experts (softmax in float32, optionally renormalised) plus a shared expert."""
+def route(x: torch.Tensor, w: dict, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, expert ids), [tokens, top_k] each, as the family's router computes them.
+
+    ``softmax``: softmax over all experts in float32, top-k, optionally renormalised.
+    ``sigmoid`` (DeepSeek-V3, GLM-4.5): sigmoid scores in float32; experts are chosen on
+    scores + the correction bias, only among the ``topk_groups`` groups whose two best
+    choice scores sum highest; the weights are the chosen experts' plain scores,
+    optionally renormalised (+1e-20), times the scaling factor."""
     spec = layout.spec.moe
+    top_k = int(layout.value(spec.top_k))
+    if spec.routing == "softmax":
+        probs = torch.softmax(F.linear(x, w["router"].to(x.dtype)), dim=-1, dtype=torch.float32)
+        top, idx = torch.topk(probs, top_k, dim=-1)
+        if layout.value(spec.norm_topk, False):
+            top = top / top.sum(-1, keepdim=True)
+    else:
+        scores = F.linear(x.float(), w["router"].float()).sigmoid()
+        choice = scores + w["router_correction"].float() if "router_correction" in w else scores
+        groups = int(layout.value(spec.groups, 1))
+        group_scores = choice.view(-1, groups, layout.experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
+        chosen = torch.topk(group_scores, k=int(layout.value(spec.topk_groups, 1)), dim=-1, sorted=False)[1]
+        keep = torch.zeros_like(group_scores).scatter_(1, chosen, 1).bool().repeat_interleave(layout.experts // groups, 1)
+        idx = torch.topk(choice.masked_fill(~keep, float("-inf")), k=top_k, dim=-1, sorted=False)[1]
+        top = scores.gather(1, idx)
+        if layout.value(spec.norm_topk, False):
+            top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
+    factor = layout.value(spec.scaling, 1.0)
+    return (top * factor if factor != 1.0 else top), idx
+
+
+def moe(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
+    """Top-k routed experts (``route``) plus a shared expert."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    probs = torch.softmax(F.linear(x, w["router"].to(x.dtype)), dim=-1, dtype=torch.float32)
-    top, idx = torch.topk(probs, int(layout.value(spec.top_k)), dim=-1)
-    if layout.value(spec.norm_topk, False):
-        top = top / top.sum(-1, keepdim=True)
+    top, idx = route(x, w, layout)
     top = top.to(x.dtype)
     out = torch.zeros_like(x)
     for e in range(layout.experts):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import Layout
+from .spec import Layout, logical_shapes
 
 from .options import ALL_TARGETS, DEFAULT_TARGETS, EXTRA_TARGETS, GRANULARITIES  # noqa: F401 - re-exported
 
@@ -72,7 +72,7 @@ def rotary_units(head_dim: int, rotary_dims: int, style: str | None) -> tuple[to
 def _qk_maps(layout: Layout, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Unit of every Q row and K row (group x rotary pair), and units per kv head."""
     d, group = layout.head_dim, layout.group_size
-    per_dim, per_head = rotary_units(d, layout.rotary_dims_at(layer), layout.spec.attention.rotary)
+    per_dim, per_head = rotary_units(d, layout.rotary_dims_at(layer), layout.rotary_style)
     kv_rows = (torch.arange(layout.kv_heads)[:, None] * per_head + per_dim[None, :]).reshape(-1)
     q_rows = (torch.arange(layout.heads)[:, None] // group * per_head + per_dim[None, :]).reshape(-1)
     return q_rows, kv_rows, per_head
@@ -87,10 +87,12 @@ def qk_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
     per head, ``[H, d]`` and ``[G, d]``: Cohere): one unit per rotary pair shared by all heads,
     along the last axis; ``full`` (weights of size H*d and G*d): the same maps as the rows.
     """
+    if layout.mla:
+        return mla_qk_pair(layout, roles)
     q_rows, kv_rows, per_head = _qk_maps(layout, layer)
     qk_norm = layout.spec.attention.qk_norm if "q_norm" in roles else None
     if qk_norm in ("head", "heads"):
-        per_dim, n = rotary_units(layout.head_dim, layout.rotary_dims_at(layer), layout.spec.attention.rotary)
+        per_dim, n = rotary_units(layout.head_dim, layout.rotary_dims_at(layer), layout.rotary_style)
         axis = 0 if qk_norm == "head" else 1
         members = [Member(r, axis, per_dim, side, not r.endswith("_bias"))
                    for r, side in (("q_norm", +1), ("k_norm", -1), ("q_norm_bias", +1), ("k_norm_bias", -1))
@@ -110,6 +112,8 @@ def qk_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
 
 def vo_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
     """V rows of kv head g, dim i and the O input columns that read them (every head in g)."""
+    if layout.mla:
+        return mla_vo_pair(layout, roles)
     d, g_count, group = layout.head_dim, layout.kv_heads, layout.group_size
     kv_rows = torch.arange(g_count * d)
     o_cols = (torch.arange(layout.heads)[:, None] // group * d + torch.arange(d)[None, :]).reshape(-1)
@@ -118,6 +122,41 @@ def vo_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
         members.append(Member("v_bias", 0, kv_rows, +1, False))
     n = g_count * d
     return Pair("vo", n, torch.arange(n) // d, tuple(members))
+
+
+def mla_qk_pair(layout: Layout, roles: set[str]) -> Pair:
+    """Multi-head latent attention (DeepSeek-V3): a query head's rows (of ``q_b``, or ``q``)
+    are ``nope`` dims then ``rope`` dims; ``kv_b``'s rows per head are ``nope`` k rows then
+    ``v`` rows; the last ``rope`` rows of ``kv_a`` are one rope key shared by every head.
+
+    Units: each head's no-rope dims one by one (q row vs its k_nope row of ``kv_b``, head h),
+    then one unit per rotary pair of the shared rope key, the same for every query head
+    (all heads' q rope rows vs the ``kv_a`` rope rows, with its bias; "head" H)."""
+    mla, heads = layout.mla, layout.heads
+    pair_of, per_rope = rotary_units(mla.rope, mla.rope, layout.rotary_style)
+    nope = torch.arange(heads)[:, None] * mla.nope + torch.arange(mla.nope)[None, :]   # [H, nope]
+    rope = heads * mla.nope + pair_of                                                  # [rope]
+    q_rows = torch.cat([nope, rope.expand(heads, -1)], dim=1).reshape(-1)
+    kv_b_rows = torch.cat([nope, torch.full((heads, mla.v), -1)], dim=1).reshape(-1)
+    kv_a_rows = torch.cat([torch.full((mla.kv_lora,), -1), rope])
+    members = [Member("q_b" if "q_b" in roles else "q", 0, q_rows, +1), Member("kv_b", 0, kv_b_rows, -1),
+               Member("kv_a", 0, kv_a_rows, -1)]
+    if "kv_a_bias" in roles:
+        members.append(Member("kv_a_bias", 0, kv_a_rows, -1, False))
+    n = heads * mla.nope + per_rope
+    head_of = torch.cat([torch.arange(heads).repeat_interleave(mla.nope), torch.full((per_rope,), heads)])
+    return Pair("qk", n, head_of, tuple(members))
+
+
+def mla_vo_pair(layout: Layout, roles: set[str]) -> Pair:
+    """Multi-head latent attention: the v rows of ``kv_b`` (head h, dim i) and o's input
+    column h * v + i."""
+    mla, heads = layout.mla, layout.heads
+    v = torch.arange(heads)[:, None] * mla.v + torch.arange(mla.v)[None, :]
+    kv_b_rows = torch.cat([torch.full((heads, mla.nope), -1), v], dim=1).reshape(-1)
+    n = heads * mla.v
+    return Pair("vo", n, torch.arange(n) // mla.v,
+                (Member("kv_b", 0, kv_b_rows, +1), Member("o", 1, torch.arange(n), -1)))
 
 
 def _mlps(layout: Layout, roles: set[str]) -> list[tuple[str, int]]:
@@ -152,20 +191,22 @@ def norm_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
     up of every MLP of the layer, the router, the shared-expert gate). Post norms feed the
     residual stream, not a linear: not part of this target. One "head" per norm.
     """
-    h = layout.hidden
+    shapes = logical_shapes(layout, layer)
     prefixes = [p for p, _ in _mlps(layout, roles)]
-    members, n = [], 0
+    members, heads, n = [], [], 0
     for norm in layout.spec.norm_readers:
         linears = layout.spec.norm_reader_roles(norm, prefixes)
         if norm not in roles:
             continue
+        h = shapes[norm][0]   # hidden, or a latent's size (MLA's q_a_norm, kv_a_norm)
         units = torch.arange(n, n + h)
         members.append(Member(norm, 0, units, +1))
         if norm + "_bias" in roles:
             members.append(Member(norm + "_bias", 0, units, +1, False))
         members += [Member(r, 1, units, -1) for r in linears if r in roles]
+        heads.append(torch.full((h,), len(heads), dtype=torch.long))
         n += h
-    return Pair("norm", n, torch.arange(n) // h, tuple(members))
+    return Pair("norm", n, torch.cat(heads) if heads else torch.zeros(0, dtype=torch.long), tuple(members))
 
 
 BUILDERS = {"qk": qk_pair, "vo": vo_pair, "ffn": ffn_pair, "norm": norm_pair}

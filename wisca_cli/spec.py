@@ -58,6 +58,15 @@ def _flag(value, where, path, partial):
     return value
 
 
+def _flags(value, where, path, partial):
+    """A flag (``_flag``), or a non-empty list of config keys that must all be set."""
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, str) and v for v in value):
+            raise _bad(where, path, "true, false, a config key or a non-empty list of config keys", value)
+        return tuple(value)
+    return _flag(value, where, path, partial)
+
+
 def _number(value, where, path, partial):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(where, path, "a number", value)
@@ -191,8 +200,24 @@ class AttentionScale(_Section):
 
 
 @dataclass(frozen=True)
+class MlaSpec(_Section):
+    """Multi-head latent attention (DeepSeek-V2/V3): config keys of its sizes. Queries come
+    from ``q_a`` -> ``q_a_norm`` -> ``q_b`` (or ``q`` when the q LoRA rank is null); ``kv_a``
+    makes the latent (``kv_a_norm`` -> ``kv_b``: per head k_nope rows, then v rows) and one
+    rope key shared by all heads (its last ``qk_rope_head_dim`` rows)."""
+    q_lora_rank: str = _spec_field(_string)
+    kv_lora_rank: str = _spec_field(_string)
+    qk_nope_head_dim: str = _spec_field(_string)
+    qk_rope_head_dim: str = _spec_field(_string)
+    v_head_dim: str = _spec_field(_string)
+    latent_eps: str | float = _spec_field(_config_value)             # eps of q_a_norm and kv_a_norm
+
+
+@dataclass(frozen=True)
 class AttentionSpec(_Section):
     rotary: str | None = _spec_field(_choice("half", "interleaved"), None)   # None: no RoPE
+    rotary_interleave: str | None = _spec_field(_string, None)       # config flag: interleaved when set
+    mla: MlaSpec | None = _spec_field(_section(MlaSpec), None)       # None: q, k, v heads
     # head: one weight [d] shared by all heads; heads: one weight row per head ([H, d], [G, d]),
     # normalised per head; full: one weight [H*d] over the whole projection. Applies where
     # the layer has a q_norm tensor (an optional tensor: on with a config flag)
@@ -238,6 +263,15 @@ class MoeSpec(_Section):
     sparse_step: str | int | None = _spec_field(_config_value, None)
     dense_layers: str | None = _spec_field(_string, None)
     dense_tensors: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
+    # the router: softmax over all experts (then top-k), or sigmoid scores with DeepSeek's
+    # group-limited top-k (``groups``, ``topk_groups``) on scores + ``correction`` (a tensor)
+    routing: str = _spec_field(_choice("softmax", "sigmoid"), "softmax")
+    correction: str | None = _spec_field(_string, None)              # e_score_correction_bias
+    groups: str | int | None = _spec_field(_config_value, None)
+    topk_groups: str | int | None = _spec_field(_config_value, None)
+    scaling: str | float | None = _spec_field(_config_value, None)   # routing weights x value
+    first_dense: str | int | None = _spec_field(_config_value, None)  # layers before it are dense
+    shared_count: str | None = _spec_field(_string, None)            # shared experts: intermediate x count
     # an expert's parameters in the order of its own module (one nn.Module per expert, as in
     # transformers 4.x), which positional optimizer states of per-expert moments follow
     expert_order: tuple[str, ...] = _spec_field(_str_list(MLP_ROLES, nonempty=True), MLP_ROLES)
@@ -249,6 +283,10 @@ class MoeSpec(_Section):
         for role, name in self.expert_tensors.items():
             if "{expert}" not in name:
                 raise WiscaError(f"{where}: {label}.expert_tensors.{role} must contain {{expert}}, got {name!r}")
+        if (self.groups is None) != (self.topk_groups is None):
+            raise WiscaError(f"{where}: {label}.groups and {label}.topk_groups go together")
+        if self.routing == "softmax" and (self.groups is not None or self.correction):
+            raise WiscaError(f"{where}: {label}.groups and {label}.correction need routing \"sigmoid\"")
         for key in ("expert_tensors", "shared_tensors", "dense_tensors"):
             extra = sorted(set(getattr(self, key)) - set(MLP_ROLES))
             if extra:
@@ -281,7 +319,8 @@ class FusedSpec(_Section):
 @dataclass(frozen=True)
 class OptionalTensor(_Section):
     name: str = _spec_field(_string)                                 # name inside the layer
-    when: bool | str = _spec_field(_flag)                            # true or a config key
+    when: bool | str | tuple[str, ...] = _spec_field(_flags)         # true, a config key or keys (all set)
+    unless: str | None = _spec_field(_string, None)                  # absent when this config key is set
 
 
 @dataclass(frozen=True)
@@ -323,6 +362,9 @@ class ArchSpec(_Section):
     embedding: EmbeddingSpec = _spec_field(_section(EmbeddingSpec), factory=EmbeddingSpec)
     final: FinalSpec = _spec_field(_section(FinalSpec), factory=FinalSpec)
     name_adapters: Mapping[str, NameAdapter] = _spec_field(_mapping(_section(NameAdapter)), factory=_no_entries)
+    # config key: that many layers after num_hidden_layers that transformers does not load
+    # (multi-token prediction); their tensors are copied unchanged
+    extra_layers: str | None = _spec_field(_string, None)
     # config key -> why a checkpoint whose config sets it (not null, not false) is refused
     refuse_when: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
 
@@ -495,6 +537,7 @@ class Layout:
     experts: int = 0                 # routed experts per MoE layer (0: dense)
     expert_intermediate: int = 0
     shared_intermediate: int = 0     # shared expert (0: none)
+    mla: MlaDims | None = None       # multi-head latent attention's sizes (None: q, k, v heads)
 
     @property
     def group_size(self) -> int:
@@ -503,7 +546,16 @@ class Layout:
     def config_flag(self, when: Any) -> bool:
         if isinstance(when, bool):
             return when
+        if isinstance(when, tuple):
+            return all(self.config_flag(w) for w in when)
         return bool(self.config.get(when, False))
+
+    @property
+    def rotary_style(self) -> str | None:
+        """``half``, ``interleaved`` or None: the spec's, or interleaved where its config flag is set."""
+        att = self.spec.attention
+        return "interleaved" if att.rotary and att.rotary_interleave and self.config_flag(att.rotary_interleave) \
+            else att.rotary
 
     def value(self, key: Any, default: Any = None) -> Any:
         """A config value named by a spec field (a literal number or bool passes through)."""
@@ -549,6 +601,8 @@ class Layout:
             return False
         if moe.dense_layers and layer in (self.config.get(moe.dense_layers) or []):
             return False
+        if layer < int(self.value(moe.first_dense, 0) or 0):
+            return False
         step = self.value(moe.sparse_step, 1) or 1
         return (layer + 1) % step == 0
 
@@ -557,12 +611,14 @@ class Layout:
         spec = self.spec
         roles = {role: spec.layer_name(layer, name) for role, name in spec.layer_tensors.items()}
         for role, opt in spec.optional_tensors.items():
-            if self.config_flag(opt.when):
+            if self.config_flag(opt.when) and not (opt.unless and self.config_flag(opt.unless)):
                 roles[role] = spec.layer_name(layer, opt.name)
         moe = spec.moe
         if moe:
             if self.is_moe_layer(layer):
                 roles["router"] = spec.layer_name(layer, moe.router)
+                if moe.correction:
+                    roles["router_correction"] = spec.layer_name(layer, moe.correction)
                 for e in range(self.experts):
                     for role, name in moe.expert_tensors.items():
                         roles[f"experts.{e}.{role}"] = spec.layer_name(layer, name.format(expert=e))
@@ -605,6 +661,31 @@ class Layout:
         return None
 
 
+@dataclass(frozen=True)
+class MlaDims:
+    """Multi-head latent attention: q LoRA rank (0: a plain ``q``), kv LoRA rank, and per
+    head the no-rope and rope dims of q and k and the dims of v."""
+    q_lora: int
+    kv_lora: int
+    nope: int
+    rope: int
+    v: int
+
+
+def _mla_dims(config: dict, mla: MlaSpec, heads: int, kv_heads: int, where: str) -> MlaDims:
+    if kv_heads != heads:   # kv_b_proj makes keys and values for every query head
+        raise WiscaError(f"{where}: num_key_value_heads={kv_heads} must equal num_attention_heads={heads} "
+                         f"for multi-head latent attention")
+    q_lora = config.get(mla.q_lora_rank)
+    if q_lora is not None:
+        q_lora = _positive_int(config, mla.q_lora_rank, where)
+    dims = MlaDims(q_lora or 0, *(_positive_int(config, k, where) for k in
+                                  (mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim)))
+    if dims.rope % 2:
+        raise WiscaError(f"{where}: {mla.qk_rope_head_dim} must be even, got {dims.rope}")
+    return dims
+
+
 def _need(config: dict, key: str, where: str) -> Any:
     if key not in config or config[key] is None:
         raise WiscaError(f"{where}: missing required field {key!r}")
@@ -637,7 +718,10 @@ def layout_from_config(config: dict, where: str = "config.json") -> Layout:
         raise WiscaError(
             f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
         )
+    mla = _mla_dims(config, spec.attention.mla, heads, kv_heads, where) if spec.attention.mla else None
     head_dim = (config.get("head_dim") if spec.attention.head_dim_key else None) or hidden // heads
+    if mla:   # as transformers sets it: the rotary part of a head
+        head_dim = mla.rope
     if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
         raise WiscaError(f"{where}: head_dim must be a positive even integer, got {head_dim!r}")
 
@@ -666,6 +750,8 @@ def layout_from_config(config: dict, where: str = "config.json") -> Layout:
             _positive_int(config, "intermediate_size", where)
         if moe.shared_intermediate:
             shared_inter = int(config.get(moe.shared_intermediate) or 0)
+        if moe.shared_count:
+            shared_inter = expert_inter * int(config.get(moe.shared_count) or 0)
 
     act_key = spec.mlp.act
     return Layout(
@@ -679,7 +765,7 @@ def layout_from_config(config: dict, where: str = "config.json") -> Layout:
         tie_embeddings=bool(config.get("tie_word_embeddings", spec.embedding.tied_default)),
         rope_theta=float(theta), rope_scaling=scaling, rotary_dims=rotary_dims,
         sliding_window=int(window) if window else None,
-        experts=experts, expert_intermediate=expert_inter, shared_intermediate=shared_inter,
+        experts=experts, expert_intermediate=expert_inter, shared_intermediate=shared_inter, mla=mla,
     )
 
 
@@ -694,8 +780,16 @@ def logical_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
         "q_bias": (q_out,), "k_bias": (kv_out,), "v_bias": (kv_out,), "o_bias": (h,),
         "gate": (inter, h), "up": (inter, h), "down": (h, inter),
         "gate_bias": (inter,), "up_bias": (inter,), "down_bias": (h,),
-        "router": (layout.experts, h), "shared_gate": (1, h),
+        "router": (layout.experts, h), "router_correction": (layout.experts,), "shared_gate": (1, h),
     }
+    mla = layout.mla
+    if mla:
+        heads, qk = layout.heads, mla.nope + mla.rope
+        shapes.update({
+            "q": (heads * qk, h), "q_a": (mla.q_lora, h), "q_a_bias": (mla.q_lora,), "q_a_norm": (mla.q_lora,),
+            "q_b": (heads * qk, mla.q_lora), "kv_a": (mla.kv_lora + mla.rope, h), "kv_a_bias": (mla.kv_lora + mla.rope,),
+            "kv_a_norm": (mla.kv_lora,), "kv_b": (heads * (mla.nope + mla.v), mla.kv_lora), "o": (h, heads * mla.v),
+        })
     qk_norm = layout.spec.attention.qk_norm
     if qk_norm:
         shapes["q_norm"], shapes["k_norm"] = {"head": ((d,), (d,)), "heads": ((layout.heads, d), (layout.kv_heads, d)),
