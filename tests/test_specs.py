@@ -145,6 +145,14 @@ def _load_with(name: str, change) -> None:
      'architectures/cohere.json: attention.qk_norm must be one of "head", "heads", "full", got "per_head"'),
     ("phi", lambda d: d["final"].update(head_bias=1),
      "architectures/phi.json: final.head_bias must be a non-empty string, got 1"),
+    ("gpt_oss", lambda d: d["moe"]["fused_experts"]["down"].update(dims=["in", "experts", "out"]),
+     'architectures/gpt_oss.json: moe.fused_experts.down.dims must be "experts" then "out" and "in"'),
+    ("gpt_oss", lambda d: d["moe"]["fused_experts"]["gate_up"].update(layout="halves"),
+     'architectures/gpt_oss.json: moe.fused_experts.gate_up.layout must be one of "concat", "interleaved"'),
+    ("gpt_oss", lambda d: d["moe"]["fused_experts"].pop("down"),
+     "architectures/gpt_oss.json: moe.fused_experts must hold gate, up, down once each"),
+    ("gpt_oss", lambda d: d["mlp"].pop("alpha"),
+     'architectures/gpt_oss.json: mlp: alpha and limit go with kind "clamped"'),
 ])
 def test_bad_spec_is_one_line_naming_file_and_key(name, change, message):
     with pytest.raises(WiscaError) as e:

@@ -42,6 +42,31 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _yarn_inv_freq(inv_freq: torch.Tensor, scaling: dict, r: int, theta: float,
+                   max_positions: int) -> tuple[torch.Tensor, float]:
+    """YaRN (transformers' ``_compute_yarn_parameters``): per-frequency blend of the original
+    and the interpolated (/ factor) frequencies, and the factor on cos and sin."""
+    factor = scaling.get("factor") or max_positions / scaling["original_max_position_embeddings"]
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+    old_len = scaling["original_max_position_embeddings"]
+
+    def correction(rotations):
+        return (r * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction(scaling.get("beta_fast") or 32), correction(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, r - 1)
+    high = high + 0.001 if low == high else high
+    keep = 1 - torch.clamp((torch.arange(r // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    return (inv_freq / factor) * (1 - keep) + inv_freq * keep, attention
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                layout: Layout) -> torch.Tensor:
     """The family's norm over the last dim: RMSNorm (optionally ``(offset + w)``) or
@@ -63,15 +88,21 @@ def rope_tables(layout: Layout, positions: torch.Tensor, layer: int | None = Non
     inv_freq = 1.0 / (theta ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r))
     scaling = scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    attention = 1.0
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif kind == "yarn":
+        inv_freq, attention = _yarn_inv_freq(inv_freq, scaling, r, theta,
+                                             int(layout.config.get("max_position_embeddings") or 0))
     freqs = positions[:, None].float() * inv_freq[None, :].float()
     if layout.spec.attention.rotary == "interleaved":
         emb = freqs.repeat_interleave(2, dim=-1)
     else:
         emb = torch.cat((freqs, freqs), dim=-1)
+    if attention != 1.0:
+        return emb.cos() * attention, emb.sin() * attention
     return emb.cos(), emb.sin()
 
 
@@ -130,6 +161,18 @@ def logical(layout: Layout, w: dict) -> dict:
                 w[part] = w[fused][rows]
                 if fused + "_bias" in w:
                     w[part + "_bias"] = w[fused + "_bias"][rows]
+    if layout.fused_experts and any(k.startswith("experts.") for k in w):
+        w = dict(w)
+        for fused, info in layout.spec.moe.fused_experts.items():
+            t, b = w.get("experts." + fused), w.get(f"experts.{fused}_bias")
+            if t is None:
+                continue
+            t = t.permute(0, info.dims.index("out"), info.dims.index("in"))   # [E, out, in]: views
+            for part, rows in layout.expert_parts(fused).items():
+                for e in range(layout.experts):
+                    w[f"experts.{e}.{part}"] = t[e, rows]
+                    if b is not None:
+                        w[f"experts.{e}.{part}_bias"] = b[e, rows]
     return w
 
 
@@ -166,7 +209,14 @@ def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask
     else:
         scaling = d ** -0.5
     scores = _softcap((q @ k.transpose(-1, -2)) * scaling, layout.value(att.softcap)) + mask
-    out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    if "sinks" in w:   # gpt-oss: one more logit per head, dropped after the softmax
+        sinks = w["sinks"].to(scores.dtype).reshape(1, -1, 1, 1).expand(batch, -1, length, 1)
+        scores = torch.cat([scores, sinks], dim=-1)
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(scores, dim=-1, dtype=scores.dtype)[..., :-1]
+        out = probs.to(q.dtype) @ v
+    else:
+        out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     return linear(out.transpose(1, 2).reshape(batch, length, heads * d), w, "o")
 
 
@@ -179,8 +229,13 @@ def activation(layout: Layout):
 
 
 def gated_mlp(x: torch.Tensor, w: dict, layout: Layout, prefix: str = "") -> torch.Tensor:
-    act = activation(layout)
-    return linear(act(linear(x, w, prefix + "gate")) * linear(x, w, prefix + "up"), w, prefix + "down")
+    gate, up = linear(x, w, prefix + "gate"), linear(x, w, prefix + "up")
+    mlp = layout.spec.mlp
+    if mlp.kind == "clamped":   # gpt-oss: neither gate nor up is scale-equivariant
+        limit, alpha = layout.value(mlp.limit), layout.value(mlp.alpha)
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+        return linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), w, prefix + "down")
+    return linear(activation(layout)(gate) * up, w, prefix + "down")
 
 
 def mlp(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
@@ -197,7 +252,9 @@ def moe(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
     spec = layout.spec.moe
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    probs = torch.softmax(F.linear(x, w["router"].to(x.dtype)), dim=-1, dtype=torch.float32)
+    bias = w.get("router_bias")
+    probs = torch.softmax(F.linear(x, w["router"].to(x.dtype), None if bias is None else bias.to(x.dtype)),
+                          dim=-1, dtype=torch.float32)
     top, idx = torch.topk(probs, int(layout.value(spec.top_k)), dim=-1)
     if layout.value(spec.norm_topk, False):
         top = top / top.sum(-1, keepdim=True)
