@@ -184,3 +184,13 @@ def test_refuse_when_names_the_config_key():
     assert spec.layout_from_config({**cfg, "clip_qkv": None}).experts == 4
     with pytest.raises(WiscaError, match=r"config.json: clip_qkv=8.0 is not supported for olmoe: q, k and v are clamped"):
         spec.layout_from_config({**cfg, "clip_qkv": 8.0})
+
+
+def test_quantised_gpt_oss_is_refused_in_one_line():
+    cfg = {"model_type": "gpt_oss", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "num_hidden_layers": 2, "intermediate_size": 24, "vocab_size": 128, "num_local_experts": 4,
+           "num_experts_per_tok": 2}
+    assert spec.layout_from_config(cfg).fused_experts
+    with pytest.raises(WiscaError, match=r"config.json: quantization_config=\{\"quant_method\": \"mxfp4\"\} is not "
+                                         r"supported for gpt_oss: the experts are quantised \(MXFP4"):
+        spec.layout_from_config({**cfg, "quantization_config": {"quant_method": "mxfp4"}})
