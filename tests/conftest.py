@@ -60,6 +60,9 @@ ARCH_FAMILIES = {
                                     norm_topk_prob=True)),
     # OLMoE: QK-norm over the whole projection (q_norm [H*d]), softmax-then-top-k router
     "olmoe": ("olmoe", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    # gpt-oss: experts fused on disk ([E, H, 2I], gate/up interleaved, biases), attention sinks,
+    # sliding / full layers, router with a bias, YaRN RoPE (its default)
+    "gpt_oss": ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24, sliding_window=8)),
     "gemma2": ("gemma2", dict(sliding_window=8, query_pre_attn_scalar=16)),
     "gemma3": ("gemma3_text", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
                                    query_pre_attn_scalar=16)),
@@ -100,7 +103,15 @@ ARCH_FAMILIES = {
     "glm4_moe": ("glm4_moe", dict(attention_bias=True, use_qk_norm=True, n_routed_experts=4, num_experts_per_tok=2,
                                   moe_intermediate_size=32, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                                   first_k_dense_replace=1)),
+    # the MoE families saved as transformers 5 holds them in memory (FUSED_ON_DISK): experts fused in
+    # 3-D tensors, gate_up_proj [E, 2I, H] and down_proj [E, H, I] (2I != H, so no axis can pass for another)
+    "mixtral-fused": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24)),
+    "qwen2_moe-fused": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                          shared_expert_intermediate_size=48, mlp_only_layers=[1])),
 }
+# families written with the model's in-memory names and shapes (``model.state_dict()``, as a
+# training framework saves it) instead of ``save_pretrained``'s (which splits fused experts again)
+FUSED_ON_DISK = {"mixtral-fused", "qwen2_moe-fused"}
 # config.json of a synthetic checkpoint (``via="synthetic"``), before overrides
 SYNTHETIC_CONFIG = {
     "model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -177,7 +188,8 @@ def build(path: Path, family: str | None = None, *, model_type: str | None = Non
     if via == "transformers":
         if shards != 1:
             raise ValueError("via='transformers' shards by shard_size, not by a shard count")
-        _save_transformers(path, make_config(model_type, **overrides), dtype, shard_size, skew, init, seed, spread)
+        _save_transformers(path, make_config(model_type, **overrides), dtype, shard_size, skew, init, seed, spread,
+                           state_dict=family in FUSED_ON_DISK)
     elif via == "synthetic":
         if shard_size is not None or skew == "unbalance" or init == "vectors":
             raise ValueError("via='synthetic' shards by count (shards=N), and its skew is None or 'spec' "
@@ -192,7 +204,8 @@ def build(path: Path, family: str | None = None, *, model_type: str | None = Non
     return path
 
 
-def _save_transformers(path: Path, config, dtype, shard_size, skew, init, seed, spread) -> None:
+def _save_transformers(path: Path, config, dtype, shard_size, skew, init, seed, spread, state_dict=False) -> None:
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -213,6 +226,12 @@ def _save_transformers(path: Path, config, dtype, shard_size, skew, init, seed, 
     if skew == "unbalance":
         unbalance(model, seed, spread)
     model = model.to(dtype)
+    if state_dict:   # the in-memory layout, one file (no tied families here)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors",
+                  metadata={"format": "pt"})
+        config.save_pretrained(path)
+        return
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
 
@@ -294,7 +313,6 @@ def skew_by_spec(path: Path, seed: int = 0, spread: float = 3.0) -> None:
 
     ids = probe_tokens()
     before = hf_logits(path, ids)
-    layout = layout_from_config(json.loads((path / "config.json").read_text()))
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
         else ["model.safetensors"]
@@ -303,6 +321,7 @@ def skew_by_spec(path: Path, seed: int = 0, spread: float = 3.0) -> None:
         loaded = load_file(path / f)
         tensors.update(loaded)
         file_of.update(dict.fromkeys(loaded, f))
+    layout = layout_from_config(json.loads((path / "config.json").read_text()), tensor_names=tensors)
     g = torch.Generator().manual_seed(seed)
     for layer in range(layout.layers):
         names = layout.layer_roles(layer)

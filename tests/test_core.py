@@ -43,8 +43,8 @@ def _piece(t: torch.Tensor, offsets, sizes) -> torch.Tensor:
 
 def _family_layers(arch_ckpt, family: str):
     path = arch_ckpt(family)
-    layout = layout_from_config(json.loads((path / "config.json").read_text()))
     tensors = load_file(path / "model.safetensors")
+    layout = layout_from_config(json.loads((path / "config.json").read_text()), tensor_names=tensors)
     for layer in range(layout.layers):
         names = layout.layer_roles(layer)
         yield layout, layer, {role: tensors[n] for role, n in names.items()}

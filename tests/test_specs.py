@@ -156,6 +156,14 @@ def _load_with(name: str, change) -> None:
     ("deepseek_v3", lambda d: d["optional_tensors"]["q_a_bias"].update(when=[]),
      "architectures/deepseek_v3.json: optional_tensors.q_a_bias.when must be true, false, a config key or a "
      "non-empty list of config keys, got []"),
+    ("gpt_oss", lambda d: d["moe"]["fused_experts"]["down"].update(dims=["in", "experts", "out"]),
+     'architectures/gpt_oss.json: moe.fused_experts.down.dims must be "experts" then "out" and "in"'),
+    ("gpt_oss", lambda d: d["moe"]["fused_experts"]["gate_up"].update(layout="halves"),
+     'architectures/gpt_oss.json: moe.fused_experts.gate_up.layout must be one of "concat", "interleaved"'),
+    ("gpt_oss", lambda d: d["moe"]["fused_experts"].pop("down"),
+     "architectures/gpt_oss.json: moe.fused_experts must hold gate, up, down once each"),
+    ("gpt_oss", lambda d: d["mlp"].pop("alpha"),
+     'architectures/gpt_oss.json: mlp: alpha and limit go with kind "clamped"'),
 ])
 def test_bad_spec_is_one_line_naming_file_and_key(name, change, message):
     with pytest.raises(WiscaError) as e:
@@ -214,3 +222,13 @@ def test_mla_needs_a_kv_head_per_query_head():
     with pytest.raises(WiscaError, match=r"config.json: num_key_value_heads=2 must equal num_attention_heads=4 "
                                          r"for multi-head latent attention"):
         spec.layout_from_config({**DEEPSEEK, "num_key_value_heads": 2})
+
+
+def test_quantised_gpt_oss_is_refused_in_one_line():
+    cfg = {"model_type": "gpt_oss", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "num_hidden_layers": 2, "intermediate_size": 24, "vocab_size": 128, "num_local_experts": 4,
+           "num_experts_per_tok": 2}
+    assert spec.layout_from_config(cfg).fused_experts
+    with pytest.raises(WiscaError, match=r"config.json: quantization_config=\{\"quant_method\": \"mxfp4\"\} is not "
+                                         r"supported for gpt_oss: the experts are quantised \(MXFP4"):
+        spec.layout_from_config({**cfg, "quantization_config": {"quant_method": "mxfp4"}})

@@ -363,7 +363,40 @@ def test_every_moe_family_is_tested_as_the_support_matrix_claims():
 
     rows = {r["family"]: r["trainer"] for r in spec.support_matrix()}
     moe = {s.name for s in spec.shipped_specs().values() if s.moe is not None}
-    assert moe == set(MOE_FAMILIES) and all(rows[f] == "exact, fused experts" for f in moe)
+    assert moe == set(MOE_FAMILIES) | set(FUSED_IN_MEMORY_AS_ON_DISK)
+    assert all(rows[f] == "exact, fused experts" for f in moe)
+
+
+# families whose experts transformers keeps in memory as they are on disk (no conversion
+# mapping): a fused parameter is one checkpoint tensor, its moments scale as the tensor does
+FUSED_IN_MEMORY_AS_ON_DISK = ["gpt_oss"]
+
+
+@pytest.mark.parametrize("family", FUSED_IN_MEMORY_AS_ON_DISK)
+def test_fused_on_disk_trainer_moments_follow_bit_for_bit(family, tmp_path):
+    """gpt-oss: the fused experts (gate_up_proj [E, H, 2I], its bias, down_proj) are parameters
+    and checkpoint tensors alike; with the norm target their input rows are scaled per expert
+    slice, and Adam's moments follow: exp_avg / S, exp_avg_sq / S**2, bit for bit."""
+    from conftest import build, hf_logits, probe_tokens
+    from transformers import AutoModelForCausalLM, Trainer
+
+    start = build(tmp_path / "start", family, skew="spec")
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, attn_implementation="eager")
+    trainer = Trainer(model=model, args=_args(tmp_path / "run", SAVE), train_dataset=_dataset(8))
+    trainer.train()
+    ckpt, out = tmp_path / "run" / f"checkpoint-{SAVE}", tmp_path / "out"
+    report = wisca.transform(ckpt, out, targets=("qk", "vo", "norm"))
+    opt = report["training_state"]["optimizer"]
+    assert opt["transformed"] and opt["exact"] and opt["underflow"] == 0
+    assert torch.equal(hf_logits(ckpt, probe_tokens()), hf_logits(out, probe_tokens()))
+    mult, names = wisca.scale_multipliers(out), optimizer_parameter_names(ckpt)
+    gate_up = [n for n in mult if n.endswith("experts.gate_up_proj")]
+    assert gate_up and all(mult[n].shape == (4, 64, 1) and (mult[n] != 1).any() for n in gate_up)
+    before, after = _load(ckpt / "optimizer.pt"), _load(out / "optimizer.pt")
+    for key, b in before["state"].items():
+        s = mult.get(names[key], torch.ones(1, dtype=torch.float64)).float()
+        a = after["state"][key]
+        assert torch.equal(a["exp_avg"], b["exp_avg"] / s) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"] / (s * s))
 
 
 @pytest.fixture(scope="module", params=MOE_FAMILIES)

@@ -55,20 +55,28 @@ def round_pow2(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Ten
 
 
 def scale_vector(member: Member, s: torch.Tensor, size: int) -> torch.Tensor:
-    """Multiplier for every slice of a member tensor along its axis."""
-    vec = torch.ones(size, dtype=torch.float64)
+    """Multiplier for every slice of a member tensor along its axis (``[experts, size]``
+    for a member with a leading expert dim)."""
+    vec = torch.ones(member.units.shape[:-1] + (size,), dtype=torch.float64)
     keep = member.units >= 0
     vec[keep] = s[member.units[keep]] ** member.side
     return vec
+
+
+def _multiplier(member: Member, s: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The member's multiplier, broadcastable to a tensor of ``shape``."""
+    view = [1] * len(shape)
+    view[member.axis] = -1
+    if member.units.dim() == 2:
+        view[0] = shape[0]
+    return scale_vector(member, s, shape[member.axis]).view(view)
 
 
 def member_multipliers(pair: Pair, s: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """role -> float64 multiplier S, broadcastable to the tensor, such that W' = S * W."""
     out = {}
     for m in pair.members:
-        shape = [1] * len(shapes[m.role])
-        shape[m.axis] = -1
-        mult = scale_vector(m, s, shapes[m.role][m.axis]).view(shape)
+        mult = _multiplier(m, s, tuple(shapes[m.role]))
         out[m.role] = out[m.role] * mult if m.role in out else mult
     return out
 
@@ -158,6 +166,13 @@ def apply_scales(pair: Pair, tensors: dict[str, torch.Tensor], s: torch.Tensor,
     out: dict[str, torch.Tensor] = {}
     for (role, axis), members in groups.items():
         t = out.get(role, tensors[role])
+        if members[0].units.dim() == 2:   # a fused 3-D expert tensor: per expert and slice
+            mult = torch.ones(1, dtype=torch.float64)
+            for m in members:
+                mult = mult * _multiplier(m, s, tuple(t.shape))
+            inplace_here = inplace or role in out
+            out[role] = apply_multiplier_(t, mult) if inplace_here else apply_multiplier(t, mult)
+            continue
         vec = torch.ones(t.shape[axis], dtype=torch.float64)
         for m in members:
             vec *= scale_vector(m, s, t.shape[axis])

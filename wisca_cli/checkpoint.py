@@ -242,6 +242,8 @@ def open_checkpoint(src: str | os.PathLike, revision: str | None = None) -> Chec
         extra = sorted(set(tensors) - set(weight_map))
         if extra:
             raise WiscaError(f"{root / tensors[extra[0]].shard}: tensor {extra[0]} is not listed in {INDEX_NAME}")
+    if layout.spec.moe is not None:   # how the experts are stored: the tensor names tell
+        layout = layout_from_config(config, str(root / "config.json"), tensors)
     ckpt = Checkpoint(root, config, layout, shards, tensors, index_path, source)
     validate(ckpt)
     return ckpt

@@ -164,6 +164,18 @@ def logical(layout: Layout, w: dict) -> dict:
                 w[part] = w[fused][rows]
                 if fused + "_bias" in w:
                     w[part + "_bias"] = w[fused + "_bias"][rows]
+    if layout.fused_experts and any(k.startswith("experts.") for k in w):
+        w = dict(w)
+        for fused, info in layout.spec.moe.fused_experts.items():
+            t, b = w.get("experts." + fused), w.get(f"experts.{fused}_bias")
+            if t is None:
+                continue
+            t = t.permute(0, info.dims.index("out"), info.dims.index("in"))   # [E, out, in]: views
+            for part, rows in layout.expert_parts(fused).items():
+                for e in range(layout.experts):
+                    w[f"experts.{e}.{part}"] = t[e, rows]
+                    if b is not None:
+                        w[f"experts.{e}.{part}_bias"] = b[e, rows]
     return w
 
 
@@ -238,7 +250,14 @@ def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask
     k = k.repeat_interleave(layout.group_size, dim=1)
     v = v.repeat_interleave(layout.group_size, dim=1)
     scores = _softcap((q @ k.transpose(-1, -2)) * attention_scaling(layout, d), layout.value(att.softcap)) + mask
-    out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    if "sinks" in w:   # gpt-oss: one more logit per head, dropped after the softmax
+        sinks = w["sinks"].to(scores.dtype).reshape(1, -1, 1, 1).expand(batch, -1, length, 1)
+        scores = torch.cat([scores, sinks], dim=-1)
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(scores, dim=-1, dtype=scores.dtype)[..., :-1]
+        out = probs.to(q.dtype) @ v
+    else:
+        out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     return linear(out.transpose(1, 2).reshape(batch, length, heads * d), w, "o")
 
 
@@ -251,8 +270,13 @@ def activation(layout: Layout):
 
 
 def gated_mlp(x: torch.Tensor, w: dict, layout: Layout, prefix: str = "") -> torch.Tensor:
-    act = activation(layout)
-    return linear(act(linear(x, w, prefix + "gate")) * linear(x, w, prefix + "up"), w, prefix + "down")
+    gate, up = linear(x, w, prefix + "gate"), linear(x, w, prefix + "up")
+    mlp = layout.spec.mlp
+    if mlp.kind == "clamped":   # gpt-oss: neither gate nor up is scale-equivariant
+        limit, alpha = layout.value(mlp.limit), layout.value(mlp.alpha)
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+        return linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), w, prefix + "down")
+    return linear(activation(layout)(gate) * up, w, prefix + "down")
 
 
 def mlp(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
@@ -275,7 +299,9 @@ def route(x: torch.Tensor, w: dict, layout: Layout) -> tuple[torch.Tensor, torch
     spec = layout.spec.moe
     top_k = int(layout.value(spec.top_k))
     if spec.routing == "softmax":
-        probs = torch.softmax(F.linear(x, w["router"].to(x.dtype)), dim=-1, dtype=torch.float32)
+        bias = w.get("router_bias")    # gpt-oss
+        probs = torch.softmax(F.linear(x, w["router"].to(x.dtype), None if bias is None else bias.to(x.dtype)),
+                              dim=-1, dtype=torch.float32)
         top, idx = torch.topk(probs, top_k, dim=-1)
         if layout.value(spec.norm_topk, False):
             top = top / top.sum(-1, keepdim=True)

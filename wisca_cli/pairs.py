@@ -23,7 +23,9 @@ from .options import ALL_TARGETS, DEFAULT_TARGETS, EXTRA_TARGETS, GRANULARITIES 
 class Member:
     role: str            # role in the layer ("q", "k_bias", ...)
     axis: int            # axis the units run along
-    units: torch.Tensor  # long [size of axis]; -1 = slice untouched
+    # long [size of axis]; -1 = slice untouched. [experts, size of axis] for a tensor whose
+    # dim 0 holds the experts (a fused 3-D expert tensor): slice i of expert e is units[e, i]
+    units: torch.Tensor
     side: int            # +1: times s, -1: times 1/s
     counts: bool = True  # contributes to the unit norm (biases do not)
     offset: float = 0.0  # the tensor stores w for a factor (offset + w): Gemma's (1 + w) norms
@@ -219,7 +221,38 @@ def physical_roles(layout: Layout, roles: set[str]) -> set[str]:
         for suffix in ("", "_bias"):
             if fused + suffix in roles:
                 out |= {p + suffix for p in layout.spec.fused[fused].parts}
+    for fused, info in (layout.spec.moe.fused_experts.items() if layout.fused_experts else ()):
+        for suffix in ("", "_bias"):
+            if f"experts.{fused}{suffix}" in roles:
+                out |= {f"experts.{e}.{p}{suffix}" for e in range(layout.experts) for p in info.parts}
     return out
+
+
+def _expert_members(layout: Layout, members: list[Member]) -> list[Member]:
+    """Members on single experts' tensors (``experts.3.up``, logical ``W[out, in]``) as members
+    of the fused 3-D tensors that hold them (``experts.gate_up``): one per tensor, axis and
+    side, with units ``[E, n]`` along the physical axis (-1 on the slices the pair leaves
+    alone). Several logical members on the same slices (the norm target reads gate and up of
+    one fused tensor) give one member: each slice counts once."""
+    out: dict[tuple, Member] = {}
+    for m in members:
+        e, role = m.role.split(".")[1:]
+        base, bias = (role[:-5], "_bias") if role.endswith("_bias") else (role, "")
+        fused = layout.fused_expert_of(base)
+        info = layout.spec.moe.fused_experts[fused]
+        shape = layout.fused_expert_shape(fused, bias=bool(bias))
+        axis = 1 if bias else info.dims.index("out" if m.axis == 0 else "in")
+        key = (f"experts.{fused}{bias}", axis, m.side, m.counts)
+        if key not in out:
+            out[key] = Member(key[0], axis, torch.full((layout.experts, shape[axis]), -1, dtype=torch.long),
+                              m.side, m.counts)
+        out[key].units[int(e), layout.expert_parts(fused)[base] if m.axis == 0 else slice(None)] = m.units
+    return list(out.values())
+
+
+def _in_fused_expert(layout: Layout, role: str) -> bool:
+    parts = role.split(".")
+    return len(parts) == 3 and parts[0] == "experts" and layout.fused_expert_of(parts[2].removesuffix("_bias")) is not None
 
 
 def to_physical(layout: Layout, pair: Pair) -> Pair:
@@ -227,8 +260,11 @@ def to_physical(layout: Layout, pair: Pair) -> Pair:
     inside the fused tensor, -1 elsewhere) and Conv1D weights (``[in, out]``: axes swapped).
     Several logical members reading one fused tensor's input columns become one member."""
     offset = layout.spec.norm.weight_offset
-    members, seen = [], set()
+    members, seen, experts = [], set(), []
     for m in pair.members:
+        if layout.fused_experts and _in_fused_expert(layout, m.role):
+            experts.append(m)
+            continue
         role, axis, units = m.role, m.axis, m.units
         base, bias = (role[:-5], "_bias") if role.endswith("_bias") else (role, "")
         fused = layout.fused_of(base)
@@ -246,7 +282,7 @@ def to_physical(layout: Layout, pair: Pair) -> Pair:
         if layout.spec.linear == "conv1d" and not bias and not is_norm:
             axis = 1 - axis
         members.append(Member(role, axis, units, m.side, m.counts, offset if is_norm and not bias else 0.0))
-    return Pair(pair.kind, pair.n_units, pair.head_of, tuple(members))
+    return Pair(pair.kind, pair.n_units, pair.head_of, tuple(members + _expert_members(layout, experts)))
 
 
 def layer_pairs(layout: Layout, layer: int, targets: tuple[str, ...], granularity: str) -> list[Pair]:

@@ -232,9 +232,16 @@ class AttentionSpec(_Section):
 
 @dataclass(frozen=True)
 class MlpSpec(_Section):
-    kind: str = _spec_field(_choice("gated", "plain"), "gated")
+    # clamped (gpt-oss): (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+    kind: str = _spec_field(_choice("gated", "plain", "clamped"), "gated")
     act: str | None = _spec_field(_string, None)                     # config key (absent: silu)
     intermediate_default: int | None = _spec_field(_positive_int_value, None)   # x hidden
+    alpha: str | float | None = _spec_field(_config_value, None)     # clamped: the sigmoid's gain
+    limit: str | float | None = _spec_field(_config_value, None)     # clamped: the clamp
+
+    def check(self, where: str, label: str) -> None:
+        if (self.kind == "clamped") != (self.alpha is not None and self.limit is not None):
+            raise WiscaError(f"{where}: {label}: alpha and limit go with kind \"clamped\" (both), and only there")
 
 
 @dataclass(frozen=True)
@@ -249,12 +256,40 @@ class BlockSpec(_Section):
                              f"read one norm only in a parallel block)")
 
 
+EXPERT_DIMS = ("experts", "out", "in")
+
+
+@dataclass(frozen=True)
+class FusedExperts(_Section):
+    """Every expert's weights of some MLP roles in one 3-D tensor: ``dims`` names its axes
+    (``experts`` first; ``out``/``in`` as in ``W[out, in]``: gpt-oss stores ``[E, in, out]``,
+    transformers 5's in-memory layout ``[E, out, in]``); several ``parts`` share the out axis,
+    one after the other (``concat``) or alternating (``interleaved``: gate = [..., ::2])."""
+    name: str = _spec_field(_string)                                 # tensor name in a layer
+    parts: tuple[str, ...] = _spec_field(_str_list(MLP_ROLES, nonempty=True))
+    dims: tuple[str, ...] = _spec_field(_str_list(EXPERT_DIMS))
+    layout: str = _spec_field(_choice("concat", "interleaved"), "concat")
+    bias: str | None = _spec_field(_string, None)                    # [E, out], e.g. gpt-oss
+
+    def check(self, where: str, label: str) -> None:
+        if sorted(self.dims) != sorted(EXPERT_DIMS) or self.dims[0] != "experts":
+            raise WiscaError(f"{where}: {label}.dims must be \"experts\" then \"out\" and \"in\" in the "
+                             f"tensor's order, got {list(self.dims)}")
+        if len(self.parts) > 1 and "down" in self.parts:
+            raise WiscaError(f"{where}: {label}.parts: down reads the intermediate neurons; it fuses with nothing")
+
+
 @dataclass(frozen=True)
 class MoeSpec(_Section):
     num_experts: str = _spec_field(_string)                          # config keys ...
     top_k: str | int = _spec_field(_config_value)
     router: str = _spec_field(_string)                               # ... and tensor names in a layer
-    expert_tensors: Mapping[str, str] = _spec_field(_mapping(_string))   # role -> name with {expert}
+    # role -> name with {expert} (one tensor per expert), and / or the experts fused in 3-D
+    # tensors (fused role -> FusedExperts); with both, a checkpoint's tensor names decide
+    expert_tensors: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
+    fused_experts: Mapping[str, "FusedExperts"] = _spec_field(_mapping(_section(FusedExperts)), factory=_no_entries)
+    router_bias: str | None = _spec_field(_string, None)             # tensor name (gpt-oss)
+    fused_router: str | None = _spec_field(_string, None)            # the router's name beside fused experts
     norm_topk: bool | str = _spec_field(_flag, False)
     intermediate: str | None = _spec_field(_string, None)            # absent: intermediate_size
     shared_intermediate: str | None = _spec_field(_string, None)
@@ -277,7 +312,13 @@ class MoeSpec(_Section):
     expert_order: tuple[str, ...] = _spec_field(_str_list(MLP_ROLES, nonempty=True), MLP_ROLES)
 
     def check(self, where: str, label: str) -> None:
-        if sorted(self.expert_order) != sorted(self.expert_tensors):
+        if not self.expert_tensors and not self.fused_experts:
+            raise WiscaError(f"{where}: {label} needs expert_tensors or fused_experts")
+        fused_parts = [p for f in self.fused_experts.values() for p in f.parts]
+        if self.fused_experts and sorted(fused_parts) != sorted(MLP_ROLES):
+            raise WiscaError(f"{where}: {label}.fused_experts must hold {', '.join(MLP_ROLES)} once each, "
+                             f"got {fused_parts}")
+        if self.expert_tensors and sorted(self.expert_order) != sorted(self.expert_tensors):
             raise WiscaError(f"{where}: {label}.expert_order must list the roles of {label}.expert_tensors "
                              f"({', '.join(self.expert_tensors)}) once each, got {list(self.expert_order)}")
         for role, name in self.expert_tensors.items():
@@ -538,6 +579,7 @@ class Layout:
     expert_intermediate: int = 0
     shared_intermediate: int = 0     # shared expert (0: none)
     mla: MlaDims | None = None       # multi-head latent attention's sizes (None: q, k, v heads)
+    fused_experts: bool = False      # the experts stored in 3-D tensors (moe.fused_experts)
 
     @property
     def group_size(self) -> int:
@@ -616,12 +658,21 @@ class Layout:
         moe = spec.moe
         if moe:
             if self.is_moe_layer(layer):
-                roles["router"] = spec.layer_name(layer, moe.router)
+                router = moe.fused_router if self.fused_experts and moe.fused_router else moe.router
+                roles["router"] = spec.layer_name(layer, router)
+                if moe.router_bias:
+                    roles["router_bias"] = spec.layer_name(layer, moe.router_bias)
                 if moe.correction:
                     roles["router_correction"] = spec.layer_name(layer, moe.correction)
-                for e in range(self.experts):
-                    for role, name in moe.expert_tensors.items():
-                        roles[f"experts.{e}.{role}"] = spec.layer_name(layer, name.format(expert=e))
+                if self.fused_experts:
+                    for fused, info in moe.fused_experts.items():
+                        roles[f"experts.{fused}"] = spec.layer_name(layer, info.name)
+                        if info.bias:
+                            roles[f"experts.{fused}_bias"] = spec.layer_name(layer, info.bias)
+                else:
+                    for e in range(self.experts):
+                        for role, name in moe.expert_tensors.items():
+                            roles[f"experts.{e}.{role}"] = spec.layer_name(layer, name.format(expert=e))
                 if self.shared_intermediate:
                     for role, name in moe.shared_tensors.items():
                         roles[f"shared.{role}"] = spec.layer_name(layer, name)
@@ -648,6 +699,31 @@ class Layout:
             out[p] = torch.arange(start, start + size)
             start += size
         return out
+
+    def expert_parts(self, fused: str) -> dict[str, slice]:
+        """part -> its positions (a slice) along the out axis of a fused 3-D expert tensor."""
+        info = self.spec.moe.fused_experts[fused]
+        n = len(info.parts)
+        if info.layout == "interleaved":
+            return {p: slice(i, None, n) for i, p in enumerate(info.parts)}
+        size = self.hidden if info.parts == ("down",) else self.expert_intermediate
+        return {p: slice(i * size, (i + 1) * size) for i, p in enumerate(info.parts)}
+
+    def fused_expert_shape(self, fused: str, bias: bool = False) -> tuple[int, ...]:
+        """Shape of a fused 3-D expert tensor as stored (``bias``: of its ``[E, out]`` bias)."""
+        info = self.spec.moe.fused_experts[fused]
+        out, inner = (self.hidden, self.expert_intermediate) if info.parts == ("down",) else \
+            (self.expert_intermediate * len(info.parts), self.hidden)
+        sizes = {"experts": self.experts, "out": out, "in": inner}
+        return (self.experts, out) if bias else tuple(sizes[d] for d in info.dims)
+
+    def fused_expert_of(self, part: str) -> str | None:
+        """The fused 3-D expert tensor holding an expert role (``up`` -> ``gate_up``), or None."""
+        if self.fused_experts:
+            for fused, info in self.spec.moe.fused_experts.items():
+                if part in info.parts:
+                    return fused
+        return None
 
     def part_size(self, role: str) -> int:
         return {"q": self.heads * self.head_dim, "k": self.kv_heads * self.head_dim,
@@ -699,7 +775,11 @@ def _positive_int(config: dict, key: str, where: str) -> int:
     return value
 
 
-def layout_from_config(config: dict, where: str = "config.json") -> Layout:
+def layout_from_config(config: dict, where: str = "config.json", tensor_names=None) -> Layout:
+    """The layout of a checkpoint from its config.json. ``tensor_names``: the checkpoint's
+    tensor names, which decide how the experts are stored where the spec knows both ways
+    (one tensor per expert, or fused 3-D tensors); without them, per expert where the spec
+    names such tensors."""
     if not isinstance(config, dict):
         raise WiscaError(f"{where}: expected a JSON object")
     spec = spec_for(config.get("model_type"), where)
@@ -743,8 +823,10 @@ def layout_from_config(config: dict, where: str = "config.json") -> Layout:
         if enabled_key is None or config.get(enabled_key, False):
             window = config.get(window_key)
 
-    moe, experts, expert_inter, shared_inter = spec.moe, 0, 0, 0
+    moe, experts, expert_inter, shared_inter, fused = spec.moe, 0, 0, 0, False
     if moe:
+        fused = bool(moe.fused_experts) and (not moe.expert_tensors or tensor_names is not None and any(
+            name.endswith("." + info.name) for name in tensor_names for info in moe.fused_experts.values()))
         experts = _positive_int(config, moe.num_experts, where)
         expert_inter = _positive_int(config, moe.intermediate, where) if moe.intermediate else \
             _positive_int(config, "intermediate_size", where)
@@ -766,6 +848,7 @@ def layout_from_config(config: dict, where: str = "config.json") -> Layout:
         rope_theta=float(theta), rope_scaling=scaling, rotary_dims=rotary_dims,
         sliding_window=int(window) if window else None,
         experts=experts, expert_intermediate=expert_inter, shared_intermediate=shared_inter, mla=mla,
+        fused_experts=fused,
     )
 
 
@@ -780,7 +863,8 @@ def logical_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
         "q_bias": (q_out,), "k_bias": (kv_out,), "v_bias": (kv_out,), "o_bias": (h,),
         "gate": (inter, h), "up": (inter, h), "down": (h, inter),
         "gate_bias": (inter,), "up_bias": (inter,), "down_bias": (h,),
-        "router": (layout.experts, h), "router_correction": (layout.experts,), "shared_gate": (1, h),
+        "router": (layout.experts, h), "router_bias": (layout.experts,), "router_correction": (layout.experts,),
+        "shared_gate": (1, h), "sinks": (layout.heads,),
     }
     mla = layout.mla
     if mla:
@@ -799,6 +883,9 @@ def logical_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
     for prefix, n in (("shared.", layout.shared_intermediate), *((f"experts.{e}.", layout.expert_intermediate)
                                                                  for e in range(layout.experts))):
         shapes.update({prefix + "gate": (n, h), prefix + "up": (n, h), prefix + "down": (h, n)})
+    for fused in (layout.spec.moe.fused_experts if layout.fused_experts else ()):
+        shapes["experts." + fused] = layout.fused_expert_shape(fused)
+        shapes["experts." + fused + "_bias"] = layout.fused_expert_shape(fused, bias=True)
     return shapes
 
 

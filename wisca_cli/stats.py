@@ -144,6 +144,13 @@ def chunk_stats(member: Member, n_units: int, chunk: torch.Tensor, offsets: tupl
     ``NonFiniteValues`` naming the member's role if the piece holds NaN or Inf. ``into``:
     accumulate into these statistics in place (and return them).
     """
+    out = UnitStats.zeros(n_units) if into is None else into
+    if member.units.dim() == 2:   # dim 0 holds the experts: each expert's slices on their own
+        first = offsets[0] if offsets else 0
+        for e in range(chunk.shape[0]):
+            one = Member(member.role, member.axis - 1, member.units[first + e], member.side, member.counts)
+            chunk_stats(one, n_units, chunk[e], offsets[1:] if offsets else None, reduce, into=out)
+        return out
     t = chunk.double() + member.offset if member.offset else chunk   # a (offset + w) norm: the factor scales
     sumsq, count, maxabs, minabs = reduce(t, member.axis)
     if not bool(torch.isfinite(maxabs).all()):
@@ -152,7 +159,6 @@ def chunk_stats(member: Member, n_units: int, chunk: torch.Tensor, offsets: tupl
     units = member.units[start:start + len(sumsq)]
     keep = units >= 0
     idx = units[keep]
-    out = UnitStats.zeros(n_units) if into is None else into
     a = member.side > 0
     if member.counts:
         getattr(out, "sumsq_a" if a else "sumsq_b").index_add_(0, idx, sumsq[keep])
