@@ -108,10 +108,20 @@ ARCH_FAMILIES = {
     "mixtral-fused": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24)),
     "qwen2_moe-fused": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
                                           shared_expert_intermediate_size=48, mlp_only_layers=[1])),
+    "qwen3_moe-fused": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                          norm_topk_prob=True)),
+    "olmoe-fused": ("olmoe", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=24)),
+    "deepseek_v3-fused": ("deepseek_v3", dict(head_dim=None, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24,
+                                              qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                                              n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                              n_group=2, topk_group=1, first_k_dense_replace=1)),
+    "glm4_moe-fused": ("glm4_moe", dict(attention_bias=True, use_qk_norm=True, n_routed_experts=4,
+                                        num_experts_per_tok=2, moe_intermediate_size=24, n_group=2, topk_group=1,
+                                        first_k_dense_replace=1)),
 }
 # families written with the model's in-memory names and shapes (``model.state_dict()``, as a
 # training framework saves it) instead of ``save_pretrained``'s (which splits fused experts again)
-FUSED_ON_DISK = {"mixtral-fused", "qwen2_moe-fused"}
+FUSED_ON_DISK = {f for f in ARCH_FAMILIES if f.endswith("-fused")}   # every MoE family
 # config.json of a synthetic checkpoint (``via="synthetic"``), before overrides
 SYNTHETIC_CONFIG = {
     "model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import wisca_cli as wisca
-from conftest import ARCH_FAMILIES, REPO, hf_logits, probe_tokens, run_cli
+from conftest import ARCH_FAMILIES, FUSED_ON_DISK, REPO, hf_logits, probe_tokens, run_cli
 from wisca_cli import api, forward, spec, stream
 from wisca_cli.checkpoint import open_checkpoint
 from wisca_cli.pairs import DEFAULT_TARGETS
@@ -204,6 +204,16 @@ def test_readme_support_matrix_matches_the_specs():
     section = readme.split("## Supported architectures", 1)[1].split("\n## ", 1)[0]
     table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
     assert table == spec.support_matrix_markdown()
+
+
+def test_every_moe_family_reads_experts_fused_on_disk():
+    """Every MoE spec declares its 3-D fused expert tensors, and a fixture stored that way
+    (``model.state_dict()``, or gpt-oss's own layout) runs every test of this file."""
+    specs = spec.shipped_specs().values()
+    moe = {s.name for s in specs if s.moe is not None}
+    declared = {s.name for s in specs if s.moe is not None and s.moe.fused_experts}
+    stored_fused = {spec.spec_for(ARCH_FAMILIES[f][0]).name for f in FUSED_ON_DISK}
+    assert moe == declared == stored_fused | {"gpt_oss"}
 
 
 def test_every_shipped_spec_has_a_fixture():
