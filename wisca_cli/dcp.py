@@ -792,19 +792,26 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
                 writers[e.folder.rel].put_tensor(idx, rows[box])
 
     def prefetch(i: int) -> None:
-        """Ask the kernel to read layer ``i``'s chunks (weights and moments) while this one computes."""
+        """Ask the kernel to read stage ``i``'s chunks (weights and moments) while this one
+        computes: a layer of this rank's, or the embedding (-1) and the final stage (layers)."""
         if i in mine:
-            for name in lay.layer_roles(i).values():
-                for e in [ckpt.weights[name], *ckpt.moments.get(name, {}).values()]:
-                    for idx in e.indices:
-                        _will_need(*e.folder.source(idx))
+            names = lay.layer_roles(i).values()
+        elif (i == -1 and rank == 0) or (i == lay.layers and rank == size - 1):
+            names = stage_names["embed" if i == -1 else "final"].values()
+        else:
+            return
+        for name in names:
+            for e in [ckpt.weights[name], *ckpt.moments.get(name, {}).values()]:
+                for idx in e.indices:
+                    _will_need(*e.folder.source(idx))
 
     def work():
-        prefetch(mine.start if len(mine) else -1)
+        prefetch(-1)
+        prefetch(mine.start if len(mine) else lay.layers)
         if rank == 0:
             embed_stage()
         for i in mine:
-            prefetch(i + 1)
+            prefetch(i + 1 if i + 1 < mine.stop else lay.layers)
             layer_stage(i)
         if rank == size - 1:
             final_stage()
