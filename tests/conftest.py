@@ -103,6 +103,18 @@ ARCH_FAMILIES = {
     "glm4_moe": ("glm4_moe", dict(attention_bias=True, use_qk_norm=True, n_routed_experts=4, num_experts_per_tok=2,
                                   moe_intermediate_size=32, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                                   first_k_dense_replace=1)),
+    # Llama 4: layer 0 RoPE (interleaved, chunked attention, L2 QK-norm after RoPE: no qk there) and MoE
+    # (sigmoid top-1 weighting the expert's input, experts fused on disk [E, H, 2I] / [E, I, H], a shared
+    # expert), layer 1 NoPE (attention temperature tuning, small floor_scale so it acts) and a dense MLP of
+    # intermediate_size_mlp; -noqknorm: RoPE on layer 1 without QK-norm (qk per rotary pair), q/k/v/o
+    # biases, MoE on layer 1 by interleave_moe_layer_step, top-2
+    "llama4": ("llama4_text", dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=24,
+                                   intermediate_size_mlp=48, no_rope_layers=[1, 0], moe_layers=[0],
+                                   attention_chunk_size=8, floor_scale=4, attn_scale=0.5)),
+    "llama4-noqknorm": ("llama4_text", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24,
+                                            intermediate_size_mlp=48, no_rope_layers=[0, 1], interleave_moe_layer_step=2,
+                                            use_qk_norm=False, attention_bias=True, attention_chunk_size=8,
+                                            floor_scale=4, attn_scale=0.5)),
     # the MoE families saved as transformers 5 holds them in memory (FUSED_ON_DISK): experts fused in
     # 3-D tensors, gate_up_proj [E, 2I, H] and down_proj [E, H, I] (2I != H, so no axis can pass for another)
     "mixtral-fused": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24)),

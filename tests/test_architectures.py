@@ -252,3 +252,36 @@ def test_multi_token_prediction_layers_are_copied_unchanged(arch_ckpt, tmp_path)
     with pytest.raises(wisca.WiscaError, match=r"tensor model\.layers\.2\.\w+\.weight is beyond num_hidden_layers=2 "
                                                r"\+ num_nextn_predict_layers=0"):
         wisca.transform(src, tmp_path / "out2")
+
+
+def test_llama4_qk_holds_on_nope_layers_only_with_qk_norm(arch_ckpt, transformed, tmp_path):
+    """Llama 4 with use_qk_norm L2-normalises q and k after RoPE on the RoPE layers, which would
+    absorb a qk rescaling: the spec keeps qk to the NoPE layers (target_layers) and the report
+    names the layer it leaves out. Rescaling that RoPE layer's q/k rows per rotary pair anyway
+    changes transformers' logits: the restriction is needed. Without QK-norm, qk holds there."""
+    from safetensors.torch import load_file, save_file
+
+    from wisca_cli.balance import apply_scales
+    from wisca_cli.pairs import layer_pairs, physical_roles, qk_pair, to_physical
+
+    src = arch_ckpt("llama4")
+    lay = open_checkpoint(src).layout
+    assert [lay.rotary_dims_at(i) > 0 for i in range(2)] == [True, False]
+    assert [[p.kind for p in layer_pairs(lay, i, ("qk",), "channel")] for i in range(2)] == [[], ["qk"]]
+    warnings = [w["message"] for w in transformed("llama4")[2]["warnings"]]
+    assert any(m.startswith("qk is not applicable on layers 0: use_qk_norm L2-normalises") for m in warnings)
+    assert not transformed("llama4-noqknorm")[2]["warnings"]
+    plain = open_checkpoint(arch_ckpt("llama4-noqknorm")).layout
+    assert all(layer_pairs(plain, i, ("qk",), "channel") for i in range(2))
+
+    tensors = load_file(src / "model.safetensors")
+    names = lay.layer_roles(0)
+    pair = to_physical(lay, qk_pair(lay, physical_roles(lay, set(names)), 0))
+    s = torch.exp2(torch.randint(-3, 4, (pair.n_units,), generator=torch.Generator().manual_seed(0))).double()
+    scaled = apply_scales(pair, {m.role: tensors[names[m.role]] for m in pair.members}, s)
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    save_file({**tensors, **{names[r]: t.contiguous() for r, t in scaled.items()}}, bad / "model.safetensors",
+              metadata={"format": "pt"})
+    ids = probe_tokens()
+    assert (hf_logits(bad, ids) - hf_logits(src, ids)).abs().max() > 1e-3

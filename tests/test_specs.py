@@ -146,7 +146,7 @@ def _load_with(name: str, change) -> None:
     ("phi", lambda d: d["final"].update(head_bias=1),
      "architectures/phi.json: final.head_bias must be a non-empty string, got 1"),
     ("deepseek_v3", lambda d: d["moe"].update(routing="topk"),
-     'architectures/deepseek_v3.json: moe.routing must be one of "softmax", "sigmoid", got "topk"'),
+     'architectures/deepseek_v3.json: moe.routing must be one of "softmax", "sigmoid", "topk_sigmoid", got "topk"'),
     ("deepseek_v3", lambda d: d["moe"].pop("topk_groups"),
      "architectures/deepseek_v3.json: moe.groups and moe.topk_groups go together"),
     ("glm4_moe", lambda d: d["moe"].pop("routing"),
@@ -164,6 +164,18 @@ def _load_with(name: str, change) -> None:
      "architectures/gpt_oss.json: moe.fused_experts must hold gate, up, down once each"),
     ("gpt_oss", lambda d: d["mlp"].pop("alpha"),
      'architectures/gpt_oss.json: mlp: alpha and limit go with kind "clamped"'),
+    ("llama4", lambda d: d["target_layers"]["qk"].update(only="even"),
+     'architectures/llama4.json: target_layers.qk.only must be one of "rope", "nope", got "even"'),
+    ("llama4", lambda d: d.update(targets=["vo", "ffn", "norm"]),
+     "architectures/llama4.json: target_layers names 'qk', which is not in targets"),
+    ("llama4", lambda d: d["attention"].pop("rope_layers"),
+     "architectures/llama4.json: attention.nope_interval needs attention.rope_layers"),
+    ("llama4", lambda d: d["attention"]["temperature"].pop("floor"),
+     "architectures/llama4.json: missing key 'floor' in attention.temperature"),
+    ("llama4", lambda d: d["config_defaults"].update(floor_scale=[1]),
+     "architectures/llama4.json: config_defaults.floor_scale must be a number, a string or true/false, got [1]"),
+    ("llama4", lambda d: d["refused_model_types"].update(llama="x"),
+     "architectures/llama4.json: refused_model_types names 'llama', which is served by architectures/llama.json"),
 ])
 def test_bad_spec_is_one_line_naming_file_and_key(name, change, message):
     with pytest.raises(WiscaError) as e:
@@ -232,3 +244,37 @@ def test_quantised_gpt_oss_is_refused_in_one_line():
     with pytest.raises(WiscaError, match=r"config.json: quantization_config=\{\"quant_method\": \"mxfp4\"\} is not "
                                          r"supported for gpt_oss: the experts are quantised \(MXFP4"):
         spec.layout_from_config({**cfg, "quantization_config": {"quant_method": "mxfp4"}})
+
+
+LLAMA4 = {"model_type": "llama4_text", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "head_dim": 16, "num_hidden_layers": 8, "intermediate_size": 24, "intermediate_size_mlp": 48,
+          "vocab_size": 128, "num_local_experts": 4, "interleave_moe_layer_step": 2}
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_qk_norm": False, "attention_chunk_size": None, "no_rope_layer_interval": 3},
+                                   {"no_rope_layers": [1, 0, 0, 1, 1, 1, 0, 1], "moe_layers": [0, 5]}])
+def test_llama4_layers_as_transformers_fills_the_config_in(extra):
+    """A short Llama 4 config.json reads as transformers' Llama4TextConfig fills it in: NoPE
+    layers every no_rope_layer_interval, MoE layers every interleave_moe_layer_step (or the
+    lists where given), chunked attention on the RoPE layers, qk only on the NoPE layers
+    with use_qk_norm (its default true)."""
+    from transformers import Llama4TextConfig
+
+    cfg = {**LLAMA4, **extra}
+    hf = Llama4TextConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
+    lay = spec.layout_from_config(cfg)
+    layers = range(cfg["num_hidden_layers"])
+    assert [int(lay.rotary_dims_at(i) > 0) for i in layers] == hf.no_rope_layers
+    assert [i for i in layers if lay.is_moe_layer(i)] == hf.moe_layers
+    assert [lay.chunk_at(i) for i in layers] == [hf.attention_chunk_size if t == "chunked_attention" else None
+                                                  for t in hf.layer_types]
+    assert [lay.target_applies("qk", i) for i in layers] == [not (hf.use_qk_norm and r) for r in hf.no_rope_layers]
+    assert lay.intermediate == 48 and lay.expert_intermediate == lay.shared_intermediate == 24
+    assert lay.rope_theta == hf.rope_parameters["rope_theta"] and lay.eps == hf.rms_norm_eps
+
+
+def test_multimodal_llama4_is_refused_in_one_line():
+    with pytest.raises(WiscaError) as e:
+        spec.layout_from_config({"model_type": "llama4", "text_config": LLAMA4})
+    assert str(e.value).startswith("config.json: model_type 'llama4' is not supported: a multimodal Llama 4 ")
+    assert "llama4_text" in str(e.value) and "\n" not in str(e.value)

@@ -369,12 +369,12 @@ def test_every_moe_family_is_tested_as_the_support_matrix_claims():
 
 # families whose experts transformers keeps in memory as they are on disk (no conversion
 # mapping): a fused parameter is one checkpoint tensor, its moments scale as the tensor does
-FUSED_IN_MEMORY_AS_ON_DISK = ["gpt_oss"]
+FUSED_IN_MEMORY_AS_ON_DISK = ["gpt_oss", "llama4"]
 
 
 @pytest.mark.parametrize("family", FUSED_IN_MEMORY_AS_ON_DISK)
 def test_fused_on_disk_trainer_moments_follow_bit_for_bit(family, tmp_path):
-    """gpt-oss: the fused experts (gate_up_proj [E, H, 2I], its bias, down_proj) are parameters
+    """gpt-oss, Llama 4: the fused experts (gate_up_proj [E, H, 2I], gpt-oss's bias, down_proj) are parameters
     and checkpoint tensors alike; with the norm target their input rows are scaled per expert
     slice, and Adam's moments follow: exp_avg / S, exp_avg_sq / S**2, bit for bit."""
     from conftest import build, hf_logits, probe_tokens

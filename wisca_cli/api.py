@@ -32,7 +32,8 @@ from .record import (RECORD_FORMAT, RECORD_NAME, SCALES_NAME, final_scales, laye
                      pattern_summary, read_record, resolve_mode, summarise, write_record)
 from .record import stamp as record_stamp
 from .options import (DEFAULT_TARGETS, OPTIONS, PROBE_FIELDS, TOLERANCE_FIELDS, OptionError,  # noqa: F401
-                      TransformOptions, check, default, final_norm_warnings, model_warnings, not_applicable)
+                      TransformOptions, check, default, final_norm_warnings, layer_target_warnings, model_warnings,
+                      not_applicable)
 from .balance import apply_multiplier
 from .pairs import FINAL, final_pairs, layer_pairs
 from .stream import (Progress, _main_dtype, _main_torch_dtype, _nonfinite_error, _rewrite, _stages, _tolerance,
@@ -89,7 +90,8 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
         exact = all(v != "tolerance" for v in exactness.values())
         tol = _tolerance(ckpt, opts.given_tolerance())
         warnings = model_warnings(opts, src, exact) + final_norm_warnings(
-            opts.targets, ckpt.layout.spec.targets, ckpt.layout.tie_embeddings)
+            opts.targets, ckpt.layout.spec.targets, ckpt.layout.tie_embeddings) + layer_target_warnings(
+            opts.targets, ckpt.layout)
         verifier = None
         if opts.verify:
             ids = probe_ids(ckpt.layout.vocab, opts.probe_batch, opts.probe_len, opts.seed, opts.probe_ids_file)

@@ -146,6 +146,9 @@ def attention_mask(layout: Layout, length: int, layer: int | None = None) -> tor
     window = layout.sliding_window if layer is None else layout.window_at(layer)
     if window:
         allowed &= (i[:, None] - i[None, :]) < window
+    chunk = None if layer is None else layout.chunk_at(layer)
+    if chunk:   # chunked attention (Llama 4): keys of the query's own chunk only
+        allowed &= (i[:, None] // chunk) == (i[None, :] // chunk)
     return torch.zeros(length, length).masked_fill(~allowed, float("-inf"))
 
 
@@ -191,6 +194,20 @@ def attention_scaling(layout: Layout, d: int) -> float:
     if scale is not None:
         return layout.value(scale.value, d ** -0.5)
     return d ** -0.5
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """A weightless RMSNorm over the last dim in float32, cast back (Llama 4's QK-norm)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def attention_temperature(layout: Layout, length: int) -> torch.Tensor:
+    """Llama 4's temperature tuning on NoPE layers, one factor on q per position (float32):
+    ``log1p(floor((position + 1) / floor_scale)) * attn_scale + 1``."""
+    t = layout.spec.attention.temperature
+    positions = torch.arange(length, dtype=torch.float32)
+    return torch.log1p(torch.floor((positions + 1.0) / layout.value(t.floor))) * layout.value(t.scale) + 1.0
 
 
 def mla_attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask: torch.Tensor) -> torch.Tensor:
@@ -247,6 +264,10 @@ def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask
     if rope is not None:
         style = layout.rotary_style
         q, k = apply_rope(q, *rope, style), apply_rope(k, *rope, style)
+        if att.qk_l2_norm and layout.config_flag(att.qk_l2_norm):   # Llama 4: after RoPE, no weight
+            q, k = l2_norm(q, layout.eps), l2_norm(k, layout.eps)
+    elif att.temperature and layout.config_flag(att.temperature.when):   # Llama 4's NoPE layers
+        q = (q * attention_temperature(layout, length)[:, None]).to(q.dtype)
     k = k.repeat_interleave(layout.group_size, dim=1)
     v = v.repeat_interleave(layout.group_size, dim=1)
     scores = _softcap((q @ k.transpose(-1, -2)) * attention_scaling(layout, d), layout.value(att.softcap)) + mask
@@ -295,7 +316,8 @@ def route(x: torch.Tensor, w: dict, layout: Layout) -> tuple[torch.Tensor, torch
     ``sigmoid`` (DeepSeek-V3, GLM-4.5): sigmoid scores in float32; experts are chosen on
     scores + the correction bias, only among the ``topk_groups`` groups whose two best
     choice scores sum highest; the weights are the chosen experts' plain scores,
-    optionally renormalised (+1e-20), times the scaling factor."""
+    optionally renormalised (+1e-20), times the scaling factor. ``topk_sigmoid`` (Llama 4):
+    the top-k logits, each weighted by its sigmoid."""
     spec = layout.spec.moe
     top_k = int(layout.value(spec.top_k))
     if spec.routing == "softmax":
@@ -305,6 +327,9 @@ def route(x: torch.Tensor, w: dict, layout: Layout) -> tuple[torch.Tensor, torch
         top, idx = torch.topk(probs, top_k, dim=-1)
         if layout.value(spec.norm_topk, False):
             top = top / top.sum(-1, keepdim=True)
+    elif spec.routing == "topk_sigmoid":   # Llama 4: top-k of the logits, the sigmoid of each its weight
+        top, idx = torch.topk(F.linear(x, w["router"].to(x.dtype)), top_k, dim=-1)
+        top = torch.sigmoid(top.float())
     else:
         scores = F.linear(x.float(), w["router"].float()).sigmoid()
         choice = scores + w["router_correction"].float() if "router_correction" in w else scores
@@ -321,7 +346,8 @@ def route(x: torch.Tensor, w: dict, layout: Layout) -> tuple[torch.Tensor, torch
 
 
 def moe(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
-    """Top-k routed experts (``route``) plus a shared expert."""
+    """Top-k routed experts (``route``; the weight on each expert's output, or on its input with
+    ``moe.weighted_input``) plus a shared expert."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     top, idx = route(x, w, layout)
@@ -330,7 +356,11 @@ def moe(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
     for e in range(layout.experts):
         token, slot = torch.where(idx == e)
         if len(token):
-            y = gated_mlp(x[token], w, layout, f"experts.{e}.") * top[token, slot, None]
+            weight, prefix = top[token, slot, None], f"experts.{e}."
+            if layout.spec.moe.weighted_input:   # Llama 4: the expert reads the weighted token
+                y = gated_mlp(x[token] * weight, w, layout, prefix)
+            else:
+                y = gated_mlp(x[token], w, layout, prefix) * weight
             out.index_add_(0, token, y)
     if "shared.up" in w:
         shared = gated_mlp(x, w, layout, "shared.")

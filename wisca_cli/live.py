@@ -28,7 +28,7 @@ import torch
 from . import __version__
 from .balance import apply_multiplier_, chunk_multiplier, member_multipliers, scales_from_stats
 from .errors import VerificationFailed, WiscaError
-from .options import DEFAULT_TARGETS, check, default, final_norm_warnings
+from .options import DEFAULT_TARGETS, check, default, final_norm_warnings, layer_target_warnings
 from .pairs import FINAL, final_pairs, layer_pairs
 from .record import RECORD_FORMAT, pair_report, summarise, write_record
 from .solve import MAX_SWEEPS, _overlapping, exactness
@@ -368,6 +368,7 @@ def transition(model, optimizer=None, *, targets=DEFAULT_TARGETS, granularity: s
         out = _report(layout.spec.name, targets, granularity, norm, strength, scales, exact_by_target, reports,
                       verification)
         out["warnings"] += final_norm_warnings(targets, layout.spec.targets, layout.tie_embeddings)
+        out["warnings"] += layer_target_warnings(targets, layout)
         return out
 
     opts = {"norm": norm, "strength": strength, "pow2": pow2, "optimizer_state": optimizer_state}

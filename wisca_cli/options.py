@@ -230,4 +230,16 @@ def final_norm_warnings(targets: tuple[str, ...], family_targets: tuple[str, ...
     return []
 
 
+def layer_target_warnings(targets: tuple[str, ...], layout) -> list[dict]:
+    """A requested target that this checkpoint's family has on some layers only (the spec's
+    ``target_layers``, e.g. Llama 4's qk on NoPE layers with use_qk_norm): where not, and why."""
+    out = []
+    for t in targets:
+        skipped = [i for i in range(layout.layers) if t in layout.spec.targets and not layout.target_applies(t, i)]
+        if skipped:
+            out.append({"option": "targets", "message": f"{t} is not applicable on layers "
+                        f"{', '.join(map(str, skipped))}: {layout.spec.target_layers[t].why}"})
+    return out
+
+
 # -- transform -------------------------------------------------------------------------------

@@ -290,7 +290,7 @@ def layer_pairs(layout: Layout, layer: int, targets: tuple[str, ...], granularit
     roles = physical_roles(layout, set(layout.layer_roles(layer)))
     pairs = []
     for t in targets:
-        if t in layout.spec.targets:
+        if t in layout.spec.targets and layout.target_applies(t, layer):   # target_layers
             pair = BUILDERS[t](layout, roles, layer)
             if pair.n_units:
                 pairs.append(to_physical(layout, pair).regroup(granularity))

@@ -26,7 +26,7 @@ SPEC_TARGETS = ("qk", "vo", "ffn", "norm")          # the symmetries pairs.py bu
 FUSABLE_PARTS = ("q", "k", "v", "gate", "up")        # logical roles a fused tensor may hold
 MLP_ROLES = ("gate", "up", "down")                   # roles of one MLP: dense, each expert, shared
 NOT_INHERITED = ("name", "model_types")              # every file states its own
-OWN_ONLY = ("name_adapters",)                         # optional, and never inherited
+OWN_ONLY = ("name_adapters", "refused_model_types")  # optional, and never inherited
 
 
 # -- value checks ----------------------------------------------------------------------------
@@ -83,6 +83,13 @@ def _config_value(value, where, path, partial):
     """A config.json key, or a literal number (``Layout.value`` reads both)."""
     if isinstance(value, bool) or not (isinstance(value, (int, float)) or (isinstance(value, str) and value)):
         raise _bad(where, path, "a config key or a number", value)
+    return value
+
+
+def _scalar(value, where, path, partial):
+    """A JSON number, string or bool (a config value)."""
+    if not isinstance(value, (bool, int, float, str)):
+        raise _bad(where, path, "a number, a string or true/false", value)
     return value
 
 
@@ -200,6 +207,15 @@ class AttentionScale(_Section):
 
 
 @dataclass(frozen=True)
+class AttentionTemperature(_Section):
+    """Llama 4's attention temperature tuning on NoPE layers: q times
+    ``log1p(floor((position + 1) / floor)) * scale + 1``, when the config flag ``when`` is set."""
+    when: bool | str = _spec_field(_flag)
+    floor: str | float = _spec_field(_config_value)                  # floor_scale
+    scale: str | float = _spec_field(_config_value)                  # attn_scale
+
+
+@dataclass(frozen=True)
 class MlaSpec(_Section):
     """Multi-head latent attention (DeepSeek-V2/V3): config keys of its sizes. Queries come
     from ``q_a`` -> ``q_a_norm`` -> ``q_b`` (or ``q`` when the q LoRA rank is null); ``kv_a``
@@ -227,7 +243,19 @@ class AttentionSpec(_Section):
     sliding_window: str | None = _spec_field(_string, None)          # config keys
     sliding_window_enabled: str | None = _spec_field(_string, None)
     rope_layers: str | None = _spec_field(_string, None)             # per-layer 0/1 list (NoPE layers)
+    nope_interval: str | None = _spec_field(_string, None)           # without that list: every n-th layer NoPE
+    # config flag: on RoPE layers q and k are L2-normalised per head after RoPE (no weight, the
+    # norm's eps): Llama 4's use_qk_norm
+    qk_l2_norm: bool | str | None = _spec_field(_flag, None)
+    temperature: AttentionTemperature | None = _spec_field(_section(AttentionTemperature), None)   # NoPE layers
+    # config key: chunked attention (a query sees its own chunk's keys) on the layers whose
+    # layer_types entry is "chunked_attention" (without layer_types: the RoPE layers)
+    chunk_size: str | None = _spec_field(_string, None)
     head_dim_key: bool = _spec_field(_boolean, True)                 # False: config head_dim ignored
+
+    def check(self, where: str, label: str) -> None:
+        if self.nope_interval and not self.rope_layers:
+            raise WiscaError(f"{where}: {label}.nope_interval needs {label}.rope_layers (the list it stands in for)")
 
 
 @dataclass(frozen=True)
@@ -300,7 +328,10 @@ class MoeSpec(_Section):
     dense_tensors: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
     # the router: softmax over all experts (then top-k), or sigmoid scores with DeepSeek's
     # group-limited top-k (``groups``, ``topk_groups``) on scores + ``correction`` (a tensor)
-    routing: str = _spec_field(_choice("softmax", "sigmoid"), "softmax")
+    routing: str = _spec_field(_choice("softmax", "sigmoid", "topk_sigmoid"), "softmax")  # topk_sigmoid: Llama 4
+    weighted_input: bool = _spec_field(_boolean, False)              # the weight scales the expert's input (Llama 4)
+    moe_layers: str | None = _spec_field(_string, None)              # key of the list of MoE layers (over sparse_step)
+    dense_intermediate: str | None = _spec_field(_string, None)      # the dense layers' MLP size (absent: intermediate_size)
     correction: str | None = _spec_field(_string, None)              # e_score_correction_bias
     groups: str | int | None = _spec_field(_config_value, None)
     topk_groups: str | int | None = _spec_field(_config_value, None)
@@ -326,7 +357,7 @@ class MoeSpec(_Section):
                 raise WiscaError(f"{where}: {label}.expert_tensors.{role} must contain {{expert}}, got {name!r}")
         if (self.groups is None) != (self.topk_groups is None):
             raise WiscaError(f"{where}: {label}.groups and {label}.topk_groups go together")
-        if self.routing == "softmax" and (self.groups is not None or self.correction):
+        if self.routing != "sigmoid" and (self.groups is not None or self.correction):
             raise WiscaError(f"{where}: {label}.groups and {label}.correction need routing \"sigmoid\"")
         for key in ("expert_tensors", "shared_tensors", "dense_tensors"):
             extra = sorted(set(getattr(self, key)) - set(MLP_ROLES))
@@ -365,6 +396,16 @@ class OptionalTensor(_Section):
 
 
 @dataclass(frozen=True)
+class TargetLayers(_Section):
+    """A target that holds only on some layers: with the config flag ``when`` set, only on
+    the ``rope`` or the ``nope`` layers (Llama 4's qk: the L2 QK-norm on RoPE layers absorbs
+    any scale of q or k); ``why`` is the report's reason for the others."""
+    only: str = _spec_field(_choice("rope", "nope"))
+    why: str = _spec_field(_string)
+    when: bool | str = _spec_field(_flag, True)
+
+
+@dataclass(frozen=True)
 class NameAdapter(_Section):
     """Another framework's names for the same family (torchtitan's ``layers.N.attention.wq``):
     the tensor names it replaces and, where its weights store rotary pairs differently
@@ -391,11 +432,14 @@ class ArchSpec(_Section):
     mlp: MlpSpec = _spec_field(_section(MlpSpec))
     targets: tuple[str, ...] = _spec_field(_str_list(SPEC_TARGETS))
     inexact_targets: tuple[str, ...] = _spec_field(_str_list(SPEC_TARGETS), ())  # round even with pow2 scales
+    target_layers: Mapping[str, TargetLayers] = _spec_field(_mapping(_section(TargetLayers)), factory=_no_entries)
     optional_tensors: Mapping[str, OptionalTensor] = _spec_field(_mapping(_section(OptionalTensor)), factory=_no_entries)
     # norm role -> roles of the linears reading it (the norm target); MLP_ROLES are read on
     # every MLP of the layer (dense, each expert, the shared expert), then the others in order
     norm_readers: Mapping[str, tuple[str, ...]] = _spec_field(_mapping(_str_list()), factory=_no_entries)
     config_keys: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)  # canonical -> family key
+    # config key -> the value transformers' config class gives it when config.json leaves it out
+    config_defaults: Mapping[str, Any] = _spec_field(_mapping(_scalar), factory=_no_entries)
     linear: str = _spec_field(_choice("linear", "conv1d"), "linear")  # conv1d (GPT-2): W[in, out]
     fused: Mapping[str, FusedSpec] = _spec_field(_mapping(_section(FusedSpec)), factory=_no_entries)
     block: BlockSpec = _spec_field(_section(BlockSpec), factory=BlockSpec)
@@ -403,6 +447,8 @@ class ArchSpec(_Section):
     embedding: EmbeddingSpec = _spec_field(_section(EmbeddingSpec), factory=EmbeddingSpec)
     final: FinalSpec = _spec_field(_section(FinalSpec), factory=FinalSpec)
     name_adapters: Mapping[str, NameAdapter] = _spec_field(_mapping(_section(NameAdapter)), factory=_no_entries)
+    # model_type -> why a checkpoint of it is refused (Llama 4's multimodal config beside its text model)
+    refused_model_types: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
     # config key: that many layers after num_hidden_layers that transformers does not load
     # (multi-token prediction); their tensors are copied unchanged
     extra_layers: str | None = _spec_field(_string, None)
@@ -423,6 +469,12 @@ class ArchSpec(_Section):
         extra = [t for t in self.inexact_targets if t not in self.targets]
         if extra:
             raise WiscaError(f"{where}: inexact target {extra[0]!r} is not in targets ({', '.join(self.targets)})")
+        extra = [t for t in self.target_layers if t not in self.targets]
+        if extra:
+            raise WiscaError(f"{where}: target_layers names {extra[0]!r}, which is not in targets "
+                             f"({', '.join(self.targets)})")
+        if self.target_layers and not self.attention.rope_layers:
+            raise WiscaError(f"{where}: target_layers needs attention.rope_layers (which layers are RoPE / NoPE)")
         if "norm" in self.targets and not self.norm_readers:
             raise WiscaError(f"{where}: the norm target needs norm_readers")
         if self.block.shared_norm:
@@ -518,6 +570,11 @@ def load_specs(files: Mapping[str, Any]) -> dict[str, ArchSpec]:
                 raise WiscaError(f"{where}: model_type {model_type!r} is also served by {raw[owner[model_type]][0]}")
             owner[model_type] = name
         specs[name] = spec
+    for name, s in specs.items():   # a model_type is served or refused, not both
+        for model_type in s.refused_model_types:
+            if model_type in owner:
+                raise WiscaError(f"{raw[name][0]}: refused_model_types names {model_type!r}, which is served by "
+                                 f"{raw[owner[model_type]][0]}")
     return specs
 
 
@@ -548,6 +605,10 @@ def supported_model_types() -> list[str]:
 def spec_for(model_type: str | None, where: str = "config.json") -> ArchSpec:
     specs = all_specs()
     if model_type not in specs:
+        for s in shipped_specs().values():
+            if model_type in s.refused_model_types:
+                why = s.refused_model_types[model_type]
+                raise WiscaError(f"{where}: model_type {model_type!r} is not supported: {why}")
         raise WiscaError(
             f"{where}: model_type {model_type!r} is not supported "
             f"(supported: {', '.join(supported_model_types())})"
@@ -637,10 +698,31 @@ class Layout:
             return None
         return self.sliding_window
 
+    def chunk_at(self, layer: int) -> int | None:
+        """The chunk size of chunked attention on one layer (Llama 4), or None: the layers
+        whose ``layer_types`` entry is ``chunked_attention``, without layer_types the RoPE layers."""
+        key = self.spec.attention.chunk_size
+        size = self.config.get(key) if key else None
+        if not size:
+            return None
+        kind = self.layer_type(layer)
+        chunked = kind == "chunked_attention" if kind is not None else self.rotary_dims_at(layer) > 0
+        return int(size) if chunked else None
+
+    def target_applies(self, target: str, layer: int) -> bool:
+        """Whether a target the family has holds on this layer (``target_layers``)."""
+        rule = self.spec.target_layers.get(target)
+        if rule is None or not self.config_flag(rule.when):
+            return True
+        return (self.rotary_dims_at(layer) > 0) == (rule.only == "rope")
+
     def is_moe_layer(self, layer: int) -> bool:
         moe = self.spec.moe
         if not moe or not self.experts:
             return False
+        listed = self.config.get(moe.moe_layers) if moe.moe_layers else None
+        if isinstance(listed, list):
+            return layer in listed
         if moe.dense_layers and layer in (self.config.get(moe.dense_layers) or []):
             return False
         if layer < int(self.value(moe.first_dense, 0) or 0):
@@ -786,6 +868,7 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
     for key, why in spec.refuse_when.items():
         if config.get(key) not in (None, False):
             raise WiscaError(f"{where}: {key}={json.dumps(config[key])} is not supported for {spec.name}: {why}")
+    config = {**spec.config_defaults, **config}   # what transformers' config class fills in
     # a family's own key names (GPT-2's n_embd, ...) under the canonical ones
     config = {**config, **{canon: config[key] for canon, key in spec.config_keys.items()
                            if config.get(key) is not None}}
@@ -835,12 +918,17 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
         if moe.shared_count:
             shared_inter = expert_inter * int(config.get(moe.shared_count) or 0)
 
+    layers = _positive_int(config, "num_hidden_layers", where)
+    att = spec.attention
+    if att.nope_interval and not config.get(att.rope_layers):   # as transformers fills the list in
+        every = _positive_int(config, att.nope_interval, where)
+        config[att.rope_layers] = [int((i + 1) % every != 0) for i in range(layers)]
+    dense_key = moe.dense_intermediate if moe and moe.dense_intermediate else "intermediate_size"
     act_key = spec.mlp.act
     return Layout(
-        spec=spec, config=config, hidden=hidden,
-        layers=_positive_int(config, "num_hidden_layers", where),
+        spec=spec, config=config, hidden=hidden, layers=layers,
         heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-        intermediate=_positive_int(config, "intermediate_size", where),
+        intermediate=_positive_int(config, dense_key, where),
         vocab=_positive_int(config, "vocab_size", where),
         eps=float(config.get(spec.norm.eps, 1e-6)),
         act=str(config.get(act_key, "silu")) if act_key else "silu",
@@ -908,10 +996,11 @@ MATRIX_WORDS = {"exact": "exact", "tolerance": "within tolerance", "not applicab
 def support_matrix() -> list[dict[str, str]]:
     """One row per family: model_type(s) and, per target, exact / within tolerance / not
     applicable with the default power-of-two scales. ``experts``: the ffn target on every
-    routed (and shared) expert of an MoE family. ``trainer``: a transformers Trainer
-    checkpoint's optimizer moments follow the weights bit for bit (powers of two divide
-    exactly, whatever the weights' own exactness); an MoE family's moments are those of the
-    experts fused in memory (``fused.py``). The README table is checked against this."""
+    routed (and shared) expert of an MoE family; a target kept to some layers (``target_layers``)
+    says which. ``trainer``: a transformers Trainer checkpoint's optimizer moments follow the
+    weights bit for bit (powers of two divide exactly, whatever the weights' own exactness); an
+    MoE family's moments are those of the experts fused in memory (``fused.py``). The README
+    table is checked against this."""
     rows = []
     for spec in sorted(shipped_specs().values(), key=lambda s: s.name):
         row = {"family": spec.name, "model_type": ", ".join(spec.model_types)}
@@ -920,6 +1009,10 @@ def support_matrix() -> list[dict[str, str]]:
             key = "ffn" if target == "experts" else target
             row[target] = MATRIX_WORDS["not applicable" if not applies else
                                        "tolerance" if key in spec.inexact_targets else "exact"]
+            rule = spec.target_layers.get(target) if applies else None
+            if rule is not None:   # e.g. "exact (NoPE layers only with use_qk_norm)"
+                row[target] += f" ({'RoPE' if rule.only == 'rope' else 'NoPE'} layers only" + \
+                    (f" with {rule.when})" if isinstance(rule.when, str) else ")")
         row["trainer"] = "exact, fused experts" if spec.moe is not None else "exact"
         rows.append(row)
     return rows

@@ -186,9 +186,10 @@ class StreamVerifier:
         self._compare(-1, self.h_ref, self.h_new)
 
     def _context(self, layer: int) -> tuple:
-        """RoPE tables and mask of one layer (layers differ in rotary dims, theta, window)."""
+        """RoPE tables and mask of one layer (layers differ in rotary dims, theta, window, chunk)."""
         lay = self.layout
-        key = (lay.rotary_dims_at(layer), lay.rope_at(layer)[0], str(lay.rope_at(layer)[1]), lay.window_at(layer))
+        key = (lay.rotary_dims_at(layer), lay.rope_at(layer)[0], str(lay.rope_at(layer)[1]), lay.window_at(layer),
+               lay.chunk_at(layer))
         if key not in self._contexts:
             length = self.ids.shape[1]
             rope = forward.rope_tables(lay, torch.arange(length), layer) if key[0] else None
