@@ -224,11 +224,16 @@ def test_mla_needs_a_kv_head_per_query_head():
         spec.layout_from_config({**DEEPSEEK, "num_key_value_heads": 2})
 
 
-def test_quantised_gpt_oss_is_refused_in_one_line():
+def test_gpt_oss_reads_mxfp4_experts_and_refuses_other_quantisations():
     cfg = {"model_type": "gpt_oss", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
            "num_hidden_layers": 2, "intermediate_size": 24, "vocab_size": 128, "num_local_experts": 4,
            "num_experts_per_tok": 2}
     assert spec.layout_from_config(cfg).fused_experts
-    with pytest.raises(WiscaError, match=r"config.json: quantization_config=\{\"quant_method\": \"mxfp4\"\} is not "
-                                         r"supported for gpt_oss: the experts are quantised \(MXFP4"):
+    assert spec.layout_from_config({**cfg, "intermediate_size": 32, "quantization_config": {"quant_method": "mxfp4"}}
+                                   ).mxfp4_experts
+    with pytest.raises(WiscaError, match=r"config.json: MXFP4 experts need hidden_size and the expert intermediate "
+                                         r"size to be multiples of 32, got 64 and 24"):
         spec.layout_from_config({**cfg, "quantization_config": {"quant_method": "mxfp4"}})
+    with pytest.raises(WiscaError, match=r"config.json: quantization_config=\{\"quant_method\": \"fp8\"\} is not "
+                                         r"supported for gpt_oss: only MXFP4 experts"):
+        spec.layout_from_config({**cfg, "quantization_config": {"quant_method": "fp8"}})
