@@ -162,6 +162,8 @@ def _load_with(name: str, change) -> None:
      'architectures/gpt_oss.json: moe.fused_experts.gate_up.layout must be one of "concat", "interleaved"'),
     ("gpt_oss", lambda d: d["moe"]["fused_experts"].pop("down"),
      "architectures/gpt_oss.json: moe.fused_experts must hold gate, up, down once each"),
+    ("mixtral", lambda d: d["moe"].update(fused_experts=None, fused_router=None, mxfp4="quantization_config"),
+     "architectures/mixtral.json: moe.mxfp4: MXFP4 experts are fused ones; it needs moe.fused_experts"),
     ("gpt_oss", lambda d: d["mlp"].pop("alpha"),
      'architectures/gpt_oss.json: mlp: alpha and limit go with kind "clamped"'),
 ])

@@ -328,6 +328,8 @@ class MoeSpec(_Section):
         for role, name in self.expert_tensors.items():
             if "{expert}" not in name:
                 raise WiscaError(f"{where}: {label}.expert_tensors.{role} must contain {{expert}}, got {name!r}")
+        if self.mxfp4 and not self.fused_experts:
+            raise WiscaError(f"{where}: {label}.mxfp4: MXFP4 experts are fused ones; it needs {label}.fused_experts")
         if (self.groups is None) != (self.topk_groups is None):
             raise WiscaError(f"{where}: {label}.groups and {label}.topk_groups go together")
         if self.routing == "softmax" and (self.groups is not None or self.correction):
