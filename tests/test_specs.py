@@ -162,6 +162,8 @@ def _load_with(name: str, change) -> None:
      'architectures/gpt_oss.json: moe.fused_experts.gate_up.layout must be one of "concat", "interleaved"'),
     ("gpt_oss", lambda d: d["moe"]["fused_experts"].pop("down"),
      "architectures/gpt_oss.json: moe.fused_experts must hold gate, up, down once each"),
+    ("mixtral", lambda d: d["moe"].update(fused_experts=None, fused_router=None, mxfp4="quantization_config"),
+     "architectures/mixtral.json: moe.mxfp4: MXFP4 experts are fused ones; it needs moe.fused_experts"),
     ("gpt_oss", lambda d: d["mlp"].pop("alpha"),
      'architectures/gpt_oss.json: mlp: alpha and limit go with kind "clamped"'),
     ("llama4", lambda d: d["target_layers"]["qk"].update(only="even"),
@@ -236,14 +238,19 @@ def test_mla_needs_a_kv_head_per_query_head():
         spec.layout_from_config({**DEEPSEEK, "num_key_value_heads": 2})
 
 
-def test_quantised_gpt_oss_is_refused_in_one_line():
+def test_gpt_oss_reads_mxfp4_experts_and_refuses_other_quantisations():
     cfg = {"model_type": "gpt_oss", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
            "num_hidden_layers": 2, "intermediate_size": 24, "vocab_size": 128, "num_local_experts": 4,
            "num_experts_per_tok": 2}
     assert spec.layout_from_config(cfg).fused_experts
-    with pytest.raises(WiscaError, match=r"config.json: quantization_config=\{\"quant_method\": \"mxfp4\"\} is not "
-                                         r"supported for gpt_oss: the experts are quantised \(MXFP4"):
+    assert spec.layout_from_config({**cfg, "intermediate_size": 32, "quantization_config": {"quant_method": "mxfp4"}}
+                                   ).mxfp4_experts
+    with pytest.raises(WiscaError, match=r"config.json: MXFP4 experts need hidden_size and the expert intermediate "
+                                         r"size to be multiples of 32, got 64 and 24"):
         spec.layout_from_config({**cfg, "quantization_config": {"quant_method": "mxfp4"}})
+    with pytest.raises(WiscaError, match=r"config.json: quantization_config=\{\"quant_method\": \"fp8\"\} is not "
+                                         r"supported for gpt_oss: only MXFP4 experts"):
+        spec.layout_from_config({**cfg, "quantization_config": {"quant_method": "fp8"}})
 
 
 LLAMA4 = {"model_type": "llama4_text", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -33,6 +33,7 @@ from .record import (RECORD_FORMAT, RECORD_NAME, SCALES_NAME, final_scales, laye
 from .record import stamp as record_stamp
 from .options import (DEFAULT_TARGETS, OPTIONS, PROBE_FIELDS, TOLERANCE_FIELDS, OptionError,  # noqa: F401
                       TransformOptions, check, default, final_norm_warnings, layer_target_warnings, model_warnings,
+                      mxfp4_warnings,
                       not_applicable)
 from .balance import apply_multiplier
 from .pairs import FINAL, final_pairs, layer_pairs
@@ -91,7 +92,8 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
         tol = _tolerance(ckpt, opts.given_tolerance())
         warnings = model_warnings(opts, src, exact) + final_norm_warnings(
             opts.targets, ckpt.layout.spec.targets, ckpt.layout.tie_embeddings) + layer_target_warnings(
-            opts.targets, ckpt.layout)
+            opts.targets, ckpt.layout) + mxfp4_warnings(
+            opts.targets, ckpt.layout.spec.targets, ckpt.layout.mxfp4_experts)
         verifier = None
         if opts.verify:
             ids = probe_ids(ckpt.layout.vocab, opts.probe_batch, opts.probe_len, opts.seed, opts.probe_ids_file)
@@ -136,7 +138,7 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                 "targets_applied": [t for t in opts.targets if t in ckpt.layout.spec.targets],
                 "targets_not_applicable": [t for t in opts.targets if t not in ckpt.layout.spec.targets],
                 "exactness": exactness,
-                "warnings": warnings,
+                "warnings": warnings, **_mxfp4_report(ckpt),
                 "summary": summarise(layers),
                 "verification": result.to_dict() if result else None,
                 "scales_file": SCALES_NAME,
@@ -437,7 +439,8 @@ def _inspect_model(ckpt, granularity: str, norm: str, targets: tuple[str, ...], 
                 before.append(layer_pattern(ckpt.layout, FINAL, original, targets, granularity, norm, final))
         report = {"command": "inspect", "wisca_version": __version__, "source": ckpt.source,
                   "architecture": ckpt.layout.spec.name, "granularity": granularity, "norm": norm,
-                  "warnings": [], "summary": pattern_summary(layers, targets), "layers": layers}
+                  "warnings": mxfp4_warnings(targets, ckpt.layout.spec.targets, ckpt.layout.mxfp4_experts),
+                  **_mxfp4_report(ckpt), "summary": pattern_summary(layers, targets), "layers": layers}
         if record is not None:
             report["before"] = {"source": f"{ckpt.source} before wisca transform (from its record)",
                                 "architecture": ckpt.layout.spec.name,
@@ -445,6 +448,15 @@ def _inspect_model(ckpt, granularity: str, norm: str, targets: tuple[str, ...], 
         return report
     finally:
         ckpt.close()
+
+
+def _mxfp4_report(ckpt) -> dict:
+    """``mxfp4_experts``: the MXFP4 tensors, copied unchanged (nothing for other checkpoints)."""
+    lay = ckpt.layout
+    if not lay.mxfp4_experts:
+        return {}
+    names = [name for i in range(lay.layers) for role, name in lay.layer_roles(i).items() if lay.is_mxfp4(role)]
+    return {"mxfp4_experts": {"copied_unchanged": True, "tensors": names}}
 
 
 def _unscale_final_whole(ckpt: Checkpoint, tensors: dict[str, torch.Tensor], record: dict,

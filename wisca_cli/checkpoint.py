@@ -249,14 +249,16 @@ def open_checkpoint(src: str | os.PathLike, revision: str | None = None) -> Chec
     return ckpt
 
 
-def _check_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str) -> None:
+def _check_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str, mxfp4: bool = False) -> None:
     if name not in ckpt.tensors:
         raise WiscaError(f"{ckpt.root}: {what} tensor {name} is missing")
     info = ckpt.tensors[name]
     if info.shape != shape:
         raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has shape {list(info.shape)}, "
                          f"expected {list(shape)} from config.json")
-    if info.dtype not in FLOAT_DTYPES:
+    if mxfp4 and info.dtype != "U8":
+        raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has dtype {info.dtype}, expected U8 (MXFP4)")
+    if not mxfp4 and info.dtype not in FLOAT_DTYPES:
         raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has dtype {info.dtype}, expected a float dtype")
 
 
@@ -282,8 +284,9 @@ def validate(ckpt: Checkpoint) -> None:
     pattern = layer_pattern(lay)
     known = set()
     for layer in range(lay.layers):
+        quantized = {name for role, name in lay.layer_roles(layer).items() if lay.is_mxfp4(role)}
         for name, shape in expected_shapes(lay, layer).items():
-            _check_tensor(ckpt, name, shape, f"layer {layer}")
+            _check_tensor(ckpt, name, shape, f"layer {layer}", name in quantized)
             known.add(name)
     for name in ckpt.tensors:
         m = pattern.match(name)

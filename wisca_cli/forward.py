@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import mxfp4
 from .errors import WiscaError
 from .spec import Layout
 
@@ -171,9 +172,12 @@ def logical(layout: Layout, w: dict) -> dict:
         w = dict(w)
         for fused, info in layout.spec.moe.fused_experts.items():
             t, b = w.get("experts." + fused), w.get(f"experts.{fused}_bias")
-            if t is None:
+            if t is not None:
+                t = t.permute(0, info.dims.index("out"), info.dims.index("in"))   # [E, out, in]: views
+            elif f"experts.{fused}_blocks" in w:   # MXFP4: dequantised here only, as transformers does
+                t = mxfp4.dequantize(w[f"experts.{fused}_blocks"], w[f"experts.{fused}_scales"])
+            else:
                 continue
-            t = t.permute(0, info.dims.index("out"), info.dims.index("in"))   # [E, out, in]: views
             for part, rows in layout.expert_parts(fused).items():
                 for e in range(layout.experts):
                     w[f"experts.{e}.{part}"] = t[e, rows]

@@ -344,6 +344,9 @@ def transition(model, optimizer=None, *, targets=DEFAULT_TARGETS, granularity: s
     if config is None or not hasattr(config, "to_dict"):
         raise WiscaError("transition: the model has no Hugging Face config (model.config)")
     layout = layout_from_config(config.to_dict(), where="model.config")
+    if layout.mxfp4_experts:   # packed in memory as the quantiser keeps them: read from a checkpoint only
+        raise WiscaError("transition: model.config: MXFP4-quantised experts in memory are not supported "
+                         "(load with Mxfp4Config(dequantize=True))")
     pow2 = scales == "pow2"
     exact_by_target = exactness(layout, targets, pow2)
     exact = pow2 and all(v != "tolerance" for v in exact_by_target.values())

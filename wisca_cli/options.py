@@ -222,6 +222,21 @@ TIED_FINAL_NORM = ("the final norm -> lm_head part of the norm target is not app
                    "are balanced")
 
 
+MXFP4_COPIED = ("the experts are MXFP4-quantised (*_blocks, *_scales): copied unchanged, byte for byte; "
+                "the reference forward dequantises them")
+MXFP4_NORM = ("; the norm target's pair of the norm they read (with the router) is not applicable on every "
+              "layer (an MXFP4 scale is shared by 32 input columns), the attention input norm -> q, k, v "
+              "pair is balanced")
+
+
+def mxfp4_warnings(targets: tuple[str, ...], family_targets: tuple[str, ...], quantized: bool) -> list[dict]:
+    """MXFP4 experts: copied unchanged, and the norm target without the norm they read."""
+    if not quantized:
+        return []
+    norm = "norm" in targets and "norm" in family_targets
+    return [{"option": "targets", "message": MXFP4_COPIED + (MXFP4_NORM if norm else "")}]
+
+
 def final_norm_warnings(targets: tuple[str, ...], family_targets: tuple[str, ...], tied: bool) -> list[dict]:
     """The norm target requested on a family that has it, with tied embeddings: its final
     norm -> lm_head pair does not apply (say so, as for a target not applicable)."""

@@ -198,8 +198,8 @@ def norm_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
     members, heads, n = [], [], 0
     for norm in layout.spec.norm_readers:
         linears = layout.spec.norm_reader_roles(norm, prefixes)
-        if norm not in roles:
-            continue
+        if norm not in roles or layout.mxfp4_experts and any(r.startswith("experts.") for r in linears):
+            continue   # MXFP4 experts read this norm: their blocks take no column scale
         h = shapes[norm][0]   # hidden, or a latent's size (MLA's q_a_norm, kv_a_norm)
         units = torch.arange(n, n + h)
         members.append(Member(norm, 0, units, +1))

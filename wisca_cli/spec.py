@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from . import mxfp4
 from .errors import WiscaError
 
 SPEC_TARGETS = ("qk", "vo", "ffn", "norm")          # the symmetries pairs.py builds
@@ -317,6 +318,9 @@ class MoeSpec(_Section):
     expert_tensors: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
     fused_experts: Mapping[str, "FusedExperts"] = _spec_field(_mapping(_section(FusedExperts)), factory=_no_entries)
     router_bias: str | None = _spec_field(_string, None)             # tensor name (gpt-oss)
+    # config key: where its quant_method is "mxfp4", the fused experts may be stored as MXFP4
+    # <name>_blocks / <name>_scales (uint8), copied unchanged (gpt-oss's quantization_config)
+    mxfp4: str | None = _spec_field(_string, None)
     fused_router: str | None = _spec_field(_string, None)            # the router's name beside fused experts
     norm_topk: bool | str = _spec_field(_flag, False)
     intermediate: str | None = _spec_field(_string, None)            # absent: intermediate_size
@@ -355,6 +359,8 @@ class MoeSpec(_Section):
         for role, name in self.expert_tensors.items():
             if "{expert}" not in name:
                 raise WiscaError(f"{where}: {label}.expert_tensors.{role} must contain {{expert}}, got {name!r}")
+        if self.mxfp4 and not self.fused_experts:
+            raise WiscaError(f"{where}: {label}.mxfp4: MXFP4 experts are fused ones; it needs {label}.fused_experts")
         if (self.groups is None) != (self.topk_groups is None):
             raise WiscaError(f"{where}: {label}.groups and {label}.topk_groups go together")
         if self.routing != "sigmoid" and (self.groups is not None or self.correction):
@@ -641,6 +647,7 @@ class Layout:
     shared_intermediate: int = 0     # shared expert (0: none)
     mla: MlaDims | None = None       # multi-head latent attention's sizes (None: q, k, v heads)
     fused_experts: bool = False      # the experts stored in 3-D tensors (moe.fused_experts)
+    mxfp4_experts: bool = False      # ... as MXFP4 blocks and scales (moe.mxfp4), copied unchanged
 
     @property
     def group_size(self) -> int:
@@ -748,7 +755,8 @@ class Layout:
                     roles["router_correction"] = spec.layer_name(layer, moe.correction)
                 if self.fused_experts:
                     for fused, info in moe.fused_experts.items():
-                        roles[f"experts.{fused}"] = spec.layer_name(layer, info.name)
+                        for suffix in (tuple("_" + p for p in mxfp4.PARTS) if self.mxfp4_experts else ("",)):
+                            roles[f"experts.{fused}{suffix}"] = spec.layer_name(layer, info.name + suffix)
                         if info.bias:
                             roles[f"experts.{fused}_bias"] = spec.layer_name(layer, info.bias)
                 else:
@@ -798,6 +806,10 @@ class Layout:
             (self.expert_intermediate * len(info.parts), self.hidden)
         sizes = {"experts": self.experts, "out": out, "in": inner}
         return (self.experts, out) if bias else tuple(sizes[d] for d in info.dims)
+
+    def is_mxfp4(self, role: str) -> bool:
+        """An MXFP4 blocks or scales tensor of the experts (uint8, copied unchanged)."""
+        return self.mxfp4_experts and role.startswith("experts.") and role.endswith(("_blocks", "_scales"))
 
     def fused_expert_of(self, part: str) -> str | None:
         """The fused 3-D expert tensor holding an expert role (``up`` -> ``gate_up``), or None."""
@@ -865,8 +877,11 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
     if not isinstance(config, dict):
         raise WiscaError(f"{where}: expected a JSON object")
     spec = spec_for(config.get("model_type"), where)
+    mxfp4_key = spec.moe.mxfp4 if spec.moe else None
+    quant = config.get(mxfp4_key) if mxfp4_key else None
+    is_mxfp4 = isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"
     for key, why in spec.refuse_when.items():
-        if config.get(key) not in (None, False):
+        if config.get(key) not in (None, False) and not (is_mxfp4 and key == mxfp4_key):
             raise WiscaError(f"{where}: {key}={json.dumps(config[key])} is not supported for {spec.name}: {why}")
     config = {**spec.config_defaults, **config}   # what transformers' config class fills in
     # a family's own key names (GPT-2's n_embd, ...) under the canonical ones
@@ -906,13 +921,20 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
         if enabled_key is None or config.get(enabled_key, False):
             window = config.get(window_key)
 
-    moe, experts, expert_inter, shared_inter, fused = spec.moe, 0, 0, 0, False
+    moe, experts, expert_inter, shared_inter, fused, quantized = spec.moe, 0, 0, 0, False, False
     if moe:
         fused = bool(moe.fused_experts) and (not moe.expert_tensors or tensor_names is not None and any(
             name.endswith("." + info.name) for name in tensor_names for info in moe.fused_experts.values()))
+        # an MXFP4 config with the experts as blocks (a dequantised save keeps the bf16 names)
+        quantized = is_mxfp4 and bool(moe.fused_experts) and (tensor_names is None or any(
+            name.endswith(f".{info.name}_blocks") for name in tensor_names for info in moe.fused_experts.values()))
+        fused = fused or quantized
         experts = _positive_int(config, moe.num_experts, where)
         expert_inter = _positive_int(config, moe.intermediate, where) if moe.intermediate else \
             _positive_int(config, "intermediate_size", where)
+        if quantized and (hidden % mxfp4.BLOCK or expert_inter % mxfp4.BLOCK):
+            raise WiscaError(f"{where}: MXFP4 experts need hidden_size and the expert intermediate size "
+                             f"to be multiples of {mxfp4.BLOCK}, got {hidden} and {expert_inter}")
         if moe.shared_intermediate:
             shared_inter = int(config.get(moe.shared_intermediate) or 0)
         if moe.shared_count:
@@ -936,7 +958,7 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
         rope_theta=float(theta), rope_scaling=scaling, rotary_dims=rotary_dims,
         sliding_window=int(window) if window else None,
         experts=experts, expert_intermediate=expert_inter, shared_intermediate=shared_inter, mla=mla,
-        fused_experts=fused,
+        fused_experts=fused, mxfp4_experts=quantized,
     )
 
 
@@ -971,8 +993,11 @@ def logical_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
     for prefix, n in (("shared.", layout.shared_intermediate), *((f"experts.{e}.", layout.expert_intermediate)
                                                                  for e in range(layout.experts))):
         shapes.update({prefix + "gate": (n, h), prefix + "up": (n, h), prefix + "down": (h, n)})
-    for fused in (layout.spec.moe.fused_experts if layout.fused_experts else ()):
-        shapes["experts." + fused] = layout.fused_expert_shape(fused)
+    for fused, info in (layout.spec.moe.fused_experts.items() if layout.fused_experts else ()):
+        shapes["experts." + fused] = stored = layout.fused_expert_shape(fused)
+        if layout.mxfp4_experts:   # [E, out, in] as MXFP4 blocks and scales
+            o, i = stored[info.dims.index("out")], stored[info.dims.index("in")]
+            shapes.update({f"experts.{fused}_{p}": shape for p, shape in mxfp4.shapes(layout.experts, o, i).items()})
         shapes["experts." + fused + "_bias"] = layout.fused_expert_shape(fused, bias=True)
     return shapes
 
