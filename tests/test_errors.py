@@ -405,6 +405,23 @@ def test_signal_mid_run_leaves_nothing(tmp_path, sig, code):
     assert not dst.exists() and leftovers(tmp_path) == [] and tree_hash(src) == before
 
 
+def test_a_signal_before_the_cleanup_is_armed_leaves_nothing(src, tmp_path, monkeypatch, capsys):
+    """A signal that lands after the temporary folder exists but before the ``with`` block
+    that removes it (a real window, seen once under load) is cleaned up by the CLI's signal
+    path: every temporary folder is registered before it is created."""
+    from wisca_cli import cli, output
+
+    def enter_then_signal(self):
+        self.tmp = output.staged_dir(self.dst.parent, self.dst.name)
+        cli._on_signal(signal.SIGTERM, None)      # the handler fires here, inside __enter__
+
+    monkeypatch.setattr(output.StagedOutput, "__enter__", enter_then_signal)
+    dst = tmp_path / "out"
+    assert cli.run(["transform", str(src), str(dst)]) == 143
+    assert not dst.exists() and leftovers(tmp_path) == [] and output._STAGED == set()
+    assert "SIGTERM: interrupted, no output written" in capsys.readouterr().err
+
+
 def test_two_runs_writing_the_same_dst(tmp_path):
     src = synthetic_llama(tmp_path / "big", hidden=256, layers=4, inter=512, vocab=512)
     dst = tmp_path / "out"

@@ -546,6 +546,9 @@ def run(argv: list[str] | None = None) -> int:
         hint = " (see --help)" if isinstance(e, (click.UsageError, *_typer_click("UsageError"))) else ""
         code = _fail(f"{' '.join(e.format_message().split())}{hint}", e.exit_code, [], argv)
     except (KeyboardInterrupt, Interrupted) as e:
+        from .output import remove_staged
+
+        remove_staged()   # also a folder the signal caught between its creation and its cleanup
         signum = getattr(e, "signum", signal.SIGINT)
         err.print(f"{signal.Signals(signum).name}: interrupted, no output written", style="red")
         code = 128 + signum

@@ -37,17 +37,46 @@ def check_target(src: Path, dst: Path, overwrite: bool) -> Path:
     return dst
 
 
+# Temporary folders of this process that are neither committed nor removed yet. A signal can
+# land between a folder's creation and the ``with`` block (or ``try``) that would remove it;
+# the CLI's signal path calls ``remove_staged`` so that nothing is left even then.
+_STAGED: set[Path] = set()
+
+
+def staged_dir(parent: Path, name: str) -> Path:
+    """Create ``parent/.<name>.wisca-tmp-<pid>-<random>``, registered before it exists."""
+    tmp = parent / f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(3)}"
+    _STAGED.add(tmp)
+    try:
+        tmp.mkdir()
+    except BaseException:
+        _STAGED.discard(tmp)
+        raise
+    return tmp
+
+
+def discard_staged(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    _STAGED.discard(tmp)
+
+
+def remove_staged() -> None:
+    """Remove every temporary folder still registered (a run ended by a signal)."""
+    for tmp in list(_STAGED):
+        discard_staged(tmp)
+
+
 class StagedOutput:
     """``with StagedOutput(dst) as out: ... out.commit()``; without commit nothing remains."""
 
     def __init__(self, dst: Path, overwrite: bool = False):
         self.dst, self.overwrite = dst, overwrite
-        self.tmp = dst.parent / f".{dst.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(3)}"
+        self.tmp: Path | None = None
         self.committed = False
 
     def __enter__(self) -> "StagedOutput":
         try:
-            self.tmp.mkdir()
+            self.tmp = staged_dir(self.dst.parent, self.dst.name)
         except OSError as e:
             raise WiscaError(f"{self.dst.parent}: cannot create the output folder here: {e.strerror}") from e
         return self
@@ -78,12 +107,13 @@ class StagedOutput:
             raise WiscaError(f"{self.dst}: cannot move the output into place: {e.strerror}") from e
         _fsync_dir(self.dst.parent)
         self.committed = True
+        _STAGED.discard(self.tmp)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
     def __exit__(self, *exc) -> None:
-        if not self.committed:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if not self.committed and self.tmp is not None:
+            discard_staged(self.tmp)
 
 
 def _fsync_dir(path: Path) -> None:

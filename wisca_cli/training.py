@@ -56,7 +56,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -476,16 +475,19 @@ def scale_moment(t: torch.Tensor, s: torch.Tensor, power: int, invert: bool) -> 
 def _save(sd: dict, target: Path) -> None:
     """torch.save beside the target, then rename over it. The file keeps its name while
     written: torch names the archive inside after it, so an undo gives the same bytes."""
-    import tempfile
+    from .output import discard_staged, staged_dir
 
-    tmp = Path(tempfile.mkdtemp(prefix=".wisca-tmp-", dir=target.parent))
+    try:
+        tmp = staged_dir(target.parent, target.name)
+    except OSError as e:
+        raise WiscaError(f"{target.parent}: cannot write beside {target.name}: {e.strerror or e}") from e
     try:
         torch.save(sd, tmp / target.name)
         os.replace(tmp / target.name, target)
     except OSError as e:
         raise WiscaError(f"{target}: writing the transformed optimizer state failed: {e.strerror or e}") from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_staged(tmp)
 
 
 @dataclass
