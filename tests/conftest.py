@@ -383,6 +383,33 @@ def probe_tokens(vocab: int = 128, batch: int = 2, length: int = 24, seed: int =
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    """wisca's streamed reference forward on a checkpoint, stage by stage as verification
+    runs it (fp32 here), for comparison with transformers' own forward."""
+    from wisca_cli import stream
+    from wisca_cli.checkpoint import open_checkpoint
+    from wisca_cli.verify import StreamVerifier, Tolerance
+
+    src = path
+    ckpt = open_checkpoint(src)
+    try:
+        lay = ckpt.layout
+        stages = stream._stages(ckpt)
+        v = StreamVerifier(lay, ids, exact=True, tolerance=Tolerance())
+        embed = {role: ckpt.read(name) for role, name in stages[0].names.items()}
+        v.embed_rows(0, embed["embed"], embed["embed"])
+        v.embed_done(embed, embed)
+        for i in range(lay.layers):
+            w = {role: ckpt.read(name) for role, name in lay.layer_roles(i).items()}
+            v.layer(i, w, w)
+        final = {role: ckpt.read(name) for role, name in stages[-1].names.items()}
+        v.final_norm(final["norm"], final["norm"], final, final)
+        v.head_rows(final["head"], final["head"])
+        return torch.cat(v.logits_ref, -1)
+    finally:
+        ckpt.close()
+
+
 @torch.no_grad()
 def hf_logits(path: Path, ids: torch.Tensor, dtype=None) -> torch.Tensor:
     from transformers import AutoModelForCausalLM

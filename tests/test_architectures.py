@@ -20,11 +20,10 @@ import pytest
 import torch
 
 import wisca_cli as wisca
-from conftest import ARCH_FAMILIES, FUSED_ON_DISK, REPO, hf_logits, probe_tokens, run_cli
-from wisca_cli import api, forward, spec, stream
+from conftest import ARCH_FAMILIES, FUSED_ON_DISK, REPO, hf_logits, probe_tokens, reference_logits, run_cli
+from wisca_cli import api, spec
 from wisca_cli.checkpoint import open_checkpoint
 from wisca_cli.pairs import DEFAULT_TARGETS
-from wisca_cli.verify import StreamVerifier, Tolerance
 
 FAMILIES = list(ARCH_FAMILIES)
 NORM_FAMILIES = [f for f in FAMILIES if "norm" in spec.spec_for(ARCH_FAMILIES[f][0]).targets]
@@ -91,23 +90,7 @@ def test_streamed_reference_forward_matches_transformers(family, arch_ckpt):
     src = arch_ckpt(family)
     ids = probe_tokens()
     ref = hf_logits(src, ids)
-    ckpt = open_checkpoint(src)
-    try:
-        lay = ckpt.layout
-        stages = stream._stages(ckpt)
-        v = StreamVerifier(lay, ids, exact=True, tolerance=Tolerance())
-        embed = {role: ckpt.read(name) for role, name in stages[0].names.items()}
-        v.embed_rows(0, embed["embed"], embed["embed"])
-        v.embed_done(embed, embed)
-        for i in range(lay.layers):
-            w = {role: ckpt.read(name) for role, name in lay.layer_roles(i).items()}
-            v.layer(i, w, w)
-        final = {role: ckpt.read(name) for role, name in stages[-1].names.items()}
-        v.final_norm(final["norm"], final["norm"], final, final)
-        v.head_rows(final["head"], final["head"])
-        ours = torch.cat(v.logits_ref, -1)
-    finally:
-        ckpt.close()
+    ours = reference_logits(src, ids)
     assert ours.shape == ref.shape
     # stated fp32 tolerance of the reference forward: 1e-5 relative to the largest logit
     assert (ours - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())

@@ -20,14 +20,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import wisca_cli as wisca
-from conftest import build, probe_tokens, run_cli
-from wisca_cli import spec, stream
+from conftest import build, probe_tokens, reference_logits, run_cli
+from wisca_cli import spec
 from wisca_cli.balance import apply_scales
 from wisca_cli.checkpoint import open_checkpoint
 from wisca_cli.errors import WiscaError
 from wisca_cli.mxfp4 import dequantize
 from wisca_cli.pairs import layer_pairs
-from wisca_cli.verify import StreamVerifier, Tolerance
 
 QUANT = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                                              "model.embed_tokens", "lm_head"]}
@@ -137,23 +136,7 @@ def test_streamed_reference_forward_dequantises_as_transformers(ckpts):
     src, _ = ckpts
     ids = probe_tokens()
     ref = _logits(src, ids, True)
-    ckpt = open_checkpoint(src)
-    try:
-        lay = ckpt.layout
-        stages = stream._stages(ckpt)
-        v = StreamVerifier(lay, ids, exact=True, tolerance=Tolerance())
-        embed = {role: ckpt.read(name) for role, name in stages[0].names.items()}
-        v.embed_rows(0, embed["embed"], embed["embed"])
-        v.embed_done(embed, embed)
-        for i in range(lay.layers):
-            w = {role: ckpt.read(name) for role, name in lay.layer_roles(i).items()}
-            v.layer(i, w, w)
-        final = {role: ckpt.read(name) for role, name in stages[-1].names.items()}
-        v.final_norm(final["norm"], final["norm"], final, final)
-        v.head_rows(final["head"], final["head"])
-        ours = torch.cat(v.logits_ref, -1)
-    finally:
-        ckpt.close()
+    ours = reference_logits(src, ids)
     assert (ours - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
 
 
