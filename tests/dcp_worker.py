@@ -2,6 +2,7 @@
 
     dcp_worker.py make OUT            # every layout below, from FSDP2-sharded training
     dcp_worker.py resume OUT KIND=SRC ...   # each SRC loaded at world size 2: logits, 2 steps -> OUT/i.pt
+    dcp_worker.py make-hf OUT MODEL         # a transformers checkpoint folder, FSDP2-trained, saved to OUT
 
 Layouts written by ``make`` (each from 3 AdamW steps of a skewed tiny GQA Llama, sharded
 with FSDP2 ``fully_shard`` over 2 ranks, so every tensor is stored as 2 row chunks):
@@ -113,6 +114,21 @@ def make(out: Path) -> None:
     dist.barrier()
 
 
+def make_hf(out: Path, model_dir: Path) -> None:
+    """Any transformers model (an MoE's experts fused in 3-D parameters, sharded over experts):
+    2 AdamW steps under FSDP2, then {"model", "optimizer"} (flattened) as a training loop saves it."""
+    from transformers import AutoModelForCausalLM
+
+    model = shard(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train(model, opt, 2)
+    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt, options=FLAT)},
+             checkpoint_id=out)
+    if dist.get_rank() == 0:
+        model.config.to_json_file(str(out / "config.json"))
+    dist.barrier()
+
+
 def load_into(model, src: Path, kind: str):
     """A fresh sharded model and AdamW with SRC's state loaded (resharded to this world size)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
@@ -153,6 +169,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if sys.argv[1] == "make":
         make(Path(sys.argv[2]))
+    elif sys.argv[1] == "make-hf":
+        make_hf(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
         resume(Path(sys.argv[2]), sys.argv[3:])
     print(f"rank {dist.get_rank()}: OK", flush=True)

@@ -1,6 +1,7 @@
-"""Run under `torchrun --nproc-per-node 2 tests/fsdp_worker.py {1d|2d} TMP` (gloo, CPU).
+"""Run under `torchrun --nproc-per-node 2 tests/fsdp_worker.py {1d|2d} TMP [MODEL]` (gloo, CPU).
 
-Every rank builds the same skewed tiny GQA Llama, shards it with FSDP2 ``fully_shard``
+Every rank builds the same skewed tiny GQA Llama (or loads the transformers checkpoint
+folder MODEL: an MoE's 3-D fused experts are then sharded over the expert axis), shards it with FSDP2 ``fully_shard``
 (1d: one mesh of 2 ranks; 2d: HSDP, replicate 2 x shard 1), trains one AdamW step, and
 calls ``wisca_cli.transition``. The reference is a plain copy of the same model and
 optimizer state (gathered before the transition) transitioned in one process: the gathered
@@ -37,9 +38,12 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(make_config("llama", num_attention_heads=4, num_key_value_heads=2),
-                                             attn_implementation="eager")
-    unbalance(model)
+    if len(sys.argv) > 3:
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[3], dtype=torch.float32, attn_implementation="eager")
+    else:
+        model = AutoModelForCausalLM.from_config(make_config("llama", num_attention_heads=4, num_key_value_heads=2),
+                                                 attn_implementation="eager")
+        unbalance(model)
     ref = copy.deepcopy(model)
     mesh = init_device_mesh("cpu", (2,)) if mesh_kind == "1d" else \
         init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))

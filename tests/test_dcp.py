@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import pickle
-import re
 import shutil
 import subprocess
 import sys
@@ -23,9 +22,7 @@ import torch.distributed.checkpoint as dcp
 from conftest import REPO, run_cli
 
 import dcp_worker  # noqa: E402  (tests/ is on sys.path)
-from wisca_cli import solve
-from wisca_cli.dcp import MOMENT_POWERS, open_dcp
-from wisca_cli.record import layer_scales, read_record
+from dcp_helpers import assert_rescaled, entries, metadata  # noqa: E402
 
 LAYOUTS = {"hf": "hf", "hf-nested": "hf-nested", "trainer": "trainer/checkpoint-3", "titan": "titan"}
 ENV = {"OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -62,54 +59,6 @@ def transformed(made, tmp_path_factory):
     return done
 
 
-def entries(folder: Path) -> dict:
-    """Every entry of a DCP checkpoint (its folders for the Trainer layout), flattened keys."""
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    out = {}
-    subs = [folder / "pytorch_model_fsdp_0", folder / "optimizer_0"] if (folder / "pytorch_model_fsdp_0").is_dir() \
-        else [folder]
-    for sub in subs:
-        sd: dict = {}
-        _load_state_dict(sd, storage_reader=dcp.FileSystemReader(sub), planner=_EmptyStateDictLoadPlanner(),
-                         no_dist=True)
-        md = dcp.FileSystemReader(sub).read_metadata()
-        for key, path in md.planner_data.items():
-            value = sd
-            for p in path:
-                value = value[p]
-            out[key] = value
-    return out
-
-
-def metadata(folder: Path):
-    subs = [folder / "pytorch_model_fsdp_0", folder / "optimizer_0"] if (folder / "pytorch_model_fsdp_0").is_dir() \
-        else [folder]
-    return [dcp.FileSystemReader(s).read_metadata() for s in subs]
-
-
-def expected_multipliers(dst: Path) -> dict[str, tuple[str, torch.Tensor]]:
-    """DCP key of each rescaled weight -> S, from the record (W' = S * W)."""
-    ckpt = open_dcp(dst)
-    record, scales = read_record(dst)
-    o, lay, out = record["options"], ckpt.layout, {}
-    for i in range(lay.layers):
-        roles = lay.layer_roles(i)
-        shapes = {r: ckpt.weights[n].size for r, n in roles.items()}
-        for role, m in solve.layer_multipliers(lay, i, shapes, tuple(o["targets"]), o["granularity"],
-                                               layer_scales(scales, i)).items():
-            out[ckpt.weights[roles[role]].key] = (roles[role], m)
-    from wisca_cli.dcp_api import _final_names, _final_shapes
-    from wisca_cli.record import final_scales
-    names = _final_names(ckpt)
-    for role, m in solve.final_multipliers(lay, _final_shapes(ckpt), tuple(o["targets"]), o["granularity"],
-                                           final_scales(scales)).items():
-        out[ckpt.weights[names[role]].key] = (names[role], m)
-    ckpt.close()
-    return out
-
-
 def model_for(kind: str):
     hf, titan = dcp_worker.models()
     return titan if kind == "titan" else hf
@@ -137,35 +86,6 @@ def test_transform_each_layout_bit_exact(kind, transformed, made):
     assert_rescaled(src, dst)
     # world size 1: dcp.load into the framework's own fresh model: the same logits, bit for bit
     assert torch.equal(load_logits(kind, src), load_logits(kind, dst))
-
-
-def assert_rescaled(src: Path, dst: Path) -> dict:
-    """Every entry of dst is src's: weights times S, moments / S or / S**2 (bit for bit),
-    everything else unchanged."""
-    a, b = entries(src), entries(dst)
-    assert a.keys() == b.keys()
-    mults = expected_multipliers(dst)
-    assert any(bool((m != 1).any()) for _, m in mults.values())
-    by_param = {name: m for name, m in mults.values()}
-    moved = 0
-    for key, va in a.items():
-        vb = b[key]
-        if not isinstance(va, torch.Tensor):
-            assert va == vb, key                  # step counts, lr, param_groups, train state
-            continue
-        expect = va
-        if key in mults:
-            expect = va * mults[key][1].to(va.dtype)
-        elif key.startswith("optimizer.state."):
-            fqn, _, moment = key[len("optimizer.state."):].rpartition(".")
-            fqn = re.sub(r"(_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.", "", fqn)
-            name = next((n for n in by_param if fqn == n or fqn.endswith("." + n)), None)
-            if name is not None and MOMENT_POWERS[moment]:
-                expect = va / by_param[name].to(va.dtype) ** MOMENT_POWERS[moment]
-                moved += 1
-        assert torch.equal(vb, expect), key
-    assert moved >= 2 * len(by_param)              # exp_avg and exp_avg_sq of every rescaled weight
-    return mults
 
 
 def test_norm_target_with_the_final_norm(made, tmp_path):
@@ -377,19 +297,3 @@ def test_wrapper_segments_are_recognised_and_kept(tmp_path):
     mults = assert_rescaled(src, dst)
     assert any("_orig_mod." in k and "_checkpoint_wrapped_module." in k for k in mults)
     assert any("._fsdp_wrapped_module.mlp." in k for k in mults)
-
-
-def test_fused_moe_experts_are_refused_in_one_line(tmp_path):
-    """transformers 5 Mixtral: experts fused in memory (mlp.experts.gate_up_proj), so its
-    state dict in DCP does not carry the per-expert tensors the spec names."""
-    from transformers import AutoModelForCausalLM
-
-    from conftest import make_config
-
-    cfg = make_config("mixtral", num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                      num_experts_per_tok=2)
-    src = tmp_path / "moe"
-    dcp.save({"model": AutoModelForCausalLM.from_config(cfg).state_dict()}, checkpoint_id=src, no_dist=True)
-    cfg.to_json_file(str(src / "config.json"))
-    _refused(src, tmp_path, match="MoE experts stored fused (model.model.layers.0.mlp.experts.")
-

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import wisca_cli as wisca
-from conftest import REPO, make_config, unbalance
+from conftest import ARCH_FAMILIES, FUSED_ON_DISK, REPO, make_config, unbalance
 
 from wisca_cli import live
 
@@ -26,13 +26,15 @@ def _llama():
     return model
 
 
-def _mixtral(arch_ckpt):
-    """A skewed Mixtral saved per expert, loaded by transformers 5 with fused experts."""
+def _family(arch_ckpt, family: str):
+    """A skewed checkpoint of the family (saved as ``save_pretrained`` writes it: a Mixtral
+    per expert), loaded by transformers 5 (the Mixtral's experts fused in 3-D parameters)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(arch_ckpt("mixtral"), dtype=torch.float32, attn_implementation="eager")
-    assert any(n.endswith("mlp.experts.gate_up_proj") for n, _ in model.named_parameters())
-    return model
+    return AutoModelForCausalLM.from_pretrained(arch_ckpt(family), dtype=torch.float32, attn_implementation="eager")
+
+
+LIVE_FAMILIES = ["llama"] + [f for f in ARCH_FAMILIES if f not in FUSED_ON_DISK]
 
 
 BATCH = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -46,6 +48,17 @@ def _trained(model):
     model.zero_grad()
     model(BATCH, labels=BATCH).loss.backward()
     return opt
+
+
+def _multiplier(model, name: str, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """S with W' = S W, where W != 0 (else 1); a Gemma norm computes with (1 + w), so
+    there the multiplied quantity is 1 + w."""
+    from wisca_cli.spec import spec_for
+
+    offset = spec_for(model.config.model_type).norm.weight_offset
+    if offset and name.rsplit(".", 2)[-2].endswith("norm"):
+        old, new = old + offset, new + offset
+    return torch.where(old != 0, new / old, torch.ones_like(old))
 
 
 def _snapshot(model, opt):
@@ -66,13 +79,19 @@ def _logits(model):
 
 def _grads(model):
     model.zero_grad()
+    torch.manual_seed(5)            # the same dropout masks (GPT-2's, Phi's) each time
     model(BATCH, labels=BATCH).loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("family", LIVE_FAMILIES)
 def test_transition_is_exact_for_weights_moments_and_gradients(family, arch_ckpt):
-    model = _llama() if family == "llama" else _mixtral(arch_ckpt)
+    """Every family's transformers model, live: the same logits bit for bit; every weight
+    times a power of two S, its .grad, exp_avg and exp_avg_sq divided by S, S**2; a new
+    gradient is the old one / S; a second transition moves nothing."""
+    model = _llama() if family == "llama" else _family(arch_ckpt, family)
+    if family == "mixtral":
+        assert any(n.endswith("mlp.experts.gate_up_proj") for n, _ in model.named_parameters())
     opt = _trained(model)
     before_logits = _logits(model)
     params, grads, state = _snapshot(model, opt)
@@ -86,8 +105,7 @@ def test_transition_is_exact_for_weights_moments_and_gradients(family, arch_ckpt
     assert torch.equal(_logits(model), before_logits)
     changed = 0
     for name, p in model.named_parameters():
-        old = params[name]
-        s = torch.where(old != 0, p.detach() / old, torch.ones_like(old))     # W' = S W, S a power of two
+        s = _multiplier(model, name, params[name], p.detach())              # W' = S W, S a power of two
         mant, _ = torch.frexp(s)
         assert bool((mant == 0.5).all()), name
         changed += int((s != 1).sum())
@@ -97,7 +115,7 @@ def test_transition_is_exact_for_weights_moments_and_gradients(family, arch_ckpt
     assert changed > 0
     after_grads = _grads(model)                                                # a new gradient: g / S
     for name, p in model.named_parameters():
-        s = torch.where(params[name] != 0, p.detach() / params[name], torch.ones_like(params[name]))
+        s = _multiplier(model, name, params[name], p.detach())
         assert torch.equal(after_grads[name], fresh_grads[name] / s), name
     for kind, s in report["summary"].items():
         assert s["imbalance_after"] < s["imbalance_before"] or s["units_changed"] == 0, kind
@@ -184,11 +202,13 @@ def test_wrapped_optimizer_and_report_is_json(arch_ckpt):
     assert moved
 
 
-def test_fsdp2_transition_under_torchrun(tmp_path):
-    """Two ranks, gloo, FSDP2 fully_shard: the sharded transition equals the single-process one."""
-    for mesh in ("1d", "2d"):
+def test_fsdp2_transition_under_torchrun(tmp_path, arch_ckpt):
+    """Two ranks, gloo, FSDP2 fully_shard: the sharded transition equals the single-process one,
+    for a dense Llama (1-D mesh and HSDP) and DeepSeek-V3 (MLA, fused experts sharded over experts)."""
+    for mesh, model in (("1d", None), ("2d", None), ("1d", arch_ckpt("deepseek_v3"))):
         res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                              "--standalone", str(REPO / "tests" / "fsdp_worker.py"), mesh, str(tmp_path)],
+                              "--standalone", str(REPO / "tests" / "fsdp_worker.py"), mesh, str(tmp_path),
+                              *([str(model)] if model else [])],
                              capture_output=True, text=True, timeout=300,
                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

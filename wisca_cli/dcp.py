@@ -322,8 +322,9 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None) ->
         folders = [open_folder(root, "")]
     cfg_path = _find_config(root, config)
     cfg = _load_json(cfg_path, "config.json")
-    base = layout_from_config(cfg, str(cfg_path))
     keys = [k for f in folders for k, e in f.entries.items() if e.is_tensor and not k.startswith("optimizer.")]
+    # the tensor names say how MoE experts are stored: per expert, or fused in 3-D tensors
+    base = layout_from_config(cfg, str(cfg_path), tensor_names=[_canonical(k) for k in keys])
     # the family's own (Hugging Face) names, or one of its adapters' (torchtitan's)
     candidates = [(None, base)] + [(name, dataclasses.replace(base, spec=base.spec.adapted(name)))
                                    for name in base.spec.name_adapters]
@@ -352,13 +353,12 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None) ->
                         raise WiscaError(f"{f.path / METADATA}: {weights[name].key} and {key} both name {name}")
                     weights[name] = e
     ckpt = DcpCheckpoint(root, cfg, layout, folders, weights, moments, adapter, cfg_path, str(root))
-    fused = next((k for k in keys if k.endswith((".experts.gate_up_proj", ".experts.down_proj"))), None)
+    if layout.mxfp4_experts:
+        raise WiscaError(f"{root}: MXFP4-quantised experts in a torch.distributed checkpoint are not supported "
+                         f"(they are read from safetensors folders)")
     for i in range(layout.layers):
         for role, name in layout.layer_roles(i).items():
             if name not in weights:
-                if fused is not None:
-                    raise WiscaError(f"{root}: MoE experts stored fused ({fused}), as transformers 5 holds them "
-                                     f"in memory; not mapped in torch.distributed checkpoints yet")
                 raise WiscaError(f"{root}: tensor {name} (layer {i} {role}) not in the checkpoint")
     return ckpt
 

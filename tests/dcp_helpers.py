@@ -1,0 +1,92 @@
+"""Reading torch.distributed checkpoints back in tests: every entry flattened, the
+multipliers a transform applied (from its record), and the check that an output is its
+source rescaled, moments and all, bit for bit."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from wisca_cli import solve
+from wisca_cli.dcp import MOMENT_POWERS, open_dcp
+from wisca_cli.record import layer_scales, read_record
+
+
+def entries(folder: Path) -> dict:
+    """Every entry of a DCP checkpoint (its folders for the Trainer layout), flattened keys."""
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    out = {}
+    subs = [folder / "pytorch_model_fsdp_0", folder / "optimizer_0"] if (folder / "pytorch_model_fsdp_0").is_dir() \
+        else [folder]
+    for sub in subs:
+        sd: dict = {}
+        _load_state_dict(sd, storage_reader=dcp.FileSystemReader(sub), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)
+        md = dcp.FileSystemReader(sub).read_metadata()
+        for key, path in md.planner_data.items():
+            value = sd
+            for p in path:
+                value = value[p]
+            out[key] = value
+    return out
+
+
+def metadata(folder: Path):
+    subs = [folder / "pytorch_model_fsdp_0", folder / "optimizer_0"] if (folder / "pytorch_model_fsdp_0").is_dir() \
+        else [folder]
+    return [dcp.FileSystemReader(s).read_metadata() for s in subs]
+
+
+def expected_multipliers(dst: Path) -> dict[str, tuple[str, torch.Tensor]]:
+    """DCP key of each rescaled weight -> S, from the record (W' = S * W)."""
+    ckpt = open_dcp(dst)
+    record, scales = read_record(dst)
+    o, lay, out = record["options"], ckpt.layout, {}
+    for i in range(lay.layers):
+        roles = lay.layer_roles(i)
+        shapes = {r: ckpt.weights[n].size for r, n in roles.items()}
+        for role, m in solve.layer_multipliers(lay, i, shapes, tuple(o["targets"]), o["granularity"],
+                                               layer_scales(scales, i)).items():
+            out[ckpt.weights[roles[role]].key] = (roles[role], m)
+    from wisca_cli.dcp_api import _final_names, _final_shapes
+    from wisca_cli.record import final_scales
+    names = _final_names(ckpt)
+    for role, m in solve.final_multipliers(lay, _final_shapes(ckpt), tuple(o["targets"]), o["granularity"],
+                                           final_scales(scales)).items():
+        out[ckpt.weights[names[role]].key] = (names[role], m)
+    ckpt.close()
+    return out
+
+
+def assert_rescaled(src: Path, dst: Path) -> dict:
+    """Every entry of dst is src's: weights times S, moments / S or / S**2 (bit for bit),
+    everything else unchanged."""
+    a, b = entries(src), entries(dst)
+    assert a.keys() == b.keys()
+    mults = expected_multipliers(dst)
+    assert any(bool((m != 1).any()) for _, m in mults.values())
+    by_param = {name: m for name, m in mults.values()}
+    moved = 0
+    for key, va in a.items():
+        vb = b[key]
+        if not isinstance(va, torch.Tensor):
+            assert va == vb, key                  # step counts, lr, param_groups, train state
+            continue
+        expect = va
+        if key in mults:
+            expect = va * mults[key][1].to(va.dtype)
+        elif key.startswith("optimizer.state."):
+            fqn, _, moment = key[len("optimizer.state."):].rpartition(".")
+            fqn = re.sub(r"(_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.", "", fqn)
+            name = next((n for n in by_param if fqn == n or fqn.endswith("." + n)), None)
+            if name is not None and MOMENT_POWERS[moment]:
+                expect = va / by_param[name].to(va.dtype) ** MOMENT_POWERS[moment]
+                moved += 1
+        assert torch.equal(vb, expect), key
+    assert moved >= 2 * len(by_param)              # exp_avg and exp_avg_sq of every rescaled weight
+    return mults
