@@ -70,7 +70,8 @@ def assert_rescaled(src: Path, dst: Path) -> dict:
     assert a.keys() == b.keys()
     mults = expected_multipliers(dst)
     assert any(bool((m != 1).any()) for _, m in mults.values())
-    by_param = {name: m for name, m in mults.values()}
+    wrappers = re.compile(r"(_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
+    by_param = {wrappers.sub("", key): m for key, (_, m) in mults.items()}   # the parameter's FQN, as saved
     moved = 0
     for key, va in a.items():
         vb = b[key]
@@ -82,8 +83,8 @@ def assert_rescaled(src: Path, dst: Path) -> dict:
             expect = va * mults[key][1].to(va.dtype)
         elif key.startswith("optimizer.state."):
             fqn, _, moment = key[len("optimizer.state."):].rpartition(".")
-            fqn = re.sub(r"(_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.", "", fqn)
-            name = next((n for n in by_param if fqn == n or fqn.endswith("." + n)), None)
+            fqn = wrappers.sub("", fqn)
+            name = next((n for n in by_param if fqn == n or n.endswith("." + fqn)), None)
             if name is not None and MOMENT_POWERS[moment]:
                 expect = va / by_param[name].to(va.dtype) ** MOMENT_POWERS[moment]
                 moved += 1

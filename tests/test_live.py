@@ -61,6 +61,14 @@ def _multiplier(model, name: str, old: torch.Tensor, new: torch.Tensor) -> torch
     return torch.where(old != 0, new / old, torch.ones_like(old))
 
 
+def _exact_targets(model) -> tuple[str, ...]:
+    """Every target the family has that is exact (the norm target's final norm -> lm_head too)."""
+    from wisca_cli.spec import spec_for
+
+    spec = spec_for(model.config.model_type)
+    return tuple(t for t in ("qk", "vo", "ffn", "norm") if t in spec.targets and t not in spec.inexact_targets)
+
+
 def _snapshot(model, opt):
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -100,7 +108,7 @@ def test_transition_is_exact_for_weights_moments_and_gradients(family, arch_ckpt
     model(BATCH, labels=BATCH).loss.backward()      # the .grad the transition will find
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    report = wisca.transition(model, opt)
+    report = wisca.transition(model, opt, targets=_exact_targets(model))
     assert report["verification"]["passed"] and report["verification"]["identical"]
     assert torch.equal(_logits(model), before_logits)
     changed = 0
@@ -121,7 +129,7 @@ def test_transition_is_exact_for_weights_moments_and_gradients(family, arch_ckpt
         assert s["imbalance_after"] < s["imbalance_before"] or s["units_changed"] == 0, kind
     assert sum(s["units_changed"] for s in report["summary"].values()) > 0
     again_params, _, again_state = _snapshot(model, opt)
-    second = wisca.transition(model, opt)                                     # balanced: nothing moves
+    second = wisca.transition(model, opt, targets=_exact_targets(model))      # balanced: nothing moves
     assert all(s["units_changed"] == 0 for s in second["summary"].values())
     assert all(torch.equal(p, again_params[n]) for n, p in model.named_parameters())
 
@@ -291,3 +299,23 @@ def test_nan_in_a_later_layer_changes_nothing():
     after = {n: p.detach() for n, p in model.named_parameters()}
     assert all(torch.equal(after[n], params[n], ) or n.endswith("down_proj.weight") and
                torch.equal(torch.nan_to_num(after[n]), torch.nan_to_num(params[n])) for n in params)
+
+
+@pytest.mark.parametrize("family", LIVE_FAMILIES[1:])
+def test_memory_renames_are_transformers_own(family, arch_ckpt):
+    """A spec's memory_renames is transformers 5's renaming: every saved tensor the model
+    keeps under another name is found under ``spec.memory_name``, and every in-memory name
+    not saved is such a rename (or a tied head, or a fused expert tensor)."""
+    from safetensors import safe_open
+
+    from wisca_cli.spec import spec_for
+
+    path = arch_ckpt(family)
+    with safe_open(path / "model.safetensors", "pt") as f:
+        saved = set(f.keys())
+    model = _family(arch_ckpt, family)
+    memory, spec = set(model.state_dict()), spec_for(model.config.model_type)
+    renamed = {spec.memory_name(n) for n in saved if ".experts." not in n}
+    assert renamed <= memory, sorted(renamed - memory)
+    left = memory - renamed - {n for n in memory if ".experts." in n}
+    assert left <= ({"lm_head.weight"} if model.config.tie_word_embeddings else set()), sorted(left)

@@ -241,13 +241,14 @@ def _canonical(fqn: str) -> str:
     return ".".join(parts)
 
 
-def _match(fqn: str, known: set[str]) -> str | None:
-    """The spec name an FQN ends with, at a segment boundary (wrapper prefixes dropped)."""
+def _match(fqn: str, known: dict[str, str]) -> str | None:
+    """The spec name of the known name an FQN ends with, at a segment boundary (wrapper
+    prefixes dropped)."""
     parts = _canonical(fqn).split(".")
     for i in range(len(parts)):
         name = ".".join(parts[i:])
         if name in known:
-            return name
+            return known[name]
     return None
 
 
@@ -301,8 +302,11 @@ def _stage_list(layout: Layout):
     return _stages(_Lay(layout))
 
 
-def _known_names(layout: Layout) -> set[str]:
-    return {n for s in _stage_list(layout) for n in s.names.values()}
+def _known_names(layout: Layout) -> dict[str, str]:
+    """Every name the spec gives a tensor, and its in-memory name (a state dict saved from a
+    transformers 5 model), -> the spec's name."""
+    names = {n for s in _stage_list(layout) for n in s.names.values()}
+    return {**{layout.spec.memory_name(n): n for n in names}, **{n: n for n in names}}
 
 
 @dataclass(frozen=True)

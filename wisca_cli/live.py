@@ -99,17 +99,18 @@ def _counts_here(t: torch.Tensor) -> bool:
 _EXPERT = re.compile(r"^(?P<pre>.*\.)(?:block_sparse_moe|mlp)\.experts\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
 
 
-def _resolver(params: dict[str, torch.Tensor]):
+def _resolver(params: dict[str, torch.Tensor], spec):
     """checkpoint tensor name -> Region of a live parameter. Names as saved, then
-    transformers 5's in-memory layout: Mixtral's ``block_sparse_moe`` is ``mlp``, and the
-    experts are fused, ``mlp.experts.gate_up_proj`` [E, 2I, H] (gate then up) and
+    transformers 5's in-memory layout: renamed (``spec.memory_renames``: Mixtral's
+    ``block_sparse_moe`` is ``mlp``, GPT-NeoX's ``embed_out`` is ``lm_head``), and the
+    experts fused, ``mlp.experts.gate_up_proj`` [E, 2I, H] (gate then up) and
     ``mlp.experts.down_proj`` [E, H, I]."""
     def region(role: str, name: str) -> Region:
         if name in params:
             p = params[name]
             return Region(name, (0,) * p.dim(), tuple(p.shape), tuple(range(p.dim())))
-        renamed = name.replace(".block_sparse_moe.", ".mlp.")
-        if renamed in params:
+        renamed = spec.memory_name(name)
+        if renamed != name:
             return region(role, renamed)
         m = _EXPERT.match(name)
         if m and role.startswith("experts."):
@@ -351,7 +352,7 @@ def transition(model, optimizer=None, *, targets=DEFAULT_TARGETS, granularity: s
     exact_by_target = exactness(layout, targets, pow2)
     exact = pow2 and all(v != "tolerance" for v in exact_by_target.values())
     params = dict(model.named_parameters())
-    region_of = _resolver(params)
+    region_of = _resolver(params, layout.spec)
     optimizer, powers = _prepare_optimizer(optimizer, optimizer_state)
 
     def groups():

@@ -453,6 +453,11 @@ class ArchSpec(_Section):
     embedding: EmbeddingSpec = _spec_field(_section(EmbeddingSpec), factory=EmbeddingSpec)
     final: FinalSpec = _spec_field(_section(FinalSpec), factory=FinalSpec)
     name_adapters: Mapping[str, NameAdapter] = _spec_field(_mapping(_section(NameAdapter)), factory=_no_entries)
+    # saved name -> the name transformers 5 holds it under in memory (its conversion mapping's
+    # WeightRenaming), which a state dict saved from the live model carries (DCP) and a live
+    # transition looks up: a key with a leading "." renames that segment anywhere in a name,
+    # any other key a name's start (GPT-NeoX: "embed_out." -> "lm_head.")
+    memory_renames: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
     # model_type -> why a checkpoint of it is refused (Llama 4's multimodal config beside its text model)
     refused_model_types: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
     # config key: that many layers after num_hidden_layers that transformers does not load
@@ -497,6 +502,15 @@ class ArchSpec(_Section):
         return replace(self, name=f"{self.name}+{name}", embed=a.embed, final_norm=a.final_norm,
                        lm_head=a.lm_head, layer_prefix=a.layer_prefix, attention=attention,
                        layer_tensors=MappingProxyType(dict(a.layer_tensors)), name_adapters=_no_entries())
+
+    def memory_name(self, name: str) -> str:
+        """A saved tensor name as transformers 5 names it in memory (``memory_renames``)."""
+        for saved, mem in self.memory_renames.items():
+            if saved.startswith("."):
+                name = name.replace(saved, mem)
+            elif name.startswith(saved):
+                name = mem + name[len(saved):]
+        return name
 
     def layer_name(self, layer: int, suffix: str) -> str:
         return self.layer_prefix.format(layer=layer) + suffix
