@@ -18,6 +18,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import wisca_cli as wisca
 from conftest import ARCH_FAMILIES, FUSED_ON_DISK, REPO, hf_logits, probe_tokens, reference_logits, run_cli
@@ -269,3 +270,38 @@ def test_llama4_qk_holds_on_nope_layers_only_with_qk_norm(arch_ckpt, transformed
               metadata={"format": "pt"})
     ids = probe_tokens()
     assert (hf_logits(bad, ids) - hf_logits(src, ids)).abs().max() > 1e-3
+
+
+def test_kimi_k2_config_reads_as_deepseek_v3(arch_ckpt, tmp_path):
+    """Kimi K2 ships DeepSeek-V3's tensors with its own config.json: model_type ``kimi_k2``
+    (custom code, architectures DeepseekV3ForCausalLM) and the older rope keys, ``rope_theta``
+    beside ``rope_scaling`` {"type": "yarn", ...}. The same weights under that config: the
+    streamed forward computes transformers' DeepSeek-V3 logits, and the transform writes the
+    same tensors as for the DeepSeek-V3 config."""
+    src = arch_ckpt("deepseek_v3-plain")                 # YaRN with mscale_all_dim, no q latent
+    kimi = tmp_path / "kimi"
+    shutil.copytree(src, kimi)
+    cfg = json.loads((src / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg.update(model_type="kimi_k2", rope_theta=rope.pop("rope_theta"),
+               rope_scaling={"type": rope.pop("rope_type"), **rope})
+    (kimi / "config.json").write_text(json.dumps(cfg))
+    ids = probe_tokens()
+    torch.testing.assert_close(reference_logits(kimi, ids), hf_logits(src, ids, torch.float32), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(reference_logits(kimi, ids), reference_logits(_without_yarn(kimi, tmp_path), ids))
+    wisca.transform(src, tmp_path / "a")
+    report = wisca.transform(kimi, tmp_path / "b")
+    assert report["architecture"] == "deepseek_v3" and report["model_type"] == "kimi_k2"
+    assert report["verification"]["identical"]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _without_yarn(path, tmp_path):
+    """The same checkpoint with plain RoPE: YaRN must change the logits for the test to mean anything."""
+    plain = tmp_path / "plain"
+    shutil.copytree(path, plain)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("rope_scaling")
+    (plain / "config.json").write_text(json.dumps(cfg))
+    return plain
