@@ -150,6 +150,11 @@ def test_fsdp2_sharded_experts_under_torchrun(tmp_path):
     before, _ = _load(start, src)
     after, _ = _load(start, two)
     assert torch.equal(_logits(before), _logits(after))
+    res = run_cli("verify", src, two, "--json")                   # and the other commands take it
+    assert res.returncode == 0 and json.loads(res.stdout)["verification"]["identical"], res.stderr[-2000:]
+    res = run_cli("inspect", two, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["architecture"] == "deepseek_v3"
 
 
 def test_mxfp4_experts_in_dcp_are_refused_in_one_line(tmp_path):
