@@ -298,3 +298,18 @@ def test_transition_refuses_fp8_weights_in_memory():
     assert all(torch.equal(p.view(torch.uint8) if p.dtype == torch.float8_e4m3fn else p,
                            before[n].view(torch.uint8) if p.dtype == torch.float8_e4m3fn else before[n])
                for n, p in model.named_parameters())
+
+
+def test_ragged_blocks_dequantise_as_transformers_fp8_kernels_do():
+    """DeepSeek-V3's kv_a_proj_with_mqa is [576, 7168]: its last row block is partial. Ours
+    matches transformers' own block dequantisation (``_dequantize_fp8_weight``, ceil blocks) there."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    g = torch.Generator().manual_seed(0)
+    codes = (torch.randn(40, 20, generator=g) * 100).to(torch.float8_e4m3fn)
+    scale = torch.rand(*fp8.scale_shape((40, 20), (16, 8)), generator=g) * 1e-3
+    assert scale.shape == (3, 3)
+    ours = fp8.dequantize(codes, scale, (16, 8))
+    assert torch.equal(ours, _dequantize_fp8_weight(codes, scale, [16, 8], torch.float32))
+    rows = torch.cat([r for _, r in fp8.dequantized_rows(codes, scale, (16, 8), rows=16)])   # block by block
+    assert torch.equal(rows, ours) and ours[39, 19] == codes[39, 19].float() * scale[2, 2]
