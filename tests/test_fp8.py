@@ -268,6 +268,17 @@ def test_continuous_scales_and_broken_fp8_tensors_are_refused(ckpt, tmp_path):
         save_file(tensors, bad / "model.safetensors")
         with pytest.raises(WiscaError, match=message):
             open_checkpoint(bad)
+    # a NaN code (e4m3fn S.1111.111) in a weight the balance reads (o_proj) and in one it does not (q_a_proj)
+    for victim in (name, "model.layers.1.self_attn.q_a_proj.weight"):
+        codes = t[victim].clone()
+        codes.view(torch.uint8)[3, 5] = 0x7F
+        bad = tmp_path / ("nan-" + victim.split(".")[-2])
+        bad.mkdir()
+        (bad / "config.json").write_text((ckpt / "config.json").read_text())
+        save_file({**t, victim: codes}, bad / "model.safetensors")
+        with pytest.raises(WiscaError, match=rf"model.safetensors: tensor {victim} contains NaN or Inf"):
+            wisca.transform(bad, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
 
 
 def test_inspect_says_the_checkpoint_is_fp8(ckpt, transformed):
