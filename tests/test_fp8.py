@@ -253,8 +253,8 @@ def test_continuous_scales_and_broken_fp8_tensors_are_refused(ckpt, tmp_path):
     name = "model.layers.1.self_attn.o_proj.weight"
     cases = {
         "no-scale": ({k: v for k, v in t.items() if k != fp8.SCALE_NAME.join(name.rsplit("weight", 1))},
-                     rf"tensor {name} has dtype F8_E4M3, expected a float dtype \(an FP8 weight needs its "
-                     r"weight_scale_inv beside it\)"),
+                     rf"tensor {name} has dtype F8_E4M3, expected a float dtype \(FP8 weights are read as a "
+                     r"decoder layer's X.weight beside its X.weight_scale_inv, as released\)"),
         "scale-shape": ({**t, name[:-6] + fp8.SCALE_NAME: torch.ones(4, 4)},
                         rf"tensor {name[:-6]}{fp8.SCALE_NAME} has shape \[4, 4\], expected \[4, 8\] from config.json "
                         r"\(weight_block_size \[16, 8\]\)"),

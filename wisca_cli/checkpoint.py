@@ -267,10 +267,8 @@ def _check_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str
         raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has dtype {info.dtype}, expected {wanted} "
                          f"(FP8 block-quantised weight{'' if fp8_kind == 'codes' else ' scales'})")
     if not mxfp4 and not wanted and info.dtype not in FLOAT_DTYPES:
-        hint = ""
-        if info.dtype == "F8_E4M3" and ckpt.layout.fp8_block:
-            hint = " (FP8 weights are read in the decoder layers only)" if name in ckpt.layout.fp8_weights \
-                else " (an FP8 weight needs its weight_scale_inv beside it)"
+        hint = " (FP8 weights are read as a decoder layer's X.weight beside its X.weight_scale_inv, as " \
+               "released)" if info.dtype == "F8_E4M3" and ckpt.layout.fp8_block else ""
         raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has dtype {info.dtype}, expected a float dtype{hint}")
 
 

@@ -3,8 +3,10 @@ needs to rescale them in their own format.
 
 A quantised weight ``X.weight`` is float8_e4m3fn ``[out, in]`` with a float32
 ``X.weight_scale_inv`` ``[ceil(out / bm), ceil(in / bn)]`` (``weight_block_size`` [bm, bn]);
-the weight the model computes with is ``code[r, c] * scale_inv[r // bm, c // bn]``, in float32
-(transformers' ``Fp8Dequantize``, then cast to the model's dtype). A power of two ``2**k`` on a
+the weight the model computes with is ``code[r, c] * scale_inv[r // bm, c // bn]``, in float32,
+then cast to the model's dtype (transformers' ``_dequantize_fp8_weight``; its loader's
+``Fp8Dequantize`` gives the same wherever the blocks divide the shape, and refuses a partial
+last block, which DeepSeek-V3's ``kv_a_proj_with_mqa`` [576, 7168] has). A power of two ``2**k`` on a
 row or column of the codes scales the dequantised weight by exactly ``2**k`` (the float32
 product only changes exponent), so ``scale_inv`` is kept byte for byte and the transform is
 exact as long as every scaled code is again an e4m3fn value: ``|v| 2**k <= 448``, and a value
@@ -21,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 DTYPE = torch.float8_e4m3fn
-SAFETENSORS_DTYPE = "F8_E4M3"
 SCALE_SUFFIX = "_scale_inv"          # role suffix: ``q_b`` -> ``q_b_scale_inv``
 SCALE_NAME = "weight_scale_inv"      # tensor name: ``...q_b_proj.weight`` -> ``...q_b_proj.weight_scale_inv``
 MAX = 448.0
@@ -80,8 +81,9 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, in
 
 def dequantized_rows(codes: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                      dtype: torch.dtype = torch.float32, rows: int | None = None):
-    """Yield (first row, float32 rows) of the dequantised weight, a few blocks of rows at a
-    time: ``code * scale_inv[r // bm, c // bn]`` computed in float32, as transformers does."""
+    """Yield (first row, rows) of the dequantised weight, a few blocks of rows at a time (or
+    ``rows`` rows): ``code * scale_inv[r // bm, c // bn]`` computed in float32, as transformers
+    does, then cast to ``dtype``."""
     bm, bn = block
     out, cols = codes.shape
     step = rows or max(bm, (CHUNK // max(cols, 1)) // bm * bm)
