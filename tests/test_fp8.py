@@ -324,3 +324,20 @@ def test_ragged_blocks_dequantise_as_transformers_fp8_kernels_do():
     assert torch.equal(ours, _dequantize_fp8_weight(codes, scale, [16, 8], torch.float32))
     rows = torch.cat([r for _, r in fp8.dequantized_rows(codes, scale, (16, 8), rows=16)])   # block by block
     assert torch.equal(rows, ours) and ours[39, 19] == codes[39, 19].float() * scale[2, 2]
+
+
+def test_norm_target_alternates_on_fp8_columns_and_undoes(ckpt, tmp_path):
+    """The norm target scales FP8 input columns (q_a, kv_a, the MLPs' gate and up; q_b and kv_b
+    behind the latent norms) and overlaps qk, vo and ffn: the alternating sweeps rescale the
+    same codes again, each step checked, and undo takes the product of the sweeps back out."""
+    out, back = tmp_path / "out", tmp_path / "back"
+    report = wisca.transform(ckpt, out, targets=("qk", "vo", "ffn", "norm"))
+    assert report["verification"]["passed"]
+    norm = report["summary"]["norm"]
+    assert norm["imbalance_after"] < norm["imbalance_before"] and norm["units_changed"] > 0
+    assert norm["fp8_clamped"] > 0
+    ids = probe_tokens()
+    assert torch.equal(_logits(ckpt, ids), _logits(out, ids))
+    wisca.undo(out, back)
+    a, c = load_file(ckpt / "model.safetensors"), load_file(back / "model.safetensors")
+    assert all(torch.equal(_raw(a[n]), _raw(c[n])) for n in a)

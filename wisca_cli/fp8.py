@@ -152,19 +152,32 @@ def unit_limits(members, tensors: dict[str, torch.Tensor], n_units: int) -> tupl
 def scale_codes(codes: torch.Tensor, axis: int, vec: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """Codes with slice i along ``axis`` times ``vec[i]`` (powers of two), each value checked to
     be an e4m3fn value again (``Fp8NotExact`` otherwise: a bug; the run stops, nothing is written)."""
+    return scale_codes2(codes, vec if axis == 0 else None, vec if axis == 1 else None, inplace)
+
+
+def scale_codes2(codes: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None,
+                 inplace: bool = False) -> torch.Tensor:
+    """Codes times ``rows[r] * cols[c]`` (powers of two; None: ones) in one step, every value
+    checked (``Fp8NotExact``). One step matters where a tensor has both row and column scales
+    (undo after alternating sweeps): each factor alone may leave the e4m3fn range that their
+    product returns to."""
     out = codes if inplace else codes.clone()
-    if bool((vec == 1).all()):
+    vecs = [v for v in (rows, cols) if v is not None and not bool((v == 1).all())]
+    if not vecs:
         return out
-    mant, _ = torch.frexp(vec)
-    if not bool((mant == 0.5).all()):
-        raise Fp8NotExact("FP8 codes take power-of-two scales only")
-    shape = [1] * codes.dim()
-    shape[axis] = -1
-    v = vec.to(torch.float32).view(shape)
+    for v in vecs:
+        mant, _ = torch.frexp(v)
+        if not bool((mant == 0.5).all()):
+            raise Fp8NotExact("FP8 codes take power-of-two scales only")
+    r = None if rows is None else rows.to(torch.float32).view(-1, 1)
+    c = None if cols is None else cols.to(torch.float32).view(1, -1)
     step = max(1, CHUNK // max(codes[0].numel(), 1))
     for start in range(0, codes.shape[0], step):
         x = codes[start:start + step].to(torch.float32)
-        x.mul_(v[start:start + step] if axis == 0 else v)
+        if r is not None:
+            x.mul_(r[start:start + step])
+        if c is not None:
+            x.mul_(c)
         y = x.to(DTYPE)
         if not torch.equal(y.to(torch.float32), x):
             raise Fp8NotExact(f"a scaled FP8 code is not an e4m3fn value (rows {start}+)")

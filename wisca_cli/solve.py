@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 
 from . import fp8
-from .balance import PairResult, apply_scales, log2_imbalance, member_multipliers, scales_from_stats
+from .balance import PairResult, apply_scales, log2_imbalance, member_multipliers, scale_vector, scales_from_stats
 from .stats import SliceReduce, UnitStats, chunk_stats, slice_reduce, unit_stats
 from .pairs import Pair, final_pairs, layer_pairs
 from .spec import Layout
@@ -110,7 +110,9 @@ def covered_roles(layout: Layout, layer: int, targets: tuple[str, ...], granular
 def unscale_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
                   granularity: str, scales: dict[str, torch.Tensor], inplace: bool = False,
                   before_apply: Callable[[], object] | None = None) -> dict[str, torch.Tensor]:
-    """Multiply a layer's recorded scales back out (pair kind -> scales as applied)."""
+    """Multiply a layer's recorded scales back out (pair kind -> scales as applied). FP8 codes
+    take every pair's factor at once (``fp8.scale_codes2``): the sweeps that made them went in
+    another order, and one pair's inverse alone may leave the e4m3fn range."""
     new: dict[str, torch.Tensor] = {}
     pairs = layer_pairs(layout, layer, targets, granularity)
     for pair in pairs:
@@ -119,9 +121,19 @@ def unscale_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], 
             raise KeyError(pair.kind)
     if before_apply is not None:
         before_apply()
+    codes = {r for r, t in tensors.items() if fp8.is_fp8(t)}
+    factors: dict[str, list] = {}   # FP8 role -> [row factor, column factor]
     for pair in pairs:
-        new.update(apply_scales(pair, {**tensors, **new}, 1.0 / scales[pair.kind].double(),
-                                inplace=inplace))
+        inv = 1.0 / scales[pair.kind].double()
+        for m in pair.members:
+            if m.role in codes:
+                vec = scale_vector(m, inv, tensors[m.role].shape[m.axis])
+                both = factors.setdefault(m.role, [None, None])
+                both[m.axis] = vec if both[m.axis] is None else both[m.axis] * vec
+        rest = Pair(pair.kind, pair.n_units, pair.head_of, tuple(m for m in pair.members if m.role not in codes))
+        new.update(apply_scales(rest, {**tensors, **new}, inv, inplace=inplace))
+    for role, (rows, cols) in factors.items():
+        new[role] = fp8.scale_codes2(tensors[role], rows, cols, inplace=inplace)
     return new
 
 
