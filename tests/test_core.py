@@ -111,7 +111,7 @@ def test_multipliers_applied_chunk_by_chunk_are_bit_identical(arch_ckpt, family)
 
 # -- the import graph --------------------------------------------------------------------------------
 PACKAGE = REPO / "wisca_cli"
-CORE = ("options", "spec", "pairs", "stats", "balance", "solve", "errors", "gl", "mxfp4")
+CORE = ("options", "spec", "pairs", "stats", "balance", "solve", "errors", "gl", "mxfp4", "fp8")
 NOT_IN_CORE = {"os", "io", "threading", "concurrent", "subprocess", "socket", "mmap", "shutil", "tempfile",
                "safetensors", "typer", "rich", "click", "huggingface_hub",
                "checkpoint", "fileio", "output", "hub", "record", "prefetch", "memory", "stream", "api", "cli",

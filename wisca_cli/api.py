@@ -33,9 +33,10 @@ from .record import (RECORD_FORMAT, RECORD_NAME, SCALES_NAME, final_scales, laye
 from .record import stamp as record_stamp
 from .options import (DEFAULT_TARGETS, OPTIONS, PROBE_FIELDS, TOLERANCE_FIELDS, OptionError,  # noqa: F401
                       TransformOptions, check, default, final_norm_warnings, layer_target_warnings, model_warnings,
-                      mxfp4_warnings,
+                      mxfp4_warnings, fp8_warnings,
                       not_applicable)
 from .balance import apply_multiplier
+from .fp8 import SCALE_SUFFIX as FP8_SCALE
 from .pairs import FINAL, final_pairs, layer_pairs
 from .stream import (Progress, _main_dtype, _main_torch_dtype, _nonfinite_error, _rewrite, _stages, _tolerance,
                      parallel_reduce, verify_stream)
@@ -87,6 +88,9 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
     try:
         dst_path = check_target(ckpt.root, Path(dst), opts.overwrite)
         pow2 = opts.scales == "pow2"
+        if ckpt.layout.fp8_weights and not pow2:
+            raise OptionError("scales", f"{ckpt.root}: FP8 block-quantised weights take power-of-two scales only "
+                                        f"(pow2); other scales would need the codes requantised")
         exactness = solve.exactness(ckpt.layout, opts.targets, pow2)
         exact = all(v != "tolerance" for v in exactness.values())
         tol = _tolerance(ckpt, opts.given_tolerance())
@@ -138,7 +142,7 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                 "targets_applied": [t for t in opts.targets if t in ckpt.layout.spec.targets],
                 "targets_not_applicable": [t for t in opts.targets if t not in ckpt.layout.spec.targets],
                 "exactness": exactness,
-                "warnings": warnings, **_mxfp4_report(ckpt),
+                "warnings": warnings, **_mxfp4_report(ckpt), **_fp8_report(ckpt, layers),
                 "summary": summarise(layers),
                 "verification": result.to_dict() if result else None,
                 "scales_file": SCALES_NAME,
@@ -146,6 +150,9 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                         f"{'bit-exact' if pow2 else 'exact up to rounding'})",
                 "layers": layers,
             }
+            if "fp8" in report:   # how many units the FP8 codes limited
+                warnings += fp8_warnings(ckpt.layout.fp8_block, report["fp8_clamped_units"],
+                                         report["fp8"]["units"])
             if result is not None and not result.passed:
                 raise VerificationFailed(result.failure(), report)
             copy_other_files(ckpt.root, out.tmp, skip=set(ckpt.shards) | {RECORD_NAME, SCALES_NAME})
@@ -410,6 +417,7 @@ def _inspect_model(ckpt, granularity: str, norm: str, targets: tuple[str, ...], 
             if record is not None:
                 wanted |= solve.covered_roles(ckpt.layout, i, tuple(record["options"]["targets"]),
                                               record["options"]["granularity"])
+            wanted |= {r + FP8_SCALE for r in wanted if r + FP8_SCALE in roles}   # FP8 weights' block scales
             tensors = {role: ckpt.read(roles[role]) for role in wanted}
             layers.append(layer_pattern(ckpt.layout, i, tensors, targets, granularity, norm))
             if record is not None:
@@ -439,8 +447,10 @@ def _inspect_model(ckpt, granularity: str, norm: str, targets: tuple[str, ...], 
                 before.append(layer_pattern(ckpt.layout, FINAL, original, targets, granularity, norm, final))
         report = {"command": "inspect", "wisca_version": __version__, "source": ckpt.source,
                   "architecture": ckpt.layout.spec.name, "granularity": granularity, "norm": norm,
-                  "warnings": mxfp4_warnings(targets, ckpt.layout.spec.targets, ckpt.layout.mxfp4_experts),
-                  **_mxfp4_report(ckpt), "summary": pattern_summary(layers, targets), "layers": layers}
+                  "warnings": mxfp4_warnings(targets, ckpt.layout.spec.targets, ckpt.layout.mxfp4_experts)
+                  + fp8_warnings(ckpt.layout.fp8_block),
+                  **_mxfp4_report(ckpt), **_fp8_report(ckpt), "summary": pattern_summary(layers, targets),
+                  "layers": layers}
         if record is not None:
             report["before"] = {"source": f"{ckpt.source} before wisca transform (from its record)",
                                 "architecture": ckpt.layout.spec.name,
@@ -457,6 +467,24 @@ def _mxfp4_report(ckpt) -> dict:
         return {}
     names = [name for i in range(lay.layers) for role, name in lay.layer_roles(i).items() if lay.is_mxfp4(role)]
     return {"mxfp4_experts": {"copied_unchanged": True, "tensors": names}}
+
+
+def _fp8_report(ckpt, layers: list[dict] | None = None) -> dict:
+    """``fp8``: the FP8 block-quantised weights (block size, how many, their scales copied
+    unchanged); after a transform, ``fp8_clamped_units``: units whose scale the codes limited
+    (nothing for other checkpoints)."""
+    lay = ckpt.layout
+    if not lay.fp8_weights:
+        return {}
+    names = sorted(name for i in range(lay.layers) for role, name in lay.layer_roles(i).items()
+                   if lay.is_fp8(role, name))
+    out = {"fp8": {"block_size": list(lay.fp8_block), "weights": len(names), "scale_inv_copied_unchanged": True}}
+    if layers is not None:
+        pairs = [p for rep in layers for p in rep.values() if isinstance(p, dict) and "fp8_clamped" in p]
+        out["fp8"]["units"] = sum(p["units"] for p in pairs)
+        out["fp8"]["units_changed"] = sum(p["units_changed"] for p in pairs)
+        out["fp8_clamped_units"] = sum(p["fp8_clamped"] for p in pairs)
+    return out
 
 
 def _unscale_final_whole(ckpt: Checkpoint, tensors: dict[str, torch.Tensor], record: dict,

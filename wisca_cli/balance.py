@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fp8
 from .options import NORMS  # noqa: F401 - re-exported
 from .pairs import Member, Pair
 from .stats import (CHUNK_ELEMENTS, NonFiniteValues, SliceReduce, UnitStats, _compute_dtype,  # noqa: F401 - re-exported
@@ -99,6 +100,7 @@ def apply_multiplier(t: torch.Tensor, mult: torch.Tensor, power: int = 1) -> tor
     ``mult**-power``). Powers of two compute in t's own dtype, which is exact barring
     underflow; other multipliers in float64, one row block at a time. ``mult`` broadcasts
     to t (a whole tensor's, or a piece's from ``chunk_multiplier``)."""
+    _no_fp8(t)
     factor = mult.double() ** abs(power)
     divide = power < 0
     if _exact_in(factor, t.dtype):
@@ -118,11 +120,18 @@ def apply_multiplier(t: torch.Tensor, mult: torch.Tensor, power: int = 1) -> tor
 def apply_multiplier_(t: torch.Tensor, mult: torch.Tensor, power: int = 1) -> torch.Tensor:
     """``apply_multiplier`` in place: powers of two multiply the storage directly (no copy,
     no temporary the size of t); other multipliers compute and copy back."""
+    _no_fp8(t)
     factor = mult.double() ** abs(power)
     if _exact_in(factor, t.dtype):
         f = factor.to(t.dtype)
         return t.div_(f) if power < 0 else t.mul_(f)
     return t.copy_(apply_multiplier(t, mult, power))
+
+
+def _no_fp8(t: torch.Tensor) -> None:
+    """FP8 codes are scaled by ``fp8.scale_codes`` only (torch's own float8 product saturates)."""
+    if fp8.is_fp8(t):
+        raise ValueError("FP8 codes are scaled per row or column (fp8.scale_codes), not by a multiplier")
 
 
 def _exact_in(values: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -138,6 +147,8 @@ def scale_tensor(t: torch.Tensor, axis: int, vec: torch.Tensor, inplace: bool = 
     Powers of two multiply in the tensor's own dtype, which is exact; other scales are
     applied in float32 (float64 for float64 tensors) and rounded once to the dtype.
     """
+    if fp8.is_fp8(t):   # FP8 codes: powers of two only, every value checked
+        return fp8.scale_codes(t, axis, vec, inplace)
     shape = [1] * t.dim()
     shape[axis] = -1
     if _exact_in(vec, t.dtype):
@@ -194,6 +205,7 @@ class PairResult:
     after: torch.Tensor          # and after (analytic, from the norms and the scales)
     dead: int
     clamped: int
+    fp8_clamped: int | None = None   # units whose scale the FP8 codes limited (None: no FP8 tensor)
 
 
 def solve_pair(pair: Pair, tensors: dict[str, torch.Tensor], norm: str = "fro",
@@ -204,18 +216,28 @@ def solve_pair(pair: Pair, tensors: dict[str, torch.Tensor], norm: str = "fro",
 
 
 def scales_from_stats(kind: str, stats: UnitStats, norm: str = "fro", strength: float = 1.0, pow2: bool = True,
-                      dtype: torch.dtype = torch.float32) -> PairResult:
+                      dtype: torch.dtype = torch.float32,
+                      limits: tuple[torch.Tensor, torch.Tensor] | None = None) -> PairResult:
     """Balancing scales from (reduced) statistics: what every backend calls once its
-    chunks', files' or ranks' partial statistics are merged."""
+    chunks', files' or ranks' partial statistics are merged. ``limits``: more per-unit
+    bounds [lo, hi] on s (powers of two around 1: ``fp8.unit_limits``, what keeps FP8 codes
+    exact); the units they change are counted as ``fp8_clamped`` (and as ``clamped``)."""
     s = balancing_scales(stats, norm, strength)
     lo, hi = safe_range(stats, dtype)
+    fp8_clamped = None
     if pow2:
         final = round_pow2(s, lo, hi)
+        if limits is not None:
+            unlimited = final
+            final = round_pow2(s, torch.maximum(lo, limits[0]), torch.minimum(hi, limits[1]))
+            fp8_clamped = int((final != unlimited).sum())
     else:
+        if limits is not None:
+            raise ValueError("FP8 codes take power-of-two scales only")
         final = torch.minimum(torch.maximum(s, lo), hi)
     ideal = torch.exp2(torch.round(torch.log2(s))) if pow2 else s
     clamped = int((final != ideal).sum())
     final = final.to(torch.float32).double()  # the scales as stored and applied
     before = log2_imbalance(stats, norm)
     return PairResult(kind, final.float(), before, before + 2 * torch.log2(final),
-                      int(stats.dead().sum()), clamped)
+                      int(stats.dead().sum()), clamped, fp8_clamped)

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import WiscaError, reason
 from .fileio import OutputFile
+from .fp8 import SCALE_SUFFIX as FP8_SCALE
 from .spec import Layout, expected_shapes, layout_from_config
 
 from .formats import INDEX_NAME, SINGLE_NAME  # noqa: F401 - one definition, re-exported
@@ -28,7 +29,7 @@ from .formats import INDEX_NAME, SINGLE_NAME  # noqa: F401 - one definition, re-
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
 }
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
             "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8, "F8_E5M2": 1,
@@ -242,24 +243,33 @@ def open_checkpoint(src: str | os.PathLike, revision: str | None = None) -> Chec
         extra = sorted(set(tensors) - set(weight_map))
         if extra:
             raise WiscaError(f"{root / tensors[extra[0]].shard}: tensor {extra[0]} is not listed in {INDEX_NAME}")
-    if layout.spec.moe is not None:   # how the experts are stored: the tensor names tell
+    if layout.spec.moe is not None or layout.fp8_block:   # how experts / FP8 weights are stored: the names tell
         layout = layout_from_config(config, str(root / "config.json"), tensors)
     ckpt = Checkpoint(root, config, layout, shards, tensors, index_path, source)
     validate(ckpt)
     return ckpt
 
 
-def _check_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str, mxfp4: bool = False) -> None:
+def _check_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str, mxfp4: bool = False,
+                  fp8_kind: str | None = None) -> None:
+    """``fp8_kind``: "codes" (an FP8 weight, F8_E4M3) or "scales" (its weight_scale_inv, F32)."""
     if name not in ckpt.tensors:
         raise WiscaError(f"{ckpt.root}: {what} tensor {name} is missing")
     info = ckpt.tensors[name]
     if info.shape != shape:
+        extra = f" (weight_block_size {list(ckpt.layout.fp8_block)})" if fp8_kind == "scales" else ""
         raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has shape {list(info.shape)}, "
-                         f"expected {list(shape)} from config.json")
+                         f"expected {list(shape)} from config.json{extra}")
     if mxfp4 and info.dtype != "U8":
         raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has dtype {info.dtype}, expected U8 (MXFP4)")
-    if not mxfp4 and info.dtype not in FLOAT_DTYPES:
-        raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has dtype {info.dtype}, expected a float dtype")
+    wanted = {"codes": "F8_E4M3", "scales": "F32"}.get(fp8_kind)
+    if wanted and info.dtype != wanted:
+        raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has dtype {info.dtype}, expected {wanted} "
+                         f"(FP8 block-quantised weight{'' if fp8_kind == 'codes' else ' scales'})")
+    if not mxfp4 and not wanted and info.dtype not in FLOAT_DTYPES:
+        hint = " (FP8 weights are read as a decoder layer's X.weight beside its X.weight_scale_inv, as " \
+               "released)" if info.dtype == "F8_E4M3" and ckpt.layout.fp8_block else ""
+        raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has dtype {info.dtype}, expected a float dtype{hint}")
 
 
 def layer_pattern(layout: Layout) -> re.Pattern:
@@ -284,9 +294,12 @@ def validate(ckpt: Checkpoint) -> None:
     pattern = layer_pattern(lay)
     known = set()
     for layer in range(lay.layers):
-        quantized = {name for role, name in lay.layer_roles(layer).items() if lay.is_mxfp4(role)}
+        roles = lay.layer_roles(layer)
+        quantized = {name for role, name in roles.items() if lay.is_mxfp4(role)}
+        fp8_kind = {name: "scales" if role.endswith(FP8_SCALE) else "codes"
+                    for role, name in roles.items() if name in lay.fp8_weights or role.endswith(FP8_SCALE)}
         for name, shape in expected_shapes(lay, layer).items():
-            _check_tensor(ckpt, name, shape, f"layer {layer}", name in quantized)
+            _check_tensor(ckpt, name, shape, f"layer {layer}", name in quantized, fp8_kind.get(name))
             known.add(name)
     for name in ckpt.tensors:
         m = pattern.match(name)

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import mxfp4
+from . import fp8, mxfp4
 from .errors import WiscaError
 from .spec import Layout
 
@@ -132,6 +132,11 @@ def linear(x: torch.Tensor, w: dict, role: str) -> torch.Tensor:
     is ever held twice."""
     weight, b = w[role], w.get(role + "_bias")
     b = None if b is None else b.to(x.dtype)
+    if isinstance(weight, fp8.Quantized):   # FP8: dequantised a few blocks of rows at a time, as transformers does
+        out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+        for r, rows in fp8.dequantized_rows(weight.codes, weight.scale_inv, weight.block, x.dtype):
+            out[..., r:r + len(rows)] = F.linear(x, rows, None if b is None else b[r:r + len(rows)])
+        return out
     if weight.dtype == x.dtype or weight.numel() <= CONVERT_BLOCK:
         return F.linear(x, weight.to(x.dtype), b)
     out = x.new_empty((*x.shape[:-1], weight.shape[0]))
@@ -157,6 +162,9 @@ def logical(layout: Layout, w: dict) -> dict:
     """A layer's tensors as the math reads them: fused tensors split into their parts
     (views), Conv1D ``[in, out]`` weights transposed to ``[out, in]``."""
     spec = layout.spec
+    if layout.fp8_weights:   # FP8 weights with their block scales (dequantised in ``linear``)
+        w = {k: fp8.Quantized(v, w[k + fp8.SCALE_SUFFIX], layout.fp8_block) if fp8.is_fp8(v) else v
+             for k, v in w.items()}
     if spec.linear == "conv1d":
         w = {k: v.t() if v.dim() == 2 else v for k, v in w.items()}
     if spec.fused:

@@ -352,6 +352,9 @@ def transition(model, optimizer=None, *, targets=DEFAULT_TARGETS, granularity: s
     exact_by_target = exactness(layout, targets, pow2)
     exact = pow2 and all(v != "tolerance" for v in exact_by_target.values())
     params = dict(model.named_parameters())
+    if any(p.dtype == torch.float8_e4m3fn for p in params.values()):   # FP8Linear: codes + weight_scale_inv
+        raise WiscaError("transition: model: FP8-quantised weights in memory are not supported "
+                         "(load with FineGrainedFP8Config(dequantize=True), or transform the checkpoint)")
     region_of = _resolver(params, layout.spec)
     optimizer, powers = _prepare_optimizer(optimizer, optimizer_state)
 

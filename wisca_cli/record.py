@@ -135,6 +135,8 @@ def summarise(layer_reports: list[dict]) -> dict:
             s["units"] += p["units"]
             s["dead"] += p["dead"]
             s["clamped"] += p["clamped"]
+            if "fp8_clamped" in p:   # pairs on FP8 weights
+                s["fp8_clamped"] = s.get("fp8_clamped", 0) + p["fp8_clamped"]
             s["units_changed"] += p.get("units_changed", 0)
             s["_b"] += p["imbalance_before"] * live
             s["_a"] += p["imbalance_after"] * live
@@ -153,10 +155,13 @@ def pair_report(r) -> dict:
     live = ~torch.isnan(r.before)
     log2s = torch.log2(r.scales.double())
     mean = lambda x: float(x[live].abs().mean()) if bool(live.any()) else 0.0  # noqa: E731
-    return {"units": len(r.scales), "dead": r.dead, "clamped": r.clamped,
-            "units_changed": int((r.scales != 1).sum()),
-            "imbalance_before": mean(r.before), "imbalance_after": mean(r.after),
-            "log2_scale_min": float(log2s.min()), "log2_scale_max": float(log2s.max())}
+    out = {"units": len(r.scales), "dead": r.dead, "clamped": r.clamped,
+           "units_changed": int((r.scales != 1).sum()),
+           "imbalance_before": mean(r.before), "imbalance_after": mean(r.after),
+           "log2_scale_min": float(log2s.min()), "log2_scale_max": float(log2s.max())}
+    if getattr(r, "fp8_clamped", None) is not None:   # units the FP8 codes limited (also in clamped)
+        out["fp8_clamped"] = r.fp8_clamped
+    return out
 
 
 # -- weight patterns (inspect) ----------------------------------------------------------------
@@ -169,8 +174,9 @@ def layer_pattern(layout, layer: int | str, tensors: dict[str, torch.Tensor], ta
 
     entry: dict = {"layer": layer}
     for pair in layer_pairs(layout, layer, targets, "channel") if pairs is None else pairs:
-        units = log2_imbalance(unit_stats(pair.regroup(granularity), tensors), norm)
-        heads = log2_imbalance(unit_stats(pair.regroup("head"), tensors), norm)
+        block = layout.fp8_block   # FP8 weights count dequantised
+        units = log2_imbalance(unit_stats(pair.regroup(granularity), tensors, fp8_block=block), norm)
+        heads = log2_imbalance(unit_stats(pair.regroup("head"), tensors, fp8_block=block), norm)
         live = units[~torch.isnan(units)]
         entry[pair.kind] = {
             "units": len(units), "dead": int(torch.isnan(units).sum()),

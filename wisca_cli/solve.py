@@ -11,14 +11,28 @@ from typing import Callable, Iterable
 
 import torch
 
-from .balance import PairResult, apply_scales, log2_imbalance, member_multipliers, scales_from_stats, solve_pair
+from . import fp8
+from .balance import PairResult, apply_scales, log2_imbalance, member_multipliers, scale_vector, scales_from_stats
 from .stats import SliceReduce, UnitStats, chunk_stats, slice_reduce, unit_stats
 from .pairs import Pair, final_pairs, layer_pairs
 from .spec import Layout
 
 
 def _narrowest(tensors: dict[str, torch.Tensor], roles) -> torch.dtype:
-    return min((tensors[r].dtype for r in roles), key=lambda d: torch.finfo(d).max)
+    """The narrowest dtype the pair's values live in: an FP8 weight's dequantised values are
+    bf16 (transformers' default for them); its codes have their own limits (``fp8.unit_limits``)."""
+    dtypes = (torch.bfloat16 if fp8.is_fp8(tensors[r]) else tensors[r].dtype for r in roles)
+    return min(dtypes, key=lambda d: torch.finfo(d).max)
+
+
+def solve_pair(layout: Layout, pair: Pair, tensors: dict[str, torch.Tensor], norm: str = "fro",
+               strength: float = 1.0, pow2: bool = True, reduce: SliceReduce = slice_reduce) -> PairResult:
+    """Balancing scales for one pair, limited to the range its tensors keep exact: their
+    dtypes' normal range, and for FP8 codes the exponents that keep every code exact."""
+    stats = unit_stats(pair, tensors, reduce, layout.fp8_block)
+    dtype = _narrowest(tensors, (m.role for m in pair.members))
+    limits = fp8.unit_limits(pair.members, tensors, pair.n_units) if layout.fp8_weights else None
+    return scales_from_stats(pair.kind, stats, norm, strength, pow2, dtype, limits)
 
 
 MAX_SWEEPS = 6   # alternating sweeps when targets share tensors (Equi-normalization)
@@ -54,8 +68,7 @@ def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], 
     overlapping = _overlapping(pairs)
     if not overlapping:   # one sweep: every solve reads the originals, then every apply
         for pair in pairs:
-            dtype = _narrowest(tensors, (m.role for m in pair.members))
-            results[pair.kind] = solve_pair(pair, tensors, norm, strength, pow2, dtype, reduce)
+            results[pair.kind] = solve_pair(layout, pair, tensors, norm, strength, pow2, reduce)
         if before_apply is not None:
             before_apply()
         for pair in pairs:
@@ -68,8 +81,7 @@ def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], 
         moved = False
         for pair in pairs:
             current = {**tensors, **new}
-            dtype = _narrowest(current, (m.role for m in pair.members))
-            result = solve_pair(pair, current, norm, strength, pow2, dtype, reduce)
+            result = solve_pair(layout, pair, current, norm, strength, pow2, reduce)
             new.update(apply_scales(pair, current, result.scales.double(), inplace=inplace or sweep > 0))
             step = result.scales.double()
             moved |= bool((torch.log2(step).abs() > (0 if pow2 else 1e-3)).any())
@@ -79,12 +91,14 @@ def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], 
             else:
                 prev.scales = (prev.scales.double() * step).float()
                 prev.clamped = max(prev.clamped, result.clamped)
+                if result.fp8_clamped is not None:
+                    prev.fp8_clamped = max(prev.fp8_clamped or 0, result.fp8_clamped)
         if not moved:
             break
     if sweeps > 1:   # the imbalance left after all sweeps, measured
         final = {**tensors, **new}
         for pair in pairs:
-            results[pair.kind].after = log2_imbalance(unit_stats(pair, final, reduce), norm)
+            results[pair.kind].after = log2_imbalance(unit_stats(pair, final, reduce, layout.fp8_block), norm)
     return new, results
 
 
@@ -96,7 +110,9 @@ def covered_roles(layout: Layout, layer: int, targets: tuple[str, ...], granular
 def unscale_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
                   granularity: str, scales: dict[str, torch.Tensor], inplace: bool = False,
                   before_apply: Callable[[], object] | None = None) -> dict[str, torch.Tensor]:
-    """Multiply a layer's recorded scales back out (pair kind -> scales as applied)."""
+    """Multiply a layer's recorded scales back out (pair kind -> scales as applied). FP8 codes
+    take every pair's factor at once (``fp8.scale_codes2``): the sweeps that made them went in
+    another order, and one pair's inverse alone may leave the e4m3fn range."""
     new: dict[str, torch.Tensor] = {}
     pairs = layer_pairs(layout, layer, targets, granularity)
     for pair in pairs:
@@ -105,9 +121,19 @@ def unscale_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], 
             raise KeyError(pair.kind)
     if before_apply is not None:
         before_apply()
+    codes = {r for r, t in tensors.items() if fp8.is_fp8(t)}
+    factors: dict[str, list] = {}   # FP8 role -> [row factor, column factor]
     for pair in pairs:
-        new.update(apply_scales(pair, {**tensors, **new}, 1.0 / scales[pair.kind].double(),
-                                inplace=inplace))
+        inv = 1.0 / scales[pair.kind].double()
+        for m in pair.members:
+            if m.role in codes:
+                vec = scale_vector(m, inv, tensors[m.role].shape[m.axis])
+                both = factors.setdefault(m.role, [None, None])
+                both[m.axis] = vec if both[m.axis] is None else both[m.axis] * vec
+        rest = Pair(pair.kind, pair.n_units, pair.head_of, tuple(m for m in pair.members if m.role not in codes))
+        new.update(apply_scales(rest, {**tensors, **new}, inv, inplace=inplace))
+    for role, (rows, cols) in factors.items():
+        new[role] = fp8.scale_codes2(tensors[role], rows, cols, inplace=inplace)
     return new
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from . import mxfp4
+from . import fp8, mxfp4
 from .errors import WiscaError
 
 SPEC_TARGETS = ("qk", "vo", "ffn", "norm")          # the symmetries pairs.py builds
@@ -465,6 +465,9 @@ class ArchSpec(_Section):
     extra_layers: str | None = _spec_field(_string, None)
     # config key -> why a checkpoint whose config sets it (not null, not false) is refused
     refuse_when: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
+    # config key (``quantization_config``): where its quant_method is "fp8", linear weights with a
+    # ``weight_scale_inv`` beside them are FP8 block-quantised (``fp8.py``), rescaled in that format
+    fp8: str | None = _spec_field(_string, None)
 
     def check(self, where: str, label: str) -> None:
         for name, adapter in self.name_adapters.items():   # every role renamed, and nothing else
@@ -662,6 +665,8 @@ class Layout:
     mla: MlaDims | None = None       # multi-head latent attention's sizes (None: q, k, v heads)
     fused_experts: bool = False      # the experts stored in 3-D tensors (moe.fused_experts)
     mxfp4_experts: bool = False      # ... as MXFP4 blocks and scales (moe.mxfp4), copied unchanged
+    fp8_block: tuple[int, int] | None = None   # FP8 block-quantised weights: weight_block_size (spec.fp8)
+    fp8_weights: frozenset = frozenset()       # ... the names of the weights stored so (a weight_scale_inv beside)
 
     @property
     def group_size(self) -> int:
@@ -785,7 +790,14 @@ class Layout:
             else:
                 roles.update({role: spec.layer_name(layer, name)
                               for role, name in moe.dense_tensors.items()})
+        if self.fp8_weights:   # FP8 weights: their block scales, copied unchanged
+            roles.update({role + fp8.SCALE_SUFFIX: fp8_scale_name(name)
+                          for role, name in list(roles.items()) if name in self.fp8_weights})
         return roles
+
+    def is_fp8(self, role: str, name: str) -> bool:
+        """An FP8 block-quantised weight (its role is a linear's, its codes float8_e4m3fn)."""
+        return name in self.fp8_weights and not role.endswith(fp8.SCALE_SUFFIX)
 
     def fused_parts(self, fused_role: str) -> dict[str, torch.Tensor]:
         """part -> positions (along the output axis) of that part inside a fused tensor.
@@ -894,9 +906,13 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
     mxfp4_key = spec.moe.mxfp4 if spec.moe else None
     quant = config.get(mxfp4_key) if mxfp4_key else None
     is_mxfp4 = isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"
+    fp8_quant = config.get(spec.fp8) if spec.fp8 else None
+    is_fp8 = isinstance(fp8_quant, dict) and fp8_quant.get("quant_method") == "fp8"
     for key, why in spec.refuse_when.items():
-        if config.get(key) not in (None, False) and not (is_mxfp4 and key == mxfp4_key):
+        if config.get(key) not in (None, False) and not (is_mxfp4 and key == mxfp4_key) \
+                and not (is_fp8 and key == spec.fp8):
             raise WiscaError(f"{where}: {key}={json.dumps(config[key])} is not supported for {spec.name}: {why}")
+    fp8_block = _fp8_block(fp8_quant, spec.fp8, where) if is_fp8 else None
     config = {**spec.config_defaults, **config}   # what transformers' config class fills in
     # a family's own key names (GPT-2's n_embd, ...) under the canonical ones
     config = {**config, **{canon: config[key] for canon, key in spec.config_keys.items()
@@ -972,8 +988,40 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
         rope_theta=float(theta), rope_scaling=scaling, rotary_dims=rotary_dims,
         sliding_window=int(window) if window else None,
         experts=experts, expert_intermediate=expert_inter, shared_intermediate=shared_inter, mla=mla,
-        fused_experts=fused, mxfp4_experts=quantized,
+        fused_experts=fused, mxfp4_experts=quantized, fp8_block=fp8_block,
+        fp8_weights=frozenset(fp8_weight_names(tensor_names)) if fp8_block and tensor_names is not None else frozenset(),
     )
+
+
+def fp8_scale_name(weight: str) -> str:
+    """``...q_b_proj.weight`` -> ``...q_b_proj.weight_scale_inv`` (as transformers names it)."""
+    return weight[:-len("weight")] + fp8.SCALE_NAME
+
+
+def fp8_weight_names(tensor_names) -> list[str]:
+    """The weights of a checkpoint stored FP8 block-quantised: those with a weight_scale_inv beside."""
+    names = set(tensor_names)
+    return [n for n in names if n.endswith(".weight") and fp8_scale_name(n) in names]
+
+
+def _fp8_block(quant: dict, key: str, where: str) -> tuple[int, int]:
+    """weight_block_size of an FP8 quantization_config (transformers' FineGrainedFP8Config: [128, 128]
+    when left out), after checking the format is the one wisca reads: e4m3 codes, float32 block
+    scales, activations quantised dynamically (a static scheme stores activation scales that a
+    rescaled input would need rescaled too)."""
+    checks = (("fmt", "e4m3"), ("scale_fmt", "float"), ("activation_scheme", "dynamic"),
+              ("expert_dtype", "fp8"))
+    for field_name, wanted in checks:
+        got = quant.get(field_name, wanted)
+        if got != wanted:
+            raise WiscaError(f"{where}: {key}: {field_name} {json.dumps(got)} is not supported "
+                             f"(FP8 checkpoints are read with {field_name} {json.dumps(wanted)})")
+    block = quant.get("weight_block_size", [128, 128])
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and
+            all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise WiscaError(f"{where}: {key}: weight_block_size {json.dumps(block)} is not supported "
+                         f"(FP8 checkpoints are read with per-block scales, two positive integers)")
+    return int(block[0]), int(block[1])
 
 
 def logical_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
@@ -1025,7 +1073,11 @@ def expected_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
         shapes[fused + "_bias"] = (shapes[fused][0],)
     if layout.spec.linear == "conv1d":
         shapes = {role: tuple(reversed(s)) if len(s) == 2 else s for role, s in shapes.items()}
-    return {name: shapes[role] for role, name in layout.layer_roles(layer).items()}
+    roles = layout.layer_roles(layer)
+    for role in roles:
+        if role.endswith(fp8.SCALE_SUFFIX):   # an FP8 weight's block scales
+            shapes[role] = fp8.scale_shape(shapes[role[:-len(fp8.SCALE_SUFFIX)]], layout.fp8_block)
+    return {name: shapes[role] for role, name in roles.items()}
 
 
 MATRIX_TARGETS = ("qk", "vo", "ffn", "norm", "experts")

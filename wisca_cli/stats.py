@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from . import fp8
 from .pairs import Member, Pair
 
 CHUNK_ELEMENTS = 1 << 18   # a chunk's float32 copy (1 MiB) stays in cache
@@ -169,9 +170,20 @@ def chunk_stats(member: Member, n_units: int, chunk: torch.Tensor, offsets: tupl
     return out
 
 
-def unit_stats(pair: Pair, tensors: dict[str, torch.Tensor], reduce: SliceReduce = slice_reduce) -> UnitStats:
-    """Per-unit statistics of a pair over whole member tensors (role -> tensor)."""
+def unit_stats(pair: Pair, tensors: dict[str, torch.Tensor], reduce: SliceReduce = slice_reduce,
+               fp8_block: tuple[int, int] | None = None) -> UnitStats:
+    """Per-unit statistics of a pair over whole member tensors (role -> tensor). An FP8
+    member (float8_e4m3fn codes, its ``<role>_scale_inv`` in ``tensors``, ``fp8_block`` the
+    checkpoint's weight_block_size) counts with its dequantised values, the weight the model
+    computes with, fed a few blocks of rows at a time."""
     stats = UnitStats.zeros(pair.n_units)
     for m in pair.members:
-        chunk_stats(m, pair.n_units, tensors[m.role], None, reduce, into=stats)
+        t = tensors[m.role]
+        if fp8.is_fp8(t):
+            if fp8.nan_codes(t):
+                raise NonFiniteValues(m.role)
+            for start, rows in fp8.dequantized_rows(t, tensors[m.role + fp8.SCALE_SUFFIX], fp8_block):
+                chunk_stats(m, pair.n_units, rows, (start, 0), reduce, into=stats)
+        else:
+            chunk_stats(m, pair.n_units, t, None, reduce, into=stats)
     return stats

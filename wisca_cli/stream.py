@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import fp8
 from .balance import apply_multiplier_, chunk_multiplier
 from .checkpoint import DTYPES, ITEMSIZE, Checkpoint, ShardWriter, as_tensor, to_raw
 from .errors import WiscaError
@@ -209,6 +210,10 @@ def _require_finite(ckpt: Checkpoint, name: str, t: torch.Tensor) -> None:
     """Refuse NaN or Inf, naming the tensor (min and max propagate NaN; one fast pass)."""
     if not t.is_floating_point() or t.numel() == 0:
         return
+    if fp8.is_fp8(t):   # e4m3fn codes: NaN is the only non-finite value
+        if fp8.nan_codes(t):
+            raise _nonfinite_error(ckpt, name)
+        return
     lo, hi = torch.aminmax(t)
     if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
         raise _nonfinite_error(ckpt, name)
@@ -271,6 +276,8 @@ def _torch_threads(n: int):
 def _main_dtype(ckpt: Checkpoint) -> str:
     roles = ckpt.layout.layer_roles(0) if ckpt.layout.layers else {}
     name = roles.get("q", roles.get("qkv", next(iter(roles.values()), None)))   # fused qkv: Phi-3, GPT-2
+    if name in ckpt.layout.fp8_weights:   # FP8 codes: the model computes in its unquantised tensors' dtype
+        name = ckpt.layout.spec.embed
     return ckpt.tensors[name].dtype if name else "F32"
 
 
