@@ -181,3 +181,28 @@ def test_mxfp4_experts_in_dcp_are_refused_in_one_line(tmp_path):
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
     assert f"{src}: MXFP4-quantised experts in a torch.distributed checkpoint are not supported" in lines[0]
     assert not dst.exists() and not any(".wisca-tmp-" in p.name for p in tmp_path.iterdir())
+
+
+def test_fp8_weights_in_dcp_are_refused_in_one_line(tmp_path):
+    """DeepSeek-V3 with FP8 block-quantised weights (codes + weight_scale_inv) in DCP: refused by
+    name, exit 2, nothing written; FP8 is read from safetensors folders only."""
+    from safetensors.torch import load_file
+
+    start = build(tmp_path / "start", "deepseek_v3", skew=None)
+    state = load_file(start / "model.safetensors")
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    w = state[name]
+    state[name] = w.to(torch.float8_e4m3fn)
+    state[name + "_scale_inv"] = torch.ones((1, 1), dtype=torch.float32)
+    src = tmp_path / "src"
+    dcp.save({"model": state}, checkpoint_id=src, no_dist=True)
+    cfg = json.loads((start / "config.json").read_text())
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+             "weight_block_size": list(w.shape)}
+    (src / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant}))
+    dst = tmp_path / "never"
+    res = run_cli("transform", src, dst)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert f"{src}: FP8 block-quantised weights in a torch.distributed checkpoint are not supported" in lines[0]
+    assert not dst.exists() and not any(".wisca-tmp-" in p.name for p in tmp_path.iterdir())

@@ -357,8 +357,9 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None) ->
                         raise WiscaError(f"{f.path / METADATA}: {weights[name].key} and {key} both name {name}")
                     weights[name] = e
     ckpt = DcpCheckpoint(root, cfg, layout, folders, weights, moments, adapter, cfg_path, str(root))
-    if layout.mxfp4_experts:
-        raise WiscaError(f"{root}: MXFP4-quantised experts in a torch.distributed checkpoint are not supported "
+    if layout.mxfp4_experts or layout.fp8_weights:
+        kind = "MXFP4-quantised experts" if layout.mxfp4_experts else "FP8 block-quantised weights"
+        raise WiscaError(f"{root}: {kind} in a torch.distributed checkpoint are not supported "
                          f"(they are read from safetensors folders)")
     for i in range(layout.layers):
         for role, name in layout.layer_roles(i).items():
