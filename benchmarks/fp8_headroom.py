@@ -6,17 +6,13 @@ divided: the same function), quantised as transformers does (``Fp8Quantize``: pe
     python benchmarks/fp8_headroom.py                  # DeepSeek-V3's expert size: H 7168, I 2048
     python benchmarks/fp8_headroom.py --hidden 1024    # shorter rows: fewer blocks per row
 
-Prints per spread: units moved, units the codes clamped, units held at 1 that wanted to move,
-the mean |log2| imbalance before, after, and after without the limits, and how many up rows
-cannot be scaled down at all (a code whose last bit is 2**-9) or up (a code at 448). The
-README quotes it.
-
-``--fold`` also estimates what wisca does NOT do (a possible extension): a power of two per
-block of rows of ``up`` and per block of columns of ``down`` moved into ``weight_scale_inv``
-(scale_inv times 2**-c, that block's codes times 2**c: the same weight), chosen per block as
-the exponent that keeps the most of its slices exact at their wanted scale, after which each
-unit is clamped to what its slices allow. Blocks whose choice leaves a unit without any exact
-exponent fall back to c = 0.
+Prints per spread: the mean |log2| imbalance before, after (wisca: per-block folds into
+``weight_scale_inv`` and per-unit limits), after without the folds (``solve.FOLD`` off: only the
+codes' own limits), and after without any limits; for each, units moved and units the codes
+clamped; the blocks folded; how many up rows cannot be scaled down in their codes at all (a code
+whose last bit is 2**-9) or up (a code at 448). The folded result is applied (codes and
+weight_scale_inv) and its dequantised weights checked to be the source's times the scales, bit
+for bit. The README quotes it.
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ def main() -> None:
     from wisca_cli import fp8
     from wisca_cli.balance import scales_from_stats
     from wisca_cli.pairs import Member, Pair
-    from wisca_cli.solve import solve_pair
+    from wisca_cli.solve import apply_pair, fold_blocks, solve_pair
     from wisca_cli.stats import unit_stats
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,7 +39,6 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--spreads", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fold", action="store_true", help="also estimate per-block factors in weight_scale_inv")
     args = ap.parse_args()
     h, n, block = args.hidden, args.intermediate, (args.block, args.block)
     config = FineGrainedFP8Config(weight_block_size=list(block))
@@ -60,49 +55,25 @@ def main() -> None:
         for role, w in (("up", up * u[:, None]), ("down", down / u[None, :])):
             q = quantise.convert({f"{role}.weight": w})
             tensors[role], tensors[role + "_scale_inv"] = q[f"{role}.weight"], q[f"{role}.weight_scale_inv"]
-        limited = solve_pair(layout, pair, tensors)
+        folded = solve_pair(layout, pair, tensors, fold=True)
+        limited = solve_pair(layout, pair, tensors, fold=False)
         free = scales_from_stats("ffn", unit_stats(pair, tensors, fp8_block=block), dtype=torch.bfloat16)
         live = ~torch.isnan(limited.before)
         mean = lambda x: float(x[live].abs().mean())  # noqa: E731
-        held = int(((free.scales != 1) & (limited.scales == 1)).sum())
+        moved = lambda r: int((r.scales != 1).sum())  # noqa: E731
         floor = int((fp8.exponent_limits(tensors["up"], 0)[0] == 0).sum())      # rows that cannot go down
         ceiling = int((fp8.exponent_limits(tensors["up"], 0)[1] == 0).sum())    # rows holding a 448
-        print(f"skew 2**N(0, {spread}): moved {int((limited.scales != 1).sum())}, fp8-clamped "
-              f"{limited.fp8_clamped}, held at 1 {held}; imbalance {mean(limited.before):.2f} -> "
-              f"{mean(limited.after):.2f} (without the limits -> {mean(free.after):.2f}, "
-              f"moved {int((free.scales != 1).sum())}); up rows that cannot go down {floor}, up {ceiling}")
-        if args.fold:
-            wanted = torch.log2(free.scales.double()).round().long()
-            k = fold_estimate(tensors, wanted, block[0], fp8)
-            print(f"  with block factors in weight_scale_inv (estimate): moved {int((k != 0).sum())}; imbalance "
-                  f"-> {mean(free.before + 2 * k.double()):.2f}")
-
-
-def fold_estimate(tensors: dict, wanted: torch.Tensor, size: int, fp8) -> torch.Tensor:
-    """Per-unit exponents reachable when each block of up rows / down columns may also move a
-    power of two into weight_scale_inv (see the module docstring)."""
-    ulo, uhi = (x.long() for x in fp8.exponent_limits(tensors["up"], 0))     # up row j times 2**k
-    dlo, dhi = (x.long() for x in fp8.exponent_limits(tensors["down"], 1))   # down column j times 2**-k
-    blocks = len(wanted) // size
-    cands = torch.arange(-24, 25)
-
-    def best(lo, hi):   # the exponent inside most [lo, hi] intervals (ties: the smallest |c|)
-        cover = ((lo[None, :] <= cands[:, None]) & (cands[:, None] <= hi[None, :])).sum(1)
-        ok = cands[cover == cover.max()]
-        return int(ok[ok.abs().argmin()])
-
-    cu = torch.tensor([best(ulo[b * size:(b + 1) * size] - wanted[b * size:(b + 1) * size],
-                            uhi[b * size:(b + 1) * size] - wanted[b * size:(b + 1) * size]) for b in range(blocks)])
-    cd = torch.tensor([best(dlo[b * size:(b + 1) * size] + wanted[b * size:(b + 1) * size],
-                            dhi[b * size:(b + 1) * size] + wanted[b * size:(b + 1) * size]) for b in range(blocks)])
-    while True:   # unit j: k + cu in [ulo, uhi] and -k + cd in [dlo, dhi]
-        u, d = cu.repeat_interleave(size), cd.repeat_interleave(size)
-        lo, hi = torch.maximum(ulo - u, d - dhi), torch.minimum(uhi - u, d - dlo)
-        empty = (lo > hi).view(blocks, size).any(1)
-        if not bool(empty.any()):
-            return torch.minimum(torch.maximum(wanted, lo), hi)
-        cu[empty], cd[empty] = 0, 0
-
+        print(f"skew 2**N(0, {spread}): imbalance {mean(folded.before):.2f} -> {mean(folded.after):.2f} with folds "
+              f"(moved {moved(folded)}, fp8-clamped {folded.fp8_clamped}, blocks folded "
+              f"{fold_blocks(folded.fp8_folds)}); without folds -> {mean(limited.after):.2f} (moved "
+              f"{moved(limited)}, fp8-clamped {limited.fp8_clamped}); without limits -> {mean(free.after):.2f} "
+              f"(moved {moved(free)}); up rows that cannot go down {floor}, up {ceiling}")
+        new = {**tensors, **apply_pair(pair, tensors, folded, block)}   # applied, every code checked
+        s = folded.scales.double()
+        for role, mult in (("up", s[:, None]), ("down", 1 / s[None, :])):
+            before = fp8.dequantize(tensors[role], tensors[role + "_scale_inv"], block).double()
+            after = fp8.dequantize(new[role], new[role + "_scale_inv"], block).double()
+            assert torch.equal(after, before * mult), role
 
 if __name__ == "__main__":
     main()

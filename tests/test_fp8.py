@@ -7,12 +7,16 @@ transformers), then quantises every linear weight of the layers but the router w
 transformers' own quantiser (``Fp8Quantize``: per-block amax / 448, e4m3fn codes, a float32
 ``weight_scale_inv`` per 16 x 8 block) and writes ``quantization_config`` fp8. Asserted:
 transform exits 0 and transformers (``FineGrainedFP8Config(dequantize=True)``) gives
-bit-identical logits for SRC and OUT; the imbalance drops for qk, vo and ffn with units that
-moved and units the codes clamped; every ``weight_scale_inv`` is byte-identical and every code
-is the original times the recorded power of two; undo restores every tensor byte for byte;
-the reference forward matches transformers within 1e-5; at one scale per layer the ffn
-scales, which would need a code above 448 on one side or the other, are all clamped to 1,
-exactly where the balance wanted another; other quantisations are refused in one line.
+bit-identical logits for SRC and OUT, with blocks folded (a power of two moved into their
+``weight_scale_inv``); the imbalance drops for qk, vo and ffn with units that moved and units
+the codes clamped, and drops further, with fewer clamped, than with the folds off; every
+``weight_scale_inv`` is the original times the recorded powers of two per block (byte-identical
+where none) and every code the original times the recorded multiplier over its block's fold;
+undo restores every tensor byte for byte (also after the norm target's alternating sweeps fold
+a tensor on both axes); the reference forward matches transformers within 1e-5; at one scale
+per layer the ffn scales, which would need a code above 448 on one side or the other, are all
+clamped to 1 without folds, and take the wanted power of two with them; folds keep
+weight_scale_inv normal float32; other quantisations are refused in one line.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 import wisca_cli as wisca
 from conftest import build, hf_logits, probe_tokens, reference_logits, run_cli
-from wisca_cli import fp8
+from wisca_cli import fp8, solve
 from wisca_cli.balance import apply_scales
 from wisca_cli.checkpoint import open_checkpoint
 from wisca_cli.errors import WiscaError
@@ -115,7 +119,9 @@ def transformed(ckpt, tmp_path_factory):
 def test_transform_is_bit_exact_in_transformers(ckpt, transformed):
     out, report, stderr = transformed
     assert report["verification"]["passed"] and report["verification"]["mode"] == "exact"
-    assert "FP8 block-quantised" in stderr and "weight_scale_inv copied unchanged" in stderr
+    assert report["fp8_folded_blocks"] > 0   # some blocks moved a power of two into weight_scale_inv
+    assert "FP8 block-quantised" in stderr and "moved into weight_scale_inv" in stderr
+    assert f"{report['fp8_folded_blocks']} blocks folded a power of two into weight_scale_inv" in stderr
     ids = probe_tokens()
     assert torch.equal(_logits(ckpt, ids), _logits(out, ids))
 
@@ -128,33 +134,70 @@ def test_imbalance_drops_with_units_moved_and_units_clamped(transformed):
         assert s["imbalance_after"] < s["imbalance_before"], kind
         assert s["units_changed"] > 0, kind         # the limits leave room to move
         assert 0 < s["fp8_clamped"] <= s["clamped"], kind
+        assert s["fp8_folded_blocks"] > 0, kind
     clamped = sum(summary[k]["fp8_clamped"] for k in ("qk", "vo", "ffn"))
     assert report["fp8_clamped_units"] == clamped
+    assert report["fp8_folded_blocks"] == sum(summary[k]["fp8_folded_blocks"] for k in ("qk", "vo", "ffn"))
     assert report["fp8"]["units"] == sum(summary[k]["units"] for k in ("qk", "vo", "ffn"))
-    assert report["fp8"]["block_size"] == BLOCK and report["fp8"]["scale_inv_copied_unchanged"]
+    assert report["fp8"]["block_size"] == BLOCK and report["fp8"]["scale_inv_copied_unchanged"] is False
     assert f"{clamped} of {report['fp8']['units']} units on FP8 weights were clamped" in stderr
     assert any(f"{clamped} of" in w["message"] for w in report["warnings"])
 
 
-def test_scales_kept_and_codes_scaled_by_the_recorded_powers_of_two(ckpt, transformed):
+def _folds(out, a: dict) -> dict:
+    """FP8 weight name -> (row-block b, column-block b), int64, summed over the record's pairs."""
+    from wisca_cli.solve import fold_parse
+
+    scales = load_file(out / "wisca_scales.safetensors")
+    roles = [open_checkpoint(out).layout.layer_roles(i) for i in range(2)]
+    folds = {}
+    for key, b in scales.items():
+        parsed = fold_parse(key)
+        if parsed is None:
+            continue
+        assert b.dtype == torch.int16 and bool((b != 0).any()), key   # only nonzero folds are recorded
+        layer = int(key.split(".")[1])
+        name = roles[layer][parsed[1]]
+        scale = a[fp8.SCALE_NAME.join(name.rsplit("weight", 1))]
+        both = folds.setdefault(name, [torch.zeros(scale.shape[0], dtype=torch.long),
+                                       torch.zeros(scale.shape[1], dtype=torch.long)])
+        both[parsed[2]] = both[parsed[2]] + b.long()
+    return folds
+
+
+def test_scale_inv_folded_per_block_and_codes_scaled_by_the_rest(ckpt, transformed):
+    """Every weight_scale_inv is the source's times 2**(row-block b + column-block b) as
+    recorded (byte-identical where no fold applied), every code the source's times the
+    recorded multiplier over 2**b of its blocks: the dequantised weight times the multiplier."""
     out, report, _ = transformed
     a, b = load_file(ckpt / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys()
     mults = wisca.scale_multipliers(out)
+    folds = _folds(out, a)
+    recorded = load_file(out / "wisca_scales.safetensors")   # per pair (a block two pairs fold counts twice)
+    assert sum(int((v != 0).sum()) for k, v in recorded.items() if ".fp8_fold." in k) == report["fp8_folded_blocks"]
     scales = [n for n in a if n.endswith(fp8.SCALE_NAME)]
     codes = [n for n in a if a[n].dtype == torch.float8_e4m3fn]
     assert len(scales) == len(codes) == report["fp8"]["weights"] > 0
-    for n in scales:
-        assert b[n].dtype == torch.float32 and torch.equal(_raw(a[n]), _raw(b[n])), n
-    changed = 0
+    changed = kept = 0
     for n in codes:
-        assert b[n].dtype == torch.float8_e4m3fn, n
+        sn = fp8.SCALE_NAME.join(n.rsplit("weight", 1))
+        assert b[n].dtype == torch.float8_e4m3fn and b[sn].dtype == torch.float32, n
+        rows, cols = folds.get(n, (torch.zeros(a[sn].shape[0], dtype=torch.long),
+                                   torch.zeros(a[sn].shape[1], dtype=torch.long)))
+        fold = torch.exp2((rows[:, None] + cols[None, :]).double())
+        assert torch.equal(b[sn].double(), a[sn].double() * fold), sn    # powers of two per block only
+        if n not in folds:
+            assert torch.equal(_raw(a[sn]), _raw(b[sn])), sn             # no fold: byte for byte
+        kept += n not in folds
         s = mults.get(n, torch.ones(1, 1, dtype=torch.float64))
         mant, _ = torch.frexp(s)
         assert bool((mant == 0.5).all()), n                             # powers of two only
-        assert torch.equal(b[n].double(), a[n].double() * s), n          # every code, exactly
+        per_code = fold.repeat_interleave(BLOCK[0], 0).repeat_interleave(BLOCK[1], 1)
+        assert torch.equal(b[n].double(), a[n].double() * s / per_code), n   # every code, exactly
+        assert torch.equal(_dequantised(b, n).double(), _dequantised(a, n).double() * s), n
         changed += not torch.equal(_raw(a[n]), _raw(b[n]))
-    assert changed > 0
+    assert changed > 0 and len(folds) > 0 and kept > 0
 
 
 def test_undo_restores_every_tensor_byte_for_byte(ckpt, transformed, tmp_path):
@@ -165,6 +208,25 @@ def test_undo_restores_every_tensor_byte_for_byte(ckpt, transformed, tmp_path):
     assert a.keys() == c.keys()
     for n in a:
         assert a[n].dtype == c[n].dtype and torch.equal(_raw(a[n]), _raw(c[n])), n
+
+
+def test_undo_refuses_a_fold_of_the_wrong_size_in_one_line(transformed, tmp_path):
+    import shutil
+
+    from safetensors.torch import load
+
+    from wisca_cli.record import save_tensors
+
+    out, _, _ = transformed
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    scales = load((bad / "wisca_scales.safetensors").read_bytes())   # not mapped: the file is rewritten
+    key = next(k for k in sorted(scales) if ".fp8_fold." in k)
+    save_tensors(bad / "wisca_scales.safetensors", {**scales, key: scales[key][:-1]})
+    r = run_cli("undo", bad, tmp_path / "back")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and f"scales {key} missing or of the wrong size" in r.stderr, r.stderr
+    assert not (tmp_path / "back").exists()
 
 
 def test_streamed_reference_forward_dequantises_as_transformers(ckpt):
@@ -179,26 +241,79 @@ def _dequantised(t: dict, name: str) -> torch.Tensor:
     return codes * scale.repeat_interleave(BLOCK[0], 0).repeat_interleave(BLOCK[1], 1)
 
 
-def test_one_scale_per_layer_is_clamped_where_the_balance_wants_one(ckpt, tmp_path):
+def test_one_scale_per_layer_is_clamped_without_folds_and_moves_with_them(ckpt, tmp_path, monkeypatch):
     """One ffn unit per layer holds every up row and down column, and each block of them has a
-    code at 448: s > 1 would push an up code above it, s < 1 a down code. So every ffn scale is
-    1, and the units the codes clamped are the layers whose balance (from the dequantised
-    weights, computed here) wanted another power of two."""
-    report = wisca.transform(ckpt, tmp_path / "out", granularity="layer")
-    assert report["verification"]["passed"]
+    code at 448: s > 1 would push an up code above it, s < 1 a down code. So without folds every
+    ffn scale is 1, and the units the codes clamped are the layers whose balance (from the
+    dequantised weights, computed here) wanted another power of two. With folds, the up row
+    blocks and the down column blocks move that power of two into weight_scale_inv: every unit
+    takes its wanted scale, none clamped."""
     t = load_file(ckpt / "model.safetensors")
-    wanted = 0
+    wanted = []
     for layer in range(2):
         p = f"model.layers.{layer}.mlp."
         ups = [n for n in t if n.startswith(p) and n.endswith("up_proj.weight")]
         a = sum(_dequantised(t, n).double().square().sum() for n in ups)
         b = sum(_dequantised(t, n.replace("up_proj", "down_proj")).double().square().sum() for n in ups)
-        k = round(float(torch.log2((b / a) ** 0.25)))
-        wanted += k != 0
+        wanted.append(round(float(torch.log2((b / a) ** 0.25))))
         assert all(int((t[n].view(torch.uint8) & 0x7F).max()) == 0x7E for n in ups)   # a code at 448
+    assert all(k != 0 for k in wanted)   # the fixture's extra 2**4 on every MLP wants about s = 2**-4
+    folded = wisca.transform(ckpt, tmp_path / "folded", granularity="layer")
+    assert folded["verification"]["passed"]
+    ffn = folded["summary"]["ffn"]
+    assert ffn["units_changed"] == 2 and ffn["fp8_clamped"] == 0 and ffn["fp8_folded_blocks"] > 0
+    got = load_file(tmp_path / "folded" / "wisca_scales.safetensors")
+    assert [int(torch.log2(got[f"layers.{i}.ffn"]).item()) for i in range(2)] == wanted
+    monkeypatch.setattr(solve, "FOLD", False)
+    report = wisca.transform(ckpt, tmp_path / "out", granularity="layer")
+    assert report["verification"]["passed"]
     ffn = report["summary"]["ffn"]
-    assert ffn["units"] == 2 and ffn["units_changed"] == 0
-    assert ffn["fp8_clamped"] == wanted == 2   # the fixture's extra 2**4 on every MLP wants about s = 2**-4
+    assert ffn["units"] == 2 and ffn["units_changed"] == 0 and ffn["fp8_folded_blocks"] == 0
+    assert ffn["fp8_clamped"] == 2 and report["fp8_folded_blocks"] == 0
+    assert report["fp8"]["scale_inv_copied_unchanged"] is True
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(_raw(t[n]), _raw(out[n])) for n in t if n.endswith(fp8.SCALE_NAME))
+
+
+def test_folds_lower_the_imbalance_and_the_clamped_units(ckpt, transformed, tmp_path, monkeypatch):
+    """The fixture's codes bind the limits (units clamped): the same transform without folds
+    leaves more units clamped and more imbalance, on every pair kind."""
+    _, folded, _ = transformed
+    monkeypatch.setattr(solve, "FOLD", False)
+    plain = wisca.transform(ckpt, tmp_path / "out")
+    assert plain["verification"]["passed"] and plain["fp8_folded_blocks"] == 0
+    assert folded["fp8_clamped_units"] < plain["fp8_clamped_units"]
+    for kind in ("qk", "vo", "ffn"):
+        f, p = folded["summary"][kind], plain["summary"][kind]
+        assert f["imbalance_before"] == pytest.approx(p["imbalance_before"], rel=1e-12), kind
+        assert f["imbalance_after"] < p["imbalance_after"] and f["fp8_clamped"] < p["fp8_clamped"], kind
+
+
+def test_folds_respect_the_float32_range_of_scale_inv():
+    """A block's fold keeps its weight_scale_inv values normal float32: near the top of the
+    range it cannot go up, near the bottom not down, and an inexact fold is refused."""
+    from wisca_cli.pairs import Member
+
+    member = Member("w", 0, torch.arange(4), +1)
+    cases = [   # (every code, wanted k, block 0's scale_inv, its b): block 1 (scale_inv 1) takes the wanted k
+        (2.0 ** -9, -3, 1.0, -3), (2.0 ** -9, -3, 2.0 ** -123, -3),   # 2**-9 codes cannot go down: b does
+        (2.0 ** -9, -3, 2.0 ** -124, 0),                               # 2**-127 would be subnormal: no fold
+        (448.0, 3, 2.0 ** 124, 3), (448.0, 3, 2.0 ** 125, 0)]          # 448 cannot go up; 2**128 overflows
+    for code, want, top, expect in cases:
+        codes = torch.full((4, 2), code).to(torch.float8_e4m3fn)
+        scale = torch.tensor([[top], [1.0]])
+        tensors = {"w": codes, "w" + fp8.SCALE_SUFFIX: scale}
+        slices = fp8.pair_slices([member], tensors, (2, 2))
+        b = fp8.choose_folds(slices, torch.full((4,), want), tensors)[("w", 0)]
+        assert b.tolist() == [expect, want], (code, top)
+        folded = fp8.fold_scale_inv(scale, b)
+        assert torch.equal(folded.double(), scale.double() * torch.exp2(b.double()).view(-1, 1))
+        assert float(folded[0, 0]) >= torch.finfo(torch.float32).tiny
+    assert fp8.scale_fold_range(torch.tensor([[2.0 ** 127]]), 0)[1].item() == 0     # 2**127 cannot go up
+    with pytest.raises(fp8.Fp8NotExact):
+        fp8.fold_scale_inv(torch.tensor([[2.0 ** 127]]), torch.tensor([1]))
+    with pytest.raises(fp8.Fp8NotExact):
+        fp8.fold_scale_inv(torch.tensor([[1.0 + 2.0 ** -23]]), torch.tensor([-140]))
 
 
 def test_scaled_codes_are_checked_and_never_written_inexact(ckpt, tmp_path, monkeypatch):
@@ -217,8 +332,8 @@ def test_scaled_codes_are_checked_and_never_written_inexact(ckpt, tmp_path, monk
         exact = scaled.to(torch.float8_e4m3fn).float() == scaled
         assert torch.equal(exact, (fp8.KMIN[:127] <= k) & (k <= fp8.KMAX[:127])), k
     # with the limits switched off the balance asks for inexact codes: the run stops, nothing written
-    monkeypatch.setattr(fp8, "unit_limits", lambda members, tensors, n: (torch.zeros(n, dtype=torch.float64),
-                                                                        torch.full((n,), torch.inf, dtype=torch.float64)))
+    monkeypatch.setattr(fp8, "unit_exponents", lambda slices, n, folds=None: (
+        torch.full((n,), -60, dtype=torch.long), torch.full((n,), 60, dtype=torch.long)))
     with pytest.raises(fp8.Fp8NotExact):
         wisca.transform(ckpt, tmp_path / "out", verify=False)
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
@@ -335,7 +450,10 @@ def test_norm_target_alternates_on_fp8_columns_and_undoes(ckpt, tmp_path):
     assert report["verification"]["passed"]
     norm = report["summary"]["norm"]
     assert norm["imbalance_after"] < norm["imbalance_before"] and norm["units_changed"] > 0
-    assert norm["fp8_clamped"] > 0
+    assert norm["fp8_clamped"] > 0 and norm["fp8_folded_blocks"] > 0
+    a = load_file(ckpt / "model.safetensors")
+    folds = _folds(out, a)   # the sweeps fold some tensors on both axes (q_b: rows by qk, columns by norm)
+    assert any(bool((r != 0).any()) and bool((c != 0).any()) for r, c in folds.values())
     ids = probe_tokens()
     assert torch.equal(_logits(ckpt, ids), _logits(out, ids))
     wisca.undo(out, back)

@@ -114,6 +114,8 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                 raise _nonfinite_error(ckpt, ckpt.layout.layer_roles(layer)[e.role]) from None
             for kind, r in results.items():
                 scales[f"layers.{layer}.{kind}"] = r.scales
+                for (role, axis), b in (r.fp8_folds or {}).items():   # FP8 blocks folded into scale_inv
+                    scales[f"layers.{layer}.{solve.fold_key(kind, role, axis)}"] = b.to(torch.int16)
             return new, {kind: pair_report(r) for kind, r in results.items()}
 
         def balance_final(tensors: dict[str, torch.Tensor], head_blocks, head_dtype):
@@ -152,7 +154,7 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
             }
             if "fp8" in report:   # how many units the FP8 codes limited
                 warnings += fp8_warnings(ckpt.layout.fp8_block, report["fp8_clamped_units"],
-                                         report["fp8"]["units"])
+                                         report["fp8"]["units"], report["fp8_folded_blocks"])
             if result is not None and not result.passed:
                 raise VerificationFailed(result.failure(), report)
             copy_other_files(ckpt.root, out.tmp, skip=set(ckpt.shards) | {RECORD_NAME, SCALES_NAME})
@@ -470,20 +472,23 @@ def _mxfp4_report(ckpt) -> dict:
 
 
 def _fp8_report(ckpt, layers: list[dict] | None = None) -> dict:
-    """``fp8``: the FP8 block-quantised weights (block size, how many, their scales copied
-    unchanged); after a transform, ``fp8_clamped_units``: units whose scale the codes limited
-    (nothing for other checkpoints)."""
+    """``fp8``: the FP8 block-quantised weights (block size, how many); after a transform,
+    ``fp8_clamped_units``: units whose scale the codes limited, ``fp8_folded_blocks``: blocks
+    whose weight_scale_inv took a power of two (``fp8.scale_inv_copied_unchanged`` when none
+    did) (nothing for other checkpoints)."""
     lay = ckpt.layout
     if not lay.fp8_weights:
         return {}
     names = sorted(name for i in range(lay.layers) for role, name in lay.layer_roles(i).items()
                    if lay.is_fp8(role, name))
-    out = {"fp8": {"block_size": list(lay.fp8_block), "weights": len(names), "scale_inv_copied_unchanged": True}}
+    out = {"fp8": {"block_size": list(lay.fp8_block), "weights": len(names)}}
     if layers is not None:
         pairs = [p for rep in layers for p in rep.values() if isinstance(p, dict) and "fp8_clamped" in p]
         out["fp8"]["units"] = sum(p["units"] for p in pairs)
         out["fp8"]["units_changed"] = sum(p["units_changed"] for p in pairs)
         out["fp8_clamped_units"] = sum(p["fp8_clamped"] for p in pairs)
+        out["fp8_folded_blocks"] = sum(p.get("fp8_folded_blocks", 0) for p in pairs)
+        out["fp8"]["scale_inv_copied_unchanged"] = out["fp8_folded_blocks"] == 0
     return out
 
 

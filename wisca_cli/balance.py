@@ -164,12 +164,15 @@ def scale_tensor(t: torch.Tensor, axis: int, vec: torch.Tensor, inplace: bool = 
 
 
 def apply_scales(pair: Pair, tensors: dict[str, torch.Tensor], s: torch.Tensor,
-                 inplace: bool = False) -> dict[str, torch.Tensor]:
+                 inplace: bool = False, extra: dict[tuple[str, int], torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
     """New tensors for the pair's members: A slices times s, B slices times 1/s.
 
     With power-of-two s no rounding happens at all. ``inplace`` overwrites the inputs.
     Members on one tensor (a fused tensor's parts) combine into one multiplier per axis;
-    a ``(offset + w)`` norm stores ``(offset + w) * s - offset``, which rounds.
+    a ``(offset + w)`` norm stores ``(offset + w) * s - offset``, which rounds. ``extra``:
+    (role, axis) -> one more per-slice factor multiplied in (FP8 codes' folds: ``fp8.fold_vector``),
+    applied in the same step.
     """
     groups: dict[tuple[str, int], list[Member]] = {}
     for m in pair.members:
@@ -187,6 +190,8 @@ def apply_scales(pair: Pair, tensors: dict[str, torch.Tensor], s: torch.Tensor,
         vec = torch.ones(t.shape[axis], dtype=torch.float64)
         for m in members:
             vec *= scale_vector(m, s, t.shape[axis])
+        if extra and (role, axis) in extra:
+            vec *= extra[(role, axis)]
         if members[0].offset:
             shape = [1] * t.dim()
             shape[axis] = -1
@@ -206,6 +211,7 @@ class PairResult:
     dead: int
     clamped: int
     fp8_clamped: int | None = None   # units whose scale the FP8 codes limited (None: no FP8 tensor)
+    fp8_folds: dict | None = None    # (FP8 role, axis) -> int64 b per block moved into its scale_inv
 
 
 def solve_pair(pair: Pair, tensors: dict[str, torch.Tensor], norm: str = "fro",

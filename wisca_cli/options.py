@@ -239,21 +239,25 @@ def mxfp4_warnings(targets: tuple[str, ...], family_targets: tuple[str, ...], qu
 
 FP8_FORMAT = ("the checkpoint is FP8 block-quantised (float8_e4m3fn codes, a float32 weight_scale_inv per {bm}x{bn} "
               "block): the codes are rescaled in that format by powers of two, each unit's scale limited to what "
-              "keeps every code it touches exact (|v| <= 448, no bits lost below 2**-9), weight_scale_inv copied "
-              "unchanged; the statistics and the reference forward use the dequantised weights (code * scale_inv, "
-              "as transformers loads them with FineGrainedFP8Config(dequantize=True)); FP8 kernels that quantise "
+              "keeps every code it touches exact (|v| <= 448, no bits lost below 2**-9) after a power of two per "
+              "block of rows or columns is moved into weight_scale_inv (the same dequantised weight); the "
+              "statistics and the reference forward use the dequantised weights (code * scale_inv, as transformers "
+              "loads them with FineGrainedFP8Config(dequantize=True)); FP8 kernels that quantise "
               "activations (per-group dynamic scales) see rescaled input channels where vo, ffn or norm scale a "
               "linear's input, so their own rounding can differ")
 
 
-def fp8_warnings(block: tuple[int, int] | None, clamped: int | None = None, units: int | None = None) -> list[dict]:
+def fp8_warnings(block: tuple[int, int] | None, clamped: int | None = None, units: int | None = None,
+                 folded: int | None = None) -> list[dict]:
     """FP8 block-quantised weights: what is done to them, and (after a transform) how many
-    units the codes limited."""
+    units the codes limited and how many blocks took a power of two into weight_scale_inv."""
     if not block:
         return []
     message = FP8_FORMAT.format(bm=block[0], bn=block[1])
     if clamped is not None:
         message += f"; {clamped} of {units} units on FP8 weights were clamped by the codes (fp8_clamped_units)"
+    if folded is not None:
+        message += f"; {folded} blocks folded a power of two into weight_scale_inv (fp8_folded_blocks)"
     return [{"option": "scales", "message": message}]
 
 

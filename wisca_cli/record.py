@@ -5,7 +5,9 @@ Two files, the same for models and adapters:
 - ``wisca.json``: the report (tool version, options, per-pair summary, verification,
   the undo command); ``kind`` says ``lora-adapter`` for adapters.
 - ``wisca_scales.safetensors``: the scales as applied, float32, one per unit, keyed
-  ``layers.{i}.{kind}`` (models) or by LoRA module prefix (adapters).
+  ``layers.{i}.{kind}`` (models) or by LoRA module prefix (adapters); for FP8 weights also the
+  powers of two folded into ``weight_scale_inv``, int16 per block, keyed
+  ``layers.{i}.{kind}.fp8_fold.{role}.rows|cols`` (``solve.fold_key``; only nonzero ones).
 
 Output shards get a ``wisca`` metadata entry pointing at the record. Everything here is
 written byte for byte reproducibly: the same scales and report give the same files.
@@ -137,6 +139,7 @@ def summarise(layer_reports: list[dict]) -> dict:
             s["clamped"] += p["clamped"]
             if "fp8_clamped" in p:   # pairs on FP8 weights
                 s["fp8_clamped"] = s.get("fp8_clamped", 0) + p["fp8_clamped"]
+                s["fp8_folded_blocks"] = s.get("fp8_folded_blocks", 0) + p.get("fp8_folded_blocks", 0)
             s["units_changed"] += p.get("units_changed", 0)
             s["_b"] += p["imbalance_before"] * live
             s["_a"] += p["imbalance_after"] * live
@@ -161,6 +164,7 @@ def pair_report(r) -> dict:
            "log2_scale_min": float(log2s.min()), "log2_scale_max": float(log2s.max())}
     if getattr(r, "fp8_clamped", None) is not None:   # units the FP8 codes limited (also in clamped)
         out["fp8_clamped"] = r.fp8_clamped
+        out["fp8_folded_blocks"] = sum(int((b != 0).sum()) for b in (r.fp8_folds or {}).values())
     return out
 
 

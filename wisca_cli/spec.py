@@ -790,7 +790,7 @@ class Layout:
             else:
                 roles.update({role: spec.layer_name(layer, name)
                               for role, name in moe.dense_tensors.items()})
-        if self.fp8_weights:   # FP8 weights: their block scales, copied unchanged
+        if self.fp8_weights:   # FP8 weights: their block scales (a fold's powers of two per block)
             roles.update({role + fp8.SCALE_SUFFIX: fp8_scale_name(name)
                           for role, name in list(roles.items()) if name in self.fp8_weights})
         return roles
