@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from conftest import run_cli
 from wisca_cli import solve
 from wisca_cli.dcp import MOMENT_POWERS, open_dcp
 from wisca_cli.record import layer_scales, read_record
@@ -91,3 +92,13 @@ def assert_rescaled(src: Path, dst: Path) -> dict:
         assert torch.equal(vb, expect), key
     assert moved >= 2 * len(by_param)              # exp_avg and exp_avg_sq of every rescaled weight
     return mults
+
+
+def refused(src: Path, tmp: Path, *args: str, match: str) -> None:
+    """`wisca transform SRC` refuses: exit 2, one line holding ``match``, nothing written."""
+    dst = tmp / "never"
+    res = run_cli("transform", src, dst, *args)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and match in lines[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and not dst.exists()
+    assert not any(".wisca-tmp-" in p.name for p in tmp.iterdir())

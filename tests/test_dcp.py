@@ -22,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 from conftest import REPO, run_cli
 
 import dcp_worker  # noqa: E402  (tests/ is on sys.path)
-from dcp_helpers import assert_rescaled, entries, metadata  # noqa: E402
+from dcp_helpers import assert_rescaled, entries, metadata, refused as _refused  # noqa: E402
 
 LAYOUTS = {"hf": "hf", "hf-nested": "hf-nested", "trainer": "trainer/checkpoint-3", "titan": "titan"}
 ENV = {"OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -189,15 +189,6 @@ def _edit_metadata(folder: Path, edit) -> None:
     md = dcp.FileSystemReader(folder).read_metadata()
     edit(md)
     (folder / ".metadata").write_bytes(pickle.dumps(md))
-
-
-def _refused(src: Path, tmp: Path, *args: str, match: str) -> None:
-    dst = tmp / "never"
-    res = run_cli("transform", src, dst, *args)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.returncode == 2 and len(lines) == 1 and match in lines[0], res.stderr[-2000:]
-    assert "Traceback" not in res.stderr and not dst.exists()
-    assert not any(".wisca-tmp-" in p.name for p in tmp.iterdir())
 
 
 def test_missing_config_names_where_it_looked(made, tmp_path):

@@ -185,7 +185,7 @@ def _transform(world: World, src, dst, opts: TransformOptions, progress) -> dict
         def balance(layer: int, tensors: dict):
             try:
                 new, results = solve.balance_layer(lay, layer, tensors, opts.targets, opts.granularity, opts.norm,
-                                                   opts.strength, pow2, inplace=True, fold=False)
+                                                   opts.strength, pow2, inplace=True)
             except NonFiniteValues as e:
                 raise WiscaError(f"{ckpt.root}: tensor {lay.layer_roles(layer)[e.role]} contains NaN or Inf") from None
             for kind, r in results.items():

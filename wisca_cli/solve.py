@@ -93,8 +93,7 @@ def _overlapping(pairs) -> bool:
 def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], targets: tuple[str, ...],
                   granularity: str, norm: str = "fro", strength: float = 1.0, pow2: bool = True,
                   inplace: bool = False, before_apply: Callable[[], object] | None = None,
-                  reduce: SliceReduce = slice_reduce, fold: bool | None = None
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, PairResult]]:
+                  reduce: SliceReduce = slice_reduce) -> tuple[dict[str, torch.Tensor], dict[str, PairResult]]:
     """Balance every applicable pair of one layer: (new tensors by role, result per pair kind).
 
     Pairs that touch the same tensors (the norm target and qk, vo, ffn) are balanced in turn,
@@ -103,9 +102,9 @@ def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], 
     ``inplace`` overwrites ``tensors``; ``before_apply()`` is called before the first write
     (e.g. to wait for another reader of the originals); disjoint pairs are all solved first.
     ``reduce``: how a tensor's per-slice statistics are computed (a backend may split big
-    tensors over threads; the pieces merge, see ``stats``). ``fold``: FP8 blocks may move a
-    power of two into weight_scale_inv (``solve_pair``; None: ``FOLD``); the results'
-    ``fp8_folds`` add up over the sweeps.
+    tensors over threads; the pieces merge, see ``stats``). FP8 blocks may move a power of
+    two into weight_scale_inv (``solve_pair``, ``FOLD``); the results' ``fp8_folds`` add up
+    over the sweeps.
     """
     new: dict[str, torch.Tensor] = {}
     results: dict[str, PairResult] = {}
@@ -113,7 +112,7 @@ def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], 
     overlapping = _overlapping(pairs)
     if not overlapping:   # one sweep: every solve reads the originals, then every apply
         for pair in pairs:
-            results[pair.kind] = solve_pair(layout, pair, tensors, norm, strength, pow2, reduce, fold)
+            results[pair.kind] = solve_pair(layout, pair, tensors, norm, strength, pow2, reduce)
         if before_apply is not None:
             before_apply()
         for pair in pairs:
@@ -126,7 +125,7 @@ def balance_layer(layout: Layout, layer: int, tensors: dict[str, torch.Tensor], 
         moved = False
         for pair in pairs:
             current = {**tensors, **new}
-            result = solve_pair(layout, pair, current, norm, strength, pow2, reduce, fold)
+            result = solve_pair(layout, pair, current, norm, strength, pow2, reduce)
             new.update(apply_pair(pair, current, result, layout.fp8_block, inplace or sweep > 0))
             step = result.scales.double()
             moved |= bool((torch.log2(step).abs() > (0 if pow2 else 1e-3)).any())
