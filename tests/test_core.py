@@ -114,7 +114,7 @@ PACKAGE = REPO / "wisca_cli"
 CORE = ("options", "spec", "pairs", "stats", "balance", "solve", "errors", "gl", "mxfp4", "fp8")
 NOT_IN_CORE = {"os", "io", "threading", "concurrent", "subprocess", "socket", "mmap", "shutil", "tempfile",
                "safetensors", "typer", "rich", "click", "huggingface_hub",
-               "checkpoint", "fileio", "output", "hub", "record", "prefetch", "memory", "stream", "api", "cli",
+               "checkpoint", "fileio", "output", "hub", "record", "prefetch", "launch", "memory", "stream", "api", "cli",
                "lora", "training", "verify", "forward", "plot", "formats"}
 
 

@@ -7,6 +7,8 @@ import errno
 import json
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import wisca_cli as wisca
-from conftest import synthetic_llama
+from conftest import REPO, synthetic_llama
 from wisca_cli import fileio, solve
 from wisca_cli.fileio import PAGE, OutputFile, aligned_empty
 from wisca_cli.memory import SlabPool, SlabPoolClosed, carve, slab_bytes
@@ -118,6 +120,106 @@ def test_output_file_refuses_writes_outside_it(tmp_path):
     with pytest.raises(AssertionError):
         out.write(8, b"abc")
     out.abort()
+
+
+# -- direct reads ----------------------------------------------------------------------------------
+def _cold_file(path, size, seed=0):
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    path.write_bytes(data.numpy().tobytes())
+    _evict([path])
+    return data
+
+
+def test_input_file_reads_cold_ranges_direct_and_cached_ranges_from_the_cache(tmp_path):
+    if not _direct_supported(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    size = 3 * fileio.DIRECT_READ_MIN + 5 * PAGE + 77            # a ragged last page
+    data = _cold_file(tmp_path / "f.bin", size)
+    f = fileio.InputFile(tmp_path / "f.bin")
+    assert f.reads_direct
+    ranges = [(0, fileio.DIRECT_READ_MIN + 10), (PAGE + 3, fileio.DIRECT_READ_MIN + 2 * PAGE),
+              (size - fileio.DIRECT_READ_MIN - 5, fileio.DIRECT_READ_MIN + 5)]   # up to the end of the file
+    for offset, n in ranges:       # placed like the file: straight from the disk
+        buf = aligned_empty(n, offset)
+        f.read_into(memoryview(buf.numpy()), offset)
+        assert torch.equal(buf, data[offset:offset + n])
+    assert f.direct_bytes == sum(n for _, n in ranges) and f.cached_bytes == 0
+    assert _cached(tmp_path / "f.bin") < 0.5                      # and they did not fill the page cache
+
+    offset, n = 2 * PAGE, fileio.DIRECT_READ_MIN
+    misplaced = torch.empty(n + 1, dtype=torch.uint8)[1:]         # not congruent to the offset: through the cache
+    f.read_into(memoryview(misplaced.numpy()), offset)
+    assert torch.equal(misplaced, data[offset:offset + n]) and f.cached_bytes == n
+    (tmp_path / "f.bin").read_bytes()                             # now all cached: copied from the cache
+    buf = aligned_empty(size, 0)
+    f.read_into(memoryview(buf.numpy()), 0)
+    assert torch.equal(buf, data) and f.cached_bytes == n + size and f.direct_bytes == sum(n for _, n in ranges)
+    f.close()
+
+
+def test_input_file_falls_back_to_buffered_reads_on_einval(tmp_path, monkeypatch):
+    if not _direct_supported(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    size = 2 * fileio.DIRECT_READ_MIN + 123
+    data = _cold_file(tmp_path / "f.bin", size, seed=1)
+    f = fileio.InputFile(tmp_path / "f.bin")
+    real = os.preadv
+
+    def preadv(fd, buffers, offset):
+        if fd == f._direct_fd:         # the device wants a coarser alignment than a page
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(fileio.os, "preadv", preadv)
+    buf = aligned_empty(size - 9, 9)
+    f.read_into(memoryview(buf.numpy()), 9)
+    assert torch.equal(buf, data[9:]) and not f.reads_direct
+    f.close()
+
+
+def test_input_file_reports_a_short_file(tmp_path):
+    size = fileio.DIRECT_READ_MIN + PAGE
+    _cold_file(tmp_path / "f.bin", size)
+    f = fileio.InputFile(tmp_path / "f.bin")
+    for offset in (0, 5, PAGE):    # 10 bytes past the end, read direct (and cold again each time)
+        buf = aligned_empty(size - offset + 10, offset)
+        _evict([tmp_path / "f.bin"])
+        with pytest.raises(EOFError):
+            f.read_into(memoryview(buf.numpy()), offset)
+    f.close()
+
+
+def test_a_cold_source_is_read_direct_into_slabs_placed_for_its_output(tmp_path, monkeypatch):
+    """Transformed shards keep the source's data offset modulo the page size, so each
+    tensor's slab place suits both the direct read and the direct write; the output is
+    the same bytes as from a source in the page cache, and undo still writes the
+    original header back."""
+    src = synthetic_llama(tmp_path / "src", hidden=512, layers=2, inter=1024, vocab=1024, shards=2)
+    files = sorted(src.glob("*.safetensors"))
+    seen = {"direct": 0, "cached": 0}
+    real = fileio.InputFile.close
+
+    def close(self):
+        seen["direct"] += self.direct_bytes
+        seen["cached"] += self.cached_bytes
+        real(self)
+
+    monkeypatch.setattr(fileio.InputFile, "close", close)
+    wisca.transform(src, tmp_path / "warm")
+    assert seen["direct"] == 0
+    _evict(files)
+    wisca.transform(src, tmp_path / "cold")
+    if _direct_supported(tmp_path):
+        assert seen["direct"] >= 3 * 512 * 1024 * 2          # at least each layer's MLP came direct
+    for f in files:
+        a, b = (tmp_path / "warm" / f.name).read_bytes(), (tmp_path / "cold" / f.name).read_bytes()
+        assert a == b
+        header = lambda raw: 8 + int.from_bytes(raw[:8], "little")   # noqa: E731
+        assert header(a) % PAGE == header(f.read_bytes()) % PAGE
+        assert load_file(tmp_path / "cold" / f.name).keys() == load_file(f).keys()
+    wisca.undo(tmp_path / "cold", tmp_path / "back")
+    for f in files:
+        assert (tmp_path / "back" / f.name).read_bytes() == f.read_bytes()
 
 
 def test_slab_pool_blocks_until_release_and_wakes_on_close():
@@ -222,8 +324,25 @@ def test_memory_is_a_fixed_number_of_slabs(tmp_path, monkeypatch):
     assert len(by_pool[stage_pool]) == stream.STAGE_SLABS
 
 
-# -- read-ahead hints -----------------------------------------------------------------------------
-def test_read_ahead_hints_follow_the_index_and_stay_within_budget(tmp_path):
+# -- read-ahead at start-up ------------------------------------------------------------------------
+def _evict(files):
+    os.sync()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def _cached(path) -> float:
+    from wisca_cli.fileio import _cached_fraction
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _cached_fraction(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def test_read_ahead_follows_the_index_interleaves_sources_and_stays_within_budget(tmp_path):
     from wisca_cli import prefetch
 
     src = synthetic_llama(tmp_path / "src", hidden=128, layers=4, inter=256, vocab=512, shards=3)
@@ -231,19 +350,47 @@ def test_read_ahead_hints_follow_the_index_and_stay_within_budget(tmp_path):
     index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
     assert [f.name for f in files] == list(dict.fromkeys(index.values()))
     sizes = [f.stat().st_size for f in files]
-    assert prefetch.advise_files(files, 10**12) == sum(sizes)
-    assert prefetch.advise_files(files, sizes[0] + 5) == sizes[0] + 5     # the budget is a hard cap
+    whole = prefetch.plan([files], 10**12)
+    assert [(p, o) for p, o, _ in whole] == [(p, 0) for p in files]        # one piece per small shard
+    assert sum(n for *_, n in whole) == sum(sizes)
+    assert sum(n for *_, n in prefetch.plan([files], sizes[0] + 5)) <= sizes[0] + sizes[1]
+    assert [p for p, *_ in prefetch.plan([files], sizes[0] + 5)] == files[:2]   # stops at the budget
+    assert [p for p, *_ in prefetch.plan([files[:2], files[2:]], 10**12)] == [files[0], files[2], files[1]]
+
+    _evict(files)
+    assert all(_cached(f) < 0.5 for f in files)
+    assert prefetch.read_ahead(prefetch.plan([files], sizes[0])) == sizes[0]
+    assert _cached(files[0]) == 1.0 and _cached(files[2]) < 0.5               # what it read, and no more
 
 
-def test_read_ahead_hints_never_fail(tmp_path):
+def test_warm_start_reads_in_a_child_process_and_never_fails(tmp_path):
     from wisca_cli import prefetch
+
+    src = synthetic_llama(tmp_path / "src", hidden=128, layers=4, inter=256, vocab=512, shards=3)
+    files = prefetch.shard_files(src)
+    _evict(files)
+    script = (f"import threading; from wisca_cli import prefetch; prefetch.warm_start({str(src)!r}); "
+              f"[t.join(60) for t in threading.enumerate() if t.name == 'wisca-warm-start']")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, timeout=90)
+    assert all(_cached(f) == 1.0 for f in files)
+
+    other = synthetic_llama(tmp_path / "other", hidden=64, layers=1, inter=128, vocab=256)
+    prefetch._started.clear()
+    prefetch.warm_start_from_argv(["wisca", "transform", "--targets", "qk", str(src), str(tmp_path / "new")])
+    assert prefetch._started == {src.resolve()}
+    prefetch.warm_start_from_argv(["wisca", "verify", "--json", str(other), str(src)])
+    assert prefetch._started == {src.resolve(), other.resolve()}
+    prefetch._started.clear()
+    prefetch.warm_start_from_argv(["wisca", "--help", str(src)])
+    prefetch.warm_start_from_argv(["wisca"])
+    assert not prefetch._started
 
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "model.safetensors.index.json").write_text("{not json")
     assert prefetch.shard_files(bad) == []
     assert prefetch.shard_files(tmp_path / "missing") == []
-    assert prefetch.advise_files([tmp_path / "missing.safetensors"], 100) == 0
+    assert prefetch.read_ahead([(tmp_path / "missing.safetensors", 0, 100)]) == 0
     prefetch.warm_start(str(bad), str(tmp_path / "missing"), "org/hub-id", "")   # no exception
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import WiscaError, reason
-from .fileio import OutputFile
+from .fileio import PAGE, InputFile, OutputFile
 from .fp8 import SCALE_SUFFIX as FP8_SCALE
 from .spec import Layout, expected_shapes, layout_from_config
 
@@ -68,42 +68,44 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     index_file: Path | None
     source: str = ""
-    _fds: dict[str, int] = field(default_factory=dict, repr=False)
+    _files: dict[str, InputFile] = field(default_factory=dict, repr=False)
 
     # -- reading ---------------------------------------------------------------------------
-    def _fd(self, shard: str) -> int:
+    def _file(self, shard: str) -> InputFile:
         with _FD_LOCK:   # the reader thread and the main thread both read
-            if shard not in self._fds:
-                self._fds[shard] = os.open(self.shards[shard].path, os.O_RDONLY)
-            return self._fds[shard]
+            if shard not in self._files:
+                self._files[shard] = InputFile(self.shards[shard].path)
+            return self._files[shard]
 
     def read_raw(self, name: str, offset: int = 0, nbytes: int | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor's bytes (or nbytes of them from offset) as uint8, by positioned reads,
-        into ``out`` (a uint8 buffer, e.g. carved from a slab) or a new buffer."""
+        into ``out`` (a uint8 buffer, e.g. carved from a slab) or a new buffer. Bytes not in
+        the page cache come by direct reads when ``out`` is placed like the file (see
+        ``fileio.InputFile``)."""
         info = self.tensors[name]
         nbytes = info.nbytes - offset if nbytes is None else nbytes
         buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out
-        view = memoryview(buf.numpy())
-        done, fd = 0, self._fd(info.shard)
-        while done < nbytes:
-            try:
-                got = os.preadv(fd, [view[done:]], info.start + offset + done)
-            except OSError as e:
-                raise WiscaError(f"{self.shards[info.shard].path}: cannot read {name}: {e.strerror}") from e
-            if got == 0:
-                raise WiscaError(f"{self.shards[info.shard].path}: file ended while reading {name}")
-            done += got
+        path = self.shards[info.shard].path
+        try:
+            self._file(info.shard).read_into(memoryview(buf.numpy()), info.start + offset)
+        except EOFError as e:
+            raise WiscaError(f"{path}: file ended while reading {name}") from e
+        except OSError as e:
+            raise WiscaError(f"{path}: cannot read {name}: {e.strerror}") from e
         return buf
 
     def advise(self, name: str, nbytes: int | None = None) -> None:
         """Hint that the tensor's bytes (or its first ``nbytes``) are needed soon, so the
-        kernel reads them from disk in the background (see ``prefetch``)."""
+        kernel reads them from disk in the background (see ``prefetch``). Not for files read
+        direct: the hinted bytes would then be read through the page cache at many times
+        the CPU cost."""
         info = self.tensors[name]
         n = info.nbytes if nbytes is None else min(nbytes, info.nbytes)
-        if n:
+        file = self._file(info.shard)
+        if n and not file.reads_direct:
             try:
-                os.posix_fadvise(self._fd(info.shard), info.start, n, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(file.fd, info.start, n, os.POSIX_FADV_WILLNEED)
             except (OSError, AttributeError):   # advisory only
                 pass
 
@@ -135,9 +137,9 @@ class Checkpoint:
             yield start, raw, raw.view(DTYPES[info.dtype]).reshape(rows, *info.shape[1:])
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     @property
     def total_bytes(self) -> int:
@@ -316,7 +318,11 @@ def validate(ckpt: Checkpoint) -> None:
 
 
 # -- writing ---------------------------------------------------------------------------------
-def build_header(tensors: list[TensorInfo], metadata: dict[str, str] | None) -> bytes:
+def build_header(tensors: list[TensorInfo], metadata: dict[str, str] | None, like: int | None = None) -> bytes:
+    """A safetensors header. ``like``: another file's data start; the header is then
+    padded with spaces (which the format allows) so the data starts at the same offset
+    modulo the page size, and every tensor can be read from one file and written to the
+    other by direct I/O with no copy in between."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = metadata
@@ -325,6 +331,8 @@ def build_header(tensors: list[TensorInfo], metadata: dict[str, str] | None) -> 
                           "data_offsets": [t.rel_start, t.rel_start + t.nbytes]}
     body = json.dumps(header, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 8)
+    if like is not None and like % 8 == 0:
+        body += b" " * ((like - 8 - len(body)) % PAGE)
     return struct.pack("<Q", len(body)) + body
 
 
@@ -336,9 +344,10 @@ class ShardWriter:
     soon as its last tensor is in.
     """
 
-    def __init__(self, path: Path, shard: Shard, metadata: dict[str, str] | None, direct: bool = True):
+    def __init__(self, path: Path, shard: Shard, metadata: dict[str, str] | None, direct: bool = True,
+                 page_like_source: bool = False):
         self.path = path
-        header = build_header(shard.tensors, metadata)
+        header = build_header(shard.tensors, metadata, shard.data_start if page_like_source else None)
         self.data_start = len(header)
         self.offsets = {t.name: (t.rel_start, t.nbytes) for t in shard.tensors}
         self.pending = set(self.offsets)

@@ -145,8 +145,8 @@ def _read_stages(items: list[tuple[Checkpoint, Stage]], slabs: SlabPool,
     without a copy."""
     def load(i: int) -> Stage:
         ckpt, stage = items[i]
-        if i + 1 < len(items):   # the disk fetches the stage after this one meanwhile
-            nckpt, nstage = items[i + 1]
+        if i + 1 < len(items):   # the disk fetches the stage after this one meanwhile (unless
+            nckpt, nstage = items[i + 1]                                 # it is read direct)
             for role, name in nstage.names.items():
                 nckpt.advise(name, ADVISE_STREAMED if role in nstage.streamed else None)
         slab, cursor, raw = slabs.acquire(), 0, {}
@@ -155,7 +155,8 @@ def _read_stages(items: list[tuple[Checkpoint, Stage]], slabs: SlabPool,
                 continue
             name = stage.names[role]
             info = ckpt.tensors[name]
-            out, cursor = carve(slab, info.nbytes, cursor, align(name) if align else None, ITEMSIZE[info.dtype])
+            at = align(name) if align else info.start   # placed like the file: direct reads need no copy
+            out, cursor = carve(slab, info.nbytes, cursor, at, ITEMSIZE[info.dtype])
             raw[role] = ckpt.read_raw(name, out=out)
         return Stage(stage.kind, stage.layer, stage.names, raw, stage.streamed, slab, slabs, cursor)
 
@@ -230,7 +231,7 @@ def _stream_big(ckpt: Checkpoint, name: str, writer: ShardWriter | None = None,
     writer, into the free end of ``stage``'s slab (one block at a time: the consumer is
     done with a block when it asks for the next)."""
     info = ckpt.tensors[name]
-    align = writer.offset(name) if writer is not None else None
+    align = writer.offset(name) if writer is not None else info.start   # see _read_stages
     held: list[torch.Tensor] = []
 
     def from_pool(nbytes: int, at: int | None) -> torch.Tensor:
@@ -315,7 +316,11 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
     place once the reference is done, then the transformed layer runs. Stages live in
     ``STAGE_SLABS`` reused slabs, so memory is a few layers whatever the model size.
     """
-    writers = {name: ShardWriter(out_dir / name, shard, shard_metadata(shard.metadata, stamp))
+    # a transformed shard's data starts where the source's does modulo the page size, so its
+    # tensors go from disk to slab to disk by direct I/O; undo (no stamp) writes the
+    # original header back byte for byte
+    writers = {name: ShardWriter(out_dir / name, shard, shard_metadata(shard.metadata, stamp),
+                                 page_like_source=stamp is not None)
                for name, shard in ckpt.shards.items()}
     writer_of = lambda name: writers[ckpt.tensors[name].shard]   # noqa: E731
     stages = [(ckpt, s) for s in _stages(ckpt)]
