@@ -385,6 +385,16 @@ def test_warm_start_reads_in_a_child_process_and_never_fails(tmp_path):
     prefetch.warm_start_from_argv(["wisca"])
     assert not prefetch._started
 
+    stop = threading.Event()
+    stop.set()
+    _evict(files)
+    assert prefetch.read_ahead(prefetch.plan([files], 10**12), stop=stop) == 0   # stopped: reads nothing
+    script = (f"import threading; from wisca_cli import prefetch; prefetch.warm_start({str(src)!r}); "
+              f"assert len(prefetch._children) == 1; prefetch.stop_read_ahead(); assert not prefetch._children; "
+              f"[t.join(30) for t in threading.enumerate() if t.name == 'wisca-warm-start']; "
+              f"assert not [t for t in threading.enumerate() if t.name == 'wisca-warm-start']")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, timeout=90)   # killed and reaped
+
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "model.safetensors.index.json").write_text("{not json")

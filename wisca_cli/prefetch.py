@@ -5,7 +5,8 @@ going on the disk would sit idle all that time (measured: 24 MB read during a 2.
 start-up). ``warm_start`` forks a small reader process before torch is imported. It
 reads the first shards (up to a budget bounded by the available memory) into the page
 cache, in the order the transform will need them, and the transform then copies those
-bytes from the cache. It has to be real reads: ``posix_fadvise(WILLNEED)``
+bytes from the cache. It is stopped when the transform's own reader starts
+(``stop_read_ahead``): page-cache reads cost far more CPU than direct ones here. It has to be real reads: ``posix_fadvise(WILLNEED)``
 reads only one read-ahead window per call on current kernels (about 4 MB a file here).
 A process, not a thread, because the import holds the GIL for long stretches (loading
 libtorch); the reader stops at its budget, or when its parent has gone.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -76,15 +78,16 @@ def plan(files: list[list[Path]], budget: int) -> list[tuple[Path, int, int]]:
     return out
 
 
-def read_ahead(reads: list[tuple[Path, int, int]], parent: int | None = None) -> int:
+def read_ahead(reads: list[tuple[Path, int, int]], parent: int | None = None,
+               stop: threading.Event | None = None) -> int:
     """Read these ranges into the page cache (the bytes themselves are dropped); stops
-    early if ``parent`` is no longer our parent. Returns the bytes read."""
+    early if ``parent`` is no longer our parent or ``stop`` is set. Returns the bytes read."""
     buf = memoryview(mmap.mmap(-1, PIECE))
     fds: dict[Path, int] = {}
     done = 0
     try:
         for path, off, n in reads:
-            if parent is not None and os.getppid() != parent:
+            if (parent is not None and os.getppid() != parent) or (stop is not None and stop.is_set()):
                 break
             if path not in fds:
                 fds[path] = os.open(path, os.O_RDONLY)
@@ -98,6 +101,8 @@ def read_ahead(reads: list[tuple[Path, int, int]], parent: int | None = None) ->
 
 
 _started: set[Path] = set()
+_children: list[int] = []
+_stop = threading.Event()
 COMMANDS = {"transform": 1, "undo": 1, "inspect": 1, "verify": 2}   # checkpoints each one reads
 
 
@@ -128,7 +133,8 @@ def warm_start(*sources: str) -> None:
     if not reads:
         return
     if threading.active_count() > 1 or not hasattr(os, "fork"):   # forking a threaded process is not safe: read in a thread
-        threading.Thread(target=read_ahead, args=(reads,), name="wisca-warm-start", daemon=True).start()
+        _stop.clear()
+        threading.Thread(target=read_ahead, args=(reads, None, _stop), name="wisca-warm-start", daemon=True).start()
         return
     parent = os.getpid()
     try:
@@ -140,5 +146,18 @@ def warm_start(*sources: str) -> None:
             read_ahead(reads, parent)
         finally:
             os._exit(0)
+    _children.append(pid)
     # reap it whenever it ends (the wait lets go of the GIL)
     threading.Thread(target=os.waitpid, args=(pid, 0), name="wisca-warm-start", daemon=True).start()
+
+
+def stop_read_ahead() -> None:
+    """The command's own reads begin: end the start-up read-ahead. Its page-cache reads
+    cost about 3 CPU-seconds per GB here, which is free while torch imports on one core
+    but not once the transform and the verifier need both; what it has read stays cached."""
+    _stop.set()
+    while _children:
+        try:
+            os.kill(_children.pop(), signal.SIGKILL)
+        except OSError:   # it has already finished
+            pass

@@ -26,6 +26,7 @@ from .balance import apply_multiplier_, chunk_multiplier
 from .checkpoint import DTYPES, ITEMSIZE, Checkpoint, ShardWriter, as_tensor, to_raw
 from .errors import WiscaError
 from .memory import SlabPool, carve, slab_bytes
+from .prefetch import stop_read_ahead
 from .record import shard_metadata
 from .stats import CHUNK_ELEMENTS, slice_reduce
 from .verify import StreamVerifier, Tolerance, resolve_tolerance
@@ -160,6 +161,7 @@ def _read_stages(items: list[tuple[Checkpoint, Stage]], slabs: SlabPool,
             raw[role] = ckpt.read_raw(name, out=out)
         return Stage(stage.kind, stage.layer, stage.names, raw, stage.streamed, slab, slabs, cursor)
 
+    stop_read_ahead()   # from here the reader reads: direct where the start-up read-ahead has not been
     with ThreadPoolExecutor(max_workers=1) as pool:
         try:
             pending = pool.submit(load, 0) if items else None
