@@ -7,6 +7,7 @@ on the checkpoint that wisca wrote, not only against our streamed verifier.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -260,3 +261,20 @@ def test_no_verify_warns_and_still_writes_exact_output(ckpt_dir, tmp_path):
     assert "--no-verify" in res.stderr
     ids = probe_tokens()
     assert torch.equal(hf_logits(src, ids), hf_logits(tmp_path / "out", ids))
+
+
+def test_compare_logits_row_by_row_matches_the_whole_tensor_formulas():
+    from wisca_cli.verify import Tolerance, compare_logits
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 5, 300, generator=g)
+    b = a + 1e-6 * torch.randn(2, 5, 300, generator=g)
+    r = compare_logits(a, b, exact=False, tol=Tolerance())
+    assert r.max_abs_diff == (a - b).abs().max().item()
+    assert r.rel_diff == (a - b).abs().max().item() / a.abs().max().item()
+    assert r.passed and not r.identical and r.tokens == 10
+    assert compare_logits(a, a.clone(), exact=True, tol=Tolerance()).passed
+    nan = b.clone()
+    nan[1, 2, 7] = float("nan")
+    bad = compare_logits(a, nan, exact=False, tol=Tolerance())
+    assert not bad.passed and math.isnan(bad.max_abs_diff)
