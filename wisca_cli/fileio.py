@@ -32,6 +32,7 @@ import ctypes
 import errno
 import mmap
 import os
+import sys
 import threading
 
 import torch
@@ -281,7 +282,7 @@ class _CacheStat(ctypes.Structure):
 
 _SYS_CACHESTAT = 451     # the same number on every Linux architecture (kernel 6.5 and later)
 _libc = None
-_has_cachestat = True
+_has_cachestat = sys.platform.startswith("linux")
 
 
 def _cached_fraction(fd: int, offset: int, n: int) -> float:

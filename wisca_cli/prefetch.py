@@ -5,11 +5,14 @@ going on the disk would sit idle all that time (measured: 24 MB read during a 2.
 start-up). ``warm_start`` forks a small reader process before torch is imported. It
 reads the first shards (up to a budget bounded by the available memory) into the page
 cache, in the order the transform will need them, and the transform then copies those
-bytes from the cache. It is stopped when the transform's own reader starts
-(``stop_read_ahead``): page-cache reads cost far more CPU than direct ones here. It has to be real reads: ``posix_fadvise(WILLNEED)``
-reads only one read-ahead window per call on current kernels (about 4 MB a file here).
-A process, not a thread, because the import holds the GIL for long stretches (loading
-libtorch); the reader stops at its budget, or when its parent has gone.
+bytes from the cache.
+
+- Real reads: ``posix_fadvise(WILLNEED)`` reads one read-ahead window per call on
+  current kernels (about 4 MB a file here).
+- A process, not a thread: loading libtorch holds the GIL for long stretches.
+- It ends at its budget, when its parent has gone, or when the command's own reader
+  starts (``stop_read_ahead``): page-cache reads cost far more CPU than direct ones, and
+  once the transform runs it needs both cores.
 
 Deliberately free of torch, so it can run before torch is imported. Reads are advisory:
 nothing here can change what is computed, and any failure is silent.
