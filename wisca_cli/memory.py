@@ -27,6 +27,14 @@ def tune_allocator() -> bool:
     return bool(ok)
 
 
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the kernel (glibc ``malloc_trim``; else a no-op)."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class SlabPool:
     """A few fixed buffers ("slabs"), reused for stage after stage.
 

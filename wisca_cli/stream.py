@@ -25,7 +25,7 @@ from . import fp8
 from .balance import apply_multiplier_, chunk_multiplier
 from .checkpoint import DTYPES, ITEMSIZE, Checkpoint, ShardWriter, as_tensor, to_raw
 from .errors import WiscaError
-from .memory import SlabPool, carve, slab_bytes
+from .memory import SlabPool, carve, slab_bytes, trim_heap
 from .prefetch import stop_read_ahead
 from .record import shard_metadata
 from .stats import CHUNK_ELEMENTS, slice_reduce
@@ -366,6 +366,8 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
                 queue.put([*((writer_of(stage.names[role]).write,
                               (stage.names[role], to_raw(new[role]) if role in new else raw))
                              for role, raw in stage.raw.items()), *candidate, *release])
+                if stage.kind == "final" and verifier is not None:
+                    trim_heap()
                 if stage.kind != "layer":   # embedding / head rows: written (a tied head was, as the
                     name = stage.names[stage.streamed[0]]                      # embedding) and verified
                     write = not (stage.kind == "final" and ckpt.layout.tie_embeddings)
