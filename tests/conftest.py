@@ -411,6 +411,15 @@ def reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def eval_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """A live model's logits in eval mode (no dropout), leaving it in train mode."""
+    model.eval()
+    out = model(ids).logits
+    model.train()
+    return out
+
+
+@torch.no_grad()
 def hf_logits(path: Path, ids: torch.Tensor, dtype=None) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 import wisca_cli as wisca
-from conftest import ARCH_FAMILIES, FUSED_ON_DISK, REPO, build, probe_tokens, run_cli
+from conftest import ARCH_FAMILIES, FUSED_ON_DISK, REPO, build, eval_logits, probe_tokens, run_cli
 from dcp_helpers import assert_rescaled, entries, expected_multipliers, refused
 
 # every MoE family, and the in-memory name of one fused expert tensor per layer it has
@@ -60,12 +60,8 @@ def _load(start, folder):
     return model, opt
 
 
-@torch.no_grad()
 def _logits(model):
-    model.eval()
-    out = model(IDS).logits
-    model.train()
-    return out
+    return eval_logits(model, IDS)
 
 
 def test_every_moe_family_is_covered():

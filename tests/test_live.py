@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import wisca_cli as wisca
-from conftest import ARCH_FAMILIES, FUSED_ON_DISK, REPO, make_config, unbalance
+from conftest import ARCH_FAMILIES, FUSED_ON_DISK, REPO, eval_logits, make_config, unbalance
 
 from wisca_cli import live
 
@@ -77,12 +77,8 @@ def _snapshot(model, opt):
     return params, grads, state
 
 
-@torch.no_grad()
 def _logits(model):
-    model.eval()
-    out = model(BATCH).logits
-    model.train()
-    return out
+    return eval_logits(model, BATCH)
 
 
 def _grads(model):

@@ -241,12 +241,12 @@ class InputFile:
             return None
         with self._lock:
             if self._direct_fd is None:
-                try:
-                    self._direct_fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-                except OSError:            # EINVAL: this filesystem has no O_DIRECT
-                    self._direct_fd = -1
-                if not getattr(os, "O_DIRECT", 0):
-                    self._direct_fd = -1
+                self._direct_fd = -1       # no O_DIRECT on this platform, or (EINVAL) on this filesystem
+                if hasattr(os, "O_DIRECT"):
+                    try:
+                        self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+                    except OSError:
+                        pass
             return self._direct_fd if self._direct_fd >= 0 else None
 
     def _edge(self, fd: int, view: memoryview, offset: int) -> None:

@@ -14,11 +14,14 @@ import ctypes.util
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 
 
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def tune_allocator() -> bool:
     """Reuse freed memory instead of returning it to the kernel (glibc only; else a no-op)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):
         return False
     ok = mallopt(M_ARENA_MAX, 1) == 1
@@ -28,9 +31,11 @@ def tune_allocator() -> bool:
 
 
 def trim_heap() -> None:
-    """Hand the heap's free pages back to the kernel (glibc ``malloc_trim``; else a no-op)."""
+    """Hand the heap's free pages back to the kernel once (glibc ``malloc_trim``; else a
+    no-op): ``tune_allocator`` keeps them, which is right while layers stream through, but
+    a different mix of allocations after that then stacks on top of them."""
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass
 

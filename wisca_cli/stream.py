@@ -146,8 +146,8 @@ def _read_stages(items: list[tuple[Checkpoint, Stage]], slabs: SlabPool,
     without a copy."""
     def load(i: int) -> Stage:
         ckpt, stage = items[i]
-        if i + 1 < len(items):   # the disk fetches the stage after this one meanwhile (unless
-            nckpt, nstage = items[i + 1]                                 # it is read direct)
+        if i + 1 < len(items):   # the disk fetches the stage after this one meanwhile (a no-op
+            nckpt, nstage = items[i + 1]   # for files read direct: see Checkpoint.advise)
             for role, name in nstage.names.items():
                 nckpt.advise(name, ADVISE_STREAMED if role in nstage.streamed else None)
         slab, cursor, raw = slabs.acquire(), 0, {}
@@ -367,7 +367,7 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
                               (stage.names[role], to_raw(new[role]) if role in new else raw))
                              for role, raw in stage.raw.items()), *candidate, *release])
                 if stage.kind == "final" and verifier is not None:
-                    trim_heap()
+                    trim_heap()   # the head's blocks and logits: measured 613-645 MiB peak, 620-657 without
                 if stage.kind != "layer":   # embedding / head rows: written (a tied head was, as the
                     name = stage.names[stage.streamed[0]]                      # embedding) and verified
                     write = not (stage.kind == "final" and ckpt.layout.tie_embeddings)
