@@ -241,7 +241,9 @@ def test_no_weights_at_all(src, tmp_path):
 # a balanced tensor (found by the statistics pass), an unbalanced one (its own scan), the
 # streamed embedding and lm_head (row blocks); with and without verification
 @pytest.mark.parametrize("name", ["model.layers.1.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj.weight",
-                                  "model.layers.0.input_layernorm.weight", "model.embed_tokens.weight",
+                                  "model.layers.0.input_layernorm.weight",
+                                  # layer 1's reference step (and its scan) starts during layer 0's
+                                  "model.layers.1.post_attention_layernorm.weight", "model.embed_tokens.weight",
                                   "lm_head.weight"])
 @pytest.mark.parametrize("bad,extra", [(float("nan"), ()), (float("inf"), ()), (float("-inf"), ("--no-verify",))])
 def test_nan_or_inf_weight_is_refused_naming_the_tensor(src, tmp_path, name, bad, extra):

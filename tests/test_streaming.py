@@ -404,6 +404,33 @@ def test_warm_start_reads_in_a_child_process_and_never_fails(tmp_path):
     prefetch.warm_start(str(bad), str(tmp_path / "missing"), "org/hub-id", "")   # no exception
 
 
+def test_the_next_reference_layer_is_queued_before_this_layers_scales_go_in(tmp_path, monkeypatch):
+    """The reference thread goes from layer to layer without waiting for the balancing
+    thread's apply: layer l+1's reference step is started before layer l is scaled."""
+    from wisca_cli import verify
+
+    src = synthetic_llama(tmp_path / "src", hidden=128, layers=4, inter=256, vocab=256, dtype=torch.bfloat16)
+    events = []
+    start, apply = verify.StreamVerifier.start_layer, solve.apply_pair
+
+    def logged_start(self, w, before=None):
+        events.append(("ref", self._started))
+        return start(self, w, before)
+
+    def logged_apply(pair, tensors, *args, **kwargs):
+        if pair.kind == "qk":   # one qk pair per layer, applied once (no norm target)
+            events.append(("apply", sum(1 for e in events if e[0] == "apply")))
+        return apply(pair, tensors, *args, **kwargs)
+
+    monkeypatch.setattr(verify.StreamVerifier, "start_layer", logged_start)
+    monkeypatch.setattr(solve, "apply_pair", logged_apply)
+    report = wisca.transform(src, tmp_path / "out")
+    assert report["verification"]["passed"] and report["verification"]["identical"]
+    assert sorted(events) == [(kind, i) for kind in ("apply", "ref") for i in range(4)]   # once each
+    for layer in range(3):
+        assert events.index(("ref", layer + 1)) < events.index(("apply", layer)), events
+
+
 def test_a_wrong_layer_is_caught_and_named_while_layers_overlap(tmp_path, monkeypatch):
     """The transformed layer's forward runs beside the next layer's balancing: the first
     diverging layer is still the one reported, and nothing is written."""

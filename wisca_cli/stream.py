@@ -174,6 +174,27 @@ def _read_stages(items: list[tuple[Checkpoint, Stage]], slabs: SlabPool,
             slabs.close()   # a reader waiting for a slab wakes up, so the pool can shut down
 
 
+class _Lookahead:
+    """An iterator that can show its next item before handing it out (``None`` at the end)."""
+
+    def __init__(self, items: Iterator):
+        self.items, self.buffered = iter(items), deque()
+
+    def peek(self):
+        if not self.buffered:
+            self.buffered.append(next(self.items, None))
+        return self.buffered[0]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.buffered.popleft() if self.buffered else next(self.items, None)
+        if item is None:
+            raise StopIteration
+        return item
+
+
 class _WriteQueue:
     """Writes run in one thread, in submission order, with at most ``depth`` batches in
     flight: the compute never waits for the disk unless the disk falls ``depth`` behind,
@@ -315,7 +336,9 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
 
     Threads: one reads the next stage, one writes the previous one, and (when verifying)
     one runs the reference model's layer beside the balancing; the scales are applied in
-    place once the reference is done, then the transformed layer runs. Stages live in
+    place once the reference is done, then the transformed layer runs. The next layer's
+    reference step is queued before this layer's scales go in, so the reference thread
+    goes from layer to layer without waiting for the apply (both cores stay busy). Stages live in
     ``STAGE_SLABS`` reused slabs, so memory is a few layers whatever the model size.
     """
     # a transformed shard's data starts where the source's does modulo the page size, so its
@@ -334,7 +357,26 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
             if verifier is not None:
                 verifier.pool, verifier.cand_pool = ref_pool, cand_pool
             queue = _WriteQueue(write_pool)
-            for stage in _read_stages(stages, slabs, align=lambda n: writer_of(n).offset(n)):
+            reader = _Lookahead(_read_stages(stages, slabs, align=lambda n: writer_of(n).offset(n)))
+            early: dict[int, tuple] = {}   # layer -> (tensors, reference future), started ahead
+
+            def start_reference(stage: Stage) -> tuple:
+                """The reference model's layer (and the NaN check) in the reference thread."""
+                tensors = stage.tensors(ckpt)
+                skip = checked(stage.layer) if checked else frozenset()
+                return tensors, verifier.start_layer(tensors, before=lambda: _check_finite(ckpt, stage, tensors, skip))
+
+            def ahead_then(wait: Callable[[], object]) -> Callable[[], object]:
+                """Before this layer's scales go in: queue the next layer's reference step, so
+                the reference thread never waits for this layer's apply; then wait for ours."""
+                def before_apply():
+                    nxt = reader.peek()
+                    if nxt is not None and nxt.kind == "layer" and nxt.layer not in early:
+                        early[nxt.layer] = start_reference(nxt)
+                    return wait()
+                return before_apply
+
+            for stage in reader:
                 tensors = stage.tensors(ckpt)
                 new: dict[str, torch.Tensor] = {}
                 skip = checked(stage.layer) if checked and stage.kind == "layer" else frozenset()
@@ -342,8 +384,8 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
                 if stage.kind == "layer" and verifier is not None:
                     # the reference layer (and the NaN check) run beside the balancing; the
                     # transformed layer runs beside the next layer's balancing
-                    ref = verifier.start_layer(tensors, before=lambda: _check_finite(ckpt, stage, tensors, skip))
-                    new, report = layer_fn(stage.layer, tensors, ref.result)
+                    tensors, ref = early.pop(stage.layer, None) or start_reference(stage)
+                    new, report = layer_fn(stage.layer, tensors, ahead_then(ref.result))
                     future = verifier.finish_layer_async(stage.layer, ref, {**tensors, **new})
                     candidate = [(future.result, ())]
                     layer_reports.append({"layer": stage.layer, **report})

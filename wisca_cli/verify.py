@@ -127,6 +127,9 @@ def _cast(w: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Ten
     return {k: v.to(dtype) if v.dim() < 2 else v for k, v in w.items()}
 
 
+HEAD_CHUNK_ROWS = 512   # vocab rows per head matmul: a 4 MiB float32 block per thread (2 threads)
+
+
 class StreamVerifier:
     """Two residual streams through the reference forward, compared after every layer.
 
@@ -273,14 +276,16 @@ class StreamVerifier:
 
     def head_rows(self, rows_ref: torch.Tensor, rows_new: torch.Tensor, start: int = 0) -> None:
         """Logits for a block of vocabulary rows of the output head (first row ``start``)."""
-        def bias(b):
-            return None if b is None else b[start:start + rows_ref.shape[0]]
+        def logits(x, rows, b):
+            b = None if b is None else b[start:start + rows.shape[0]]
+            with torch.no_grad():
+                return forward.final_logits(x, None, rows, self.layout, chunk_rows=HEAD_CHUNK_ROWS,
+                                            head_bias=b).float()
 
-        with torch.no_grad():
-            self.logits_ref.append(forward.final_logits(self.x_ref, None, rows_ref, self.layout,
-                                                        head_bias=bias(self.bias_ref)).float())
-            self.logits_new.append(forward.final_logits(self.x_new, None, rows_new, self.layout,
-                                                        head_bias=bias(self.bias_new)).float())
+        # the reference model's block in the reference thread, beside the candidate's here
+        ref = self.pool.submit(logits, self.x_ref, rows_ref, self.bias_ref) if self.pool is not None else None
+        self.logits_new.append(logits(self.x_new, rows_new, self.bias_new))
+        self.logits_ref.append(ref.result() if ref is not None else logits(self.x_ref, rows_ref, self.bias_ref))
 
     def result(self) -> VerifyResult:
         a = torch.cat(self.logits_ref, -1)
