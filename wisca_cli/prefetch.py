@@ -158,7 +158,7 @@ def warm_start(*sources: str) -> None:
 
 def stop_read_ahead() -> None:
     """The command's own reads begin: end the start-up read-ahead. Its page-cache reads
-    cost about 3 CPU-seconds per GB here, which is free while torch imports on one core
+    cost up to 3 CPU-seconds per GB here, and a second stream halves the disk's speed, which is free while torch imports on one core
     but not once the transform and the verifier need both; what it has read stays cached."""
     _stop.set()
     while _children:

@@ -127,7 +127,8 @@ def _cast(w: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Ten
     return {k: v.to(dtype) if v.dim() < 2 else v for k, v in w.items()}
 
 
-HEAD_CHUNK_ROWS = 512   # vocab rows per head matmul: a 4 MiB float32 block per thread (2 threads)
+HEAD_CHUNK_ROWS = 512   # vocab rows per head matmul: 512 x hidden float32 per thread, two threads
+                        # (4 MiB each at hidden 2048: together the one 1024-row buffer of before)
 
 
 class StreamVerifier:
