@@ -157,9 +157,10 @@ def warm_start(*sources: str) -> None:
 
 
 def stop_read_ahead() -> None:
-    """The command's own reads begin: end the start-up read-ahead. Its page-cache reads
-    cost up to 3 CPU-seconds per GB here, and a second stream halves the disk's speed, which is free while torch imports on one core
-    but not once the transform and the verifier need both; what it has read stays cached."""
+    """The command's own reads begin: end the start-up read-ahead; what it has read stays
+    cached. Its page-cache reads cost up to 3 CPU-seconds per GB here, which is free while
+    torch imports on one core but not once the transform and the verifier need both, and
+    beside the command's own reads it would be a second stream, which halves this disk's speed."""
     _stop.set()
     while _children:
         try:
