@@ -424,6 +424,51 @@ def test_a_signal_before_the_cleanup_is_armed_leaves_nothing(src, tmp_path, monk
     assert "SIGTERM: interrupted, no output written" in capsys.readouterr().err
 
 
+def test_a_signal_as_the_temporary_folder_is_made_leaves_nothing(src, tmp_path, monkeypatch, capsys):
+    """The signal handler runs as mkdir returns, the folder already made (the window in which
+    a CI run once kept ``.out.wisca-tmp-*``): the folder stays registered and is removed."""
+    from wisca_cli import cli, output
+
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_signal(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if output.TMP_MARK in self.name:
+            cli._on_signal(signal.SIGINT, None)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_signal)
+    dst = tmp_path / "out"
+    assert cli.run(["transform", str(src), str(dst)]) == 130
+    assert not dst.exists() and leftovers(tmp_path) == [] and output._STAGED == set()
+    assert "SIGINT: interrupted, no output written" in capsys.readouterr().err
+
+
+def test_a_signal_after_the_commit_says_the_output_is_complete(src, tmp_path, monkeypatch, capsys):
+    """A signal held back while the output is renamed into place fires right after: the
+    output is whole, and the message says so instead of "no output written"."""
+    from wisca_cli import cli, output
+
+    real_commit = output.StagedOutput.commit
+
+    def commit_then_signal(self):
+        real_commit(self)
+        cli._on_signal(signal.SIGTERM, None)
+
+    monkeypatch.setattr(output.StagedOutput, "commit", commit_then_signal)
+    dst = tmp_path / "out"
+    assert cli.run(["transform", str(src), str(dst)]) == 143
+    err = capsys.readouterr().err
+    assert "no output written" not in err and f"{dst} is in place" in " ".join(err.split())
+    assert leftovers(tmp_path) == [] and output._STAGED == set()
+    monkeypatch.undo()
+    assert cli.run(["verify", str(src), str(dst)]) == 0
+    # a later run in the same process that is interrupted before its commit writes nothing
+    monkeypatch.setattr(output.StagedOutput, "__enter__", lambda self: cli._on_signal(signal.SIGTERM, None))
+    capsys.readouterr()
+    assert cli.run(["transform", str(src), str(tmp_path / "out2")]) == 143
+    assert "SIGTERM: interrupted, no output written" in capsys.readouterr().err
+
+
 def test_two_runs_writing_the_same_dst(tmp_path):
     src = synthetic_llama(tmp_path / "big", hidden=256, layers=4, inter=512, vocab=512)
     dst = tmp_path / "out"

@@ -514,12 +514,29 @@ def _fail(message: str, code: int, details: list[str], argv: list[str] | None) -
     return code
 
 
+def _interrupted(signum: int) -> int:
+    """A run ended by SIGINT or SIGTERM: remove what is not committed, say what is, 128 + N."""
+    from .output import COMMITTED, remove_staged
+
+    remove_staged()   # also a folder the signal caught between its creation and its cleanup
+    name = signal.Signals(signum).name
+    if COMMITTED:     # the signal came after the rename: the output is whole, only the report is missing
+        err.print(f"{name}: interrupted after the output was complete: {COMMITTED[-1]} is in place, "
+                  f"only the report was not printed", style="red", markup=False, highlight=False, soft_wrap=True)
+    else:
+        err.print(f"{name}: interrupted, no output written", style="red")
+    return 128 + signum
+
+
 def run(argv: list[str] | None = None) -> int:
     """The CLI's work; returns the exit code (0 ok, 1 verification failed, 2 bad input,
     3 internal error, 128 + N for signal N)."""
     from .memory import tune_allocator
 
     tune_allocator()
+    from .output import COMMITTED
+
+    COMMITTED.clear()   # this run's outputs only (run() may be called again in one process)
     if _other_rank():   # one voice per job: rank 0 prints the result or the first error of any rank
         sys.stdout = sys.stderr = open(os.devnull, "w")
     signal.signal(signal.SIGTERM, _on_signal)
@@ -539,19 +556,13 @@ def run(argv: list[str] | None = None) -> int:
     except (click.exceptions.Exit, *_typer_click("Exit")) as e:
         code = e.exit_code
     except (click.exceptions.Abort, *_typer_click("Abort")):
-        err.print("interrupted", style="red")
-        code = 130
+        code = _interrupted(signal.SIGINT)
     except (click.ClickException, *_typer_click("ClickException")) as e:
         # one line, like every other error (click's own would add a usage block)
         hint = " (see --help)" if isinstance(e, (click.UsageError, *_typer_click("UsageError"))) else ""
         code = _fail(f"{' '.join(e.format_message().split())}{hint}", e.exit_code, [], argv)
     except (KeyboardInterrupt, Interrupted) as e:
-        from .output import remove_staged
-
-        remove_staged()   # also a folder the signal caught between its creation and its cleanup
-        signum = getattr(e, "signum", signal.SIGINT)
-        err.print(f"{signal.Signals(signum).name}: interrupted, no output written", style="red")
-        code = 128 + signum
+        code = _interrupted(getattr(e, "signum", signal.SIGINT))
     except Exception as e:  # a bug: one line, the traceback on request
         if os.environ.get("WISCA_DEBUG"):
             raise

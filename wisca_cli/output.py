@@ -41,6 +41,9 @@ def check_target(src: Path, dst: Path, overwrite: bool) -> Path:
 # land between a folder's creation and the ``with`` block (or ``try``) that would remove it;
 # the CLI's signal path calls ``remove_staged`` so that nothing is left even then.
 _STAGED: set[Path] = set()
+# Outputs this process has moved into place: a signal after the rename (it waits while the
+# rename runs) must not be reported as "no output written".
+COMMITTED: list[Path] = []
 
 
 def staged_dir(parent: Path, name: str) -> Path:
@@ -49,9 +52,11 @@ def staged_dir(parent: Path, name: str) -> Path:
     _STAGED.add(tmp)
     try:
         tmp.mkdir()
-    except BaseException:
+    except OSError:   # not created: nothing of ours to remove
         _STAGED.discard(tmp)
         raise
+    # A signal raised as mkdir returns (the folder exists) leaves it registered, so the
+    # signal path removes it.
     return tmp
 
 
@@ -107,6 +112,7 @@ class StagedOutput:
             raise WiscaError(f"{self.dst}: cannot move the output into place: {e.strerror}") from e
         _fsync_dir(self.dst.parent)
         self.committed = True
+        COMMITTED.append(self.dst)
         _STAGED.discard(self.tmp)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
