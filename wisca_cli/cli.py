@@ -24,6 +24,7 @@ from rich.text import Text
 from . import __version__
 from .errors import VerificationFailed, WiscaError, reason
 from .options import OPTIONS, OptionError, flag_of
+from .output import COMMITTED, remove_staged
 from .prefetch import warm_start
 
 out = Console()
@@ -516,8 +517,6 @@ def _fail(message: str, code: int, details: list[str], argv: list[str] | None) -
 
 def _interrupted(signum: int) -> int:
     """A run ended by SIGINT or SIGTERM: remove what is not committed, say what is, 128 + N."""
-    from .output import COMMITTED, remove_staged
-
     remove_staged()   # also a folder the signal caught between its creation and its cleanup
     name = signal.Signals(signum).name
     if COMMITTED:     # the signal came after the rename: the output is whole, only the report is missing
@@ -534,8 +533,6 @@ def run(argv: list[str] | None = None) -> int:
     from .memory import tune_allocator
 
     tune_allocator()
-    from .output import COMMITTED
-
     COMMITTED.clear()   # this run's outputs only (run() may be called again in one process)
     if _other_rank():   # one voice per job: rank 0 prints the result or the first error of any rank
         sys.stdout = sys.stderr = open(os.devnull, "w")

@@ -21,8 +21,8 @@ plain positioned writes instead; the bytes on disk are the same either way.
 Reading has the same trade-off the other way round. A buffered read of bytes that are not
 in the page cache costs 0.1 to 3 CPU-seconds per GB on this kind of machine (page
 allocation, most of all where the guest's free memory has gone back to the host, cache
-insertion, a copy), against 0.1 for a direct read; bytes already in the cache cost 0.13 to copy, and a direct read would fetch them from
-the disk again. ``InputFile.read_into`` asks the kernel which it is (``cachestat``, else
+insertion, a copy), against 0.1 for a direct read; bytes already in the cache cost 0.13
+to copy, and a direct read would fetch them from the disk again. ``InputFile.read_into`` asks the kernel which it is (``cachestat``, else
 ``mincore``) and reads each large range the cheaper way.
 """
 

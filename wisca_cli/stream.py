@@ -338,8 +338,9 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
     one runs the reference model's layer beside the balancing; the scales are applied in
     place once the reference is done, then the transformed layer runs. The next layer's
     reference step is queued before this layer's scales go in, so the reference thread
-    goes from layer to layer without waiting for the apply (both cores stay busy). Stages live in
-    ``STAGE_SLABS`` reused slabs, so memory is a few layers whatever the model size.
+    goes from layer to layer without waiting for the apply (both cores stay busy).
+    Stages live in ``STAGE_SLABS`` reused slabs, so memory is a few layers whatever the
+    model size.
     """
     # a transformed shard's data starts where the source's does modulo the page size, so its
     # tensors go from disk to slab to disk by direct I/O; undo (no stamp) writes the
