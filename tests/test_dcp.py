@@ -231,7 +231,7 @@ def test_format_edge_cases(made, tmp_path):
 
     # a .metadata that needs a framework's classes (Megatron-core's MCoreMetadata)
     (src / ".metadata").write_bytes(b"\x80\x04cmegatron.core.dist_checkpointing.metadata\nMCoreMetadata\n)\x81.")
-    _refused(src, tmp_path, match="the metadata needs megatron, which is not installed (a Megatron-core checkpoint?")
+    _refused(src, tmp_path, match="a Megatron-core checkpoint's metadata (megatron.core.dist_checkpointing.metadata.MCoreMetadata)")
     (src / ".metadata").write_bytes(b"not a pickle")
     _refused(src, tmp_path, match="not a torch.distributed.checkpoint metadata file")
 

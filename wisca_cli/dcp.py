@@ -26,7 +26,6 @@ import errno
 import io
 import mmap
 import os
-import pickle
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -156,21 +155,18 @@ class Folder:
 
 
 def _read_metadata(folder: Path):
+    """The folder's ``Metadata``, read by an unpickler that admits DCP's own classes only."""
     from torch.distributed.checkpoint.metadata import Metadata
+
+    from .unpickle import load_dcp_metadata
 
     path = folder / METADATA
     try:
         with open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            md = pickle.load(f)
-    except (ModuleNotFoundError, AttributeError) as e:
-        what = getattr(e, "name", None) or reason(e, 60)
-        hint = " (a Megatron-core checkpoint? install megatron-core)" if "megatron" in str(what).lower() else ""
-        raise WiscaError(f"{path}: the metadata needs {what}, which is not installed{hint}") from e
+            md = load_dcp_metadata(f, str(path))
     except OSError as e:
         raise WiscaError(f"{path}: cannot read: {e.strerror or e}") from e
-    except Exception as e:   # an unpickling error of any kind
-        raise WiscaError(f"{path}: not a torch.distributed.checkpoint metadata file ({reason(e, 60)})") from e
     if not isinstance(md, Metadata):
         raise WiscaError(f"{path}: not a torch.distributed.checkpoint metadata file")
     return md
@@ -564,12 +560,21 @@ def _copy_range(src: int, offset: int, dst: int, at: int, n: int) -> None:
 
 def write_metadata(folder: Folder, out: Path, storage: dict) -> None:
     """The source's metadata with the new storage table: same keys, chunks, planner data."""
+    from .unpickle import dump
+
     md = copy.copy(folder.metadata)
-    md.storage_data = {idx: storage[idx] for idx in folder.storage}
+    # each piece's storage info in the source's class (a framework's own, e.g. OLMo-core's)
+    md.storage_data = {idx: _same_class(folder.storage[idx], storage[idx]) for idx in folder.storage}
     with open(out / METADATA, "wb") as f:
-        pickle.dump(md, f)
+        dump(md, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _same_class(source_info, info):
+    if type(info) is type(source_info):
+        return info
+    return type(source_info)(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)})
 
 
 # LayerFn: (layer, tensors by role) -> (new tensors by role, multipliers by role (W' = S * W),
