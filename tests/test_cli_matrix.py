@@ -220,6 +220,7 @@ VALID = {
         "verify": [["--no-verify"], ["--verify"]],
         **PROBE_AND_TOLERANCE,
         "base": [["--base", "{base}"]],
+        "training_state": [["--training-state", "transform"], ["--training-state", "drop"]],
         "overwrite": [["--overwrite"]],
         "json_out": [],    # the mode every case also runs in
         "report": [["--report", "{root}/report.json"]],
@@ -270,6 +271,7 @@ INVALID = {
     "mode": [["--mode", "fuzzy"]],
     "plot": [["--plot", "{root}/no/such/dir/p.png"]],
     "config": [["--config", "{root}/no-such-config.json"]],
+    "training_state": [["--training-state", "keep"]],
 }
 # the input kinds each command accepts (verify: pairs A B)
 INPUTS = {

@@ -237,22 +237,23 @@ def test_by_name_state_dict(trained, kind, tmp_path):
             assert torch.equal(after["state"][name][k], entry[k] / s ** p), (name, k)
 
 
-def test_unknown_optimizer_is_recorded_not_transformed(trained, tmp_path):
+def test_unknown_optimizer_is_refused_before_anything_is_written(trained, tmp_path):
     _, ckpt, _ = trained
     src = _copy_checkpoint(ckpt, tmp_path / "src")
     torch.save({"state": {0: {"step": torch.tensor(2.0), "exp_avg_sq_row": torch.ones(128), "foo": torch.ones(3)}},
                 "param_groups": [{"lr": 1e-3, "params": [0]}]}, src / "optimizer.pt")
     out = tmp_path / "out"
-    wisca.transform(src, out)
-    record = transform_training_state(src, out, wisca.scale_multipliers(out), list(tensor_shapes(src)))
-    opt = record["optimizer"]
-    assert opt["transformed"] is False and opt["file"] == "optimizer.pt"
-    assert "foo" in opt["reason"] and "NOT transformed" in opt["warning"]
-    assert (out / "optimizer.pt").read_bytes() == (src / "optimizer.pt").read_bytes()
-    # a file that is not a tensor-only state dict: the same, loudly
+    with pytest.raises(WiscaError, match=r"optimizer\.pt: optimizer state keys \['exp_avg_sq_row', 'foo', 'step'\]"
+                                         r".*nothing written"):
+        wisca.transform(src, out)
+    assert not out.exists()
+    with pytest.raises(WiscaError, match="foo"):
+        transform_training_state(src, out, {}, list(tensor_shapes(src)))
+    # a file that is not a tensor-only state dict: the same
     torch.save({"state": {}, "param_groups": [{"params": []}], "hook": _Opaque()}, src / "optimizer.pt")
-    record = transform_training_state(src, out, {}, [])
-    assert record["optimizer"]["transformed"] is False and "weights_only" in record["optimizer"]["reason"]
+    with pytest.raises(WiscaError, match=r"optimizer\.pt: cannot be read with torch\.load\(weights_only=True\)"):
+        wisca.transform(src, out)
+    assert not out.exists()
     (src / "optimizer.pt").unlink()
     assert transform_training_state(src, out, {}, []) == {}
 
@@ -280,12 +281,7 @@ def test_inconsistent_positions_are_refused(trained, tmp_path):
         transform_training_state(src, tmp_path, mult, list(tensor_shapes(src)))
 
 
-# -- through the command line, once api.transform / api.undo call transform_training_state ----
-def _wired(report: dict) -> None:
-    if "training_state" not in report:
-        pytest.skip("api.transform does not carry the optimizer state yet (integration pending)")
-
-
+# -- through the command line ---------------------------------------------------------------
 def test_cli_transform_and_undo_carry_the_optimizer_state(trained, tmp_path):
     import json
 
@@ -296,7 +292,6 @@ def test_cli_transform_and_undo_carry_the_optimizer_state(trained, tmp_path):
     res = run_cli("transform", ckpt, out, "--json")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
-    _wired(report)
     opt = report["training_state"]["optimizer"]
     assert opt["transformed"] and opt["exact"] and opt["scaled_parameters"] == 12
     assert json.loads((out / "wisca.json").read_text())["training_state"] == report["training_state"]
@@ -306,7 +301,7 @@ def test_cli_transform_and_undo_carry_the_optimizer_state(trained, tmp_path):
     assert (back / "optimizer.pt").read_bytes() == (ckpt / "optimizer.pt").read_bytes()
 
 
-def test_cli_warns_about_an_optimizer_state_it_cannot_transform(trained, tmp_path):
+def test_cli_refuses_an_optimizer_state_it_cannot_transform_and_drop_opts_out(trained, tmp_path):
     import json
 
     from conftest import run_cli
@@ -316,9 +311,18 @@ def test_cli_warns_about_an_optimizer_state_it_cannot_transform(trained, tmp_pat
     torch.save({"state": {0: {"exp_avg_sq_row": torch.ones(128)}}, "param_groups": [{"params": [0]}]},
                src / "optimizer.pt")
     res = run_cli("transform", src, tmp_path / "out", "--json")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert f"{src / 'optimizer.pt'}: optimizer state keys ['exp_avg_sq_row']" in lines[0]
+    assert "pass --training-state drop" in lines[0] and not (tmp_path / "out").exists()
+    # the opt-out: the weights, transformed and verified, and no optimizer state at all
+    res = run_cli("transform", src, tmp_path / "out", "--json", "--training-state", "drop")
     assert res.returncode == 0, res.stderr
-    _wired(json.loads(res.stdout))
-    assert "optimizer.pt: optimizer state found and NOT transformed" in res.stderr
+    opt = json.loads(res.stdout)["training_state"]["optimizer"]
+    assert opt["dropped"] == ["optimizer.pt"] and opt["transformed"] is False and "fresh optimizer" in opt["resume"]
+    assert not (tmp_path / "out" / "optimizer.pt").exists() and (tmp_path / "out" / "scheduler.pt").is_file()
+    assert "left out of the output" in res.stderr
+    assert run_cli("verify", src, tmp_path / "out").returncode == 0
     # and a known optimizer whose positions do not fit the model: exit 2, one line, nothing written
     sd = _load(ckpt / "optimizer.pt")
     sd["state"][2]["exp_avg"] = torch.zeros(3, 3)

@@ -79,6 +79,7 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                                                                           "max_rel bounds the B A products")
         return transform_adapter(src, dst, pow2=opts.scales == "pow2", norm=opts.norm, strength=opts.strength,
                                  overwrite=opts.overwrite, base=opts.base, verify=opts.verify,
+                                 training_state=opts.training_state,
                                  probe=(opts.probe_batch, opts.probe_len, opts.seed, opts.probe_ids_file),
                                  tolerance=opts.given_tolerance(), warnings=warnings)
     if opts.base is not None:
@@ -87,6 +88,9 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
     ckpt = open_checkpoint(src, opts.revision)
     try:
         dst_path = check_target(ckpt.root, Path(dst), opts.overwrite)
+        from .training import plan_training_state, transform_training_state
+
+        dropped = plan_training_state(ckpt.root, opts.training_state)   # refuses before any work
         pow2 = opts.scales == "pow2"
         if ckpt.layout.fp8_weights and not pow2:
             raise OptionError("scales", f"{ckpt.root}: FP8 block-quantised weights take power-of-two scales only "
@@ -157,11 +161,10 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
                                          report["fp8"]["units"], report["fp8_folded_blocks"])
             if result is not None and not result.passed:
                 raise VerificationFailed(result.failure(), report)
-            copy_other_files(ckpt.root, out.tmp, skip=set(ckpt.shards) | {RECORD_NAME, SCALES_NAME})
-            from .training import transform_training_state   # optimizer.pt of a Trainer checkpoint
-
-            report["training_state"] = transform_training_state(
-                ckpt.root, out.tmp, _multipliers(ckpt, opts.targets, opts.granularity, scales), list(ckpt.tensors))
+            copy_other_files(ckpt.root, out.tmp, skip=set(ckpt.shards) | {RECORD_NAME, SCALES_NAME} | dropped)
+            report["training_state"] = transform_training_state(   # optimizer.pt of a Trainer checkpoint
+                ckpt.root, out.tmp, _multipliers(ckpt, opts.targets, opts.granularity, scales), list(ckpt.tensors),
+                mode=opts.training_state)
             report["seconds"] = round(time.perf_counter() - started, 3)
             write_record(out.tmp, report, scales, {"granularity": opts.granularity})
             out.commit()
@@ -241,6 +244,9 @@ def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite:
         record, scales = read_record(ckpt.root)
         opts = record["options"]
         dst_path = check_target(ckpt.root, Path(restored), overwrite)
+        from .training import plan_training_state
+
+        plan_training_state(ckpt.root)   # a state wisca cannot carry back is refused before any work
         pow2 = all(v != "tolerance" for v in
                    solve.exactness(ckpt.layout, tuple(opts["targets"]), opts["scales"] == "pow2").values())
         verifier = None

@@ -146,12 +146,13 @@ def _adapter_verification_line(v: dict) -> Text:
 
 
 def _print_training_state(report: dict, json_out: bool) -> None:
-    """The optimizer state's fate; a state left untransformed is a warning on stderr, always."""
+    """The optimizer state's fate; a state left out (--training-state drop) is a note on stderr, always."""
     opt = (report.get("training_state") or {}).get("optimizer")
     if not opt:
         return
-    if not opt["transformed"]:
-        err.print(f"warning: {opt['warning']}", style="bold yellow", markup=False, highlight=False, soft_wrap=True)
+    if opt.get("dropped"):
+        err.print(f"note: --training-state drop: {', '.join(opt['dropped'])} left out of the output; "
+                  f"{opt['resume']}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     elif not json_out:
         what = opt.get("note") or (f"{opt['tensors']} moments of {opt['scaled_parameters']} parameters rescaled "
                                    f"({opt['optimizer']}, {opt['format']}{', exact' if opt['exact'] else ''})")
@@ -241,6 +242,7 @@ def _print_warnings(result: dict) -> None:
     "  wisca transform ckpt/ out/ --scales continuous --granularity head --strength 0.5 --max-kl 1e-4\n\n"
     "  wisca transform adapter/ adapter-wisca/ --base base-model/   # a PEFT LoRA adapter\n\n"
     "  wisca transform ckpt/ out/ --json --report wisca-report.json   # for CI\n\n"
+    "  wisca transform checkpoint-500/ out/ --training-state drop   # weights only, no optimizer state\n\n"
     "  wisca transform step-1000/ step-1000-wisca/ --config config.json   # torch.distributed checkpoint\n\n"
     "  torchrun --nproc-per-node 8 -m wisca_cli transform checkpoint-500/ out/   # split across ranks"))
 def transform(
@@ -264,6 +266,7 @@ def transform(
     revision: Optional[str] = _flag("revision"),
     base: Optional[str] = _flag("base"),
     config: Optional[str] = _flag("config"),
+    training_state: str = _flag("training_state"),
     overwrite: bool = _flag("overwrite"),
     json_out: bool = JSON_FLAG,
     report: Optional[Path] = REPORT_FLAG,

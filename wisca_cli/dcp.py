@@ -44,6 +44,12 @@ METADATA = ".metadata"
 TRAINER_MODEL, TRAINER_OPTIM = "pytorch_model_fsdp_0", "optimizer_0"   # Accelerate's FSDP folders
 WRAPPER_SEGMENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 STATE = "optimizer.state."
+# top-level keys under which frameworks save the optimizer (torch / torchtitan / Accelerate,
+# OLMo-core): "<prefix>state.<parameter fqn>.<state key>", "<prefix>param_groups...."
+OPTIMIZER_PREFIXES = ("optimizer.", "optim.")
+# the last segment of a key that is training state wherever it stands (a moment, a master copy)
+STATE_LIKE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "exp_inf")
+MASTER_LIKE = ("master", "fp32_param", "fp32_weight", "fp32_flat")
 # optimizer state key -> p: entries are sums of gradient powers g**p, so they become entry / S**p
 MOMENT_POWERS = {"step": 0, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2, "mu_product": 0,
                  "exp_inf": 1, "momentum_buffer": 1, "sum": 2}
@@ -259,6 +265,8 @@ class DcpCheckpoint:
     adapter: str | None
     config_path: Path
     source: str = ""
+    untouched: list = field(default_factory=list)   # (state key, entry) of parameters wisca never scales
+    dropped: list = field(default_factory=list)     # optimizer entries left out (training_state "drop")
 
     @property
     def tensors(self) -> dict:   # what api's helpers read: shapes by spec name
@@ -310,19 +318,28 @@ class _Lay:
     layout: Layout
 
 
-def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None) -> DcpCheckpoint:
+def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None,
+             training_state: str = "transform") -> DcpCheckpoint:
+    """The checkpoint's folders, its model's layout and every entry accounted for: weights by
+    spec name, optimizer state by the weight it follows (``_account_state``: state that
+    follows no tensor of the checkpoint is refused). ``training_state`` "drop": the
+    optimizer's entries are left out of the output (``DcpCheckpoint.dropped``)."""
     from .checkpoint import _load_json
 
     root = Path(src)
+    dropped_folders = []
     if (root / TRAINER_MODEL / METADATA).is_file():          # HF Trainer / Accelerate FSDP
         folders = [open_folder(root / TRAINER_MODEL, TRAINER_MODEL)]
         if (root / TRAINER_OPTIM / METADATA).is_file():
-            folders.append(open_folder(root / TRAINER_OPTIM, TRAINER_OPTIM))
+            if training_state == "drop":
+                dropped_folders.append(TRAINER_OPTIM + "/")
+            else:
+                folders.append(open_folder(root / TRAINER_OPTIM, TRAINER_OPTIM))
     else:
         folders = [open_folder(root, "")]
     cfg_path = _find_config(root, config)
     cfg = _load_json(cfg_path, "config.json")
-    keys = [k for f in folders for k, e in f.entries.items() if e.is_tensor and not k.startswith("optimizer.")]
+    keys = [k for f in folders for k, e in f.entries.items() if e.is_tensor and not _optimizer_key(k)]
     # the tensor names say how MoE experts are stored: per expert, or fused in 3-D tensors
     base = layout_from_config(cfg, str(cfg_path), tensor_names=[_canonical(k) for k in keys])
     # the family's own (Hugging Face) names, or one of its adapters' (torchtitan's)
@@ -336,23 +353,19 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None) ->
         names = " or ".join(lay.spec.embed for _, lay in candidates)
         raise WiscaError(f"{root}: no tensor named like the {base.spec.name} embedding ({names}); "
                          f"is {cfg_path} this model's config?")
-    weights, moments = {}, {}
+    weights = {}
     for f in folders:
         for key, e in f.entries.items():
-            if not e.is_tensor:
-                continue
-            if key.startswith(STATE):
-                fqn, _, moment = key[len(STATE):].rpartition(".")
-                name = _match(fqn, known)
-                if name is not None:
-                    moments.setdefault(name, {})[moment] = e
-            elif not key.startswith("optimizer."):
+            if e.is_tensor and not _optimizer_key(key) and not _state_like(key):
                 name = _match(key, known)
                 if name is not None:
                     if name in weights:
                         raise WiscaError(f"{f.path / METADATA}: {weights[name].key} and {key} both name {name}")
                     weights[name] = e
-    ckpt = DcpCheckpoint(root, cfg, layout, folders, weights, moments, adapter, cfg_path, str(root))
+    dropped = dropped_folders + (_drop_state(folders) if training_state == "drop" else [])
+    moments, untouched = _account_state(folders, known, keys)
+    ckpt = DcpCheckpoint(root, cfg, layout, folders, weights, moments, adapter, cfg_path, str(root),
+                         untouched=untouched, dropped=dropped)
     if layout.mxfp4_experts or layout.fp8_weights:
         kind = "MXFP4-quantised experts" if layout.mxfp4_experts else "FP8 block-quantised weights"
         raise WiscaError(f"{root}: {kind} in a torch.distributed checkpoint are not supported "
@@ -362,6 +375,76 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None) ->
             if name not in weights:
                 raise WiscaError(f"{root}: tensor {name} (layer {i} {role}) not in the checkpoint")
     return ckpt
+
+
+def _optimizer_key(key: str) -> bool:
+    return key.startswith(OPTIMIZER_PREFIXES)
+
+
+def _state_like(key: str) -> bool:
+    """Named like a moment or a master copy (outside an optimizer's keys: refused)."""
+    return key.rsplit(".", 1)[-1] in STATE_LIKE or any(m in key.lower() for m in MASTER_LIKE)
+
+
+def _state_key(key: str) -> tuple[str, str] | None:
+    """(parameter fqn, state key) of an optimizer state entry, else None."""
+    for prefix in OPTIMIZER_PREFIXES:
+        if key.startswith(prefix + "state."):
+            fqn, _, moment = key[len(prefix) + len("state."):].rpartition(".")
+            return fqn, moment
+    return None
+
+
+def _account_state(folders: list[Folder], known: dict[str, str], model_keys: list[str]):
+    """Every entry that is or looks like training state, accounted for: (moments by spec
+    name -> state key -> entry, [(state key, entry)] of model tensors outside the spec, which
+    wisca never scales). Refuses (``WiscaError`` naming the entry) state that follows no
+    tensor of the checkpoint, a pickled (non-tensor) moment, and a moment or master copy
+    outside an optimizer's keys: wisca could not say it was rescaled."""
+    suffixes = set()
+    for k in model_keys:
+        parts = _canonical(k).split(".")
+        suffixes |= {".".join(parts[i:]) for i in range(len(parts))}
+    moments, untouched = {}, []
+    for f in folders:
+        for key, e in f.entries.items():
+            where = f.path / METADATA
+            parsed = _state_key(key)
+            if parsed is None:
+                if e.is_tensor and _optimizer_key(key) and ".param_groups." not in key:
+                    raise WiscaError(f"{where}: {key}: optimizer state wisca cannot map to a parameter (not "
+                                     f"<prefix>state.<parameter>.<key>); nothing written")
+                if not _optimizer_key(key) and _state_like(key):
+                    raise WiscaError(f"{where}: {key}: looks like training state (a moment or a master copy) "
+                                     f"outside the optimizer's keys; wisca cannot tell which weight it follows, "
+                                     f"so it cannot rescale it; nothing written")
+                continue
+            fqn, moment = parsed
+            if not e.is_tensor:
+                if MOMENT_POWERS.get(moment) == 0:
+                    continue                       # a step count stored as an object
+                raise WiscaError(f"{where}: {key}: optimizer state stored as a pickled object, not a tensor; "
+                                 f"wisca cannot rescale it; nothing written")
+            name = _match(fqn, known)
+            if name is not None:
+                moments.setdefault(name, {})[moment] = e
+            elif _canonical(fqn) in suffixes:
+                untouched.append((moment, e))
+            else:
+                raise WiscaError(f"{where}: {key}: optimizer state of {fqn}, which is not a tensor of the "
+                                 f"checkpoint; wisca cannot tell which weight it follows (a fused parameter?), "
+                                 f"so it cannot rescale it; nothing written")
+    return moments, untouched
+
+
+def _drop_state(folders: list[Folder]) -> list[str]:
+    """Leave every optimizer entry out of the output (``training_state`` "drop")."""
+    dropped = []
+    for f in folders:
+        for key in [k for k in f.entries if _optimizer_key(k)]:
+            del f.entries[key]
+            dropped.append(key)
+    return dropped
 
 
 # -- the world: one process, or the ranks of a torchrun job -------------------------------------
@@ -564,7 +647,12 @@ def write_metadata(folder: Folder, out: Path, storage: dict) -> None:
 
     md = copy.copy(folder.metadata)
     # each piece's storage info in the source's class (a framework's own, e.g. OLMo-core's)
-    md.storage_data = {idx: _same_class(folder.storage[idx], storage[idx]) for idx in folder.storage}
+    md.storage_data = {idx: _same_class(folder.storage[idx], storage[idx]) for idx in folder.storage
+                       if idx.fqn in folder.entries}
+    if len(folder.entries) != len(md.state_dict_metadata):   # entries left out (training_state "drop")
+        md.state_dict_metadata = {k: v for k, v in md.state_dict_metadata.items() if k in folder.entries}
+        if isinstance(md.planner_data, dict):
+            md.planner_data = {k: v for k, v in md.planner_data.items() if k in folder.entries}
     with open(out / METADATA, "wb") as f:
         dump(md, f)
         f.flush()
@@ -600,6 +688,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
         (out_root / f.rel).mkdir(parents=True, exist_ok=True)
         writers[f.rel] = ChunkWriter(out_root / f.rel, f"__{rank}_0.distcp", pool)
     done: set[str] = set()       # entry keys handled by their stage
+    accounting: dict[str, dict[str, int]] = {}   # state key -> scaled / untouched / copied
     reports, fault = [], os.environ.get("WISCA_TEST_FAULT_RANK")
     state = {"result": None}
 
@@ -656,15 +745,23 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
         done.add(e.key)
         check_fault()
 
+    def count(moment: str, how: str) -> None:
+        accounting.setdefault(moment, {"scaled": 0, "untouched": 0, "copied": 0})[how] += 1
+
     def moments_of(name: str, mult) -> None:
         for moment, e in sorted(ckpt.moments.get(name, {}).items()):
-            if mult is None or MOMENT_POWERS.get(moment) == 0:
+            if MOMENT_POWERS.get(moment) == 0:
                 copy_entry(e)
+                count(moment, "copied")
+            elif mult is None or bool((mult == 1).all()):
+                copy_entry(e)
+                count(moment, "untouched")
             elif moment not in MOMENT_POWERS:
                 raise WiscaError(f"{e.folder.path / METADATA}: {e.key}: optimizer state {moment!r} of a "
                                  f"rescaled parameter; wisca knows {', '.join(MOMENT_POWERS)}")
             else:
                 scale_entry(e, mult, -MOMENT_POWERS[moment])
+                count(moment, "scaled")
 
     def chained(step):
         """Run ``step`` with the verifier's streams handed over from the previous rank."""
@@ -832,9 +929,12 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
         claimed = {e.key for e in ckpt.weights.values()} | {e.key for m in ckpt.moments.values()
                                                             for e in m.values()}
         rest = [e for f in ckpt.folders for k, e in sorted(f.entries.items()) if k not in claimed]
+        outside = {e.key: moment for moment, e in ckpt.untouched}
         for j, e in enumerate(rest):
             if j % size == rank:
                 copy_entry(e)
+                if e.key in outside:   # state of a tensor outside the spec: never scaled
+                    count(outside[e.key], "copied" if MOMENT_POWERS.get(outside[e.key]) == 0 else "untouched")
         for w in writers.values():
             w.close()
     finally:
@@ -843,7 +943,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
         pool.shutdown(wait=True)
         ring.live.clear()
     return {"storage": {rel: w.infos for rel, w in writers.items()}, "layers": reports,
-            "result": state["result"]}
+            "result": state["result"], "accounting": accounting}
 
 
 def _row_blocks(e: Entry) -> bool:

@@ -146,22 +146,39 @@ def _copy_beside(ckpt, tmp: Path) -> None:
         data = {info.relative_path for info in folder.storage.values()}
         copy_other_files(folder.path, tmp / folder.rel, skip=data | {RECORD_NAME, SCALES_NAME} | (
             subs if not folder.rel else set()))
-    if subs:   # Trainer's checkpoint-N/: its own files beside the DCP folders
-        copy_other_files(ckpt.root, tmp, skip=subs | {RECORD_NAME, SCALES_NAME})
+    dropped = {d.rstrip("/") for d in ckpt.dropped if d.endswith("/")}   # Trainer's optimizer_0/
+    if subs or dropped:   # Trainer's checkpoint-N/: its own files beside the DCP folders
+        copy_other_files(ckpt.root, tmp, skip=subs | dropped | {RECORD_NAME, SCALES_NAME})
     if not (tmp / "config.json").exists():
         shutil.copyfile(ckpt.config_path, tmp / "config.json")
 
 
 def _optimizer_report(ckpt, payloads: list[dict], invert: bool, exact: bool) -> dict:
-    if not ckpt.moments:
+    if ckpt.dropped:
+        from .training import RESUME_WITHOUT_STATE
+
+        folders = [d for d in ckpt.dropped if d.endswith("/")]
+        what = folders + ([f"{len(ckpt.dropped) - len(folders)} optimizer entries"]
+                          if len(ckpt.dropped) > len(folders) else [])
+        return {"optimizer": {"file": ", ".join(what), "format": "dcp", "transformed": False,
+                              "dropped": what, "resume": RESUME_WITHOUT_STATE}}
+    if not ckpt.moments and not ckpt.untouched:
         return {}
-    folders = sorted({e.folder.rel or "." for m in ckpt.moments.values() for e in m.values()})
+    accounting: dict[str, dict[str, int]] = {}
+    for p in payloads:
+        for moment, counts in p.get("accounting", {}).items():
+            mine = accounting.setdefault(moment, {"scaled": 0, "untouched": 0, "copied": 0})
+            for how, n in counts.items():
+                mine[how] += n
+    folders = sorted({e.folder.rel or "." for m in ckpt.moments.values() for e in m.values()} |
+                     {e.folder.rel or "." for _, e in ckpt.untouched})
     return {"optimizer": {
         "file": ", ".join(f"{f}/{METADATA}" if f != "." else METADATA for f in folders), "format": "dcp",
-        "optimizer": "/".join(sorted({k for m in ckpt.moments.values() for k in m})), "transformed": True,
+        "optimizer": "/".join(sorted({k for m in ckpt.moments.values() for k in m} | {k for k, _ in ckpt.untouched})),
+        "transformed": True,
         "tensors": sum(p["counts"]["moments_scaled"] for p in payloads),
         "parameters": len(ckpt.moments), "scaled_parameters": sum(p["counts"]["params_scaled"] for p in payloads),
-        "direction": "S (undo)" if invert else "1/S", "exact": exact}}
+        "direction": "S (undo)" if invert else "1/S", "exact": exact, "accounting": accounting}}
 
 
 def transform(src, dst, opts: TransformOptions, progress=None) -> dict:
@@ -170,7 +187,7 @@ def transform(src, dst, opts: TransformOptions, progress=None) -> dict:
 
 def _transform(world: World, src, dst, opts: TransformOptions, progress) -> dict:
     started = time.perf_counter()
-    ckpt, dst_path = _phase(world, lambda: _open(src, dst, opts.config, opts.overwrite))
+    ckpt, dst_path = _phase(world, lambda: _open(src, dst, opts.config, opts.overwrite, opts.training_state))
     try:
         lay, pow2 = ckpt.layout, opts.scales == "pow2"
         exactness = solve.exactness(lay, opts.targets, pow2)
@@ -260,8 +277,8 @@ def _final_shapes(ckpt) -> dict[str, tuple[int, ...]]:
     return {role: ckpt.weights[n].size for role, n in _final_names(ckpt).items()}
 
 
-def _open(src, dst, config, overwrite):
-    ckpt = open_dcp(src, config)
+def _open(src, dst, config, overwrite, training_state="transform"):
+    ckpt = open_dcp(src, config, training_state)
     try:
         return ckpt, check_target(ckpt.root, Path(dst), overwrite)
     except BaseException:

@@ -217,6 +217,15 @@ class _Touched:
 
     def __init__(self, exact: bool):
         self.exact, self.log, self.copies = exact, [], {}
+        self.accounting: dict[str, dict[str, int]] = {}   # optimizer state key -> scaled / untouched / copied
+        self.counted: set = set()
+
+    def count(self, key: str, how: str, ident=None) -> None:
+        if ident is not None:
+            if (ident, key) in self.counted:   # a fused parameter: one entry, several regions
+                return
+            self.counted.add((ident, key))
+        self.accounting.setdefault(key, {"scaled": 0, "untouched": 0, "copied": 0})[how] += 1
 
     def scale(self, key: tuple, view: torch.Tensor, mult: torch.Tensor, power: int, offset: float = 0.0) -> None:
         mult = mult.to(view.device)
@@ -274,6 +283,7 @@ def _run(model, params: dict, optimizer, powers: dict, groups, vocab: int, exact
         mp_dtypes = _mixed_precision_dtypes(model)
         reports, recorded = [], {}
         groups = list(groups)   # every name resolved before anything is touched
+        _check_state(groups, params, optimizer, powers)
         try:
             for label, pairs, regions in groups:
                 results = _balance_layer(pairs, regions, params, opts["norm"], opts["strength"], opts["pow2"],
@@ -306,9 +316,17 @@ def _run(model, params: dict, optimizer, powers: dict, groups, vocab: int, exact
     finally:
         model.train(was_training)
     report = make_report(reports, verification)
+    if optimizer is not None:   # the state of every parameter the transition left alone
+        by_param = {id(p): n for n, p in params.items()}
+        for param, state in optimizer.state.items():
+            name = by_param.get(id(param), id(param))
+            for key in state:
+                if (name, key) not in touched.counted:
+                    touched.count(key, "untouched" if powers.get(key, 0) else "copied", name)
     report["optimizer"] = {"transformed": optimizer is None or bool(powers) or not optimizer.state,
                            "reset": opts["optimizer_state"] == "reset",
-                           "optimizer": type(optimizer).__name__ if optimizer is not None else None}
+                           "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+                           "accounting": touched.accounting}
     return report, recorded
 
 
@@ -521,6 +539,26 @@ def _balance_layer(pairs, regions, params, norm, strength, pow2, compute_dtype, 
     return out
 
 
+def _check_state(groups, params: dict, optimizer, powers: dict[str, int]) -> None:
+    """Before anything is touched: every optimizer entry of a parameter the transition may
+    rescale is one wisca rescales exactly (a floating-point tensor of the parameter's shape)
+    or one no rescaling changes (``step``); anything else is refused, never skipped."""
+    if optimizer is None:
+        return
+    names = {regions[role].name for _, _, regions in groups for role in regions}
+    for name in sorted(names):
+        param = params[name]
+        for key, t in optimizer.state.get(param, {}).items():
+            if not powers.get(key, 0):
+                continue
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else None
+            if shape != tuple(param.shape) or not t.is_floating_point():
+                what = f"a {type(t).__name__}" if shape is None else f"{t.dtype} of shape {list(shape)}"
+                raise WiscaError(f"transition: optimizer state {key!r} of {name} is {what}, not a floating-point "
+                                 f"tensor of the parameter's shape {list(param.shape)}; wisca cannot rescale it "
+                                 f"with its parameter; nothing changed (optimizer_state='reset' clears it)")
+
+
 def _scale_state(region: Region, param, optimizer, powers: dict[str, int], mult: torch.Tensor,
                  touched: _Touched) -> None:
     """The gradient (if any) times 1/S, each optimizer moment times 1/S**p."""
@@ -530,8 +568,9 @@ def _scale_state(region: Region, param, optimizer, powers: dict[str, int], mult:
     state = optimizer.state.get(param, {}) if optimizer is not None else {}
     for key, t in state.items():
         p = powers.get(key, 0)
-        if p and isinstance(t, torch.Tensor) and t.is_floating_point() and tuple(t.shape) == tuple(param.shape):
+        if p:    # a floating-point tensor of the parameter's shape (``_check_state``)
             tensors.append((key, t, -p))
+        touched.count(key, "scaled" if p else "copied", region.name)
     for key, t, power in tensors:
         for view, off in region.pieces(t):
             touched.scale((key, region.name, region.start, off), view,

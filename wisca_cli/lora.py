@@ -287,20 +287,20 @@ def _write(out_tmp: Path, src: Path, tensors: dict | None, metadata: dict | None
 
 
 def _training_state(src: Path, tmp: Path, multipliers: dict, names: list[str], invert: bool,
-                    base: Path | None, trivial: bool) -> dict:
+                    base: Path | None, trivial: bool, mode: str = "transform") -> dict:
     from .training import find_optimizer_state, transform_training_state
 
-    if trivial:
+    if trivial and mode != "drop":
         path, others = find_optimizer_state(src)
         return {"optimizer": {"file": path.name, "transformed": True, "tensors": 0,
                               "note": "every scale is 1: the optimizer state is unchanged"}} if path else {}
-    return transform_training_state(src, tmp, multipliers, names, invert, base=base)
+    return transform_training_state(src, tmp, multipliers, names, invert, base=base, mode=mode)
 
 
 def transform_adapter(src: str | os.PathLike, dst: str | os.PathLike, pow2: bool = True, norm: str = "fro",
                       strength: float = 1.0, overwrite: bool = False, base: str | os.PathLike | None = None,
                       verify: bool = True, probe: tuple | None = None, tolerance: dict | None = None,
-                      warnings: list | None = None) -> dict:
+                      warnings: list | None = None, training_state: str = "transform") -> dict:
     """Balance a PEFT LoRA adapter's A/B pairs per rank channel; write it to dst if it verifies.
 
     ``pow2`` (default): power-of-two scales, every B A product bit-identical. ``norm``:
@@ -312,7 +312,8 @@ def transform_adapter(src: str | os.PathLike, dst: str | os.PathLike, pow2: bool
     Writes ``wisca.json`` (the report) and ``wisca_scales.safetensors`` (module -> s,
     float32) beside the adapter, so ``undo_adapter`` restores it bit-identically; an
     optimizer state in the folder (a Trainer checkpoint) is carried into the new
-    parametrisation. ``probe`` (batch, length, seed, ids file) and ``tolerance`` (fields
+    parametrisation (``training_state="drop"``: left out of the output instead; a state
+    wisca cannot rescale is refused). ``probe`` (batch, length, seed, ids file) and ``tolerance`` (fields
     not given: float32 defaults) apply to the base + adapter logits check. Raises
     ``VerificationFailed`` or ``WiscaError``; nothing is written then.
     """
@@ -329,6 +330,9 @@ def transform_adapter(src: str | os.PathLike, dst: str | os.PathLike, pow2: bool
     config, tensors, metadata, modules = read_adapter(src)
     dst_path = check_target(src, Path(dst), overwrite)
     base_path = Path(base).resolve() if base is not None else None
+    from .training import plan_training_state
+
+    dropped = plan_training_state(src, check("training_state", training_state))   # refuses before any work
 
     new: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
@@ -387,11 +391,12 @@ def transform_adapter(src: str | os.PathLike, dst: str | os.PathLike, pow2: bool
         raise VerificationFailed(f"verification failed: base + adapter differ at {where}; nothing written", report)
 
     with StagedOutput(dst_path, overwrite) as out:
-        copy_other_files(src, out.tmp, skip={ADAPTER_WEIGHTS, RECORD_NAME, SCALES_NAME})
+        copy_other_files(src, out.tmp, skip={ADAPTER_WEIGHTS, RECORD_NAME, SCALES_NAME} | dropped)
         _write(out.tmp, src, None if trivial else out_tensors, metadata,
                record_stamp())
         mults = _multipliers(modules, tensors, scales)
-        report["training_state"] = _training_state(src, out.tmp, mults, list(tensors), False, base_path, trivial)
+        report["training_state"] = _training_state(src, out.tmp, mults, list(tensors), False, base_path, trivial,
+                                                   training_state)
         report["seconds"] = round(time.perf_counter() - started, 3)
         write_record(out.tmp, report, scales, {"kind": KIND})
         out.commit()
@@ -431,6 +436,9 @@ def undo_adapter(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool
     record, scales = read_adapter_record(src)
     config, tensors, metadata, modules = read_adapter(src)
     dst_path = check_target(src, Path(dst), overwrite)
+    from .training import plan_training_state
+
+    plan_training_state(src)   # a state wisca cannot carry back is refused before any work
     pow2 = record.get("options", {}).get("scales", "pow2") == "pow2"
     new = {}
     for m in modules:

@@ -21,6 +21,7 @@ ALL_TARGETS = DEFAULT_TARGETS + EXTRA_TARGETS
 NORMS = ("fro", "rms")
 SCALES = ("pow2", "continuous")
 MODES = ("auto", "exact", "tolerance")
+TRAINING_STATE_MODES = ("transform", "drop")
 
 
 class OptionError(WiscaError):
@@ -106,6 +107,9 @@ _OPTIONS = [
            kind="path"),
     Option("config", None, "torch.distributed checkpoints only: the model's config.json (or its folder) when "
            "it is not in the checkpoint folder or its parent.", kind="path"),
+    Option("training_state", "transform", "Optimizer and engine state (moments, fp32 masters): transform it "
+           "exactly with the weights, refusing any state wisca cannot rescale; or drop it from the output "
+           "(resume from the weights with a fresh optimizer).", choices=TRAINING_STATE_MODES),
     Option("overwrite", False, "Replace the output folder (the old one stays until the new one verified).",
            kind="bool"),
     Option("report", None, "Also write the JSON report to this file.", kind="path"),
@@ -153,6 +157,7 @@ class TransformOptions:
     revision: str | None = None
     base: str | None = None                          # LoRA adapters: base model folder for the logits check
     config: str | None = None                        # DCP checkpoints: config.json when not beside them
+    training_state: str = default("training_state")  # "transform" or "drop"
     given: frozenset = frozenset()                   # fields the caller set explicitly
 
     @classmethod

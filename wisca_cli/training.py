@@ -47,8 +47,11 @@ Two file formats are understood, found in the checkpoint folder as ``optimizer.p
 Anything else that looks like an optimizer state (an optimizer whose state keys are not
 known to transform by a power of the gradient, e.g. Adafactor or 8-bit states, a file that
 cannot be read with ``weights_only=True``, DeepSpeed ``global_step*`` folders, FSDP
-``optimizer_*`` folders, per-rank files) is left as it is and recorded loudly as NOT
-transformed: resuming from it would start from moments of the old parametrisation.
+``optimizer_*`` folders, per-rank files) is refused before anything is written: resuming from
+it would apply moments of the old parametrisation to the rescaled weights, or (DeepSpeed)
+restore the old weights themselves. ``training_state="drop"`` is the explicit opt-out: the
+output leaves every optimizer and engine state out (``plan_training_state``), and the report
+says how to resume from the weights alone.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ import torch
 
 from .errors import WiscaError, reason
 from .formats import INDEX_NAME
+from .options import TRAINING_STATE_MODES  # noqa: F401 - the modes, stated once
 from .fused import Param, identity, parameter_layout
 
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "optim.pt")
@@ -91,16 +95,69 @@ def find_optimizer_state(folder: Path) -> tuple[Path | None, list[str]]:
         name = entry.name
         if entry.is_dir() and (re.fullmatch(r"global_step\d+", name) or name.startswith("optimizer")):
             others.append(name + "/")           # DeepSpeed engine state, FSDP sharded optimizer
-        elif entry.is_file() and re.fullmatch(r"rank\d+-of-\d+-optimizer\.pt|.*_optim_states\.pt", name):
+        elif entry.is_file() and re.fullmatch(r"rank\d+-of-\d+-optimizer\.pt|.*_optim_states\.pt|"
+                                              r"optimizer_\d+\.(?:bin|pt)", name):
             others.append(name)                 # XLA FSDP per-rank files
     return (found[0] if found else None), others
 
 
-def _not_transformed(file: str, reason: str) -> dict:
-    return {"optimizer": {
-        "file": file, "transformed": False, "reason": reason,
-        "warning": f"{file}: optimizer state found and NOT transformed ({reason}); it holds moments of the "
-                   f"original parametrisation, which resuming from it would apply to the rescaled weights"}}
+RESUME_WITHOUT_STATE = ("resume from the weights alone: load the output's model and start a fresh optimizer "
+                        "(HF Trainer: resume_from_checkpoint keeps the scheduler and step and starts the "
+                        "optimizer afresh when optimizer.pt is absent)")
+
+
+def _refuse(where: str, why: str) -> WiscaError:
+    return WiscaError(f"{where}: {why}; wisca cannot rescale it, so resuming from it would mix the old "
+                      f"parametrisation with the new weights; nothing written (to write the weights without "
+                      f"it, pass `training_state` drop)", fields=("training_state",))
+
+
+def plan_training_state(src: Path, mode: str = "transform") -> set[str]:
+    """Before any work is done: the names of ``src``'s files and folders that hold training
+    state to leave out of the output (``mode`` "drop": all of them; "transform": none).
+    With "transform", raises ``WiscaError`` naming the state for any state wisca cannot
+    rescale exactly (an engine folder, an unknown optimizer, an unreadable file), so nothing
+    is written. Only the state's structure is read here (memory-mapped); the mapping to
+    parameters comes with ``transform_training_state``."""
+    src = Path(src)
+    path, others = find_optimizer_state(src)
+    if mode == "drop":
+        return {p for p in [path.name if path else None, *[o.rstrip("/") for o in others]] if p} | \
+            ({"latest"} if any(o.startswith("global_step") for o in others) and (src / "latest").is_file() else set())
+    if path is not None and others:
+        raise WiscaError(f"{path}: the folder also holds other optimizer states ({', '.join(others)}); "
+                         f"keep only the one the training run resumes from")
+    if path is None:
+        if others:
+            raise _refuse(str(src / others[0].rstrip("/")), _engine_reason(others[0]))
+        return set()
+    _readable_state(path)
+    return set()
+
+
+def _engine_reason(name: str) -> str:
+    if name.startswith("global_step"):
+        return ("DeepSpeed engine state (fp32 master weights and moments; a DeepSpeed resume loads its weights "
+                "from here, not from the safetensors)")
+    if name.endswith("/"):
+        return "a sharded optimizer state folder"
+    return "a per-rank optimizer state file"
+
+
+def _readable_state(path: Path) -> tuple[dict, str, dict[str, int], str]:
+    """(state dict, family, key -> power, display name) of a state wisca can rescale."""
+    try:
+        sd = _load(path)
+    except Exception as e:   # noqa: BLE001 - pickled objects, corrupt files: refused
+        raise _refuse(str(path), f"cannot be read with torch.load(weights_only=True) ({type(e).__name__}: "
+                                 f"{reason(e, 120)})") from None
+    problem = _structure_problem(sd)
+    if problem:
+        raise _refuse(str(path), problem)
+    family, powers, name = _family(sd)
+    if family is None:
+        raise _refuse(str(path), name)
+    return sd, family, powers, name
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -501,36 +558,21 @@ class _State:
 
 
 def _read_state(src: Path, weight_names: list[str] | None, multipliers: dict, base: Path | None) -> "_State | dict":
-    """The optimizer state of src with its entries mapped to tensor names, or the record
-    to return without transforming ({} when there is none)."""
-    path, others = find_optimizer_state(src)
-    if path is not None and others:
-        raise WiscaError(f"{path}: the folder also holds other optimizer states ({', '.join(others)}); "
-                         f"keep only the one the training run resumes from")
+    """The optimizer state of src with its entries mapped to tensor names ({} when there is
+    none); ``WiscaError`` for a state wisca cannot rescale (``plan_training_state``)."""
+    plan_training_state(src, "transform")
+    path, _ = find_optimizer_state(src)
     if path is None:
-        if others:
-            return _not_transformed(others[0], "a sharded or engine-specific optimizer state "
-                                               "(DeepSpeed, FSDP, per-rank files) that wisca does not read")
         return {}
     where = str(path)
-    try:
-        sd = _load(path)
-    except Exception as e:   # noqa: BLE001 - pickled objects, corrupt files: left alone, loudly
-        return _not_transformed(path.name, f"cannot be read with torch.load(weights_only=True): "
-                                           f"{type(e).__name__}: {reason(e, 160)}")
-    problem = _structure_problem(sd)
-    if problem:
-        return _not_transformed(path.name, problem)
-    family, powers, name = _family(sd)
-    if family is None:
-        return _not_transformed(path.name, name)
+    sd, family, powers, name = _readable_state(path)
     keys = [k for g in sd["param_groups"] for k in g["params"]]
     if all(isinstance(k, int) for k in keys) and all(isinstance(k, int) for k in sd["state"]):
         fmt = "hf-trainer"
     elif all(isinstance(k, str) for k in keys) and all(isinstance(k, str) for k in sd["state"]):
         fmt = "by-name"
     else:
-        return _not_transformed(path.name, "param_groups list parameters neither all by position nor all by name")
+        raise _refuse(where, "param_groups list parameters neither all by position nor all by name")
     shapes = tensor_shapes(src)
     if weight_names:
         known = set(weight_names)
@@ -557,7 +599,7 @@ def optimizer_parameter_names(src: str | os.PathLike, base: str | os.PathLike | 
 # -- the seam -------------------------------------------------------------------------------
 def transform_training_state(src: Path, dst: Path, multipliers: dict[str, torch.Tensor],
                              weight_names: list[str], invert: bool = False, *,
-                             base: Path | None = None) -> dict:
+                             base: Path | None = None, mode: str = "transform") -> dict:
     """Rescale the optimizer state of ``src`` for weights ``W' = S * W``; write it into ``dst``.
 
     Called after the transformed tensors are in ``dst`` and every other file of ``src``
@@ -570,32 +612,54 @@ def transform_training_state(src: Path, dst: Path, multipliers: dict[str, torch.
     instead of ``1/S`` (undo). ``base``: for a PEFT adapter checkpoint with a positional
     state, the base model folder whose ``config.json`` rebuilds the parameter order.
 
+    ``mode``: "transform", or "drop" (the caller left the state out of ``dst``:
+    ``plan_training_state(src, "drop")`` named it; this only reports it).
+
     Returns a JSON-able record: ``{}`` when there is no optimizer state;
     ``{"optimizer": {"file", "format": "hf-trainer"|"by-name", "optimizer": "AdamW", "transformed": True,
     "tensors": N, "parameters": P, "scaled_parameters": K, "order": ..., "exact": bool,
-    "underflow": n}}``; or ``{"optimizer": {"file", "transformed": False, "reason", "warning"}}``
-    for a state it does not know how to transform (left as copied: print the warning).
-    Raises ``WiscaError("<file>: <problem>")`` when a known optimizer's entries cannot be
-    mapped to the checkpoint's tensors unambiguously, or a moment would overflow.
+    "underflow": n, "accounting": {state key: {"scaled": a, "untouched": b, "copied": c}}}}``
+    (every entry counted: rescaled, of a parameter whose multiplier is 1, or a key that no
+    rescaling changes, e.g. ``step``); with "drop", ``{"optimizer": {"file", "transformed":
+    False, "dropped": [names], "resume": how}}``.
+    Raises ``WiscaError("<file>: <problem>")`` for a state wisca cannot rescale, when a known
+    optimizer's entries cannot be mapped to the checkpoint's tensors unambiguously, or a
+    moment would overflow.
     """
     src, dst = Path(src), Path(dst)
+    if mode == "drop":
+        dropped = sorted(plan_training_state(src, "drop"))
+        return {"optimizer": {"file": ", ".join(dropped), "transformed": False, "dropped": dropped,
+                              "resume": RESUME_WITHOUT_STATE}} if dropped else {}
     found = _read_state(src, weight_names, multipliers, base)
     if not isinstance(found, _State):
         return found
     path, sd, fmt, powers, name, mapping = found.path, found.sd, found.fmt, found.powers, found.name, found.mapping
     where = str(path)
     new_state, tensors, scaled, underflow, names = {}, 0, {}, 0, mapping.names
+    accounting: dict[str, dict[str, int]] = {}
+
+    def count(k: str, how: str) -> None:
+        accounting.setdefault(k, {"scaled": 0, "untouched": 0, "copied": 0})[how] += 1
+
     for key, entry in sd["state"].items():
         s = mapping.params[key].multiplier(multipliers)
         if s is None or bool((s == 1).all()):
+            for k in entry:
+                count(k, "untouched" if powers.get(k, 0) else "copied")
             new_state[key] = entry
             continue
         new_entry = {}
         for k, t in entry.items():
             p = powers.get(k, 0)
-            if p == 0 or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            if p and not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+                raise WiscaError(f"{where}: {k} of {names[key]} is not a floating-point tensor, so it cannot "
+                                 f"follow its parameter's rescaling; nothing written")
+            if p == 0:
+                count(k, "copied")
                 new_entry[k] = t
                 continue
+            count(k, "scaled")
             out = scale_moment(t, s, p, invert)
             if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
                 raise WiscaError(f"{where}: {k} of {names[key]} overflows when scaled; nothing written")
@@ -612,4 +676,5 @@ def transform_training_state(src: Path, dst: Path, multipliers: dict[str, torch.
         "file": path.name, "format": fmt, "optimizer": name, "transformed": True, "tensors": tensors,
         "parameters": len(names), "scaled_parameters": len(scaled), "order": mapping.order,
         "direction": "S (undo)" if invert else "1/S", "exact": exact, "underflow": underflow,
+        "accounting": accounting,
     }}
