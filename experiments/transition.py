@@ -856,8 +856,8 @@ def plot(runs: list[dict], png: Path, titles: list[str] | None = None) -> None:
         top.grid(alpha=0.3)
         bottom.grid(alpha=0.3)
     n = sorted({len(r["seeds"]) for r in runs})
-    fig.suptitle(f"WISCA transition: validation loss, mean and min-max band over seeds ({'/'.join(map(str, n))})",
-                 fontsize=11)
+    suptitle = f"WISCA transition: validation loss, mean and min-max band over seeds ({'/'.join(map(str, n))})"
+    fig.suptitle(textwrap.fill(suptitle, 56 * len(runs)), fontsize=11)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -876,7 +876,8 @@ def load_run(folder: Path) -> dict:
 def run_title(args) -> str:
     what = "LoRA fine-tune" if args.lora else "pretraining"
     if args.preset:
-        what = f"{args.preset}{' (smoke)' if args.smoke else ''}: {what} of a {count_parameters(args) / 1e6:.1f}M GQA Llama"
+        size = f"{count_parameters(args) / 1e6:.1f}M"
+        what = f"{args.preset}{' (smoke)' if args.smoke else ''}: {what} of a {size} GQA Llama"
     wd = args.lora_weight_decay if args.lora else args.weight_decay
     return (f"{what}, wd {wd}, {args.granularity}/{args.norm}/{args.scales}, strength {args.strength}, "
             f"opt state {args.optimizer_state}")
@@ -1089,8 +1090,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     table = table_markdown(rows, task.total, args.train_window)
     diag = transitions_markdown(seeds)
     dev = run["device"]
-    speed = (f" Training ran at {measured['tflops']:.1f} TFLOP/s ({measured['share_of_h100_bf16_peak']:.1%} of an "
-             f"H100's dense bf16 peak), {measured['bytes_per_second']:,.0f} bytes/s." if measured else "")
+    speed = ""
+    if measured:
+        share = (f" ({measured['share_of_h100_bf16_peak']:.1%} of an H100's dense bf16 peak)"
+                 if args.device == "cuda" else "")
+        speed = (f" Training ran at {measured['tflops']:.3g} TFLOP/s{share}, "
+                 f"{measured['bytes_per_second']:,.0f} bytes/s.")
     md = (f"# {run['title']}\n\n`{run['command']}`\n\n{task.data_desc} ({epochs:.2f} epochs per branch); "
           f"transition at step(s) {boundaries} of {task.total}; {args.seeds} seed(s); wall time "
           f"{run['wall_seconds']:.0f}s on {dev.get('name', dev['device'])} ({dev['precision']} training, "
