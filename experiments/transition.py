@@ -1020,58 +1020,27 @@ def device_info(args) -> dict:
     return info
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.combine:
-        plot([load_run(f) for f in args.combine], args.png, args.titles)
-        print(f"wrote {args.png}")
-        return None
-    if args.estimate:
-        total = args.lora_steps if args.lora else args.steps
-        cost = run_cost(args, count_parameters(args), transition_steps(args.transition_at, total), total)
-        print(cost_text(cost))
-        return {"cost": cost}
-    if args.device == "cuda":
-        torch.set_float32_matmul_precision("high")   # TF32 for fp32 matmuls (pow2 scales stay exact)
-
-    started = time.time()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = None
-    if args.keep_checkpoints:
-        workdir = out / "checkpoints"
-        workdir.mkdir(exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="wisca-transition-")
-        workdir = Path(tmp.name)
-    try:
-        task = (LoraTask if args.lora else PretrainTask)(args, workdir)
-        boundaries = transition_steps(args.transition_at, task.total)
-        task.eval_steps = set(range(0, task.total + 1, args.eval_every)) | set(boundaries)
-        cost = run_cost(args, count_parameters(args), boundaries, task.total)
-        print(f"data: {task.data_desc}\ntransition at step(s) {boundaries} of {task.total}\n"
-              f"device: {device_info(args)}\nmodel and cost: {cost_text(cost)}", flush=True)
-        seeds = [run_seed(task, args, seed, boundaries) for seed in range(args.seeds)]
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-
-    rows = summarise(seeds, task.total, args.train_window)
-    paired = contrasts(seeds, task.total)
+def write_results(args, argv, task, boundaries: list[int], seeds: list[dict], cost: dict, started: float) -> dict:
+    """results.json, results.md and curves.png for the seeds done so far (all of them at the end)."""
     import transformers
 
-    measured = measured_throughput(seeds, cost) if not args.lora else None
+    out: Path = args.out
+    done = f"{len(seeds)} seed(s)"
+    if len(seeds) < args.seeds:
+        done += f" of {args.seeds} (partial: the run goes on)"
+    rows = summarise(seeds, task.total, args.train_window)
+    paired = contrasts(seeds, task.total)
+    measured = measured_throughput(seeds, cost) if cost else None
     epochs = args.batch_size * args.seq_len * task.total / task.train_bytes
     run = {
         "command": "python experiments/transition.py " + shlex.join(argv),
         "title": run_title(args),
         "kind": task.kind,
+        "complete": len(seeds) == args.seeds,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "data": task.data_desc,
-        "data_bytes": {"train": task.train_bytes, "val": task.val_bytes, "epochs_per_branch": round(epochs, 3)},
-        "model": {"parameters": getattr(task, "n_params", None), "parameters_from_shapes": cost["parameters"],
+        "data_bytes": {"train": task.train_bytes, "val": task.val_bytes, "epochs_of_the_baseline": round(epochs, 3)},
+        "model": {"parameters": getattr(task, "n_params", None), "parameters_from_shapes": count_parameters(args),
                   "hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
                   "intermediate": args.intermediate, "vocab": 256},
         "device": device_info(args),
@@ -1096,12 +1065,13 @@ def main(argv: list[str] | None = None) -> dict | None:
                  if args.device == "cuda" else "")
         speed = (f" Training ran at {measured['tflops']:.3g} TFLOP/s{share}, "
                  f"{measured['bytes_per_second']:,.0f} bytes/s.")
-    md = (f"# {run['title']}\n\n`{run['command']}`\n\n{task.data_desc} ({epochs:.2f} epochs per branch); "
-          f"transition at step(s) {boundaries} of {task.total}; {args.seeds} seed(s); wall time "
+    md = (f"# {run['title']}\n\n`{run['command']}`\n\n{task.data_desc} ({epochs:.2f} epochs in the baseline); "
+          f"transition at step(s) {boundaries} of {task.total}; {done}; wall time "
           f"{run['wall_seconds']:.0f}s on {dev.get('name', dev['device'])} ({dev['precision']} training, "
           f"fp32 validation, attention {dev['attn']}).{speed}\n\n"
           f"Model: byte-level GQA Llama, hidden {args.hidden}, {args.layers} layers, {args.heads} query heads on "
-          f"{args.kv_heads} kv heads, intermediate {args.intermediate}: {cost['parameters']:,} parameters.\n\n"
+          f"{args.kv_heads} kv heads, intermediate {args.intermediate}: {run['model']['parameters_from_shapes']:,} "
+          f"parameters.\n\n"
           f"Validation loss at the last step (nats/byte), mean ± std over seeds; Δ = paired difference "
           f"to the baseline of the same seed, mean ± std [min, max].\n\n{table}\n\n"
           f"Paired differences of the final validation loss, mean and 95 % t-interval over seeds "
@@ -1109,10 +1079,59 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"Transitions (mean |log2 imbalance| per unit, mean over seeds):\n\n{diag}\n")
     (out / "results.md").write_text(md)
     plot([load_run(out)], out / "curves.png")
-    print("\n" + table + "\n\n" + contrasts_markdown(paired) + "\n\n" + diag)
+    if run["complete"]:
+        print("\n" + table + "\n\n" + contrasts_markdown(paired) + "\n\n" + diag)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'} "
-          f"({run['wall_seconds']:.0f}s)")
+          f"({done}, {run['wall_seconds']:.0f}s)", flush=True)
     return run
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.combine:
+        plot([load_run(f) for f in args.combine], args.png, args.titles)
+        print(f"wrote {args.png}")
+        return None
+    if args.estimate:
+        total = args.lora_steps if args.lora else args.steps
+        cost = run_cost(args, count_parameters(args), transition_steps(args.transition_at, total), total)
+        print(cost_text(cost))
+        return {"cost": cost}
+    if args.device == "cuda":
+        torch.set_float32_matmul_precision("high")   # TF32 for fp32 matmuls (pow2 scales stay exact)
+    elif args.preset and not args.smoke:
+        print(f"warning: --preset {args.preset} is sized for a GPU; on the CPU it takes many hours", flush=True)
+
+    started = time.time()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    if args.keep_checkpoints:
+        workdir = out / "checkpoints"
+        workdir.mkdir(exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="wisca-transition-")
+        workdir = Path(tmp.name)
+    try:
+        task = (LoraTask if args.lora else PretrainTask)(args, workdir)
+        boundaries = transition_steps(args.transition_at, task.total)
+        task.eval_steps = set(range(0, task.total + 1, args.eval_every)) | set(boundaries)
+        cost = None if args.lora else run_cost(args, count_parameters(args), boundaries, task.total)
+        print(f"data: {task.data_desc}\ntransition at step(s) {boundaries} of {task.total}\n"
+              f"device: {device_info(args)}", flush=True)
+        if cost:
+            print(f"model and cost: {cost_text(cost)}", flush=True)
+        seeds = []
+        for seed in range(args.seeds):
+            seeds.append(run_seed(task, args, seed, boundaries))
+            if len(seeds) < args.seeds:   # a run cut short (a time limit) still leaves its results
+                write_results(args, argv, task, boundaries, seeds, cost, started)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return write_results(args, argv, task, boundaries, seeds, cost, started)
 
 
 if __name__ == "__main__":

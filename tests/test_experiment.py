@@ -94,6 +94,7 @@ def test_smoke_gpu_preset_arms_start_from_the_same_function_and_the_control_is_a
     run = experiment.main(["--preset", "gpu-50m", "--smoke", "--device", "cpu", "--precision", "bf16",
                            "--out", str(tmp_path), "--keep-checkpoints"])
     check_outputs(tmp_path)
+    assert run["complete"] is True and json.loads((tmp_path / "results.json").read_text())["complete"] is True
     settings = run["settings"]
     assert (settings["preset"], settings["corpus"], settings["attn"], settings["random_control"]) == \
         ("gpu-50m", "stdlib", "sdpa", True)
