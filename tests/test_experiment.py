@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
@@ -83,3 +84,62 @@ def test_smoke_lora_transition_starts_from_the_same_function(experiment, tmp_pat
     imb = info["imbalance"]["lora"]
     assert imb["after"] < imb["before"]   # B starts at zero: the adapter is far from balanced
     assert run["lora_base"]["steps"] == 16
+
+
+def test_smoke_gpu_preset_arms_start_from_the_same_function_and_the_control_is_a_control(experiment, tmp_path):
+    """The GPU preset's own code path (corpus, arms, SDPA, bf16 autocast, paired intervals) at smoke
+    size on the CPU: the command a GPU runs, with --smoke --device cpu."""
+    from safetensors.torch import load_file
+
+    run = experiment.main(["--preset", "gpu-50m", "--smoke", "--device", "cpu", "--precision", "bf16",
+                           "--out", str(tmp_path), "--keep-checkpoints"])
+    check_outputs(tmp_path)
+    assert run["complete"] is True and json.loads((tmp_path / "results.json").read_text())["complete"] is True
+    settings = run["settings"]
+    assert (settings["preset"], settings["corpus"], settings["attn"], settings["random_control"]) == \
+        ("gpu-50m", "stdlib", "sdpa", True)
+    assert run["device"]["device"] == "cpu" and run["device"]["precision"] == "bf16"
+    # the preset's data: the whole stdlib, more than the top-level modules of the CPU study
+    top_train, _ = experiment.load_corpus(None)
+    assert run["data_bytes"]["train"] > len(top_train)
+    # the parameter count the docs quote is the model's own; the preset itself is ~50M
+    assert run["model"]["parameters"] == run["model"]["parameters_from_shapes"]
+    preset = experiment.parse_args(["--preset", "gpu-50m", "--estimate"])
+    assert experiment.count_parameters(preset) == 49_951_488
+    assert (preset.heads, preset.kv_heads, preset.seeds) == (12, 3, 3)
+
+    assert len(run["seeds"]) == 2
+    b = run["boundaries"][0]
+    assert b == run["total_steps"] // 2
+    for seed in run["seeds"]:
+        assert set(seed["branches"]) == {"baseline", f"wisca@{b}", f"random@{b}"}
+        base_at_b = seed["branches"]["baseline"]["curve"][b]
+        # every arm starts from the same function: fp32 validation bit-identical at the boundary
+        for name in (f"wisca@{b}", f"random@{b}"):
+            info = seed["transitions"][name]
+            assert info["boundary_val_transitioned"] == base_at_b, name
+            assert info["boundary_bit_identical"] is True
+            assert seed["branches"][name]["curve"][b] == base_at_b
+        assert seed["transitions"][f"wisca@{b}"]["verification_passed"] is True
+        assert seed["transitions"][f"wisca@{b}"]["units_changed"] > 0     # not a no-op
+        # the control is a control: per pair and layer a permutation of wisca's own scales, not wisca's
+        folder = tmp_path / "checkpoints" / f"seed{seed['seed']}"
+        real = load_file(str(folder / f"step{b}-wisca@{b}" / "wisca_scales.safetensors"))
+        control = load_file(str(folder / f"step{b}-random@{b}" / "wisca_scales.safetensors"))
+        assert set(real) == set(control)
+        for k in real:
+            assert torch.equal(real[k].sort().values, control[k].sort().values), k
+        assert any(not torch.equal(real[k], control[k]) for k in real)
+        assert seed["transitions"][f"random@{b}"]["units_moved"] > 0
+        # and the control's weights are not wisca's: the same function, another parametrisation
+        w_real = load_file(str(folder / f"step{b}-wisca@{b}" / "model.safetensors"))
+        w_control = load_file(str(folder / f"step{b}-random@{b}" / "model.safetensors"))
+        assert any(not torch.equal(w_real[k], w_control[k]) for k in w_real)
+    # paired differences with intervals: each arm vs the baseline, and wisca vs its control
+    paired = {(r["arm"], r["reference"]): r for r in run["paired"]}
+    assert set(paired) == {(f"wisca@{b}", "baseline"), (f"random@{b}", "baseline"), (f"wisca@{b}", f"random@{b}")}
+    for r in paired.values():
+        ci = r["ci95"]
+        assert ci["n"] == 2 and ci["lo"] <= ci["mean"] <= ci["hi"]
+    assert "95 % t-interval" in (tmp_path / "results.md").read_text()
+    assert run["measured_throughput"]["train_steps"] == 2 * (16 + 8 + 8)
