@@ -44,9 +44,6 @@ METADATA = ".metadata"
 TRAINER_MODEL, TRAINER_OPTIM = "pytorch_model_fsdp_0", "optimizer_0"   # Accelerate's FSDP folders
 WRAPPER_SEGMENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 STATE = "optimizer.state."
-# top-level keys under which frameworks save the optimizer (torch / torchtitan / Accelerate,
-# OLMo-core): "<prefix>state.<parameter fqn>.<state key>", "<prefix>param_groups...."
-OPTIMIZER_PREFIXES = ("optimizer.", "optim.")
 # the last segment of a key that is training state wherever it stands (a moment, a master copy)
 STATE_LIKE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "exp_inf")
 MASTER_LIKE = ("master", "fp32_param", "fp32_weight", "fp32_flat")
@@ -58,9 +55,16 @@ _DONE: Future = Future()
 _DONE.set_result(None)
 
 
+def _dcp_folders() -> tuple[str, ...]:
+    """Sub-folders of a saved step that hold its DCP checkpoint (Trainer's, the frameworks')."""
+    from .framework import shipped_frameworks
+
+    return (TRAINER_MODEL, *(f.dcp_folder for f in shipped_frameworks().values() if f.dcp_folder))
+
+
 def is_dcp(path: str | os.PathLike) -> bool:
     p = Path(path)
-    return (p / METADATA).is_file() or (p / TRAINER_MODEL / METADATA).is_file()
+    return (p / METADATA).is_file() or any((p / sub / METADATA).is_file() for sub in _dcp_folders())
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -160,6 +164,14 @@ class Folder:
         self._files.clear()
 
 
+def _foreign_storage_info() -> set[tuple[str, str]]:
+    """(module, class) of the frameworks' own storage-info classes (``frameworks/*.json``)."""
+    from .framework import shipped_frameworks
+
+    return {tuple(c.rsplit(".", 1)) for fw in shipped_frameworks().values() for c in fw.storage_info
+            if c != "torch.distributed.checkpoint.filesystem._StorageInfo"}
+
+
 def _read_metadata(folder: Path):
     """The folder's ``Metadata``, read by an unpickler that admits DCP's own classes only."""
     from torch.distributed.checkpoint.metadata import Metadata
@@ -170,7 +182,7 @@ def _read_metadata(folder: Path):
     try:
         with open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            md = load_dcp_metadata(f, str(path))
+            md = load_dcp_metadata(f, str(path), _foreign_storage_info())
     except OSError as e:
         raise WiscaError(f"{path}: cannot read: {e.strerror or e}") from e
     if not isinstance(md, Metadata):
@@ -266,6 +278,10 @@ class DcpCheckpoint:
     config_path: Path
     source: str = ""
     untouched: list = field(default_factory=list)   # (state key, entry) of parameters wisca never scales
+    # layer -> [(fused description, state key, entry)]: moments of a parameter fused in memory
+    # whose weights the checkpoint holds split (torchtitan's wqkv)
+    fused_moments: dict = field(default_factory=dict)
+    beside: tuple = ()       # hidden files of the saved step its framework keeps (copied as they are)
     dropped: list = field(default_factory=list)     # optimizer entries left out (training_state "drop")
 
     @property
@@ -336,23 +352,25 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None,
             else:
                 folders.append(open_folder(root / TRAINER_OPTIM, TRAINER_OPTIM))
     else:
-        folders = [open_folder(root, "")]
+        sub = next((d for d in _dcp_folders()[1:] if (root / d / METADATA).is_file()), None)
+        folders = [open_folder(root / sub, sub)] if sub else [open_folder(root, "")]
     cfg_path = _find_config(root, config)
     cfg = _load_json(cfg_path, "config.json")
     keys = [k for f in folders for k, e in f.entries.items() if e.is_tensor and not _optimizer_key(k)]
     # the tensor names say how MoE experts are stored: per expert, or fused in 3-D tensors
     base = layout_from_config(cfg, str(cfg_path), tensor_names=[_canonical(k) for k in keys])
-    # the family's own (Hugging Face) names, or one of its adapters' (torchtitan's)
-    candidates = [(None, base)] + [(name, dataclasses.replace(base, spec=base.spec.adapted(name)))
-                                   for name in base.spec.name_adapters]
-    for adapter, layout in candidates:
+    # the family's own (Hugging Face) names, or a framework's (frameworks/*.json)
+    from .framework import shipped_frameworks
+
+    candidates = [(None, base, None)] + [
+        (fw.name, dataclasses.replace(base, spec=base.spec.adapted(fw.name, fw.families[base.spec.name])), fw)
+        for fw in shipped_frameworks().values() if base.spec.name in fw.families]
+    for adapter, layout, framework in candidates:
         known = _known_names(layout)
         if any(_match(k, known) == layout.spec.embed for k in keys):
             break
     else:
-        names = " or ".join(lay.spec.embed for _, lay in candidates)
-        raise WiscaError(f"{root}: no tensor named like the {base.spec.name} embedding ({names}); "
-                         f"is {cfg_path} this model's config?")
+        raise WiscaError(_unrecognised(root, base, cfg_path, keys, [c[0] for c in candidates[1:]]))
     weights = {}
     for f in folders:
         for key, e in f.entries.items():
@@ -363,9 +381,15 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None,
                         raise WiscaError(f"{f.path / METADATA}: {weights[name].key} and {key} both name {name}")
                     weights[name] = e
     dropped = dropped_folders + (_drop_state(folders) if training_state == "drop" else [])
-    moments, untouched = _account_state(folders, known, keys)
+    fused = {}      # a fused parameter's name in each layer -> (layer, its description)
+    if framework is not None:
+        for i in range(layout.layers):
+            for f in framework.families[base.spec.name].fused_state.values():
+                fused[layout.spec.layer_name(i, f.name)] = (i, f)
+    moments, untouched, fused_moments = _account_state(folders, known, keys, fused)
     ckpt = DcpCheckpoint(root, cfg, layout, folders, weights, moments, adapter, cfg_path, str(root),
-                         untouched=untouched, dropped=dropped)
+                         untouched=untouched, dropped=dropped, fused_moments=fused_moments,
+                         beside=framework.beside if framework is not None else ())
     if layout.mxfp4_experts or layout.fp8_weights:
         kind = "MXFP4-quantised experts" if layout.mxfp4_experts else "FP8 block-quantised weights"
         raise WiscaError(f"{root}: {kind} in a torch.distributed checkpoint are not supported "
@@ -378,7 +402,11 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None,
 
 
 def _optimizer_key(key: str) -> bool:
-    return key.startswith(OPTIMIZER_PREFIXES)
+    """Under the optimizer's top-level key of torch or a framework (``frameworks/*.json``):
+    ``<prefix>state.<parameter fqn>.<state key>``, ``<prefix>param_groups....``."""
+    from .framework import optimizer_prefixes
+
+    return key.startswith(optimizer_prefixes())
 
 
 def _state_like(key: str) -> bool:
@@ -388,14 +416,29 @@ def _state_like(key: str) -> bool:
 
 def _state_key(key: str) -> tuple[str, str] | None:
     """(parameter fqn, state key) of an optimizer state entry, else None."""
-    for prefix in OPTIMIZER_PREFIXES:
+    from .framework import optimizer_prefixes
+
+    for prefix in optimizer_prefixes():
         if key.startswith(prefix + "state."):
             fqn, _, moment = key[len(prefix) + len("state."):].rpartition(".")
             return fqn, moment
     return None
 
 
-def _account_state(folders: list[Folder], known: dict[str, str], model_keys: list[str]):
+def _unrecognised(root: Path, base: Layout, cfg_path: Path, keys: list[str], frameworks: list[str]) -> str:
+    """One line: what the checkpoint looks like, and what to pass."""
+    from .framework import shipped_frameworks
+
+    embeds = [base.spec.embed] + [fw.families[base.spec.name].embed for fw in shipped_frameworks().values()
+                                  if base.spec.name in fw.families]
+    sample = next((k for k in keys if ".0." in k), keys[0] if keys else "(none)")
+    known = f" or {', '.join(frameworks)}'s" if frameworks else ""
+    return (f"{root}: no tensor named like the {base.spec.name} embedding in Hugging Face's{known} names "
+            f"({' or '.join(embeds)}); its tensors are named like {sample!r}: a framework wisca has no "
+            f"description of (frameworks/*.json), or is {cfg_path} not this model's config?")
+
+
+def _account_state(folders: list[Folder], known: dict[str, str], model_keys: list[str], fused: dict):
     """Every entry that is or looks like training state, accounted for: (moments by spec
     name -> state key -> entry, [(state key, entry)] of model tensors outside the spec, which
     wisca never scales). Refuses (``WiscaError`` naming the entry) state that follows no
@@ -405,7 +448,8 @@ def _account_state(folders: list[Folder], known: dict[str, str], model_keys: lis
     for k in model_keys:
         parts = _canonical(k).split(".")
         suffixes |= {".".join(parts[i:]) for i in range(len(parts))}
-    moments, untouched = {}, []
+    moments, untouched, fused_moments = {}, [], {}
+    fused_names = {n: n for n in fused}
     for f in folders:
         for key, e in f.entries.items():
             where = f.path / METADATA
@@ -428,13 +472,16 @@ def _account_state(folders: list[Folder], known: dict[str, str], model_keys: lis
             name = _match(fqn, known)
             if name is not None:
                 moments.setdefault(name, {})[moment] = e
+            elif _match(fqn, fused_names) is not None:
+                layer, description = fused[_match(fqn, fused_names)]
+                fused_moments.setdefault(layer, []).append((description, moment, e))
             elif _canonical(fqn) in suffixes:
                 untouched.append((moment, e))
             else:
                 raise WiscaError(f"{where}: {key}: optimizer state of {fqn}, which is not a tensor of the "
                                  f"checkpoint; wisca cannot tell which weight it follows (a fused parameter?), "
                                  f"so it cannot rescale it; nothing written")
-    return moments, untouched
+    return moments, untouched, fused_moments
 
 
 def _drop_state(folders: list[Folder]) -> list[str]:
@@ -763,6 +810,35 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
                 scale_entry(e, mult, -MOMENT_POWERS[moment])
                 count(moment, "scaled")
 
+    def fused_moments_of(i: int, mults: dict, shapes: dict) -> None:
+        """Moments of a parameter fused in memory, its weights split here: divided by the
+        multiplier assembled from its parts' (``framework.fused_multiplier``)."""
+        from .framework import fused_multiplier
+
+        for fused, moment, e in ckpt.fused_moments.get(i, []):
+            if MOMENT_POWERS.get(moment) == 0:
+                copy_entry(e)
+                count(moment, "copied")
+                continue
+            mult = fused_multiplier(fused, {role: mults.get(role) for role in fused.parts}, shapes,
+                                    lay.kv_heads, lay.head_dim)
+            want = (sum(shapes[p][0] for p in fused.parts), *shapes[fused.parts[0]][1:])
+            if tuple(e.size) != want:
+                raise WiscaError(f"{e.folder.path / METADATA}: {e.key}: shape {list(e.size)}, but its parts "
+                                 f"{', '.join(fused.parts)} make {list(want)}")
+            if MOMENT_POWERS.get(moment) == 0:
+                copy_entry(e)
+                count(moment, "copied")
+            elif mult is None or bool((mult == 1).all()):
+                copy_entry(e)
+                count(moment, "untouched")
+            elif moment not in MOMENT_POWERS:
+                raise WiscaError(f"{e.folder.path / METADATA}: {e.key}: optimizer state {moment!r} of a "
+                                 f"rescaled parameter; wisca knows {', '.join(MOMENT_POWERS)}")
+            else:
+                scale_entry(e, mult, -MOMENT_POWERS[moment])
+                count(moment, "scaled")
+
     def chained(step):
         """Run ``step`` with the verifier's streams handed over from the previous rank."""
         relay = verifier is not None and size > 1
@@ -828,6 +904,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
             done.add(e.key)
             check_fault()
             moments_of(roles[role], mults.get(role))
+        fused_moments_of(i, mults, {role: tuple(e.size) for role, e in entries.items()})
         reports.append({"layer": i, **report})
         if progress:
             progress(sum(e.nbytes for e in entries.values()), f"layer {i}")
@@ -927,7 +1004,8 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
         chained(work)
         # every other entry (tensors outside the spec, bytes, other state), shared out by rank
         claimed = {e.key for e in ckpt.weights.values()} | {e.key for m in ckpt.moments.values()
-                                                            for e in m.values()}
+                                                            for e in m.values()} | {
+            e.key for fm in ckpt.fused_moments.values() for _, _, e in fm}
         rest = [e for f in ckpt.folders for k, e in sorted(f.entries.items()) if k not in claimed]
         outside = {e.key: moment for moment, e in ckpt.untouched}
         for j, e in enumerate(rest):

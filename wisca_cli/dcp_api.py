@@ -149,6 +149,9 @@ def _copy_beside(ckpt, tmp: Path) -> None:
     dropped = {d.rstrip("/") for d in ckpt.dropped if d.endswith("/")}   # Trainer's optimizer_0/
     if subs or dropped:   # Trainer's checkpoint-N/: its own files beside the DCP folders
         copy_other_files(ckpt.root, tmp, skip=subs | dropped | {RECORD_NAME, SCALES_NAME})
+    for name in ckpt.beside:   # a framework's hidden files beside its DCP folder (OLMo-core's .metadata.json)
+        if (ckpt.root / name).is_file():
+            shutil.copyfile(ckpt.root / name, tmp / name)
     if not (tmp / "config.json").exists():
         shutil.copyfile(ckpt.config_path, tmp / "config.json")
 

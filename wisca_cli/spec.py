@@ -27,7 +27,7 @@ SPEC_TARGETS = ("qk", "vo", "ffn", "norm")          # the symmetries pairs.py bu
 FUSABLE_PARTS = ("q", "k", "v", "gate", "up")        # logical roles a fused tensor may hold
 MLP_ROLES = ("gate", "up", "down")                   # roles of one MLP: dense, each expert, shared
 NOT_INHERITED = ("name", "model_types")              # every file states its own
-OWN_ONLY = ("name_adapters", "refused_model_types")  # optional, and never inherited
+OWN_ONLY = ("refused_model_types",)                  # optional, and never inherited
 
 
 # -- value checks ----------------------------------------------------------------------------
@@ -413,15 +413,19 @@ class TargetLayers(_Section):
 
 @dataclass(frozen=True)
 class NameAdapter(_Section):
-    """Another framework's names for the same family (torchtitan's ``layers.N.attention.wq``):
-    the tensor names it replaces and, where its weights store rotary pairs differently
-    (torchtitan's interleaved 2i, 2i+1 against HF's i, i + d/2), its rotary style."""
+    """Another framework's names for the same family (``frameworks/*.json``): the tensor
+    names it replaces and, where its weights store rotary pairs differently (torchtitan's
+    interleaved 2i, 2i+1 against HF's i, i + d/2), its rotary style."""
     embed: str = _spec_field(_string)
     final_norm: str = _spec_field(_string)
     lm_head: str = _spec_field(_string)
     layer_prefix: str = _spec_field(_string)
     layer_tensors: Mapping[str, str] = _spec_field(_mapping(_string))   # role -> its name there
     rotary: str | None = _spec_field(_choice("half", "interleaved"), None)   # None: the family's
+
+    def check(self, where: str, label: str) -> None:
+        if "{layer}" not in self.layer_prefix:
+            raise WiscaError(f"{where}: {label}: layer_prefix must contain {{layer}}")
 
 
 @dataclass(frozen=True)
@@ -452,7 +456,6 @@ class ArchSpec(_Section):
     moe: MoeSpec | None = _spec_field(_section(MoeSpec), None)       # None: dense
     embedding: EmbeddingSpec = _spec_field(_section(EmbeddingSpec), factory=EmbeddingSpec)
     final: FinalSpec = _spec_field(_section(FinalSpec), factory=FinalSpec)
-    name_adapters: Mapping[str, NameAdapter] = _spec_field(_mapping(_section(NameAdapter)), factory=_no_entries)
     # saved name -> the name transformers 5 holds it under in memory (its conversion mapping's
     # WeightRenaming), which a state dict saved from the live model carries (DCP) and a live
     # transition looks up: a key with a leading "." renames that segment anywhere in a name,
@@ -470,14 +473,6 @@ class ArchSpec(_Section):
     fp8: str | None = _spec_field(_string, None)
 
     def check(self, where: str, label: str) -> None:
-        for name, adapter in self.name_adapters.items():   # every role renamed, and nothing else
-            roles, renamed = set(self.layer_tensors), set(adapter.layer_tensors)
-            if roles != renamed:
-                missing, extra = sorted(roles - renamed), sorted(renamed - roles)
-                raise WiscaError(f"{where}: name adapter {name!r} must rename every layer tensor role "
-                                 f"(missing: {', '.join(missing) or '-'}; unknown: {', '.join(extra) or '-'})")
-            if "{layer}" not in adapter.layer_prefix:
-                raise WiscaError(f"{where}: name adapter {name!r}: layer_prefix must contain {{layer}}")
         if "{layer}" not in self.layer_prefix:
             raise WiscaError(f"{where}: layer_prefix must contain {{layer}}, got {self.layer_prefix!r}")
         extra = [t for t in self.inexact_targets if t not in self.targets]
@@ -498,13 +493,12 @@ class ArchSpec(_Section):
             if "attn_norm" not in self.layer_tensors:
                 raise WiscaError(f"{where}: block.shared_norm needs an attn_norm in layer_tensors")
 
-    def adapted(self, name: str) -> "ArchSpec":
-        """This family under another framework's names (``name_adapters[name]``)."""
-        a = self.name_adapters[name]
+    def adapted(self, name: str, a: "NameAdapter") -> "ArchSpec":
+        """This family under framework ``name``'s names (``framework.FamilyNames``)."""
         attention = self.attention if a.rotary is None else replace(self.attention, rotary=a.rotary)
         return replace(self, name=f"{self.name}+{name}", embed=a.embed, final_norm=a.final_norm,
                        lm_head=a.lm_head, layer_prefix=a.layer_prefix, attention=attention,
-                       layer_tensors=MappingProxyType(dict(a.layer_tensors)), name_adapters=_no_entries())
+                       layer_tensors=MappingProxyType(dict(a.layer_tensors)))
 
     def memory_name(self, name: str) -> str:
         """A saved tensor name as transformers 5 names it in memory (``memory_renames``)."""

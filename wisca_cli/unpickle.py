@@ -52,11 +52,6 @@ def _dcp_metadata_allowed() -> dict[tuple[str, str], Callable[[], object]]:
     return allowed
 
 
-# Storage-info classes of frameworks (the fields of torch's ``_StorageInfo``), read into a
-# stand-in and written back under their own names: (module, name) -> stand-in base.
-FOREIGN_STORAGE_INFO = {("olmo_core.distributed.checkpoint.filesystem", "_StorageInfo")}
-
-
 def _stand_in(module: str, name: str) -> type:
     """A subclass of torch's ``_StorageInfo`` that pickles as ``module.name``."""
     key = (module, name)
@@ -100,10 +95,11 @@ class _Unpickler(pickle.Unpickler):
         raise Refused("a persistent id")
 
 
-def load_dcp_metadata(f, where: str):
+def load_dcp_metadata(f, where: str, foreign: set[tuple[str, str]] = frozenset()):
     """The ``Metadata`` pickled in an open ``.metadata`` file; ``WiscaError`` naming the file
-    for any global outside torch DCP's classes (and the frameworks' storage-info classes)."""
-    u = _Unpickler(f, _dcp_metadata_allowed(), FOREIGN_STORAGE_INFO)
+    for any global outside torch DCP's classes and ``foreign`` ((module, name) of frameworks'
+    storage-info classes, which have the fields of torch's: read into stand-ins)."""
+    u = _Unpickler(f, _dcp_metadata_allowed(), set(foreign))
     try:
         return u.load()
     except Refused as e:
