@@ -12,9 +12,9 @@ with FSDP2 ``fully_shard`` over 2 ranks, so every tensor is stored as 2 row chun
 - ``trainer/checkpoint-3/``: HF Trainer / Accelerate FSDP ``SHARDED_STATE_DICT``:
   ``pytorch_model_fsdp_0/`` ({"model": ...}), ``optimizer_0/`` ({"optimizer": ...},
   not flattened), config.json, trainer_state.json, rng_state_0.pth
-- ``titan/``: torchtitan's layout: the model's keys at the top level in torchtitan's own
-  names (``tests/titan_model.py``: interleaved rotary pairs), the flattened optimizer, and
-  ``train_state``, ``lr_scheduler``, ``dataloader`` entries; its config is ``titan-config.json``
+
+torchtitan's and OLMo-core's own checkpoints are made by the frameworks themselves
+(``tests/frameworks/``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import make_config, unbalance  # noqa: E402
-from titan_model import from_hf  # noqa: E402
 
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -43,15 +42,15 @@ def config():
     return make_config("llama", num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
 
 
-def models():
-    """The skewed HF Llama and the same weights in torchtitan's layout."""
+def model():
+    """The skewed HF Llama."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config(), attn_implementation="eager")
     with torch.no_grad():
         unbalance(hf)
-    return hf, from_hf(hf)
+    return hf
 
 
 def logits(model, ids=IDS) -> torch.Tensor:
@@ -89,26 +88,18 @@ def train(model, opt, steps: int) -> float:
 
 def make(out: Path) -> None:
     rank = dist.get_rank()
-    hf, titan = models()
-    hf, titan = shard(hf), shard(titan)
+    hf = shard(model())
     ho = torch.optim.AdamW(hf.parameters(), lr=1e-3, weight_decay=0.1)
-    to = torch.optim.AdamW(titan.parameters(), lr=1e-3, weight_decay=0.1)
     train(hf, ho, 3)
-    train(titan, to, 3)
     msd = get_model_state_dict(hf)
     dcp.save({"model": msd, "optimizer": get_optimizer_state_dict(hf, ho, options=FLAT)}, checkpoint_id=out / "hf")
     dcp.save({"model": msd, "optimizer": get_optimizer_state_dict(hf, ho)}, checkpoint_id=out / "hf-nested")
     trainer = out / "trainer" / "checkpoint-3"
     dcp.save({"model": msd}, checkpoint_id=trainer / "pytorch_model_fsdp_0")
     dcp.save({"optimizer": get_optimizer_state_dict(hf, ho)}, checkpoint_id=trainer / "optimizer_0")
-    extra = {"train_state": {"step": 3, "tokens": 72}, "lr_scheduler": {"last_epoch": 3, "base_lrs": [1e-3]},
-             "dataloader": {"position": 36}}
-    dcp.save({**get_model_state_dict(titan), "optimizer": get_optimizer_state_dict(titan, to, options=FLAT), **extra},
-             checkpoint_id=out / "titan")
     if rank == 0:
         for folder in ("hf", "hf-nested", "trainer/checkpoint-3"):
             config().to_json_file(str(out / folder / "config.json"))
-        config().to_json_file(str(out / "titan-config.json"))
         (trainer / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
         torch.save({"python": 1, "torch": torch.get_rng_state()}, trainer / "rng_state_0.pth")
     dist.barrier()
@@ -132,15 +123,11 @@ def make_hf(out: Path, model_dir: Path) -> None:
 def load_into(model, src: Path, kind: str):
     """A fresh sharded model and AdamW with SRC's state loaded (resharded to this world size)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    flat = StateDictOptions(flatten_optimizer_state_dict=kind in ("hf", "titan"))
+    flat = StateDictOptions(flatten_optimizer_state_dict=kind == "hf")
     msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, opt, options=flat)
     if kind == "trainer":
         dcp.load({"model": msd}, checkpoint_id=src / "pytorch_model_fsdp_0")
         dcp.load({"optimizer": osd}, checkpoint_id=src / "optimizer_0")
-    elif kind == "titan":
-        state = {**msd, "optimizer": osd}
-        dcp.load(state, checkpoint_id=src)
-        msd = {k: v for k, v in state.items() if k != "optimizer"}
     else:
         dcp.load({"model": msd, "optimizer": osd}, checkpoint_id=src)
     set_model_state_dict(model, msd)
@@ -153,12 +140,11 @@ def resume(out: Path, jobs: list[str]) -> None:
     load that missed anything shows), SRC loaded, its logits, and two more training steps."""
     for i, job in enumerate(jobs):
         kind, src = job.split("=", 1)
-        hf, titan = models()
-        model = shard(titan if kind == "titan" else hf)
-        opt = load_into(model, Path(src), kind)
-        first = logits(model).detach()
-        train(model, opt, 2)
-        after = float(loss(model).detach())
+        m = shard(model())
+        opt = load_into(m, Path(src), kind)
+        first = logits(m).detach()
+        train(m, opt, 2)
+        after = float(loss(m).detach())
         if dist.get_rank() == 0:
             torch.save({"logits": first, "loss_after": after}, out / f"{i}.pt")
     dist.barrier()

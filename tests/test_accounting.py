@@ -259,3 +259,17 @@ def test_an_optimizer_pickle_that_would_run_code_is_refused(tmp_path):
     for command in (["transform", src, tmp_path / "out"], ["transform", src, tmp_path / "out", "--json"]):
         _refused_cli(*command, match=f"{src / 'optimizer.pt'}: cannot be read with torch.load(weights_only=True)")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_by_name_state_of_a_fused_parameter_is_refused(tmp_path):
+    """A by-name optimizer state (get_optimizer_state_dict saved as optim.pt) holding the moment
+    of a parameter fused in memory (qkv_proj) beside split q/k/v weights: not a tensor of the
+    checkpoint, so it is refused, never copied."""
+    src = synthetic_llama(tmp_path / "src")
+    name = "model.layers.0.self_attn.qkv_proj.weight"
+    torch.save({"state": {name: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(128, 64),
+                                 "exp_avg_sq": torch.zeros(128, 64)}},
+                "param_groups": [{"lr": 1e-3, "params": [name]}]}, src / "optim.pt")
+    refused(src, tmp_path, match=f"{src / 'optim.pt'}: ")
+    res = run_cli("transform", src, tmp_path / "never")
+    assert "qkv_proj" in res.stderr

@@ -1,8 +1,8 @@
-"""torch.distributed.checkpoint (DCP) inputs: the layouts FSDP2 loops, HF Trainer/Accelerate
-and torchtitan write (built by ``tests/dcp_worker.py`` under torchrun, 2 ranks, gloo), each
-transformed, loaded back with ``dcp.load`` at world size 1 and 2 into the training
-framework's own model (transformers' Llama, or the torchtitan-named model in
-``tests/titan_model.py``), compared bit for bit, trained on, and undone."""
+"""torch.distributed.checkpoint (DCP) inputs: the layouts FSDP2 loops and HF Trainer/Accelerate
+write (built by ``tests/dcp_worker.py`` under torchrun, 2 ranks, gloo), each transformed,
+loaded back with ``dcp.load`` at world size 1 and 2 into transformers' Llama, compared bit for
+bit, trained on, and undone. torchtitan's and OLMo-core's own checkpoints:
+``tests/test_framework_*.py``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from conftest import REPO, run_cli
 import dcp_worker  # noqa: E402  (tests/ is on sys.path)
 from dcp_helpers import assert_rescaled, entries, metadata, refused as _refused  # noqa: E402
 
-LAYOUTS = {"hf": "hf", "hf-nested": "hf-nested", "trainer": "trainer/checkpoint-3", "titan": "titan"}
+LAYOUTS = {"hf": "hf", "hf-nested": "hf-nested", "trainer": "trainer/checkpoint-3"}
 ENV = {"OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
@@ -42,10 +42,6 @@ def made(tmp_path_factory):
     return root
 
 
-def config_args(made: Path, kind: str) -> list[str]:
-    return ["--config", str(made / "titan-config.json")] if kind == "titan" else []
-
-
 @pytest.fixture(scope="module")
 def transformed(made, tmp_path_factory):
     """kind -> (source, output, report) for every layout, by `wisca transform` with defaults."""
@@ -53,15 +49,14 @@ def transformed(made, tmp_path_factory):
     done = {}
     for kind, rel in LAYOUTS.items():
         dst = out / kind
-        res = run_cli("transform", made / rel, dst, "--json", *config_args(made, kind))
+        res = run_cli("transform", made / rel, dst, "--json")
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
         done[kind] = (made / rel, dst, json.loads(res.stdout))
     return done
 
 
 def model_for(kind: str):
-    hf, titan = dcp_worker.models()
-    return titan if kind == "titan" else hf
+    return dcp_worker.model()
 
 
 def load_logits(kind: str, folder: Path) -> torch.Tensor:
@@ -76,7 +71,7 @@ def load_logits(kind: str, folder: Path) -> torch.Tensor:
 def test_transform_each_layout_bit_exact(kind, transformed, made):
     src, dst, report = transformed[kind]
     assert report["format"] == "dcp" and report["verification"]["identical"]
-    assert report["name_adapter"] == ("torchtitan" if kind == "titan" else None)
+    assert report["name_adapter"] is None
     for pair in ("qk", "vo", "ffn"):   # the skew is undone
         s = report["summary"][pair]
         assert s["imbalance_after"] < 0.5 * s["imbalance_before"], (pair, s)
@@ -102,29 +97,6 @@ def test_norm_target_with_the_final_norm(made, tmp_path):
     assert run_cli("undo", dst, restored).returncode == 0
     a, b = entries(src), entries(restored)
     assert all(torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k] for k, v in a.items())
-
-
-def test_titan_model_is_torchtitans_llama():
-    """The torchtitan-named model computes what transformers' Llama computes (fp32), so
-    its rotary convention is really the interleaved one."""
-    hf, titan = dcp_worker.models()
-    with torch.no_grad():
-        torch.testing.assert_close(dcp_worker.logits(titan), dcp_worker.logits(hf), atol=1e-5, rtol=1e-5)
-
-
-def test_wrong_rotary_pairing_is_caught(made, tmp_path, monkeypatch):
-    """torchtitan's wq/wk pair rows (2i, 2i+1). Balanced with HF's pairing (i, i + d/2),
-    wisca's own verifier still agrees with itself, but torchtitan's model computes
-    something else: the cross-check against the framework's forward is what catches it."""
-    import wisca_cli as wisca
-    from wisca_cli.spec import ArchSpec
-
-    adapted = ArchSpec.adapted
-    monkeypatch.setattr(ArchSpec, "adapted", lambda self, name: dataclasses.replace(
-        adapted(self, name), attention=dataclasses.replace(self.attention, rotary="half")))
-    report = wisca.transform(made / "titan", tmp_path / "wrong", config=str(made / "titan-config.json"))
-    assert report["verification"]["identical"]          # the wrong model agrees with itself
-    assert not torch.equal(load_logits("titan", made / "titan"), load_logits("titan", tmp_path / "wrong"))
 
 
 def test_world_size_2_resume_and_undo(transformed, made, tmp_path):
@@ -192,7 +164,8 @@ def _edit_metadata(folder: Path, edit) -> None:
 
 
 def test_missing_config_names_where_it_looked(made, tmp_path):
-    src = _copy(made, tmp_path, "titan")
+    src = _copy(made, tmp_path, "hf")
+    (src / "config.json").unlink()
     _refused(src, tmp_path, match="no config.json in the folder or its parent; pass --config")
 
 
@@ -247,25 +220,22 @@ def test_safetensors_under_torchrun_and_config_elsewhere_are_refused(tmp_path):
 
 
 def test_inspect_and_verify_take_dcp(transformed, made, tmp_path):
-    src, dst, _ = transformed["titan"]
+    src, dst, _ = transformed["hf"]
     res = run_cli("inspect", dst, "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(res.stdout)
-    assert report["architecture"] == "llama+torchtitan" and report["before"]["summary"]["qk"]["mean_abs_log2"] > \
+    assert report["architecture"] == "llama" and report["before"]["summary"]["qk"]["mean_abs_log2"] > \
         report["summary"]["qk"]["mean_abs_log2"]
-    res = run_cli("verify", src, dst, "--json", *config_args(made, "titan"))
+    res = run_cli("verify", src, dst, "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["verification"]["identical"], res.stderr[-2000:]
     # continuous scales round: not bit-identical (exit 1), within the tolerances
     cont = tmp_path / "continuous"
-    res = run_cli("transform", src, cont, "--scales", "continuous", *config_args(made, "titan"))
+    res = run_cli("transform", src, cont, "--scales", "continuous")
     assert res.returncode == 0, res.stderr[-2000:]
-    res = run_cli("verify", src, cont, "--mode", "exact", *config_args(made, "titan"))
+    res = run_cli("verify", src, cont, "--mode", "exact")
     assert res.returncode == 1 and "verification failed" in res.stdout + res.stderr, res.stdout + res.stderr
-    res = run_cli("verify", src, cont, *config_args(made, "titan"))      # auto: the record says it rounds
+    res = run_cli("verify", src, cont)      # auto: the record says it rounds
     assert res.returncode == 0, res.stdout + res.stderr
-    # torchtitan's layout against HF's: not comparable layer by layer (rotary pairs differ)
-    res = run_cli("verify", transformed["hf"][0], dst)
-    assert res.returncode == 2 and "(llama+torchtitan vs llama)" in res.stderr, res.stderr
 
 
 def test_wrapper_segments_are_recognised_and_kept(tmp_path):

@@ -43,23 +43,7 @@ def test_every_shipped_spec_loads():
 def test_resolved_spec_equals_the_old_one(name):
     """The deep-merged, shrunken files resolve to exactly the specs the full files gave."""
     old = spec.parse_spec({"norm_readers": OLD_NORM_READERS, **SNAPSHOT[name]}, f"snapshot {name}")
-    # name adapters (other frameworks' names) came later; the rest is as it was
-    assert dataclasses.replace(spec.shipped_specs()[name], name_adapters=old.name_adapters) == old
-
-
-def test_name_adapter_renames_every_role_and_is_not_inherited():
-    llama = spec.shipped_specs()["llama"]
-    titan = llama.adapted("torchtitan")
-    assert titan.layer_name(2, titan.layer_tensors["q"]) == "layers.2.attention.wq.weight"
-    assert titan.attention.rotary == "interleaved" and llama.attention.rotary == "half"
-    assert set(titan.layer_tensors) == set(llama.layer_tensors)
-    assert spec.shipped_specs()["mistral"].name_adapters == {}      # extends llama, names its own
-    files = _files()
-    data = json.loads(json.dumps(files["architectures/llama.json"]))
-    del data["name_adapters"]["torchtitan"]["layer_tensors"]["up"]
-    with pytest.raises(WiscaError, match=r"llama.json: name adapter 'torchtitan' must rename every layer "
-                                         r"tensor role \(missing: up"):
-        spec.load_specs({**files, "architectures/llama.json": data})
+    assert spec.shipped_specs()[name] == old
 
 
 def _restated(child, parent, path=""):
@@ -285,3 +269,40 @@ def test_multimodal_llama4_is_refused_in_one_line():
         spec.layout_from_config({"model_type": "llama4", "text_config": LLAMA4})
     assert str(e.value).startswith("config.json: model_type 'llama4' is not supported: a multimodal Llama 4 ")
     assert "llama4_text" in str(e.value) and "\n" not in str(e.value)
+
+
+# -- frameworks (frameworks/*.json) ---------------------------------------------------------------
+def _framework_files() -> dict:
+    from importlib import resources
+
+    root = resources.files("wisca_cli").joinpath("frameworks")
+    return {f"frameworks/{e.name}": json.loads(e.read_text()) for e in root.iterdir() if e.name.endswith(".json")}
+
+
+def test_framework_descriptions_rename_every_role_and_are_checked():
+    from wisca_cli.framework import load_frameworks, optimizer_prefixes, shipped_frameworks
+
+    shipped = shipped_frameworks()
+    assert set(shipped) == {"torchtitan", "olmo_core"}
+    llama = spec.shipped_specs()["llama"]
+    titan = llama.adapted("torchtitan", shipped["torchtitan"].families["llama"])
+    assert titan.layer_name(2, titan.layer_tensors["q"]) == "layers.2.attention.qkv_linear.wq.weight"
+    assert titan.attention.rotary == "interleaved" and llama.attention.rotary == "half"
+    assert set(titan.layer_tensors) == set(llama.layer_tensors)
+    assert optimizer_prefixes() == ("optimizer.", "optim.")
+    files = _framework_files()
+    cases = [
+        (lambda d: d["families"]["llama"]["layer_tensors"].pop("up"),
+         r"torchtitan.json: families.llama must rename every layer tensor role of the spec \(missing: up"),
+        (lambda d: d["families"].__setitem__("nosuch", d["families"]["llama"]), r"families.nosuch: no such family"),
+        (lambda d: d["families"]["llama"]["fused_state"]["qkv"].__setitem__("parts", ["q", "v", "k"]),
+         r"layout kv_groups holds parts \[q, k, v\]"),
+        (lambda d: d.__setitem__("optimizer_prefix", "optimizer"), r"optimizer_prefix must be"),
+        (lambda d: d["families"]["llama"].__setitem__("layer_prefix", "layers."), r"layer_prefix must contain"),
+        (lambda d: d.__setitem__("colour", "red"), r"unknown key 'colour'"),
+    ]
+    for edit, match in cases:
+        data = json.loads(json.dumps(files["frameworks/torchtitan.json"]))
+        edit(data)
+        with pytest.raises(WiscaError, match=match):
+            load_frameworks({"frameworks/torchtitan.json": data})

@@ -362,8 +362,10 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None,
     # the family's own (Hugging Face) names, or a framework's (frameworks/*.json)
     from .framework import shipped_frameworks
 
+    names = [_canonical(k) for k in keys]
     candidates = [(None, base, None)] + [
-        (fw.name, dataclasses.replace(base, spec=base.spec.adapted(fw.name, fw.families[base.spec.name])), fw)
+        (fw.name, layout_from_config(cfg, str(cfg_path), tensor_names=names,
+                                     spec=base.spec.adapted(fw.name, fw.families[base.spec.name])), fw)
         for fw in shipped_frameworks().values() if base.spec.name in fw.families]
     for adapter, layout, framework in candidates:
         known = _known_names(layout)

@@ -31,7 +31,7 @@ from typing import Mapping
 import torch
 
 from .errors import WiscaError
-from .spec import (FUSABLE_PARTS, NameAdapter, _bad, _build, _choice, _mapping, _no_entries, _section, _Section,
+from .spec import (FUSABLE_PARTS, MLP_ROLES, FusedExperts, NameAdapter, _bad, _build, _choice, _mapping, _no_entries, _section, _Section,
                    _spec_field, _str_list, _string)
 
 FUSED_LAYOUTS = ("kv_groups",)   # rows [kv heads, R + 2, head dim]: the group's R q heads, its k, its v
@@ -57,8 +57,16 @@ class FusedState(_Section):
 
 
 @dataclass(frozen=True)
+class MoeNames(_Section):
+    """An MoE family's router and 3-D expert tensors under the framework's names."""
+    router: str = _spec_field(_string)
+    fused_experts: Mapping[str, FusedExperts] = _spec_field(_mapping(_section(FusedExperts)))
+
+
+@dataclass(frozen=True)
 class FamilyNames(NameAdapter):
     fused_state: Mapping[str, FusedState] = _spec_field(_mapping(_section(FusedState)), factory=_no_entries)
+    moe: MoeNames | None = _spec_field(_section(MoeNames), None)
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,13 @@ class Framework(_Section):
                 raise WiscaError(f"{where}: families.{family} must rename every layer tensor role of the spec "
                                  f"(missing: {', '.join(sorted(roles - renamed)) or '-'}; unknown: "
                                  f"{', '.join(sorted(renamed - roles)) or '-'})")
+            if names.moe is not None:
+                if specs[family].moe is None:
+                    raise WiscaError(f"{where}: families.{family}.moe: {family} has no experts")
+                parts = sorted(p for f in names.moe.fused_experts.values() for p in f.parts)
+                if parts != sorted(MLP_ROLES):
+                    raise WiscaError(f"{where}: families.{family}.moe.fused_experts must hold "
+                                     f"{', '.join(MLP_ROLES)} once each, got {', '.join(parts)}")
             for fused in names.fused_state.values():
                 missing = [p for p in fused.parts if p not in roles]
                 if missing:

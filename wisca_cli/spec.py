@@ -494,8 +494,14 @@ class ArchSpec(_Section):
                 raise WiscaError(f"{where}: block.shared_norm needs an attn_norm in layer_tensors")
 
     def adapted(self, name: str, a: "NameAdapter") -> "ArchSpec":
-        """This family under framework ``name``'s names (``framework.FamilyNames``)."""
+        """This family under framework ``name``'s names (``framework.FamilyNames``; its
+        ``moe``: the router and the 3-D expert tensors under their names there)."""
         attention = self.attention if a.rotary is None else replace(self.attention, rotary=a.rotary)
+        moe_names = getattr(a, "moe", None)
+        if moe_names is not None and self.moe is not None:
+            self = replace(self, moe=replace(self.moe, router=moe_names.router, fused_router=None,
+                                             fused_experts=moe_names.fused_experts,
+                                             expert_tensors=MappingProxyType({})))
         return replace(self, name=f"{self.name}+{name}", embed=a.embed, final_norm=a.final_norm,
                        lm_head=a.lm_head, layer_prefix=a.layer_prefix, attention=attention,
                        layer_tensors=MappingProxyType(dict(a.layer_tensors)))
@@ -889,14 +895,16 @@ def _positive_int(config: dict, key: str, where: str) -> int:
     return value
 
 
-def layout_from_config(config: dict, where: str = "config.json", tensor_names=None) -> Layout:
+def layout_from_config(config: dict, where: str = "config.json", tensor_names=None,
+                       spec: "ArchSpec | None" = None) -> Layout:
     """The layout of a checkpoint from its config.json. ``tensor_names``: the checkpoint's
     tensor names, which decide how the experts are stored where the spec knows both ways
     (one tensor per expert, or fused 3-D tensors); without them, per expert where the spec
-    names such tensors."""
+    names such tensors. ``spec``: the family under a framework's names (``ArchSpec.adapted``)
+    instead of the one ``model_type`` names."""
     if not isinstance(config, dict):
         raise WiscaError(f"{where}: expected a JSON object")
-    spec = spec_for(config.get("model_type"), where)
+    spec = spec if spec is not None else spec_for(config.get("model_type"), where)
     mxfp4_key = spec.moe.mxfp4 if spec.moe else None
     quant = config.get(mxfp4_key) if mxfp4_key else None
     is_mxfp4 = isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"
