@@ -30,25 +30,59 @@ ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "
 POWERS = {"exp_avg": 1, "exp_avg_sq": 2, "step": 0}
 
 
-def _torch_reads_olmo_core_metadata() -> None:
-    """torch's FileSystemReader reads ``transform_descriptors`` of every storage info;
-    OLMo-core's own class has the other three fields only. A class default of None lets these
-    checks read OLMo-core's folders with torch's reader (wisca reads them with a stand-in)."""
-    try:
-        from olmo_core.distributed.checkpoint.filesystem import _StorageInfo
-    except ImportError:
+def torch_reads_olmo_core_metadata() -> None:
+    """OLMo-core's ``.metadata`` pickles its own storage-info class, which these checks read
+    with torch's FileSystemReader in this environment (OLMo-core lives in its own): the
+    class's module made to name torch's class, which has the same fields (wisca itself reads
+    it with a stand-in, ``unpickle.py``)."""
+    import types
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    module = "olmo_core.distributed.checkpoint.filesystem"
+    if module in sys.modules:
         return
-    if not hasattr(_StorageInfo, "transform_descriptors"):
-        _StorageInfo.transform_descriptors = None
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):
+        sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+    sys.modules[module]._StorageInfo = _StorageInfo
 
 
-_torch_reads_olmo_core_metadata()
+def framework_python(name: str) -> str:
+    """The Python of ``name``'s own environment where its pins disagree with the test
+    environment's (``tests/frameworks/<name>/requirements.txt``; torch pinned by a constraints
+    file, so no other build is fetched): built once, cached under $WISCA_TEST_ENVS or
+    ~/.cache/wisca-test-envs, keyed by the requirements and this Python. Without such a file:
+    this environment's Python."""
+    import fcntl
+    import hashlib
+
+    req = FRAMEWORKS / name / "requirements.txt"
+    if not req.is_file():
+        return sys.executable
+    key = hashlib.sha256(req.read_bytes() + sys.version.encode()).hexdigest()[:12]
+    base = Path(os.environ.get("WISCA_TEST_ENVS", Path.home() / ".cache" / "wisca-test-envs"))
+    base.mkdir(parents=True, exist_ok=True)
+    root, py = base / f"{name}-{key}", base / f"{name}-{key}" / "bin" / "python"
+    with open(base / f"{name}-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".complete").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, capture_output=True)
+            pins = [ln for ln in req.read_text().split() if ln.startswith("torch==")]
+            (root / "constraints.txt").write_text("\n".join(pins) + "\n")
+            res = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                                  "-c", str(root / "constraints.txt"), "-r", str(req)],
+                                 capture_output=True, text=True, timeout=1800)
+            assert res.returncode == 0, f"building {root} failed: " + res.stderr[-3000:]
+            (root / ".complete").write_text(req.read_text())
+    return str(py)
 
 
-def torchrun(nproc: int, *args, timeout: int = 420) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                          str(nproc), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, **ENV})
+def torchrun(nproc: int, *args, timeout: int = 420, python: str | None = None) -> subprocess.CompletedProcess:
+    res = subprocess.run([python or sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", str(nproc), *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout, env={**os.environ, **ENV})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-4000:]
     return res
 
@@ -75,7 +109,7 @@ def load_back(framework: str, flavor: str, ckpt: Path, probe: Path, tmp: Path, w
     """The framework's own loader, at ``world`` ranks: logits on the probe, two more steps."""
     result = tmp / f"loaded-{flavor}-w{world}.pt"
     torchrun(world, FRAMEWORKS / framework / "check_load.py", "--flavor", flavor, "--ckpt", ckpt,
-             "--probe", probe, "--out", result)
+             "--probe", probe, "--out", result, python=framework_python(framework))
     return torch.load(result, weights_only=False)
 
 

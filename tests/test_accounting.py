@@ -273,3 +273,24 @@ def test_by_name_state_of_a_fused_parameter_is_refused(tmp_path):
     refused(src, tmp_path, match=f"{src / 'optim.pt'}: ")
     res = run_cli("transform", src, tmp_path / "never")
     assert "qkv_proj" in res.stderr
+
+
+@pytest.mark.parametrize("command", ["transform", "inspect"])
+def test_a_chunk_pickle_that_would_run_code_is_refused(made, tmp_path, command):
+    """A .distcp chunk is a torch.save archive, read by wisca's own tensor-only unpickler or
+    torch.load(weights_only=True): a chunk whose unpickling would run code is refused."""
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "ran"
+    src = _copy(made["dcp"], tmp_path / "src")
+    md = dcp.FileSystemReader(src).read_metadata()
+    key = "model.model.layers.0.self_attn.q_proj.weight"
+    idx = next(i for i in md.storage_data if i.fqn == key)
+    payload = pickle.dumps(_Payload(marker))
+    (src / "__evil.distcp").write_bytes(payload)
+    md.storage_data[idx].relative_path, md.storage_data[idx].offset = "__evil.distcp", 0
+    md.storage_data[idx].length = len(payload)
+    (src / ".metadata").write_bytes(pickle.dumps(md))
+    args = [src, tmp_path / "out"] if command == "transform" else [src]
+    _refused_cli(command, *args, match=f"{src / '__evil.distcp'}: chunk of {key} is corrupt")
+    assert not marker.exists() and not (tmp_path / "out").exists()

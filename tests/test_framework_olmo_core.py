@@ -5,7 +5,10 @@ at a fixed function by exact powers of two (``tests/frameworks/olmo_core/make_ck
 transforms ``stepN/`` (``model_and_optim/`` rewritten, ``train/`` and ``.metadata.json`` copied,
 OLMo-core's own storage-info class read and written back); OLMo-core's
 `load_model_and_optim_state` reads the output at world size 1 and 2, its forward gives
-bit-identical logits, and its Trainer trains on.
+bit-identical logits, and its Trainer trains on. OLMo-core runs in an environment of its own,
+built once and cached (``framework_checks.framework_python``): it pins huggingface_hub < 2 and
+rich < 14, which transformers 5.25 in the test environment does not accept; wisca itself reads
+and writes OLMo-core's storage-info class without OLMo-core installed.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import json
 import pytest
 
 from conftest import run_cli
-from framework_checks import (FRAMEWORKS, as_step, assert_loaded_exactly, assert_rescaled, assert_undone, load_back,
-                              torchrun, transform_both_ways)
+from framework_checks import (FRAMEWORKS, as_step, assert_loaded_exactly, assert_rescaled, assert_undone,
+                              framework_python, load_back, torch_reads_olmo_core_metadata, torchrun,
+                              transform_both_ways)
 
-pytest.importorskip("olmo_core")
+torch_reads_olmo_core_metadata()
 SCRIPTS = FRAMEWORKS / "olmo_core"
 FLAVORS = {"llama": "llama+olmo_core", "olmo2": "olmo2+olmo_core"}
 
@@ -26,9 +30,10 @@ FLAVORS = {"llama": "llama+olmo_core", "olmo2": "olmo2+olmo_core"}
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("olmo_core")
+    python = framework_python("olmo_core")       # its own environment: its pins disagree with transformers'
     out = {}
     for flavor in FLAVORS:
-        torchrun(2, SCRIPTS / "make_ckpt.py", "--flavor", flavor, "--out", root / flavor)
+        torchrun(2, SCRIPTS / "make_ckpt.py", "--flavor", flavor, "--out", root / flavor, python=python)
         out[flavor] = root / flavor
     return out
 
