@@ -6,7 +6,6 @@ bit, trained on, and undone. torchtitan's and OLMo-core's own checkpoints:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pickle

@@ -4,7 +4,6 @@ a wrong key or value type is one clear error naming the file."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from importlib import resources
 from pathlib import Path

@@ -797,20 +797,25 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
     def count(moment: str, how: str) -> None:
         accounting.setdefault(moment, {"scaled": 0, "untouched": 0, "copied": 0})[how] += 1
 
+    def state_entry(moment: str, e: Entry, mult) -> None:
+        """One optimizer state entry of a parameter whose multiplier is ``mult`` (None: 1):
+        copied (a key no rescaling changes, or S = 1) or divided by S**p, and counted."""
+        if MOMENT_POWERS.get(moment) == 0:
+            copy_entry(e)
+            count(moment, "copied")
+        elif mult is None or bool((mult == 1).all()):
+            copy_entry(e)
+            count(moment, "untouched")
+        elif moment not in MOMENT_POWERS:
+            raise WiscaError(f"{e.folder.path / METADATA}: {e.key}: optimizer state {moment!r} of a "
+                             f"rescaled parameter; wisca knows {', '.join(MOMENT_POWERS)}")
+        else:
+            scale_entry(e, mult, -MOMENT_POWERS[moment])
+            count(moment, "scaled")
+
     def moments_of(name: str, mult) -> None:
         for moment, e in sorted(ckpt.moments.get(name, {}).items()):
-            if MOMENT_POWERS.get(moment) == 0:
-                copy_entry(e)
-                count(moment, "copied")
-            elif mult is None or bool((mult == 1).all()):
-                copy_entry(e)
-                count(moment, "untouched")
-            elif moment not in MOMENT_POWERS:
-                raise WiscaError(f"{e.folder.path / METADATA}: {e.key}: optimizer state {moment!r} of a "
-                                 f"rescaled parameter; wisca knows {', '.join(MOMENT_POWERS)}")
-            else:
-                scale_entry(e, mult, -MOMENT_POWERS[moment])
-                count(moment, "scaled")
+            state_entry(moment, e, mult)
 
     def fused_moments_of(i: int, mults: dict, shapes: dict) -> None:
         """Moments of a parameter fused in memory, its weights split here: divided by the
@@ -818,28 +823,13 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
         from .framework import fused_multiplier
 
         for fused, moment, e in ckpt.fused_moments.get(i, []):
-            if MOMENT_POWERS.get(moment) == 0:
-                copy_entry(e)
-                count(moment, "copied")
-                continue
-            mult = fused_multiplier(fused, {role: mults.get(role) for role in fused.parts}, shapes,
-                                    lay.kv_heads, lay.head_dim)
             want = (sum(shapes[p][0] for p in fused.parts), *shapes[fused.parts[0]][1:])
-            if tuple(e.size) != want:
+            if MOMENT_POWERS.get(moment) != 0 and tuple(e.size) != want:
                 raise WiscaError(f"{e.folder.path / METADATA}: {e.key}: shape {list(e.size)}, but its parts "
                                  f"{', '.join(fused.parts)} make {list(want)}")
-            if MOMENT_POWERS.get(moment) == 0:
-                copy_entry(e)
-                count(moment, "copied")
-            elif mult is None or bool((mult == 1).all()):
-                copy_entry(e)
-                count(moment, "untouched")
-            elif moment not in MOMENT_POWERS:
-                raise WiscaError(f"{e.folder.path / METADATA}: {e.key}: optimizer state {moment!r} of a "
-                                 f"rescaled parameter; wisca knows {', '.join(MOMENT_POWERS)}")
-            else:
-                scale_entry(e, mult, -MOMENT_POWERS[moment])
-                count(moment, "scaled")
+            mult = None if MOMENT_POWERS.get(moment) == 0 else fused_multiplier(
+                fused, {role: mults.get(role) for role in fused.parts}, shapes, lay.kv_heads, lay.head_dim)
+            state_entry(moment, e, mult)
 
     def chained(step):
         """Run ``step`` with the verifier's streams handed over from the previous rank."""

@@ -22,17 +22,15 @@ Nothing here reads tensors or files of a checkpoint.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from typing import Mapping
 
 import torch
 
 from .errors import WiscaError
-from .spec import (FUSABLE_PARTS, MLP_ROLES, FusedExperts, NameAdapter, _bad, _build, _choice, _mapping, _no_entries, _section, _Section,
-                   _spec_field, _str_list, _string)
+from .spec import (FUSABLE_PARTS, MLP_ROLES, FusedExperts, NameAdapter, _bad, _build, _choice, _mapping,
+                   _no_entries, _section, _Section, _spec_field, _str_list, _string, package_json)
 
 FUSED_LAYOUTS = ("kv_groups",)   # rows [kv heads, R + 2, head dim]: the group's R q heads, its k, its v
 
@@ -124,15 +122,8 @@ def load_frameworks(files: Mapping[str, object]) -> dict[str, Framework]:
 
 @lru_cache(maxsize=None)
 def shipped_frameworks() -> dict[str, Framework]:
-    files = {}
-    for entry in sorted(resources.files(__package__).joinpath("frameworks").iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".json"):
-            where = f"frameworks/{entry.name}"
-            try:
-                files[where] = json.loads(entry.read_text())
-            except ValueError as e:
-                raise WiscaError(f"{where}: not valid JSON ({e})") from None
-    return load_frameworks(files)
+    """Framework name -> description, for every file in ``frameworks/`` (checked on first use)."""
+    return load_frameworks(package_json("frameworks"))
 
 
 @lru_cache(maxsize=None)

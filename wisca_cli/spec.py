@@ -601,18 +601,23 @@ def load_specs(files: Mapping[str, Any]) -> dict[str, ArchSpec]:
     return specs
 
 
-@lru_cache(maxsize=None)
-def shipped_specs() -> dict[str, ArchSpec]:
-    """Spec name -> spec, for every file in ``architectures/`` (all checked on first use)."""
+def package_json(folder: str) -> dict[str, Any]:
+    """``folder/name.json`` -> parsed JSON, for every JSON file of a folder of the package."""
     files = {}
-    for entry in sorted(resources.files(__package__).joinpath("architectures").iterdir(), key=lambda e: e.name):
+    for entry in sorted(resources.files(__package__).joinpath(folder).iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):
-            where = f"architectures/{entry.name}"
+            where = f"{folder}/{entry.name}"
             try:
                 files[where] = json.loads(entry.read_text())
             except ValueError as e:
                 raise WiscaError(f"{where}: not valid JSON ({e})") from None
-    return load_specs(files)
+    return files
+
+
+@lru_cache(maxsize=None)
+def shipped_specs() -> dict[str, ArchSpec]:
+    """Spec name -> spec, for every file in ``architectures/`` (all checked on first use)."""
+    return load_specs(package_json("architectures"))
 
 
 @lru_cache(maxsize=None)

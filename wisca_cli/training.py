@@ -66,7 +66,6 @@ import torch
 
 from .errors import WiscaError, reason
 from .formats import INDEX_NAME
-from .options import TRAINING_STATE_MODES  # noqa: F401 - the modes, stated once
 from .fused import Param, identity, parameter_layout
 
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "optim.pt")
