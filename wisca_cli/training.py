@@ -123,15 +123,18 @@ def plan_training_state(src: Path, mode: str = "transform") -> set[str]:
     if mode == "drop":
         return {p for p in [path.name if path else None, *[o.rstrip("/") for o in others]] if p} | \
             ({"latest"} if any(o.startswith("global_step") for o in others) and (src / "latest").is_file() else set())
+    _no_other_state(src, path, others)
+    if path is not None:
+        _readable_state(path)
+    return set()
+
+
+def _no_other_state(src: Path, path: Path | None, others: list[str]) -> None:
     if path is not None and others:
         raise WiscaError(f"{path}: the folder also holds other optimizer states ({', '.join(others)}); "
                          f"keep only the one the training run resumes from")
-    if path is None:
-        if others:
-            raise _refuse(str(src / others[0].rstrip("/")), _engine_reason(others[0]))
-        return set()
-    _readable_state(path)
-    return set()
+    if others:
+        raise _refuse(str(src / others[0].rstrip("/")), _engine_reason(others[0]))
 
 
 def _engine_reason(name: str) -> str:
@@ -559,8 +562,8 @@ class _State:
 def _read_state(src: Path, weight_names: list[str] | None, multipliers: dict, base: Path | None) -> "_State | dict":
     """The optimizer state of src with its entries mapped to tensor names ({} when there is
     none); ``WiscaError`` for a state wisca cannot rescale (``plan_training_state``)."""
-    plan_training_state(src, "transform")
-    path, _ = find_optimizer_state(src)
+    path, others = find_optimizer_state(src)
+    _no_other_state(src, path, others)
     if path is None:
         return {}
     where = str(path)
