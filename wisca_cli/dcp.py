@@ -474,8 +474,8 @@ def _account_state(folders: list[Folder], known: dict[str, str], model_keys: lis
             name = _match(fqn, known)
             if name is not None:
                 moments.setdefault(name, {})[moment] = e
-            elif _match(fqn, fused_names) is not None:
-                layer, description = fused[_match(fqn, fused_names)]
+            elif (fused_name := _match(fqn, fused_names)) is not None:
+                layer, description = fused[fused_name]
                 fused_moments.setdefault(layer, []).append((description, moment, e))
             elif _canonical(fqn) in suffixes:
                 untouched.append((moment, e))
@@ -822,14 +822,19 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
         multiplier assembled from its parts' (``framework.fused_multiplier``)."""
         from .framework import fused_multiplier
 
+        assembled = {}   # one multiplier per fused parameter, for all its moments
         for fused, moment, e in ckpt.fused_moments.get(i, []):
+            if MOMENT_POWERS.get(moment) == 0:
+                state_entry(moment, e, None)
+                continue
             want = (sum(shapes[p][0] for p in fused.parts), *shapes[fused.parts[0]][1:])
-            if MOMENT_POWERS.get(moment) != 0 and tuple(e.size) != want:
+            if tuple(e.size) != want:
                 raise WiscaError(f"{e.folder.path / METADATA}: {e.key}: shape {list(e.size)}, but its parts "
                                  f"{', '.join(fused.parts)} make {list(want)}")
-            mult = None if MOMENT_POWERS.get(moment) == 0 else fused_multiplier(
-                fused, {role: mults.get(role) for role in fused.parts}, shapes, lay.kv_heads, lay.head_dim)
-            state_entry(moment, e, mult)
+            if fused.name not in assembled:
+                assembled[fused.name] = fused_multiplier(fused, {role: mults.get(role) for role in fused.parts},
+                                                         shapes, lay.kv_heads, lay.head_dim)
+            state_entry(moment, e, assembled[fused.name])
 
     def chained(step):
         """Run ``step`` with the verifier's streams handed over from the previous rank."""
