@@ -294,3 +294,26 @@ def test_a_chunk_pickle_that_would_run_code_is_refused(made, tmp_path, command):
     args = [src, tmp_path / "out"] if command == "transform" else [src]
     _refused_cli(command, *args, match=f"{src / '__evil.distcp'}: chunk of {key} is corrupt")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_adapter_by_name_state_of_a_parameter_it_does_not_have_is_refused(tmp_path):
+    """An adapter checkpoint whose by-name optimizer state holds a moment of a parameter the
+    adapter does not hold (a fused lora_A of q/k/v): refused, never copied."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(make_config("llama", num_attention_heads=4, num_key_value_heads=2))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    src = tmp_path / "adapter"
+    model.save_pretrained(src)
+    name = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.default.weight"
+    torch.save({"state": {name: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(4, 64),
+                                 "exp_avg_sq": torch.zeros(4, 64)}},
+                "param_groups": [{"lr": 1e-3, "params": [name]}]}, src / "optim.pt")
+    refused(src, tmp_path, match=f"{src / 'optim.pt'}: parameter base_model.model.model.layers.0.self_attn."
+                                 f"qkv_proj.lora_A.weight")
