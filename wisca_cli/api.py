@@ -14,7 +14,6 @@ is renamed into place only after verification passed.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import time
 from pathlib import Path
@@ -246,7 +245,7 @@ def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite:
         dst_path = check_target(ckpt.root, Path(restored), overwrite)
         from .training import plan_training_state
 
-        plan_training_state(ckpt.root)   # a state wisca cannot carry back is refused before any work
+        engine = plan_training_state(ckpt.root)   # a state wisca cannot carry back is refused before any work
         pow2 = all(v != "tolerance" for v in
                    solve.exactness(ckpt.layout, tuple(opts["targets"]), opts["scales"] == "pow2").values())
         verifier = None
@@ -279,7 +278,7 @@ def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite:
             if result is not None and not result.passed:
                 raise VerificationFailed("undo: the restored model does not compute the same function; "
                                          "nothing written", {"verification": result.to_dict()})
-            copy_other_files(ckpt.root, out.tmp, skip=set(ckpt.shards) | {RECORD_NAME, SCALES_NAME})
+            copy_other_files(ckpt.root, out.tmp, skip=set(ckpt.shards) | {RECORD_NAME, SCALES_NAME} | engine)
             from .training import transform_training_state
 
             state = transform_training_state(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import errno
 import io
 import mmap
 import os
@@ -38,6 +37,7 @@ import torch
 from . import chunkbytes
 from .balance import apply_multiplier, apply_multiplier_, chunk_multiplier
 from .errors import WiscaError, reason
+from .fileio import copy_range as _copy_range, pwrite_all as _pwrite_all
 from .spec import Layout, layout_from_config
 
 METADATA = ".metadata"
@@ -662,32 +662,6 @@ class ChunkWriter:
 def _will_need(fd: int, offset: int, length: int) -> None:
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-
-
-def _pwrite_all(fd: int, raw, at: int) -> None:
-    view = memoryview(raw).cast("B")
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], at + done)
-
-
-def _copy_range(src: int, offset: int, dst: int, at: int, n: int) -> None:
-    done = 0
-    try:
-        while done < n:
-            got = os.copy_file_range(src, dst, n - done, offset + done, at + done)
-            if got == 0:
-                raise OSError("source file ended")
-            done += got
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-        while done < n:   # a filesystem without copy_file_range: through user space
-            block = os.pread(src, min(n - done, 64 << 20), offset + done)
-            if not block:
-                raise OSError("source file ended") from e
-            _pwrite_all(dst, block, at + done)
-            done += len(block)
 
 
 def write_metadata(folder: Folder, out: Path, storage: dict) -> None:

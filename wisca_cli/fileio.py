@@ -330,3 +330,31 @@ def _mincore_fraction(fd: int, start: int, pages: int) -> float:
             libc.munmap(addr, length)
     except (AttributeError, OSError):
         return 1.0
+
+
+def pwrite_all(fd: int, raw, at: int) -> None:
+    """Write all of ``raw`` at file offset ``at``."""
+    view = memoryview(raw).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], at + done)
+
+
+def copy_range(src: int, offset: int, dst: int, at: int, n: int) -> None:
+    """``n`` bytes from ``src`` at ``offset`` to ``dst`` at ``at``, file to file in the kernel."""
+    done = 0
+    try:
+        while done < n:
+            got = os.copy_file_range(src, dst, n - done, offset + done, at + done)
+            if got == 0:
+                raise OSError("source file ended")
+            done += got
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        while done < n:   # a filesystem without copy_file_range: through user space
+            block = os.pread(src, min(n - done, 64 << 20), offset + done)
+            if not block:
+                raise OSError("source file ended") from e
+            pwrite_all(dst, block, at + done)
+            done += len(block)

@@ -123,10 +123,50 @@ def plan_training_state(src: Path, mode: str = "transform") -> set[str]:
     if mode == "drop":
         return {p for p in [path.name if path else None, *[o.rstrip("/") for o in others]] if p} | \
             ({"latest"} if any(o.startswith("global_step") for o in others) and (src / "latest").is_file() else set())
+    engine = _deepspeed_engine(src, path, others)
+    if engine is not None:
+        _deepspeed_params(src, engine, None)
+        return {engine.folder.name}        # written by transform_training_state, not copied
     _no_other_state(src, path, others)
     if path is not None:
         _readable_state(path)
     return set()
+
+
+def _deepspeed_engine(src: Path, path: Path | None, others: list[str]):
+    """The DeepSpeed engine state of ``src`` (``deepspeed.read_engine``), None without one."""
+    if not any(o.startswith("global_step") for o in others):
+        return None
+    rest = [o for o in others if not o.startswith("global_step")]
+    if path is not None or rest:
+        _no_other_state(src, path, rest or others)
+    if (src / "adapter_config.json").is_file():
+        raise _refuse(str(src / [o for o in others if o.startswith("global_step")][0].rstrip("/")),
+                      "DeepSpeed engine state of a LoRA adapter, which wisca does not map yet")
+    from .deepspeed import read_engine
+
+    try:
+        return read_engine(src)
+    except WiscaError as e:
+        raise WiscaError(f"{e}; wisca cannot rescale it, so nothing is written (to write the weights without the "
+                         f"engine state, pass `training_state` drop)", fields=("training_state",)) from None
+
+
+def _deepspeed_params(src: Path, engine, weight_names: list[str] | None) -> dict:
+    """DeepSpeed parameter name -> ``fused.Param`` (the checkpoint tensors it holds)."""
+    where = str(engine.folder)
+    shapes = tensor_shapes(src)
+    if weight_names:
+        known = set(weight_names)
+        shapes = {n: s for n, s in shapes.items() if n in known}
+    names = list(engine.shapes)
+    sd = {"state": {}, "param_groups": [{"params": names}]}
+    params = _by_name_mapping(src, sd, where, shapes).params
+    for name, p in params.items():
+        if tuple(p.shape) != engine.shapes[name]:
+            raise WiscaError(f"{where}: parameter {name} has shape {list(engine.shapes[name])} in DeepSpeed's "
+                             f"param_shapes, {list(p.shape)} in the checkpoint; nothing written")
+    return params
 
 
 def _no_other_state(src: Path, path: Path | None, others: list[str]) -> None:
@@ -633,6 +673,13 @@ def transform_training_state(src: Path, dst: Path, multipliers: dict[str, torch.
         dropped = sorted(plan_training_state(src, "drop"))
         return {"optimizer": {"file": ", ".join(dropped), "transformed": False, "dropped": dropped,
                               "resume": RESUME_WITHOUT_STATE}} if dropped else {}
+    path, others = find_optimizer_state(src)
+    engine = _deepspeed_engine(src, path, others)
+    if engine is not None:
+        from .deepspeed import transform as transform_engine
+
+        params = _deepspeed_params(src, engine, weight_names)
+        return {"optimizer": transform_engine(engine, dst, params, multipliers, invert)}
     found = _read_state(src, weight_names, multipliers, base)
     if not isinstance(found, _State):
         return found
