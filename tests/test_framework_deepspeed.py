@@ -40,6 +40,11 @@ CASES = {   # name -> (ranks, harness flags)
     "zero1-2ranks-trainer-optimizer": (2, ["--stage", "1", "--trainer-optim"]),
     "zero2-2ranks": (2, ["--stage", "2"]),
     "zero3-2ranks-bf16": (2, ["--stage", "3", "--bf16"]),
+    # no model.safetensors: the weights are the engine's fp32 masters only
+    "zero3-2ranks-no-gather": (2, ["--stage", "3", "--no-gather"]),
+    # ds_to_universal's output beside the checkpoint; the resume loads it (load_universal)
+    "zero2-universal": (1, ["--stage", "2", "--universal"]),
+    "zero3-2ranks-universal": (2, ["--stage", "3", "--universal"]),
 }
 
 
@@ -85,8 +90,22 @@ def test_transform_reports_the_engine_state(case):
     assert (out / "latest").read_text() == (src / "latest").read_text()
 
 
+def universal_only(folder: Path, tmp: Path) -> Path:
+    """A copy without the regular tag folder: a resume can only load the universal one."""
+    import shutil
+
+    copy = tmp / folder.name
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / "global_step3")
+    (copy / "latest").unlink()
+    return copy
+
+
 def test_deepspeed_resumes_the_transformed_state(case, tmp_path):
     src, out, report, ranks, flags = case
+    if "--universal" in flags:
+        assert report["training_state"]["universal"]["format"] == "deepspeed-universal"
+        src, out = universal_only(src, tmp_path / "a"), universal_only(out, tmp_path / "b")
     harness(ranks, "resume", src, tmp_path / "src.pt", *flags)
     harness(ranks, "resume", out, tmp_path / "out.pt", *flags)
     a, b = torch.load(tmp_path / "src.pt"), torch.load(tmp_path / "out.pt")
@@ -199,3 +218,14 @@ def test_drop_writes_the_weights_without_the_engine_state(zero2, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert sorted(json.loads(res.stdout)["training_state"]["optimizer"]["dropped"]) == ["global_step3", "latest"]
     assert not (out / "global_step3").exists() and (out / "model.safetensors").is_file()
+
+
+def test_verify_and_inspect_take_a_folder_whose_weights_are_the_engines(case):
+    src, out, report, _, flags = case
+    if "--no-gather" not in flags:
+        return
+    assert not (src / "model.safetensors").exists() and report["weights_from_engine"]
+    res = run_cli("verify", src, out, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["verification"]["passed"], res.stderr[-2000:]
+    res = run_cli("inspect", src, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["source"] == str(src.resolve()), res.stderr[-2000:]

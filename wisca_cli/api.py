@@ -13,6 +13,7 @@ is renamed into place only after verification passed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import time
@@ -84,6 +85,20 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
     if opts.base is not None:
         raise OptionError("base", f"applies only to a LoRA adapter; {src} is a model checkpoint")
     started = time.perf_counter()
+    from .deepspeed import WeightsView, weights_needed
+
+    if opts.revision is None and weights_needed(src):
+        # ZeRO 3 without gathered weights: the weights are the engine's fp32 masters
+        dst_path = check_target(Path(src), Path(dst), opts.overwrite)
+        with WeightsView(Path(src), dst_path.parent) as view:
+            report = _transform_folder(view, dst_path, opts, progress, started, source=str(Path(src)))
+        return report
+    return _transform_folder(src, dst, opts, progress, started)
+
+
+def _transform_folder(src, dst, opts: TransformOptions, progress, started: float, source: str | None = None) -> dict:
+    """transform on a safetensors folder or hub id; ``source``: the folder the user named,
+    when ``src`` is a view of it with weights written from a DeepSpeed engine."""
     ckpt = open_checkpoint(src, opts.revision)
     try:
         dst_path = check_target(ckpt.root, Path(dst), opts.overwrite)
@@ -140,7 +155,10 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
             report = {
                 "command": "transform", "wisca_version": __version__, "record_format": RECORD_FORMAT,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "source": ckpt.source, "output": str(dst_path),
+                "source": source or ckpt.source, "output": str(dst_path),
+                **({"weights_from_engine": "model.safetensors written from the DeepSpeed fp32 masters (the source "
+                                           "has no safetensors weights); undo leaves it out again"}
+                   if source else {}),
                 "architecture": ckpt.layout.spec.name, "model_type": ckpt.config.get("model_type"),
                 "dtype": _main_dtype(ckpt), "bytes": ckpt.total_bytes,
                 "options": opts.record(),
@@ -279,6 +297,9 @@ def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite:
                 raise VerificationFailed("undo: the restored model does not compute the same function; "
                                          "nothing written", {"verification": result.to_dict()})
             copy_other_files(ckpt.root, out.tmp, skip=set(ckpt.shards) | {RECORD_NAME, SCALES_NAME} | engine)
+            if record.get("weights_from_engine"):   # the source had the engine's weights only
+                for shard in ckpt.shards:
+                    (out.tmp / shard).unlink()
             from .training import transform_training_state
 
             state = transform_training_state(
@@ -341,9 +362,17 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = default("mode
             warnings += not_applicable(opts, (*TOLERANCE_FIELDS, "tolerance"), "mode exact")
         report = verify_adapters(a, b, mode == "exact", opts.given_tolerance())
         return {**report, "warnings": warnings, "seconds": round(time.perf_counter() - started, 3)}
-    ca = open_checkpoint(a, revision)
+    views = contextlib.ExitStack()
+    with views:
+        return _verify_folders(a, b, revision, mode, opts, probe_batch, probe_len, seed, probe_ids_file, progress,
+                               started, views)
+
+
+def _verify_folders(a, b, revision, mode, opts, probe_batch, probe_len, seed, probe_ids_file, progress, started,
+                    views: contextlib.ExitStack) -> dict:
+    ca = _open_weights(a, revision, views)
     try:
-        cb = open_checkpoint(b)
+        cb = _open_weights(b, None, views)
         try:
             _same_architecture(ca, cb)
             mode = resolve_mode(mode, cb.root)
@@ -365,6 +394,22 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = default("mode
             cb.close()
     finally:
         ca.close()
+
+
+def _open_weights(src, revision, views: contextlib.ExitStack) -> Checkpoint:
+    """``open_checkpoint``; a folder whose only weights are a DeepSpeed engine's fp32 masters
+    (ZeRO 3 without gathered weights) is read through a ``deepspeed.WeightsView`` in the
+    system's temporary folder (removed when ``views`` closes)."""
+    from .deepspeed import WeightsView, weights_needed
+
+    if revision is not None or not weights_needed(src):
+        return open_checkpoint(src, revision)
+    import tempfile
+
+    ckpt = open_checkpoint(views.enter_context(WeightsView(Path(src), Path(tempfile.gettempdir()))))
+    ckpt.root = Path(src).resolve()   # reports name the user's folder; the shards keep their own paths
+    ckpt.source = str(ckpt.root)
+    return ckpt
 
 
 # -- inspect ---------------------------------------------------------------------------------
@@ -394,13 +439,13 @@ def inspect(src: str | os.PathLike, granularity: str = default("granularity"), n
         report["warnings"] = [{"option": n, "message": "ignored: a LoRA adapter is inspected per rank channel"}
                               for n, v in (("granularity", granularity), ("targets", targets))
                               if v != default(n)]
+    elif _dcp_input(src, config, revision):
+        from .dcp_api import open_readable
+
+        report = _inspect_model(open_readable(src, config), granularity, norm, targets, progress)
     else:
-        if _dcp_input(src, config, revision):
-            from .dcp_api import open_readable
-            ckpt = open_readable(src, config)
-        else:
-            ckpt = open_checkpoint(src, revision)
-        report = _inspect_model(ckpt, granularity, norm, targets, progress)
+        with contextlib.ExitStack() as views:
+            report = _inspect_model(_open_weights(src, revision, views), granularity, norm, targets, progress)
     if plot is not None:
         from .plot import plot_pattern
 

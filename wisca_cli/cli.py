@@ -154,9 +154,18 @@ def _print_training_state(report: dict, json_out: bool) -> None:
         err.print(f"note: --training-state drop: {', '.join(opt['dropped'])} left out of the output; "
                   f"{opt['resume']}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     elif not json_out:
-        what = opt.get("note") or (f"{opt['tensors']} moments of {opt['scaled_parameters']} parameters rescaled "
-                                   f"({opt['optimizer']}, {opt['format']}{', exact' if opt['exact'] else ''})")
-        out.print(Text(f"✓ optimizer state {opt['file']}: {what}", style="green"))
+        for opt in (opt, report["training_state"].get("universal")):
+            if not opt:
+                continue
+            if opt.get("engine"):   # DeepSpeed: which entries, of how many parameters, in which files
+                kinds = [k for k, v in opt["accounting"].items() if v["scaled"]]
+                what = (f"{', '.join(kinds)} of {opt['scaled_parameters']} parameters rescaled in "
+                        f"{len(opt['files'])} files ({opt['engine']}{', exact' if opt['exact'] else ''})")
+            else:
+                what = opt.get("note") or (f"{opt['tensors']} moments of {opt['scaled_parameters']} parameters "
+                                           f"rescaled ({opt['optimizer']}, {opt['format']}"
+                                           f"{', exact' if opt['exact'] else ''})")
+            out.print(Text(f"✓ optimizer state {opt['file']}: {what}", style="green"))
 
 
 def _imbalance_table(summary: dict, title: str) -> Table:

@@ -38,6 +38,7 @@ become inert stand-ins; deepspeed need not be installed) and rewritten with
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -61,24 +62,32 @@ MODEL3 = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt")
 MODEL12 = re.compile(r"mp_rank_(\d+)_model_states\.pt")
 
 
-def engine_folder(src: Path) -> Path | None:
-    """The DeepSpeed tag folder a resume from ``src`` loads (``latest`` names it), or None."""
+def engine_folders(src: Path) -> list[Path]:
+    """The DeepSpeed tag folders a resume from ``src`` can load: the one ``latest`` names and
+    the universal one ``latest_universal`` names (``load_universal``), either may be absent."""
     src = Path(src)
-    tags = sorted(p.name for p in src.iterdir() if p.is_dir() and TAG.fullmatch(p.name)) if src.is_dir() else []
-    latest = src / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if not (src / tag).is_dir():
-            raise WiscaError(f"{latest}: names {tag!r}, which is not a folder here")
-        others = [t for t in tags if t != tag]
-        if others:
-            raise WiscaError(f"{src / others[0]}: a DeepSpeed checkpoint beside the one `latest` names ({tag}); "
-                             f"keep only the one the training run resumes from")
-        return src / tag
-    if len(tags) > 1:
-        raise WiscaError(f"{src}: several DeepSpeed checkpoints ({', '.join(tags)}) and no `latest`; "
-                         f"keep only the one the training run resumes from")
-    return src / tags[0] if tags else None
+    tags = sorted(p.name for p in src.iterdir() if p.is_dir() and TAG.fullmatch(p.name.removesuffix("_universal"))) \
+        if src.is_dir() else []
+    named = []
+    for pointer in ("latest", "latest_universal"):
+        if (src / pointer).is_file():
+            tag = (src / pointer).read_text().strip()
+            if not (src / tag).is_dir():
+                raise WiscaError(f"{src / pointer}: names {tag!r}, which is not a folder here")
+            named.append(tag)
+    if not named and len(tags) == 1:
+        named = tags
+    others = [t for t in tags if t not in named]
+    if others:
+        raise WiscaError(f"{src / others[0]}: a DeepSpeed checkpoint {'beside the one `latest` names' if named else 'without a `latest` naming it'} "
+                         f"({', '.join(named) or 'none'}); keep only the one the training run resumes from")
+    return [src / t for t in named]
+
+
+def engine_folder(src: Path) -> Path | None:
+    """The first of ``engine_folders`` (None without one)."""
+    folders = engine_folders(src)
+    return folders[0] if folders else None
 
 
 @dataclass
@@ -117,9 +126,12 @@ class Engine:
     copied: list[str]                      # other files of the folder, copied as they are
     steps: int                             # ``step`` entries (copied)
     bf16: bool
+    universal: bool = False                # ds_to_universal's layout: one folder per parameter
 
     @property
     def describe(self) -> str:
+        if self.universal:
+            return "DeepSpeed universal checkpoint"
         return f"DeepSpeed ZeRO {self.stage}, {self.world} rank{'s' if self.world > 1 else ''}"
 
 
@@ -141,12 +153,19 @@ def _flat_ref(t, where: str) -> TensorRef:
     return t
 
 
-def read_engine(src: Path) -> Engine | None:
-    """The engine state under ``src`` mapped to parameters (None when there is none);
+def read_engines(src: Path) -> list[Engine]:
+    """Every engine state under ``src`` mapped to parameters ([] when there is none);
     ``WiscaError`` naming the file for anything wisca cannot rescale exactly."""
-    folder = engine_folder(src)
-    if folder is None:
-        return None
+    out = []
+    for folder in engine_folders(src):
+        out.append(_read_universal(folder) if (folder / "zero").is_dir() else _read_tag(folder))
+    shapes = [e.shapes for e in out]
+    if any(s != shapes[0] for s in shapes[1:]):
+        raise WiscaError(f"{out[1].folder}: holds other parameters than {out[0].folder}")
+    return out
+
+
+def _read_tag(folder: Path) -> Engine:
     names = sorted(p.name for p in folder.iterdir())
     for n in names:
         if (folder / n).is_dir():
@@ -391,6 +410,85 @@ def _map_module(folder: Path, f: File, shapes: dict, first: dict, stage: int) ->
                             [Run(param, t.offset, 0, t.numel)]))
 
 
+UNIVERSAL_KEYS = {"fp32": 1, **{k: -p for k, p in MOMENTS.items()}}
+
+
+def _read_universal(folder: Path) -> Engine:
+    """``ds_to_universal``'s output: ``zero/<parameter>/<key>.pt`` (the whole parameter's fp32
+    master and moments: a tensor, or ``{"param": tensor, "cat_dim": d}``), ``step.pt``,
+    ``zero/optimizer_state.pt`` (param groups, loss scaler) and a copy of the model states."""
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    model_files = [n for n in names if "/" not in n and (MODEL12.fullmatch(n) or MODEL3.fullmatch(n))]
+    strays = [n for n in names if "/" not in n and n not in model_files and n.endswith(".pt")]
+    if not model_files or strays:
+        raise WiscaError(_where(folder / (strays[0] if strays else ""), "not a universal checkpoint wisca knows "
+                                                                       "(its model-states file is missing or another "
+                                                                       "state file lies beside it)"))
+    models = [File(n, torchsave.read(folder / n, CLASSES)) for n in model_files]
+    first = models[0].archive.obj
+    where0 = str(folder / model_files[0])
+    if not isinstance(first, dict) or not isinstance(first.get("param_shapes"), list):
+        raise WiscaError(f"{where0}: no param_shapes: not a DeepSpeed model-states file")
+    if first.get("frozen_param_shapes") or first.get("frozen_param_fragments"):
+        raise WiscaError(f"{where0}: frozen parameters, which wisca does not rescale yet")
+    shapes = {str(n): tuple(int(d) for d in sh) for g in first["param_shapes"] for n, sh in g.items()}
+    files, copied, steps = [], [], 0
+    params_seen = set()
+    for n in names:
+        if n in model_files:
+            continue
+        parts = n.split("/")
+        if parts == ["zero", "optimizer_state.pt"]:
+            archive = torchsave.read(folder / n, CLASSES)
+            if not any(t.numel > 1 for t in torchsave.tensors(archive.obj)):
+                copied.append(n)              # from ZeRO 1/2: param groups, loss scaler
+                continue
+            if not MODEL3.fullmatch(model_files[0]) or not isinstance(archive.obj, dict):
+                raise WiscaError(f"{folder / n}: holds tensors, which wisca does not know how to rescale")
+            # from ZeRO 3: rank 0's optimizer file (flat groups and their moments), one level up
+            f = File(n, dataclasses.replace(archive, obj={"optimizer_state_dict": archive.obj}))
+            steps += _map_zero3(folder, [list(shapes.items())], [f], int(first.get("dp_world_size") or 1))
+            files.append(f)
+            continue
+        if len(parts) != 3 or parts[0] != "zero" or not parts[2].endswith(".pt"):
+            copied.append(n)                      # not state (e.g. a README); copied as it is
+            if n.endswith(".pt"):
+                raise WiscaError(f"{folder / n}: a state file where the universal layout has none")
+            continue
+        param, key = parts[1], parts[2][:-3]
+        if param not in shapes:
+            raise WiscaError(f"{folder / n}: state of {param}, which param_shapes does not list")
+        params_seen.add(param)
+        if key == "step":
+            copied.append(n)
+            steps += 1
+            continue
+        if key not in UNIVERSAL_KEYS:
+            raise WiscaError(f"{folder / n}: state key {key!r} is not Adam's (fp32, exp_avg, exp_avg_sq)")
+        archive = torchsave.read(folder / n, CLASSES)
+        obj = archive.obj
+        ref = obj.get("param") if isinstance(obj, dict) else obj
+        if isinstance(obj, dict) and (set(obj) - {"param", "cat_dim"} or obj.get("cat_dim", 0) != 0):
+            raise WiscaError(f"{folder / n}: keys {sorted(obj)} (tensor-parallel slicing?), which wisca does not "
+                             f"rescale yet")
+        flat = isinstance(ref, TensorRef) and ref.shape == (math.prod(shapes[param]),)   # from ZeRO 3: flattened
+        if not isinstance(ref, TensorRef) or not (ref.shape == shapes[param] or flat) or not ref.contiguous:
+            raise WiscaError(f"{folder / n}: not a {list(shapes[param])} tensor (nor one flattened)")
+        f = File(n, archive)
+        f.flats.append(Flat(f"{key} of {param}", key, ref, UNIVERSAL_KEYS[key], [Run(param, 0, 0, ref.numel)]))
+        files.append(f)
+    missing = sorted(set(shapes) - params_seen)
+    if missing:
+        raise WiscaError(f"{folder / 'zero'}: no state for {missing[0]}")
+    stage = 3 if MODEL3.fullmatch(model_files[0]) else 2
+    for m in models:
+        _map_module(folder, m, shapes, first, stage)
+    engine = Engine(folder, stage, len(model_files) if stage == 3 else 1, shapes, models + files, copied, steps,
+                    False)
+    engine.universal = True
+    return engine
+
+
 def flat_multiplier(m: torch.Tensor, shape: tuple[int, ...], a: int, b: int) -> torch.Tensor:
     """Elements ``[a, b)`` of ``m`` broadcast to ``shape`` and flattened, computed for the
     range only (memory of the range, not of the parameter)."""
@@ -436,11 +534,13 @@ def transform(engine: Engine, dst: Path, params: dict, multipliers: dict, invert
                                             _scaler(m, engine.shapes[run.name], run.first, power, tally,
                                                     f"{engine.folder / f.name}: {flat.what}, {run.name}")))
             tally["tensors"] += 1
+        (out / f.name).parent.mkdir(parents=True, exist_ok=True)
         torchsave.rewrite(f.archive, out / f.name, edits)
     if engine.steps:
         count("step", "copied", engine.steps)
     for n in engine.copied:
         src = engine.folder / n
+        (out / n).parent.mkdir(parents=True, exist_ok=True)
         fd, od = os.open(src, os.O_RDONLY), os.open(out / n, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             copy_range(fd, 0, od, 0, os.fstat(fd).st_size)
@@ -451,7 +551,8 @@ def transform(engine: Engine, dst: Path, params: dict, multipliers: dict, invert
     from .training import _is_pow2
 
     exact = tally["underflow"] == 0 and all(_is_pow2(mults[n], torch.float32) for n in scaled)
-    return {"file": engine.folder.name + "/", "format": f"deepspeed-zero{engine.stage}", "engine": engine.describe,
+    return {"file": engine.folder.name + "/",
+            "format": "deepspeed-universal" if engine.universal else f"deepspeed-zero{engine.stage}", "engine": engine.describe,
             "optimizer": "Adam/AdamW (DeepSpeed)", "transformed": True, "world_size": engine.world,
             "bf16": engine.bf16, "tensors": tally["tensors"], "parameters": len(engine.shapes),
             "scaled_parameters": len(scaled), "order": "DeepSpeed param_shapes (parameter names)",
@@ -472,3 +573,110 @@ def _scaler(m: torch.Tensor, shape: tuple[int, ...], first: int, power: int, tal
             raise WiscaError(f"{where}: overflows when scaled")
         tally["underflow"] += int((normal & (values.abs() < torch.finfo(values.dtype).tiny)).sum())
     return fn
+
+
+# -- a checkpoint whose only weights are the engine's (ZeRO 3 without gathered 16-bit weights) -----
+def weights_needed(src) -> bool:
+    """True for a folder with ``config.json`` and a DeepSpeed engine state but no safetensors
+    weights: ZeRO 3 without ``stage3_gather_16bit_weights_on_model_save`` (or a bare
+    ``save_checkpoint`` folder with the model's config)."""
+    from .formats import INDEX_NAME, SINGLE_NAME
+
+    src = Path(src)
+    if not src.is_dir() or not (src / "config.json").is_file():
+        return False
+    if (src / SINGLE_NAME).exists() or (src / INDEX_NAME).exists():
+        return False
+    try:
+        return engine_folder(src) is not None
+    except WiscaError:
+        return True                # let the engine's own reading say what is wrong
+
+
+def write_weights(engine: Engine, path: Path) -> None:
+    """``model.safetensors`` of the fp32 master weights, one parameter in memory at a time,
+    gathered from every rank's partitions (each element must be found exactly once)."""
+    import json
+    import struct
+
+    from .fileio import pwrite_all
+
+    places: dict[str, list[tuple[Path, int, int, int]]] = {n: [] for n in engine.shapes}
+    for f in engine.files:
+        for flat in f.flats:
+            if flat.key != "fp32":
+                continue
+            rec = f.archive.records[flat.ref.storage.key]
+            size = flat.ref.dtype.itemsize
+            if flat.ref.dtype != torch.float32:
+                raise WiscaError(f"{engine.folder / f.name}: {flat.what} is {flat.ref.dtype}, not float32")
+            for run in flat.runs:
+                places[run.name].append((f.archive.path, rec.data + (flat.ref.offset + run.at) * size,
+                                         run.first, run.count))
+    header, at = {}, 0
+    for name, shape in engine.shapes.items():
+        n = math.prod(shape) * 4
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [at, at + n]}
+        at += n
+    body = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    start = 8 + len(body)
+    fds: dict[Path, int] = {}
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pwrite_all(out, struct.pack("<Q", len(body)) + body, 0)
+        for name, shape in engine.shapes.items():
+            numel = math.prod(shape)
+            t = torch.empty(numel, dtype=torch.float32)
+            raw = t.view(torch.uint8).numpy()
+            found = 0
+            for file, offset, first, count in places[name]:
+                fd = fds.setdefault(file, os.open(file, os.O_RDONLY))
+                got = os.preadv(fd, [memoryview(raw)[first * 4:(first + count) * 4]], offset)
+                if got != count * 4:
+                    raise WiscaError(f"{file}: ended early (truncated?)")
+                found += count
+            if found != numel:
+                raise WiscaError(f"{engine.folder}: the fp32 partitions hold {found} of {numel} elements of {name}")
+            pwrite_all(out, raw, start + header[name]["data_offsets"][0])
+        os.fsync(out)
+    finally:
+        os.close(out)
+        for fd in fds.values():
+            os.close(fd)
+
+
+class WeightsView:
+    """``with WeightsView(src, parent) as folder``: a folder beside the output that mirrors
+    ``src`` (links to its entries) plus ``model.safetensors`` written from the engine's fp32
+    masters, so the scales are computed and verified on the weights a resume restores.
+    Removed on leaving."""
+
+    def __init__(self, src: Path, parent: Path):
+        self.src, self.parent, self.tmp = Path(src), Path(parent), None
+
+    def __enter__(self) -> Path:
+        from .output import staged_dir
+        from .training import _deepspeed_engines, find_optimizer_state
+
+        path, others = find_optimizer_state(self.src)
+        engine = _deepspeed_engines(self.src, path, others)[0]
+        self.tmp = staged_dir(self.parent, self.src.name + "-weights")
+        try:
+            for entry in sorted(self.src.iterdir()):
+                if not entry.name.startswith("."):
+                    (self.tmp / entry.name).symlink_to(entry.resolve())
+            from .formats import SINGLE_NAME
+
+            write_weights(engine, self.tmp / SINGLE_NAME)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self.tmp
+
+    def __exit__(self, *exc) -> None:
+        from .output import discard_staged
+
+        if self.tmp is not None:
+            discard_staged(self.tmp)
+            self.tmp = None

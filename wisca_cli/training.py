@@ -92,7 +92,7 @@ def find_optimizer_state(folder: Path) -> tuple[Path | None, list[str]]:
     others = []
     for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
         name = entry.name
-        if entry.is_dir() and (re.fullmatch(r"global_step\d+", name) or name.startswith("optimizer")):
+        if entry.is_dir() and (re.fullmatch(r"global_step\d+(_universal)?", name) or name.startswith("optimizer")):
             others.append(name + "/")           # DeepSpeed engine state, FSDP sharded optimizer
         elif entry.is_file() and re.fullmatch(r"rank\d+-of-\d+-optimizer\.pt|.*_optim_states\.pt|"
                                               r"optimizer_\d+\.(?:bin|pt)", name):
@@ -122,31 +122,33 @@ def plan_training_state(src: Path, mode: str = "transform") -> set[str]:
     path, others = find_optimizer_state(src)
     if mode == "drop":
         return {p for p in [path.name if path else None, *[o.rstrip("/") for o in others]] if p} | \
-            ({"latest"} if any(o.startswith("global_step") for o in others) and (src / "latest").is_file() else set())
-    engine = _deepspeed_engine(src, path, others)
-    if engine is not None:
-        _deepspeed_params(src, engine, None)
-        return {engine.folder.name}        # written by transform_training_state, not copied
+            ({n for n in ("latest", "latest_universal") if (src / n).is_file()}
+             if any(o.startswith("global_step") for o in others) else set())
+    engines = _deepspeed_engines(src, path, others)
+    if engines:
+        for engine in engines:
+            _deepspeed_params(src, engine, None)
+        return {e.folder.name for e in engines}        # written by transform_training_state, not copied
     _no_other_state(src, path, others)
     if path is not None:
         _readable_state(path)
     return set()
 
 
-def _deepspeed_engine(src: Path, path: Path | None, others: list[str]):
-    """The DeepSpeed engine state of ``src`` (``deepspeed.read_engine``), None without one."""
+def _deepspeed_engines(src: Path, path: Path | None, others: list[str]) -> list:
+    """The DeepSpeed engine states of ``src`` (``deepspeed.read_engines``), [] without one."""
     if not any(o.startswith("global_step") for o in others):
-        return None
+        return []
     rest = [o for o in others if not o.startswith("global_step")]
     if path is not None or rest:
         _no_other_state(src, path, rest or others)
     if (src / "adapter_config.json").is_file():
         raise _refuse(str(src / [o for o in others if o.startswith("global_step")][0].rstrip("/")),
                       "DeepSpeed engine state of a LoRA adapter, which wisca does not map yet")
-    from .deepspeed import read_engine
+    from .deepspeed import read_engines
 
     try:
-        return read_engine(src)
+        return read_engines(src)
     except WiscaError as e:
         raise WiscaError(f"{e}; wisca cannot rescale it, so nothing is written (to write the weights without the "
                          f"engine state, pass `training_state` drop)", fields=("training_state",)) from None
@@ -674,12 +676,13 @@ def transform_training_state(src: Path, dst: Path, multipliers: dict[str, torch.
         return {"optimizer": {"file": ", ".join(dropped), "transformed": False, "dropped": dropped,
                               "resume": RESUME_WITHOUT_STATE}} if dropped else {}
     path, others = find_optimizer_state(src)
-    engine = _deepspeed_engine(src, path, others)
-    if engine is not None:
+    engines = _deepspeed_engines(src, path, others)
+    if engines:
         from .deepspeed import transform as transform_engine
 
-        params = _deepspeed_params(src, engine, weight_names)
-        return {"optimizer": transform_engine(engine, dst, params, multipliers, invert)}
+        records = [transform_engine(e, dst, _deepspeed_params(src, e, weight_names), multipliers, invert)
+                   for e in engines]
+        return {"optimizer": records[0], **({"universal": records[1]} if len(records) > 1 else {})}
     found = _read_state(src, weight_names, multipliers, base)
     if not isinstance(found, _State):
         return found

@@ -1,7 +1,7 @@
 """A real DeepSpeed checkpoint through transformers' Trainer on CPU, and its resume.
 
-    python ds_trainer.py make   RUN --stage 2 [--bf16] [--no-gather] [--trainer-optim]      -> RUN/checkpoint-3/
-    python ds_trainer.py resume CKPT DUMP --stage 2 [--bf16] [--no-gather] [--trainer-optim] -> DUMP (torch.save)
+    python ds_trainer.py make   RUN --stage 2 [--bf16] [--no-gather] [--trainer-optim] [--universal]      -> RUN/checkpoint-3/
+    python ds_trainer.py resume CKPT DUMP --stage 2 [--bf16] [--no-gather] [--trainer-optim] [--universal] -> DUMP (torch.save)
 
 Run it plainly (world size 1) or under ``torchrun --nproc-per-node 2``. ``make`` builds a
 tiny GQA llama, rescales its Q/K, V/O and up/down pairs by random powers of two (the same
@@ -19,6 +19,7 @@ no fused CUDA Adam), fp32 or bf16 (no fp16 on CPU).
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -45,6 +46,8 @@ def config(args) -> dict:
             "bf16": {"enabled": args.bf16}, "fp16": {"enabled": False}}
     if args.trainer_optim:
         del out["optimizer"]
+    if args.universal:   # resume from the universal checkpoint `latest_universal` names
+        out["checkpoint"] = {"load_universal": True}
     return out
 
 
@@ -136,9 +139,18 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--no-gather", action="store_true")
     ap.add_argument("--trainer-optim", action="store_true")
+    ap.add_argument("--universal", action="store_true")
     args = ap.parse_args()
     if args.mode == "make":
         trainer(args, args.paths[0], STEPS).train()
+        if args.universal and int(os.environ["RANK"]) == 0:   # DeepSpeed's own conversion, as its docs say
+            import subprocess
+
+            ckpt = Path(args.paths[0]) / f"checkpoint-{STEPS}"
+            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                            str(ckpt / f"global_step{STEPS}"), "--output_folder",
+                            str(ckpt / f"global_step{STEPS}_universal"), "--inject_missing_state"], check=True,
+                           capture_output=True)
         return
     from transformers import TrainerCallback
 
