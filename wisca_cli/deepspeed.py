@@ -42,6 +42,7 @@ import dataclasses
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -521,6 +522,7 @@ def transform(engine: Engine, dst: Path, params: dict, multipliers: dict, invert
     def count(key: str, how: str, n: int = 1) -> None:
         accounting.setdefault(key, {"scaled": 0, "untouched": 0, "copied": 0})[how] += n
 
+    jobs = []
     for f in engine.files:
         edits = []
         for flat in f.flats:
@@ -532,10 +534,23 @@ def transform(engine: Engine, dst: Path, params: dict, multipliers: dict, invert
                     continue
                 edits.append(torchsave.Edit(flat.ref.storage.key, flat.ref.offset + run.at, run.count,
                                             _scaler(m, engine.shapes[run.name], run.first, power, tally,
-                                                    f"{engine.folder / f.name}: {flat.what}, {run.name}")))
+                                                    f"{engine.folder / f.name}: {flat.what}, {run.name}",
+                                                    flat.ref.dtype)))
             tally["tensors"] += 1
         (out / f.name).parent.mkdir(parents=True, exist_ok=True)
-        torchsave.rewrite(f.archive, out / f.name, edits)
+        jobs.append((f.archive, out / f.name, edits))
+    # two files at a time (each reads ahead and writes on its own threads); made durable at the end
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2, "wisca-file") as pool:
+        for done in [pool.submit(torchsave.rewrite, *job, durable=False) for job in jobs]:
+            done.result()
+    for _, path, _ in jobs:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     if engine.steps:
         count("step", "copied", engine.steps)
     for n in engine.copied:
@@ -544,9 +559,14 @@ def transform(engine: Engine, dst: Path, params: dict, multipliers: dict, invert
         fd, od = os.open(src, os.O_RDONLY), os.open(out / n, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             copy_range(fd, 0, od, 0, os.fstat(fd).st_size)
+            os.fsync(od)
         finally:
             os.close(fd)
             os.close(od)
+    from .output import _fsync_dir
+
+    for d in sorted({(out / n).parent for n in [f.name for f in engine.files] + engine.copied}, reverse=True):
+        _fsync_dir(d)
     scaled = [n for n, m in mults.items() if m is not None]
     from .training import _is_pow2
 
@@ -560,19 +580,55 @@ def transform(engine: Engine, dst: Path, params: dict, multipliers: dict, invert
             "files": [f.name for f in engine.files], "copied": engine.copied, "accounting": accounting}
 
 
-def _scaler(m: torch.Tensor, shape: tuple[int, ...], first: int, power: int, tally: dict, where: str):
-    from .balance import apply_multiplier_
+def _scaler(m: torch.Tensor, shape: tuple[int, ...], first: int, power: int, tally: dict, where: str,
+            dtype: torch.dtype):
+    """``fn(values, i)`` for ``torchsave.Edit``: elements ``first + i ...`` of the flattened
+    parameter times ``m ** power``. Powers of two the dtype holds multiply in the dtype, a
+    row block at a time against the broadcast multiplier (no copy of it); other scales round
+    once from float64 (``balance.apply_multiplier_``)."""
+    from .balance import _exact_in, apply_multiplier_
+
+    f = m.double() ** power
+    exact = _exact_in(f, dtype)
+    grows, shrinks = bool((f > 1).any()), bool((f < 1).any())
+    info = torch.finfo(dtype)
+    last = shape[-1] if shape else 1
+    rows = (f.to(dtype) if exact else f).expand(shape).reshape(-1, last) if shape else None
+
+    def multiply(values: torch.Tensor, a: int) -> None:
+        if not exact:
+            apply_multiplier_(values, flat_multiplier(m, shape, a, a + values.numel()), power)
+            return
+        if rows is None or f.numel() == 1:
+            values.mul_(f.reshape(()).to(dtype))
+            return
+        b = a + values.numel()
+        head = min(b, -(-a // last) * last)                  # a partial first row
+        if head > a:
+            r = a // last
+            values[:head - a].mul_(rows[r, a - r * last:head - r * last])
+        tail = max(head, b // last * last)                    # full rows, then a partial last row
+        if tail > head:
+            values[head - a:tail - a].view(-1, last).mul_(rows[head // last:tail // last])
+        if b > tail:
+            r = tail // last
+            values[tail - a:].mul_(rows[r, :b - tail])
 
     def fn(values: torch.Tensor, i: int) -> None:
-        a = first + i
-        s = flat_multiplier(m, shape, a, a + values.numel())
-        normal = values.abs() >= torch.finfo(values.dtype).tiny
-        finite = bool(torch.isfinite(values).all())
-        apply_multiplier_(values, s, power)
-        if finite and not bool(torch.isfinite(values).all()):
+        normal = values.abs() >= info.tiny if shrinks else None
+        finite = bool(torch.isfinite(values).all()) if grows else True
+        multiply(values, first + i)
+        if grows and finite and not bool(torch.isfinite(values).all()):
             raise WiscaError(f"{where}: overflows when scaled")
-        tally["underflow"] += int((normal & (values.abs() < torch.finfo(values.dtype).tiny)).sum())
+        if normal is not None:
+            lost = int((normal & (values.abs() < info.tiny)).sum())
+            if lost:
+                with _TALLY:     # files are rewritten two at a time
+                    tally["underflow"] += lost
     return fn
+
+
+_TALLY = threading.Lock()
 
 
 # -- a checkpoint whose only weights are the engine's (ZeRO 3 without gathered 16-bit weights) -----

@@ -25,6 +25,7 @@ import pickle
 import struct
 import warnings
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -297,9 +298,12 @@ class Edit:
     fn: Callable[[torch.Tensor, int], None]
 
 
-def rewrite(archive: Archive, out: str | os.PathLike, edits: list[Edit]) -> None:
+def rewrite(archive: Archive, out: str | os.PathLike, edits: list[Edit], durable: bool = True) -> None:
     """Write ``archive`` to ``out``, every byte as it is but the elements ``edits`` name,
-    and the changed records' CRCs. Edits of one storage must not overlap."""
+    and the changed records' CRCs. Edits of one storage must not overlap. A changed record
+    streams through ``DEPTH`` buffers of ``CHUNK`` bytes: one thread reads ahead, the calling
+    thread rescales, one thread computes the CRC and writes, in order. ``durable``: fsync
+    the file before returning (else the caller does, e.g. after writing several at once)."""
     by_key: dict[str, list[Edit]] = {}
     for e in edits:
         if e.count:
@@ -316,44 +320,86 @@ def rewrite(archive: Archive, out: str | os.PathLike, edits: list[Edit]) -> None
         dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             pos = 0
-            buf = bytearray(min(CHUNK, max([rec.nbytes for rec, _ in changed] + [1])))
-            for rec, es in changed:
-                _copy_range(src, pos, dst, pos, rec.data - pos)
-                crcs[rec.name] = _stream_record(src, dst, rec, es, archive.dtypes[es[0].key], buf)
-                pos = rec.data + rec.nbytes
+            size = min(CHUNK, max([rec.nbytes for rec, _ in changed] + [1]))
+            bufs = [bytearray(size) for _ in range(DEPTH if changed else 0)]
+            with ThreadPoolExecutor(1, "wisca-read") as reader, ThreadPoolExecutor(1, "wisca-write") as writer:
+                for rec, es in changed:
+                    _copy_range(src, pos, dst, pos, rec.data - pos)
+                    crcs[rec.name] = _stream_record(src, dst, rec, es, archive.dtypes[es[0].key], bufs, reader,
+                                                    writer)
+                    pos = rec.data + rec.nbytes
             _copy_range(src, pos, dst, pos, archive.size - pos)
             for rec, _ in changed:
                 for at in rec.crc_at:
                     os.pwrite(dst, struct.pack("<I", crcs[rec.name]), at)
-            os.fsync(dst)
+            if durable:
+                os.fsync(dst)
         finally:
             os.close(dst)
     finally:
         os.close(src)
 
 
-def _stream_record(src: int, dst: int, rec: Record, edits: list[Edit], dtype: torch.dtype, buf: bytearray) -> int:
+DEPTH = 4     # buffers of a record in flight: read ahead, rescaled, written
+
+
+def _stream_record(src: int, dst: int, rec: Record, edits: list[Edit], dtype: torch.dtype, bufs: list,
+                   reader: ThreadPoolExecutor, writer: ThreadPoolExecutor) -> int:
     size = dtype.itemsize
-    step = max(size, (len(buf) // size) * size)
-    crc, done, i = 0, 0, 0
-    mv = memoryview(buf)
-    while done < rec.nbytes:
-        n = min(step, rec.nbytes - done)
-        got = os.preadv(src, [mv[:n]], rec.data + done)
-        if got != n:
+    step = max(size, (len(bufs[0]) // size) * size)
+    starts = list(range(0, rec.nbytes, step))
+    crc = [0]
+    reads: dict[int, Future] = {}
+    writes: list[Future | None] = [None] * len(bufs)
+
+    def read(k: int, done: int, n: int) -> None:
+        if os.preadv(src, [memoryview(bufs[k])[:n]], rec.data + done) != n:
             raise WiscaError(f"{rec.name}: the file ended early (truncated?)")
-        lo, hi = done // size, (done + n) // size          # element range of this block
-        while i < len(edits) and edits[i].start + edits[i].count <= lo:
-            i += 1
-        j = i
-        if j < len(edits) and edits[j].start < hi:
-            values = torch.frombuffer(buf, dtype=dtype, count=n // size)
-            while j < len(edits) and edits[j].start < hi:
-                e = edits[j]
-                a, b = max(e.start, lo), min(e.start + e.count, hi)
-                e.fn(values[a - lo:b - lo], a - e.start)
-                j += 1
-        crc = zlib.crc32(mv[:n], crc)
-        _pwrite_all(dst, mv[:n], rec.data + done)
-        done += n
-    return crc
+
+    def write(k: int, done: int, n: int) -> None:
+        view = memoryview(bufs[k])[:n]
+        crc[0] = zlib.crc32(view, crc[0])       # in order: one writer thread
+        _pwrite_all(dst, view, rec.data + done)
+
+    def start_read(idx: int) -> None:
+        k = idx % len(bufs)
+        if writes[k] is not None:
+            writes[k].result()                  # the buffer's last write is done
+            writes[k] = None
+        done = starts[idx]
+        reads[idx] = reader.submit(read, k, done, min(step, rec.nbytes - done))
+
+    ahead = len(bufs) - 1
+    i = 0
+    try:
+        for idx in range(min(ahead, len(starts))):
+            start_read(idx)
+        for idx, done in enumerate(starts):
+            reads.pop(idx).result()
+            if idx + ahead < len(starts):
+                start_read(idx + ahead)
+            k, n = idx % len(bufs), min(step, rec.nbytes - done)
+            lo, hi = done // size, (done + n) // size          # element range of this block
+            while i < len(edits) and edits[i].start + edits[i].count <= lo:
+                i += 1
+            j = i
+            if j < len(edits) and edits[j].start < hi:
+                values = torch.frombuffer(bufs[k], dtype=dtype, count=n // size)
+                while j < len(edits) and edits[j].start < hi:
+                    e = edits[j]
+                    a, b = max(e.start, lo), min(e.start + e.count, hi)
+                    e.fn(values[a - lo:b - lo], a - e.start)
+                    j += 1
+            writes[k] = writer.submit(write, k, done, n)
+        for f in writes:
+            if f is not None:
+                f.result()
+    finally:   # on an error, nothing may still touch the buffers or the files
+        for f in [*reads.values(), *writes]:
+            if f is not None:
+                f.cancel()
+                try:
+                    f.result()
+                except BaseException:   # noqa: BLE001 - the first error is the one raised
+                    pass
+    return crc[0]
