@@ -166,6 +166,15 @@ def read_engines(src: Path) -> list[Engine]:
     return out
 
 
+def read_engines_or_refuse(src: Path) -> list[Engine]:
+    """``read_engines``, its refusal naming the opt-out (``training_state`` drop)."""
+    try:
+        return read_engines(src)
+    except WiscaError as e:
+        raise WiscaError(f"{e}; wisca cannot rescale it, so nothing is written (to write the weights without the "
+                         f"engine state, pass `training_state` drop)", fields=("training_state",)) from None
+
+
 def _read_tag(folder: Path) -> Engine:
     names = sorted(p.name for p in folder.iterdir())
     for n in names:
@@ -568,9 +577,9 @@ def transform(engine: Engine, dst: Path, params: dict, multipliers: dict, invert
     for d in sorted({(out / n).parent for n in [f.name for f in engine.files] + engine.copied}, reverse=True):
         _fsync_dir(d)
     scaled = [n for n, m in mults.items() if m is not None]
-    from .training import _is_pow2
+    from .balance import _exact_in
 
-    exact = tally["underflow"] == 0 and all(_is_pow2(mults[n], torch.float32) for n in scaled)
+    exact = tally["underflow"] == 0 and all(_exact_in(mults[n], torch.float32) for n in scaled)
     return {"file": engine.folder.name + "/",
             "format": "deepspeed-universal" if engine.universal else f"deepspeed-zero{engine.stage}", "engine": engine.describe,
             "optimizer": "Adam/AdamW (DeepSpeed)", "transformed": True, "world_size": engine.world,
@@ -713,10 +722,8 @@ class WeightsView:
 
     def __enter__(self) -> Path:
         from .output import staged_dir
-        from .training import _deepspeed_engines, find_optimizer_state
 
-        path, others = find_optimizer_state(self.src)
-        engine = _deepspeed_engines(self.src, path, others)[0]
+        engine = read_engines_or_refuse(self.src)[0]
         self.tmp = staged_dir(self.parent, self.src.name + "-weights")
         try:
             for entry in sorted(self.src.iterdir()):

@@ -145,13 +145,9 @@ def _deepspeed_engines(src: Path, path: Path | None, others: list[str]) -> list:
     if (src / "adapter_config.json").is_file():
         raise _refuse(str(src / [o for o in others if o.startswith("global_step")][0].rstrip("/")),
                       "DeepSpeed engine state of a LoRA adapter, which wisca does not map yet")
-    from .deepspeed import read_engines
+    from .deepspeed import read_engines_or_refuse
 
-    try:
-        return read_engines(src)
-    except WiscaError as e:
-        raise WiscaError(f"{e}; wisca cannot rescale it, so nothing is written (to write the weights without the "
-                         f"engine state, pass `training_state` drop)", fields=("training_state",)) from None
+    return read_engines_or_refuse(src)
 
 
 def _deepspeed_params(src: Path, engine, weight_names: list[str] | None) -> dict:
