@@ -143,6 +143,17 @@ def _trainer_checkpoint(run_dir: Path, model_type: str = "llama", **extra) -> Pa
     return run_dir / "checkpoint-2"
 
 
+def _deepspeed_checkpoint(run_dir: Path) -> Path:
+    """A Trainer checkpoint whose only weights are DeepSpeed's: ZeRO 3 without gathered 16-bit
+    weights, one rank (``tests/frameworks/deepspeed/ds_trainer.py``)."""
+    harness = Path(__file__).parent / "frameworks" / "deepspeed" / "ds_trainer.py"
+    res = subprocess.run([sys.executable, str(harness), "make", str(run_dir), "--stage", "3", "--no-gather"],
+                         capture_output=True, text=True, timeout=420,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir / "checkpoint-3"
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Every input kind, built once: name -> path (or hub repo id, resolved offline from a
@@ -179,9 +190,10 @@ def _build_inputs(root: Path) -> dict[str, str]:
     k["hub"] = "wisca-test/tiny"
     k["dcp"] = str(dcp_llama(root / "dcp"))                               # torch.distributed checkpoint
     k["dcpcfg"] = str(root / "dcp" / "config.json")
+    k["deepspeed"] = str(_deepspeed_checkpoint(root / "ds"))             # DeepSpeed ZeRO 3, weights in the engine only
     # transformed outputs, for verify / inspect / undo
     for name, extra in (("sample", ()), ("sharded", ()), ("trainer", ()), ("adapter", ("--base", k["base"])),
-                        ("dcp", ())):
+                        ("dcp", ()), ("deepspeed", ())):
         dst = root / f"{name}-T"
         res = run_pipe(["transform", k[name], dst, "--json", *extra])
         assert res.code == 0, res
@@ -198,7 +210,7 @@ def _build_inputs(root: Path) -> dict[str, str]:
 # -- the cases -----------------------------------------------------------------------------------------
 # per command: option -> valid uses (extra argv; the placeholders {ids}, {base}, {dst} and {root} are
 # filled in); and option -> invalid uses (each must exit 2 with one line).
-MODEL_INPUTS = ("sample", "fp32", "sharded", "trainer", "hub", "dcp")
+MODEL_INPUTS = ("sample", "fp32", "sharded", "trainer", "hub", "dcp", "deepspeed")
 PROBE_AND_TOLERANCE = {    # transform and verify share these
         "probe_batch": [["--probe-batch", "3"]],
         "probe_len": [["--probe-len", "8"]],
@@ -208,7 +220,7 @@ PROBE_AND_TOLERANCE = {    # transform and verify share these
         "min_top1": [["--min-top1", "0.9"]],
         "max_rel": [["--max-rel", "0.05"]],
         "revision": [["--revision", "main"]],
-        "config": [["--config", "{dcpcfg}"]],
+        "config": [["--config", "{cfg}"]],
 }
 VALID = {
     "transform": {
@@ -237,14 +249,14 @@ VALID = {
         "targets": [["--targets", "qk,vo,ffn,norm"]],
         "revision": [["--revision", "main"]],
         "plot": [["--plot", "{root}/pattern.png"]],
-        "config": [["--config", "{dcpcfg}"]],
+        "config": [["--config", "{cfg}"]],
         "json_out": [],
         "report": [["--report", "{root}/report.json"]],
     },
     "undo": {
         "verify": [["--no-verify"], ["--verify"]],
         "overwrite": [["--overwrite"]],
-        "config": [["--config", "{dcpcfg}"]],
+        "config": [["--config", "{cfg}"]],
         "json_out": [],
         "report": [["--report", "{root}/report.json"]],
     },
@@ -277,9 +289,9 @@ INVALID = {
 INPUTS = {
     "transform": (*MODEL_INPUTS, "adapter", "sample-T", "dcp-T"),
     "verify": (("sample", "sample-T"), ("sharded", "sharded-T"), ("trainer", "trainer-T"), ("hub", "sample-T"),
-               ("adapter", "adapter-T"), ("sample", "sample-Tc"), ("dcp", "dcp-T")),
-    "inspect": (*MODEL_INPUTS, "adapter", "sample-T", "adapter-T", "dcp-T"),
-    "undo": ("sample-T", "sharded-T", "trainer-T", "adapter-T", "dcp-T"),
+               ("adapter", "adapter-T"), ("sample", "sample-Tc"), ("dcp", "dcp-T"), ("deepspeed", "deepspeed-T")),
+    "inspect": (*MODEL_INPUTS, "adapter", "sample-T", "adapter-T", "dcp-T", "deepspeed-T"),
+    "undo": ("sample-T", "sharded-T", "trainer-T", "adapter-T", "dcp-T", "deepspeed-T"),
 }
 
 
@@ -290,15 +302,18 @@ def expected_code(command: str, option: str | None, args: list[str], src: str | 
         return 0 if first == "hub" else 2             # only hub repo ids have revisions
     if option == "base":
         return 0 if first == "adapter" else 2         # --base belongs to adapters
-    if option == "config":
-        return 0 if first.startswith("dcp") else 2    # --config belongs to torch.distributed checkpoints
+    if option == "config":   # --config belongs to torch.distributed checkpoints and weightless DeepSpeed folders
+        return 0 if first.startswith("dcp") or first == "deepspeed" else 2
     if command == "verify" and src == ("sample", "sample-Tc") and args[:2] == ["--mode", "exact"]:
         return 1                                      # continuous scales round: not bit-identical
     return 0
 
 
-def _fill(args: list[str], k: dict, dst: str) -> list[str]:
-    return [a.format(ids=k["ids"], base=k["base"], root=k["root"], dst=dst, dcpcfg=k["dcpcfg"]) for a in args]
+def _fill(args: list[str], k: dict, dst: str, src: str | tuple = "") -> list[str]:
+    """The placeholders filled in; ``{cfg}`` is the config.json of the input it goes with."""
+    first = src[0] if isinstance(src, tuple) else src
+    cfg = str(Path(k["deepspeed"]) / "config.json") if first == "deepspeed" else k["dcpcfg"]
+    return [a.format(ids=k["ids"], base=k["base"], root=k["root"], dst=dst, cfg=cfg) for a in args]
 
 
 def _command_params() -> dict[str, set[str]]:
@@ -346,7 +361,7 @@ def _runs(command: str, k: dict, tmp: Path):
         for opt, args in combos:
             n += 1
             dst = str(tmp / f"out{n}")
-            full = _fill(args, k, dst)
+            full = _fill(args, k, dst, src)
             if command in ("transform", "undo"):
                 argv = [command, *ins, dst, *full]
                 if opt == "overwrite":

@@ -229,3 +229,23 @@ def test_verify_and_inspect_take_a_folder_whose_weights_are_the_engines(case):
     assert res.returncode == 0 and json.loads(res.stdout)["verification"]["passed"], res.stderr[-2000:]
     res = run_cli("inspect", src, "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["source"] == str(src.resolve()), res.stderr[-2000:]
+
+
+def test_a_bare_deepspeed_folder_takes_the_models_config(zero2, tmp_path):
+    """``engine.save_checkpoint``'s own folder: ``latest`` and ``global_stepN/`` only."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copytree(zero2 / "global_step3", bare / "global_step3")
+    shutil.copy(zero2 / "latest", bare / "latest")
+    refused(bare, tmp_path, "a DeepSpeed checkpoint without config.json; pass the model's config.json (--config)")
+    out = tmp_path / "out"
+    res = run_cli("transform", bare, out, "--config", zero2 / "config.json", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(res.stdout)
+    assert report["weights_from_engine"]["added"] == ["config.json", "model.safetensors"]
+    assert report["verification"]["passed"] and report["training_state"]["optimizer"]["scaled_parameters"] > 0
+    back = tmp_path / "back"
+    assert run_cli("undo", out, back).returncode == 0
+    assert files(back) == files(bare)

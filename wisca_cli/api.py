@@ -27,6 +27,7 @@ from . import solve
 from .balance import NonFiniteValues
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import VerificationFailed, WiscaError
+from .formats import SINGLE_NAME
 from .output import StagedOutput, check_target, copy_other_files
 from .record import (RECORD_FORMAT, RECORD_NAME, SCALES_NAME, final_scales, layer_pattern, layer_scales, pair_report,
                      pattern_summary, read_record, resolve_mode, summarise, write_record)
@@ -90,7 +91,7 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, options: Transform
     if opts.revision is None and weights_needed(src):
         # ZeRO 3 without gathered weights: the weights are the engine's fp32 masters
         dst_path = check_target(Path(src), Path(dst), opts.overwrite)
-        with WeightsView(Path(src), dst_path.parent) as view:
+        with WeightsView(Path(src), dst_path.parent, opts.config) as view:
             report = _transform_folder(view, dst_path, opts, progress, started, source=str(Path(src)))
         return report
     return _transform_folder(src, dst, opts, progress, started)
@@ -156,9 +157,11 @@ def _transform_folder(src, dst, opts: TransformOptions, progress, started: float
                 "command": "transform", "wisca_version": __version__, "record_format": RECORD_FORMAT,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "source": source or ckpt.source, "output": str(dst_path),
-                **({"weights_from_engine": "model.safetensors written from the DeepSpeed fp32 masters (the source "
-                                           "has no safetensors weights); undo leaves it out again"}
-                   if source else {}),
+                **({"weights_from_engine": {
+                    "note": "the source has no safetensors weights: model.safetensors is written from the DeepSpeed "
+                            "fp32 masters (transformed); undo leaves out what was added",
+                    "added": sorted({SINGLE_NAME} | ({"config.json"} if not (Path(source) / "config.json").is_file()
+                                                     else set()))}} if source else {}),
                 "architecture": ckpt.layout.spec.name, "model_type": ckpt.config.get("model_type"),
                 "dtype": _main_dtype(ckpt), "bytes": ckpt.total_bytes,
                 "options": opts.record(),
@@ -200,8 +203,12 @@ def _dcp_input(src, config, revision=None) -> bool:
             raise OptionError("revision", f"{src}: only applies to hub repo ids, not local folders")
         return True
     if config is not None:
-        raise OptionError("config", f"applies only to torch.distributed checkpoints; {src} is not one "
-                                    f"(no {src}/.metadata)")
+        from .deepspeed import weights_needed
+
+        if weights_needed(src):    # a DeepSpeed folder whose only weights are the engine's
+            return False
+        raise OptionError("config", f"applies only to torch.distributed checkpoints and DeepSpeed folders without "
+                                    f"safetensors weights; {src} is neither (no {src}/.metadata, or it has weights)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise WiscaError(f"{src}: under torchrun wisca splits torch.distributed checkpoints (DCP) across ranks; "
                          f"run plain wisca on this one")
@@ -297,9 +304,10 @@ def undo(transformed: str | os.PathLike, restored: str | os.PathLike, overwrite:
                 raise VerificationFailed("undo: the restored model does not compute the same function; "
                                          "nothing written", {"verification": result.to_dict()})
             copy_other_files(ckpt.root, out.tmp, skip=set(ckpt.shards) | {RECORD_NAME, SCALES_NAME} | engine)
-            if record.get("weights_from_engine"):   # the source had the engine's weights only
-                for shard in ckpt.shards:
-                    (out.tmp / shard).unlink()
+            added = record.get("weights_from_engine")   # the source had the engine's weights only
+            for name in added.get("added", []) if isinstance(added, dict) else []:
+                if (out.tmp / name).is_file():
+                    (out.tmp / name).unlink()
             from .training import transform_training_state
 
             state = transform_training_state(
@@ -365,12 +373,12 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, mode: str = default("mode
     views = contextlib.ExitStack()
     with views:
         return _verify_folders(a, b, revision, mode, opts, probe_batch, probe_len, seed, probe_ids_file, progress,
-                               started, views)
+                               started, views, config)
 
 
 def _verify_folders(a, b, revision, mode, opts, probe_batch, probe_len, seed, probe_ids_file, progress, started,
-                    views: contextlib.ExitStack) -> dict:
-    ca = _open_weights(a, revision, views)
+                    views: contextlib.ExitStack, config=None) -> dict:
+    ca = _open_weights(a, revision, views, config)
     try:
         cb = _open_weights(b, None, views)
         try:
@@ -396,7 +404,7 @@ def _verify_folders(a, b, revision, mode, opts, probe_batch, probe_len, seed, pr
         ca.close()
 
 
-def _open_weights(src, revision, views: contextlib.ExitStack) -> Checkpoint:
+def _open_weights(src, revision, views: contextlib.ExitStack, config=None) -> Checkpoint:
     """``open_checkpoint``; a folder whose only weights are a DeepSpeed engine's fp32 masters
     (ZeRO 3 without gathered weights) is read through a ``deepspeed.WeightsView`` in the
     system's temporary folder (removed when ``views`` closes)."""
@@ -406,7 +414,7 @@ def _open_weights(src, revision, views: contextlib.ExitStack) -> Checkpoint:
         return open_checkpoint(src, revision)
     import tempfile
 
-    ckpt = open_checkpoint(views.enter_context(WeightsView(Path(src), Path(tempfile.gettempdir()))))
+    ckpt = open_checkpoint(views.enter_context(WeightsView(Path(src), Path(tempfile.gettempdir()), config)))
     ckpt.root = Path(src).resolve()   # reports name the user's folder; the shards keep their own paths
     ckpt.source = str(ckpt.root)
     return ckpt
@@ -445,7 +453,8 @@ def inspect(src: str | os.PathLike, granularity: str = default("granularity"), n
         report = _inspect_model(open_readable(src, config), granularity, norm, targets, progress)
     else:
         with contextlib.ExitStack() as views:
-            report = _inspect_model(_open_weights(src, revision, views), granularity, norm, targets, progress)
+            report = _inspect_model(_open_weights(src, revision, views, config), granularity, norm, targets,
+                                    progress)
     if plot is not None:
         from .plot import plot_pattern
 

@@ -252,6 +252,8 @@ def _print_warnings(result: dict) -> None:
     "  wisca transform adapter/ adapter-wisca/ --base base-model/   # a PEFT LoRA adapter\n\n"
     "  wisca transform ckpt/ out/ --json --report wisca-report.json   # for CI\n\n"
     "  wisca transform checkpoint-500/ out/ --training-state drop   # weights only, no optimizer state\n\n"
+    "  wisca transform checkpoint-500/ out/   # Trainer + DeepSpeed ZeRO: global_step500/ rescaled too\n\n"
+    "  wisca transform ds_ckpt/ out/ --config config.json   # a bare DeepSpeed save_checkpoint folder\n\n"
     "  wisca transform step-1000/ step-1000-wisca/ --config config.json   # torch.distributed checkpoint\n\n"
     "  torchrun --nproc-per-node 8 -m wisca_cli transform checkpoint-500/ out/   # split across ranks"))
 def transform(

@@ -642,13 +642,13 @@ _TALLY = threading.Lock()
 
 # -- a checkpoint whose only weights are the engine's (ZeRO 3 without gathered 16-bit weights) -----
 def weights_needed(src) -> bool:
-    """True for a folder with ``config.json`` and a DeepSpeed engine state but no safetensors
-    weights: ZeRO 3 without ``stage3_gather_16bit_weights_on_model_save`` (or a bare
-    ``save_checkpoint`` folder with the model's config)."""
+    """True for a folder with a DeepSpeed engine state but no safetensors weights: ZeRO 3
+    without ``stage3_gather_16bit_weights_on_model_save``, or a bare ``save_checkpoint``
+    folder (then the model's config comes with ``config``)."""
     from .formats import INDEX_NAME, SINGLE_NAME
 
     src = Path(src)
-    if not src.is_dir() or not (src / "config.json").is_file():
+    if not src.is_dir():
         return False
     if (src / SINGLE_NAME).exists() or (src / INDEX_NAME).exists():
         return False
@@ -717,18 +717,28 @@ class WeightsView:
     masters, so the scales are computed and verified on the weights a resume restores.
     Removed on leaving."""
 
-    def __init__(self, src: Path, parent: Path):
+    def __init__(self, src: Path, parent: Path, config=None):
         self.src, self.parent, self.tmp = Path(src), Path(parent), None
+        self.config = None if config is None else Path(config)
+        if self.config is not None and self.config.is_dir():
+            self.config = self.config / "config.json"
 
     def __enter__(self) -> Path:
         from .output import staged_dir
 
+        if self.config is not None and not self.config.is_file():
+            raise WiscaError(f"{self.config}: no such config.json", fields=("config",))
+        if self.config is None and not (self.src / "config.json").is_file():
+            raise WiscaError(f"{self.src}: a DeepSpeed checkpoint without config.json; pass the model's config.json "
+                             f"(`config`)", fields=("config",))
         engine = read_engines_or_refuse(self.src)[0]
         self.tmp = staged_dir(self.parent, self.src.name + "-weights")
         try:
             for entry in sorted(self.src.iterdir()):
-                if not entry.name.startswith("."):
+                if not entry.name.startswith(".") and not (entry.name == "config.json" and self.config):
                     (self.tmp / entry.name).symlink_to(entry.resolve())
+            if self.config is not None:
+                (self.tmp / "config.json").symlink_to(self.config.resolve())
             from .formats import SINGLE_NAME
 
             write_weights(engine, self.tmp / SINGLE_NAME)

@@ -105,8 +105,9 @@ _OPTIONS = [
     Option("revision", None, "Hub revision (branch, tag or commit) of a hub repo id."),
     Option("base", None, "LoRA adapter only: the base model folder; also compare base + adapter logits.",
            kind="path"),
-    Option("config", None, "torch.distributed checkpoints only: the model's config.json (or its folder) when "
-           "it is not in the checkpoint folder or its parent.", kind="path"),
+    Option("config", None, "torch.distributed checkpoints and DeepSpeed folders without safetensors weights "
+           "only: the model's config.json (or its folder) when it is not in the checkpoint folder (or, for "
+           "DCP, its parent).", kind="path"),
     Option("training_state", "transform", "Optimizer and engine state (moments, fp32 masters): transform it "
            "exactly with the weights, refusing any state wisca cannot rescale; or drop it from the output "
            "(resume from the weights with a fresh optimizer).", choices=TRAINING_STATE_MODES),
