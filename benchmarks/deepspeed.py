@@ -84,7 +84,8 @@ def make(ckpt: Path, shape: Shape) -> None:
     g = torch.Generator().manual_seed(1)
     for r in range(WORLD):
         lo, hi = r * part, (r + 1) * part
-        masters = flat[lo:hi].float()
+        tail = padded - total if r == WORLD - 1 else 0     # saved without the end padding, as DeepSpeed does
+        masters = flat[lo:hi].float()[:part - tail]
         exp_avg = torch.randn(part, generator=g) * 1e-4
         exp_avg_sq = torch.rand(part, generator=g) * 1e-8
         slices, o = OrderedDict(), 0
@@ -99,7 +100,7 @@ def make(ckpt: Path, shape: Shape) -> None:
                                         "param_groups": [{"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8,
                                                           "weight_decay": 0.0, "amsgrad": False, "params": [0]}]},
                "single_partition_of_fp32_groups": [masters], "zero_stage": ZeroStageEnum.gradients,
-               "group_paddings": [padded - total if r == WORLD - 1 else 0],
+               "group_paddings": [tail],
                "param_alignment_paddings": [[0] * len(sizes)], "partition_count": [WORLD], "ds_version": "0.19.8",
                "param_slice_mappings": [slices]}
         torch.save({"optimizer_state_dict": osd, "ds_config": ds_config, "ds_version": "0.19.8"},

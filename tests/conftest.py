@@ -67,6 +67,8 @@ ARCH_FAMILIES = {
     "gemma3": ("gemma3_text", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
                                    query_pre_attn_scalar=16)),
     "olmo2": ("olmo2", {}),
+    # OLMo 3: OLMo 2 with sliding-window layers (three in four) and RoPE parameters per layer type
+    "olmo3": ("olmo3", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
     "granite": ("granite", dict(embedding_multiplier=12.0, attention_multiplier=0.125,
                                 residual_multiplier=0.25, logits_scaling=4.0)),
     "smollm3": ("smollm3", dict(no_rope_layers=[1, 0])),

@@ -33,11 +33,11 @@ HARNESS = FRAMEWORKS / "deepspeed" / "ds_trainer.py"
 DS_ENV = {**ENV, "DS_ACCELERATOR": "cpu"}
 
 CASES = {   # name -> (ranks, harness flags)
-    "zero1": (1, ["--stage", "1"]),
     "zero2": (1, ["--stage", "2"]),
     "zero3": (1, ["--stage", "3"]),
     "zero2-bf16": (1, ["--stage", "2", "--bf16"]),
-    "zero1-2ranks-trainer-optimizer": (2, ["--stage", "1", "--trainer-optim"]),
+    # Trainer's AdamW (two param groups); a parameter count that leaves the last rank's partition padded
+    "zero1-2ranks-trainer-optimizer-padded": (2, ["--stage", "1", "--trainer-optim", "--odd"]),
     "zero2-2ranks": (2, ["--stage", "2"]),
     "zero3-2ranks-bf16": (2, ["--stage", "3", "--bf16"]),
     # no model.safetensors: the weights are the engine's fp32 masters only
@@ -194,6 +194,7 @@ class _RunsCode:
     ("tensor-parallel", "tensor (model) parallel ranks"),
     ("code", "refused to unpickle posix.system"),
     ("stale-tag", "a DeepSpeed checkpoint beside the one `latest` names"),
+    ("pipeline", "a DeepSpeed state file of a layout wisca does not know (pipeline or tensor parallel?)"),
     ("latest", "names 'global_step9', which is not a folder here"),
 ])
 def test_a_state_wisca_cannot_map_is_refused(zero2, tmp_path, how, match):
@@ -205,6 +206,7 @@ def test_a_state_wisca_cannot_map_is_refused(zero2, tmp_path, how, match):
         "tensor-parallel": lambda f: shutil.copy(f / "mp_rank_00_model_states.pt", f / "mp_rank_01_model_states.pt"),
         "code": lambda f: torch.save({"x": _RunsCode()}, f / "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
         "stale-tag": lambda f: shutil.copytree(f, f.parent / "global_step1"),
+        "pipeline": lambda f: shutil.copy(f / "mp_rank_00_model_states.pt", f / "layer_01-model_states.pt"),
         "latest": lambda f: (f.parent / "latest").write_text("global_step9"),
     }
     src = variant(zero2, tmp_path, edits[how])

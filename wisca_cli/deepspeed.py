@@ -281,7 +281,9 @@ def _map_zero12(folder: Path, groups: list, optims: list[File], world: int) -> i
         if len(masters) != len(groups):
             raise WiscaError(f"{where}: {len(masters)} parameter groups, the model states {len(groups)}")
         pads = osd.get("param_alignment_paddings")
-        mine = [_flat_ref(m, f"{where}: fp32 group {g}").numel for g, m in enumerate(masters)]
+        # the masters are saved without the group's end padding (the last rank's), the moments with it
+        tails = osd.get("group_paddings") if isinstance(osd.get("group_paddings"), list) else [0] * len(masters)
+        mine = [_flat_ref(m, f"{where}: fp32 group {g}").numel + int(tails[g]) for g, m in enumerate(masters)]
         if sizes is None:
             sizes = mine
         elif mine != sizes:
@@ -308,8 +310,8 @@ def _map_zero12(folder: Path, groups: list, optims: list[File], world: int) -> i
             flats = [Flat(f"fp32 masters of group {g}", "fp32", masters[g], 1, runs)]
             for key, t in _moments(state, f"{where}: state of group {g}"):
                 ref = _flat_ref(t, f"{where}: {key} of group {g}")
-                if ref.numel != part:
-                    raise WiscaError(f"{where}: {key} of group {g} has {ref.numel} elements, the masters {part}")
+                if ref.numel not in (part, part - int(tails[g])):
+                    raise WiscaError(f"{where}: {key} of group {g} has {ref.numel} elements, the partition {part}")
                 flats.append(Flat(f"{key} of group {g}", key, ref, -MOMENTS[key], runs))
             steps += "step" in state
             f.flats += flats

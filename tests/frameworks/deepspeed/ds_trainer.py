@@ -1,7 +1,7 @@
 """A real DeepSpeed checkpoint through transformers' Trainer on CPU, and its resume.
 
-    python ds_trainer.py make   RUN --stage 2 [--bf16] [--no-gather] [--trainer-optim] [--universal]      -> RUN/checkpoint-3/
-    python ds_trainer.py resume CKPT DUMP --stage 2 [--bf16] [--no-gather] [--trainer-optim] [--universal] -> DUMP (torch.save)
+    python ds_trainer.py make   RUN --stage 2 [--bf16] [--no-gather] [--trainer-optim] [--universal] [--odd]      -> RUN/checkpoint-3/
+    python ds_trainer.py resume CKPT DUMP --stage 2 [--bf16] [--no-gather] [--trainer-optim] [--universal] [--odd] -> DUMP (torch.save)
 
 Run it plainly (world size 1) or under ``torchrun --nproc-per-node 2``. ``make`` builds a
 tiny GQA llama, rescales its Q/K, V/O and up/down pairs by random powers of two (the same
@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 VOCAB, LENGTH, STEPS = 128, 16, 3
+ODD = "--odd" in sys.argv
 
 
 def config(args) -> dict:
@@ -85,9 +86,11 @@ def model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, attn_implementation="eager")
+    shape = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    if ODD:   # 30 x odd parameters in all: ZeRO pads the flat buffer to a multiple of 2 x world
+        shape = dict(hidden_size=30, intermediate_size=62, num_attention_heads=3, num_key_value_heads=1)
+    cfg = LlamaConfig(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=64, tie_word_embeddings=False,
+                      attn_implementation="eager", **shape)
     m = LlamaForCausalLM(cfg)
     unbalance(m)
     return m
@@ -140,6 +143,7 @@ def main() -> None:
     ap.add_argument("--no-gather", action="store_true")
     ap.add_argument("--trainer-optim", action="store_true")
     ap.add_argument("--universal", action="store_true")
+    ap.add_argument("--odd", action="store_true", help="a model whose parameter count needs ZeRO's end padding")
     args = ap.parse_args()
     if args.mode == "make":
         trainer(args, args.paths[0], STEPS).train()
