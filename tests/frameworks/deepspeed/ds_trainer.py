@@ -1,7 +1,7 @@
 """A real DeepSpeed checkpoint through transformers' Trainer on CPU, and its resume.
 
-    python ds_trainer.py make   RUN --stage 2 [--bf16] [--no-gather] [--trainer-optim] [--universal] [--odd]      -> RUN/checkpoint-3/
-    python ds_trainer.py resume CKPT DUMP --stage 2 [--bf16] [--no-gather] [--trainer-optim] [--universal] [--odd] -> DUMP (torch.save)
+    python ds_trainer.py make   RUN --stage 2 [--bf16] [--no-gather] [--trainer-optim] [--universal] [--odd] [--moe]      -> RUN/checkpoint-3/
+    python ds_trainer.py resume CKPT DUMP --stage 2 [--bf16] [--no-gather] [--trainer-optim] [--universal] [--odd] [--moe] -> DUMP (torch.save)
 
 Run it plainly (world size 1) or under ``torchrun --nproc-per-node 2``. ``make`` builds a
 tiny GQA llama, rescales its Q/K, V/O and up/down pairs by random powers of two (the same
@@ -33,6 +33,29 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 VOCAB, LENGTH, STEPS = 128, 16, 3
 ODD = "--odd" in sys.argv
+MOE = "--moe" in sys.argv
+
+
+def moe_model():
+    """A tiny Mixtral: transformers 5 holds its experts fused in memory (``mlp.experts.gate_up_proj``
+    [E, 2I, H], ``down_proj`` [E, H, I]), which are DeepSpeed's parameters; ``save_pretrained``
+    writes them per expert. Skewed per expert by powers of two (up rows / down columns)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64, tie_word_embeddings=False, attn_implementation="eager")
+    m = MixtralForCausalLM(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            ex = layer.mlp.experts
+            e, two_i, _ = ex.gate_up_proj.shape
+            u = torch.exp2(torch.randint(-3, 4, (e, two_i // 2), generator=g).float())
+            ex.gate_up_proj[:, two_i // 2:, :].mul_(u[:, :, None])
+            ex.down_proj.div_(u[:, None, :])
+    return m
 
 
 def config(args) -> dict:
@@ -83,6 +106,8 @@ def unbalance(model, seed: int = 0) -> None:
 
 
 def model():
+    if MOE:
+        return moe_model()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -144,6 +169,7 @@ def main() -> None:
     ap.add_argument("--trainer-optim", action="store_true")
     ap.add_argument("--universal", action="store_true")
     ap.add_argument("--odd", action="store_true", help="a model whose parameter count needs ZeRO's end padding")
+    ap.add_argument("--moe", action="store_true", help="a tiny Mixtral (experts fused in memory)")
     args = ap.parse_args()
     if args.mode == "make":
         trainer(args, args.paths[0], STEPS).train()
