@@ -29,6 +29,21 @@ import torch
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _map_unmapped_causal_lms() -> None:
+    """transformers 5.25 ships ``Mistral4ForCausalLM`` but leaves it out of AutoModelForCausalLM's
+    mapping (Mistral 4 is released inside a multimodal model); the tests build and load it
+    through the auto class like every family, so its own class is mapped here."""
+    try:
+        from transformers import AutoModelForCausalLM, Mistral4Config, Mistral4ForCausalLM
+    except ImportError:
+        return
+    if Mistral4Config not in AutoModelForCausalLM._model_mapping:
+        AutoModelForCausalLM.register(Mistral4Config, Mistral4ForCausalLM, exist_ok=True)
+
+
+_map_unmapped_causal_lms()
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,6 +105,16 @@ ARCH_FAMILIES = {
                                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
                                         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                         n_group=2, topk_group=1, first_k_dense_replace=1)),
+    # Mistral 4: DeepSeek-V3's MLA and experts, a softmax router with group-limited top-k, q scaled per
+    # position (llama_4_scaling_beta; a short original_max_position_embeddings so that it acts), YaRN
+    "mistral4": ("mistral4", dict(head_dim=None, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24,
+                                  qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=4,
+                                  num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1,
+                                  first_k_dense_replace=1, n_shared_experts=1,
+                                  rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                       original_max_position_embeddings=16, beta_fast=32.0,
+                                                       beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0,
+                                                       llama_4_scaling_beta=0.1))),
     # no q latent (q_proj), rotate_half YaRN rope (mscale on cos/sin and the softmax scale), biases on
     # kv_a and o, two shared experts, one group
     "deepseek_v3-plain": ("deepseek_v3", dict(head_dim=None, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=24,

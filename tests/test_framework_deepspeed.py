@@ -32,9 +32,7 @@ import deepspeed  # noqa: F401  - a test dependency: the format is checked again
 HARNESS = FRAMEWORKS / "deepspeed" / "ds_trainer.py"
 DS_ENV = {**ENV, "DS_ACCELERATOR": "cpu"}
 
-CASES = {   # name -> (ranks, harness flags)
-    "zero2": (1, ["--stage", "2"]),
-    "zero3": (1, ["--stage", "3"]),
+CASES = {   # name -> (ranks, harness flags); ZeRO 2 fp32 at one rank is the refusal tests' checkpoint
     "zero2-bf16": (1, ["--stage", "2", "--bf16"]),
     # Trainer's AdamW (two param groups); a parameter count that leaves the last rank's partition padded
     "zero1-2ranks-trainer-optimizer-padded": (2, ["--stage", "1", "--trainer-optim", "--odd"]),

@@ -373,14 +373,15 @@ def test_every_moe_family_is_tested_as_the_support_matrix_claims():
 
 # families whose experts transformers keeps in memory as they are on disk (no conversion
 # mapping): a fused parameter is one checkpoint tensor, its moments scale as the tensor does
-FUSED_IN_MEMORY_AS_ON_DISK = ["gpt_oss", "llama4"]
+FUSED_IN_MEMORY_AS_ON_DISK = ["gpt_oss", "llama4", "mistral4"]
 
 
 @pytest.mark.parametrize("family", FUSED_IN_MEMORY_AS_ON_DISK)
 def test_fused_on_disk_trainer_moments_follow_bit_for_bit(family, tmp_path):
-    """gpt-oss, Llama 4: the fused experts (gate_up_proj [E, H, 2I], gpt-oss's bias, down_proj) are parameters
-    and checkpoint tensors alike; with the norm target their input rows are scaled per expert
-    slice, and Adam's moments follow: exp_avg / S, exp_avg_sq / S**2, bit for bit."""
+    """gpt-oss, Llama 4, Mistral 4: the fused experts (gate_up_proj [E, H, 2I], gpt-oss's bias, down_proj;
+    Mistral 4's as DeepSeek-V3's, [E, 2I, H]) are parameters and checkpoint tensors alike; with the
+    norm target their inputs are scaled per expert slice, and Adam's moments follow: exp_avg / S,
+    exp_avg_sq / S**2, bit for bit."""
     from conftest import build, hf_logits, probe_tokens
     from transformers import AutoModelForCausalLM, Trainer
 
@@ -395,7 +396,8 @@ def test_fused_on_disk_trainer_moments_follow_bit_for_bit(family, tmp_path):
     assert torch.equal(hf_logits(ckpt, probe_tokens()), hf_logits(out, probe_tokens()))
     mult, names = wisca.scale_multipliers(out), optimizer_parameter_names(ckpt)
     gate_up = [n for n in mult if n.endswith("experts.gate_up_proj")]
-    assert gate_up and all(mult[n].shape == (4, 64, 1) and (mult[n] != 1).any() for n in gate_up)
+    inputs = (4, 1, 64) if family == "mistral4" else (4, 64, 1)     # per expert, along the hidden axis
+    assert gate_up and all(tuple(mult[n].shape) == inputs and (mult[n] != 1).any() for n in gate_up)
     before, after = _load(ckpt / "optimizer.pt"), _load(out / "optimizer.pt")
     for key, b in before["state"].items():
         s = mult.get(names[key], torch.ones(1, dtype=torch.float64)).float()

@@ -223,6 +223,13 @@ def attention_temperature(layout: Layout, length: int) -> torch.Tensor:
     return torch.log1p(torch.floor((positions + 1.0) / layout.value(t.floor))) * layout.value(t.scale) + 1.0
 
 
+def position_scale(layout: Layout, length: int) -> torch.Tensor:
+    """Mistral 4's query factor per position (float32): ``1 + beta * log(1 + floor(position / max))``."""
+    p = layout.spec.attention.position_scale
+    positions = torch.arange(length, dtype=torch.int64)
+    return 1 + float(layout.value(p.beta)) * torch.log(1 + torch.floor(positions / layout.value(p.max)))
+
+
 def mla_attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask: torch.Tensor) -> torch.Tensor:
     """Multi-head latent attention (DeepSeek-V3), as transformers computes it: queries
     through the q latent (``q_a`` -> RMSNorm -> ``q_b``) or ``q``; ``kv_a`` gives the kv
@@ -246,6 +253,8 @@ def mla_attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, 
     if rope is not None:
         q_rope, k_rope = apply_rope(q_rope, *rope, layout.rotary_style), apply_rope(k_rope, *rope, layout.rotary_style)
     q = torch.cat([q_nope, q_rope], dim=-1)
+    if layout.spec.attention.position_scale:   # Mistral 4: q times a factor per position, in q's dtype
+        q = q * position_scale(layout, length).to(q.dtype)[:, None]
     k = torch.cat([k_nope, k_rope.expand(-1, heads, -1, -1)], dim=-1)
     scaling = attention_scaling(layout, mla.nope + mla.rope)
     rope_scaling = layout.rope_scaling or {}
@@ -343,6 +352,16 @@ def route(x: torch.Tensor, w: dict, layout: Layout) -> tuple[torch.Tensor, torch
     elif spec.routing == "topk_sigmoid":   # Llama 4: top-k of the logits, the sigmoid of each its weight
         top, idx = torch.topk(F.linear(x, w["router"].to(x.dtype)), top_k, dim=-1)
         top = torch.sigmoid(top.float())
+    elif spec.routing == "softmax_group":   # Mistral 4: softmax in x's dtype, DeepSeek's group-limited top-k
+        scores = F.linear(x, w["router"].to(x.dtype)).softmax(-1)
+        groups = int(layout.value(spec.groups, 1))
+        group_scores = scores.view(-1, groups, layout.experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
+        chosen = torch.topk(group_scores, k=int(layout.value(spec.topk_groups, 1)), dim=-1, sorted=False)[1]
+        keep = torch.zeros_like(group_scores).scatter_(1, chosen, 1).bool().repeat_interleave(layout.experts // groups, 1)
+        idx = torch.topk(scores.masked_fill(~keep, 0.0), k=top_k, dim=-1, sorted=False)[1]
+        top = scores.gather(1, idx)
+        if layout.value(spec.norm_topk, False):
+            top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
     else:
         scores = F.linear(x.float(), w["router"].float()).sigmoid()
         choice = scores + w["router_correction"].float() if "router_correction" in w else scores

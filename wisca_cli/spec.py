@@ -208,6 +208,15 @@ class AttentionScale(_Section):
 
 
 @dataclass(frozen=True)
+class PositionScale(_Section):
+    """Mistral 4's query scale by position (transformers' ``get_llama_4_attn_scale``): q times
+    ``1 + beta * log(1 + floor(position / max))``, cast to q's dtype first; config keys
+    (dotted paths reach into a dict, e.g. ``rope_parameters.llama_4_scaling_beta``)."""
+    beta: str | float = _spec_field(_config_value)
+    max: str | float = _spec_field(_config_value)
+
+
+@dataclass(frozen=True)
 class AttentionTemperature(_Section):
     """Llama 4's attention temperature tuning on NoPE layers: q times
     ``log1p(floor((position + 1) / floor)) * scale + 1``, when the config flag ``when`` is set."""
@@ -249,6 +258,7 @@ class AttentionSpec(_Section):
     # norm's eps): Llama 4's use_qk_norm
     qk_l2_norm: bool | str | None = _spec_field(_flag, None)
     temperature: AttentionTemperature | None = _spec_field(_section(AttentionTemperature), None)   # NoPE layers
+    position_scale: PositionScale | None = _spec_field(_section(PositionScale), None)   # Mistral 4 (MLA)
     # config key: chunked attention (a query sees its own chunk's keys) on the layers whose
     # layer_types entry is "chunked_attention" (without layer_types: the RoPE layers)
     chunk_size: str | None = _spec_field(_string, None)
@@ -332,7 +342,8 @@ class MoeSpec(_Section):
     dense_tensors: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
     # the router: softmax over all experts (then top-k), or sigmoid scores with DeepSeek's
     # group-limited top-k (``groups``, ``topk_groups``) on scores + ``correction`` (a tensor)
-    routing: str = _spec_field(_choice("softmax", "sigmoid", "topk_sigmoid"), "softmax")  # topk_sigmoid: Llama 4
+    # topk_sigmoid: Llama 4; softmax_group: Mistral 4 (softmax scores, DeepSeek's group-limited top-k)
+    routing: str = _spec_field(_choice("softmax", "sigmoid", "topk_sigmoid", "softmax_group"), "softmax")
     weighted_input: bool = _spec_field(_boolean, False)              # the weight scales the expert's input (Llama 4)
     moe_layers: str | None = _spec_field(_string, None)              # key of the list of MoE layers (over sparse_step)
     dense_intermediate: str | None = _spec_field(_string, None)      # the dense layers' MLP size (absent: intermediate_size)
@@ -363,8 +374,10 @@ class MoeSpec(_Section):
             raise WiscaError(f"{where}: {label}.mxfp4: MXFP4 experts are fused ones; it needs {label}.fused_experts")
         if (self.groups is None) != (self.topk_groups is None):
             raise WiscaError(f"{where}: {label}.groups and {label}.topk_groups go together")
-        if self.routing != "sigmoid" and (self.groups is not None or self.correction):
-            raise WiscaError(f"{where}: {label}.groups and {label}.correction need routing \"sigmoid\"")
+        if self.routing not in ("sigmoid", "softmax_group") and self.groups is not None:
+            raise WiscaError(f"{where}: {label}.groups need routing \"sigmoid\" or \"softmax_group\"")
+        if self.routing != "sigmoid" and self.correction:
+            raise WiscaError(f"{where}: {label}.correction needs routing \"sigmoid\"")
         for key in ("expert_tensors", "shared_tensors", "dense_tensors"):
             extra = sorted(set(getattr(self, key)) - set(MLP_ROLES))
             if extra:
@@ -698,6 +711,10 @@ class Layout:
         if isinstance(key, (bool, int, float)):
             return key
         got = self.config.get(key)
+        if got is None and "." in key:            # a dotted path into a dict (rope_parameters.x)
+            got = self.config
+            for part in key.split("."):
+                got = got.get(part) if isinstance(got, dict) else None
         return default if got is None else got
 
     # -- per layer ---------------------------------------------------------------------------
@@ -950,6 +967,8 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
     partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     rotary_dims = int(head_dim * partial) if spec.attention.rotary else 0
     rotary_dims -= rotary_dims % 2
+    if mla and spec.attention.rotary:   # the rope part is rotated whole (Mistral 4 states it as a partial factor
+        rotary_dims = mla.rope          # of the whole q/k head, which transformers' head_dim is there)
 
     window = None
     window_key = spec.attention.sliding_window
