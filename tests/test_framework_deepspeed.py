@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import deepspeed  # noqa: F401  - a test dependency: the format is checked against DeepSpeed itself
+import wisca_cli as wisca
 from conftest import run_cli
 from deepspeed_checks import (DS_ENV, files, harness, make_case, test_deepspeed_resumes_the_transformed_state,  # noqa: F401
                               test_transform_reports_the_engine_state, test_undo_gives_every_file_back,
@@ -137,3 +138,39 @@ def test_a_bare_deepspeed_folder_takes_the_models_config(zero2, tmp_path):
     back = tmp_path / "back"
     assert run_cli("undo", out, back).returncode == 0
     assert files(back) == files(bare)
+
+
+def test_continuous_scales_round_each_entry_once(zero2, tmp_path):
+    """``--scales continuous``: every master, moment and module weight is the float64 product
+    rounded once to its dtype (``balance.apply_multiplier``), checked per parameter against the
+    source's flat partitions; the record says the state is not exact."""
+    from wisca_cli.balance import apply_multiplier
+
+    out = tmp_path / "out"
+    res = run_cli("transform", zero2, out, "--scales", "continuous", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    opt = json.loads(res.stdout)["training_state"]["optimizer"]
+    assert opt["scaled_parameters"] > 0 and not opt["exact"]
+    mults = wisca.scale_multipliers(out)
+    name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    a = torch.load(zero2 / "global_step3" / name, weights_only=False)["optimizer_state_dict"]
+    b = torch.load(out / "global_step3" / name, weights_only=False)["optimizer_state_dict"]
+    model_a = torch.load(zero2 / "global_step3" / "mp_rank_00_model_states.pt", weights_only=False)
+    model_b = torch.load(out / "global_step3" / "mp_rank_00_model_states.pt", weights_only=False)
+    shapes = model_a["param_shapes"][0]
+    checked = 0
+    for pname, addr in a["param_slice_mappings"][0].items():
+        s = mults.get(pname)
+        if s is None:
+            continue
+        shape, cut = shapes[pname], slice(addr.start, addr.start + addr.numel)
+        flats = [("fp32", a["single_partition_of_fp32_groups"][0], b["single_partition_of_fp32_groups"][0], 1)]
+        flats += [(k, a["base_optimizer_state"]["state"][0][k], b["base_optimizer_state"]["state"][0][k], -p)
+                  for k, p in (("exp_avg", 1), ("exp_avg_sq", 2))]
+        for key, x, y, power in flats:
+            want = apply_multiplier(x[cut].view(shape), s, power)
+            assert torch.equal(y[cut].view(shape), want), f"{key} of {pname}"
+        w = apply_multiplier(model_a["module"][pname], s, 1)
+        assert torch.equal(model_b["module"][pname], w), f"weights of {pname}"
+        checked += 1
+    assert checked == opt["scaled_parameters"]
