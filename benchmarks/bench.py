@@ -459,6 +459,36 @@ def run_measured(argv: list[str], log: Path, scratch: Path) -> Run:
     return run
 
 
+def paired_rounds(commands: dict[str, list[str]], src: Path, dst: Path, work: Path, rounds: int) -> dict[str, list]:
+    """Each round runs every command in order, each cold (``src`` evicted, ``dst`` removed
+    first): label -> its ``Run`` per round, printed as they come."""
+    runs: dict[str, list] = {k: [] for k in commands}
+    for r in range(rounds):
+        for label, cmd in commands.items():
+            shutil.rmtree(dst, ignore_errors=True)
+            evict(src)
+            run = run_measured(cmd, work / "run.log", work)
+            runs[label].append(run)
+            print(f"round {r + 1} {label}: {run.wall_s:.2f} s, peak RSS {run.peak_rss_mib:.0f} MiB", flush=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    return runs
+
+
+def ratio_rows(runs: dict[str, list], yardstick: str, nbytes: int) -> dict[str, dict]:
+    """label -> wall times, median, its ratio to the yardstick's run of the same round
+    (median, min, max), peak RSS and throughput."""
+    base = [x.wall_s for x in runs[yardstick]]
+    rows = {}
+    for label, rs in runs.items():
+        walls = [x.wall_s for x in rs]
+        ratios = [w / b for w, b in zip(walls, base)]
+        rows[label] = {"wall_s": walls, "median_s": statistics.median(walls),
+                       "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                       "peak_rss_mib": max(x.peak_rss_mib for x in rs),
+                       "mb_per_s": nbytes / statistics.median(walls) / 1e6}
+    return rows
+
+
 # -- the commands -------------------------------------------------------------------------------
 @dataclass
 class Command:

@@ -19,12 +19,11 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from .bench import Shape, evict, run_measured
+from .bench import Shape, paired_rounds, ratio_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _MAKE = r"""
@@ -109,29 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         "torchrun x2 wisca transform --no-verify": [*torchrun, "transform", str(src), str(dst), "--no-verify"],
         "torchrun x2 wisca transform": [*torchrun, "transform", str(src), str(dst)],
     }
-    runs: dict[str, list] = {k: [] for k in commands}
-    for r in range(args.rounds):
-        for label, cmd in commands.items():
-            shutil.rmtree(dst, ignore_errors=True)
-            evict(src)
-            run = run_measured(cmd, work / "run.log", work)
-            runs[label].append(run)
-            print(f"round {r + 1} {label}: {run.wall_s:.2f} s, peak RSS {run.peak_rss_mib:.0f} MiB", flush=True)
-    shutil.rmtree(dst, ignore_errors=True)
+    runs = paired_rounds(commands, src, dst, work, args.rounds)
     nbytes = size_of(src)
-    base = [x.wall_s for x in runs["cp -r && sync"]]
-    result = {"shape": vars(shape), "bytes": nbytes, "rounds": args.rounds, "commands": {}}
+    result = {"shape": vars(shape), "bytes": nbytes, "rounds": args.rounds,
+              "commands": ratio_rows(runs, "cp -r && sync", nbytes)}
     print(f"\nDCP checkpoint: TinyLlama shape, {args.layers} layers, {nbytes / 2**30:.2f} GiB "
           f"(bf16 weights + fp32 AdamW moments, 2 chunks per tensor); cold, {args.rounds} rounds")
     print(f"{'command':42} {'median s':>9} {'vs cp -r && sync':>17} {'spread':>15} {'peak RSS MiB':>13}")
-    for label, rs in runs.items():
-        walls = [x.wall_s for x in rs]
-        ratios = [w / b for w, b in zip(walls, base)]
-        row = {"wall_s": walls, "median_s": statistics.median(walls), "ratio_median": statistics.median(ratios),
-               "ratio_min": min(ratios), "ratio_max": max(ratios),
-               "peak_rss_mib": max(x.peak_rss_mib for x in rs),
-               "mb_per_s": nbytes / statistics.median(walls) / 1e6}
-        result["commands"][label] = row
+    for label, row in result["commands"].items():
         print(f"{label:42} {row['median_s']:9.2f} {row['ratio_median']:16.2f}x "
               f"[{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]".ljust(86) + f" {row['peak_rss_mib']:10.0f}")
     print("(peak RSS: the largest of the launched process and its children, e.g. one torchrun rank)")

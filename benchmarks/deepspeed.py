@@ -24,12 +24,11 @@ import json
 import math
 import os
 import shutil
-import statistics
 import sys
 from collections import OrderedDict
 from pathlib import Path
 
-from .bench import Shape, evict, make_checkpoint, run_measured
+from .bench import Shape, make_checkpoint, paired_rounds, ratio_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORLD, STEP = 2, 100
@@ -134,28 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         "wisca transform --no-verify": [*wisca, "transform", str(src), str(dst), "--no-verify"],
         "wisca transform": [*wisca, "transform", str(src), str(dst)],
     }
-    runs: dict[str, list] = {k: [] for k in commands}
-    for r in range(args.rounds):
-        for label, cmd in commands.items():
-            shutil.rmtree(dst, ignore_errors=True)
-            evict(src)
-            run = run_measured(cmd, work / "run.log", work)
-            runs[label].append(run)
-            print(f"round {r + 1} {label}: {run.wall_s:.2f} s, peak RSS {run.peak_rss_mib:.0f} MiB", flush=True)
-    shutil.rmtree(dst, ignore_errors=True)
+    runs = paired_rounds(commands, src, dst, work, args.rounds)
     nbytes = size_of(src)
-    base = [x.wall_s for x in runs["cp -r && sync"]]
-    result = {"shape": vars(shape), "bytes": nbytes, "rounds": args.rounds, "world_size": WORLD, "commands": {}}
+    result = {"shape": vars(shape), "bytes": nbytes, "rounds": args.rounds, "world_size": WORLD,
+              "commands": ratio_rows(runs, "cp -r && sync", nbytes)}
     print(f"\nDeepSpeed ZeRO-2 checkpoint, world size {WORLD}: TinyLlama shape, {args.layers} layers, "
           f"{nbytes / 2**30:.2f} GiB (bf16 safetensors + bf16 module + fp32 masters and AdamW moments); "
           f"cold, {args.rounds} rounds")
     print(f"{'command':32} {'median s':>9} {'vs cp -r && sync':>17} {'spread':>15} {'peak RSS MiB':>13}")
-    for label, rs in runs.items():
-        walls = [x.wall_s for x in rs]
-        ratios = [w / b for w, b in zip(walls, base)]
-        row = {"wall_s": walls, "median_s": statistics.median(walls), "ratio_median": statistics.median(ratios),
-               "ratio_min": min(ratios), "ratio_max": max(ratios), "peak_rss_mib": max(x.peak_rss_mib for x in rs)}
-        result["commands"][label] = row
+    for label, row in result["commands"].items():
         print(f"{label:32} {row['median_s']:9.2f} {row['ratio_median']:17.2f} "
               f"{row['ratio_min']:7.2f}-{row['ratio_max']:<7.2f} {row['peak_rss_mib']:13.0f}")
     if args.json:

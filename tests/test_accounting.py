@@ -177,7 +177,8 @@ def test_other_optimizer_files_are_refused(tmp_path, name):
 
 
 # -- adapters -------------------------------------------------------------------------------------
-def test_adapter_with_a_state_it_cannot_rescale_is_refused(tmp_path):
+def _adapter(src: Path) -> Path:
+    """A PEFT LoRA adapter (q_proj, v_proj, rank 4, lora_B non-zero) saved at ``src``."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
@@ -188,8 +189,12 @@ def test_adapter_with_a_state_it_cannot_rescale_is_refused(tmp_path):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_()
-    src = tmp_path / "adapter"
     model.save_pretrained(src)
+    return src
+
+
+def test_adapter_with_a_state_it_cannot_rescale_is_refused(tmp_path):
+    src = _adapter(tmp_path / "adapter")
     torch.save({"state": {0: {"exp_avg_sq_row": torch.ones(4)}}, "param_groups": [{"params": [0]}]},
                src / "optimizer.pt")
     refused(src, tmp_path, match="optimizer state keys ['exp_avg_sq_row']")
@@ -299,18 +304,7 @@ def test_a_chunk_pickle_that_would_run_code_is_refused(made, tmp_path, command):
 def test_adapter_by_name_state_of_a_parameter_it_does_not_have_is_refused(tmp_path):
     """An adapter checkpoint whose by-name optimizer state holds a moment of a parameter the
     adapter does not hold (a fused lora_A of q/k/v): refused, never copied."""
-    peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(make_config("llama", num_attention_heads=4, num_key_value_heads=2))
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_()
-    src = tmp_path / "adapter"
-    model.save_pretrained(src)
+    src = _adapter(tmp_path / "adapter")
     name = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.default.weight"
     torch.save({"state": {name: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(4, 64),
                                  "exp_avg_sq": torch.zeros(4, 64)}},

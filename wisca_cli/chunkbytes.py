@@ -81,19 +81,26 @@ def _locate(mv: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> Recor
     nbytes = torch.Size(shape).numel() * dtype.itemsize
     if rec["method"] != 0 or rec["size"] != nbytes or rec["csize"] != nbytes:
         return None
-    start = _data_start(mv, rec)
-    crc_at = [rec["crc_at"]]
-    if rec["flags"] & 0x8:        # a data descriptor follows the bytes (torch.save writes one)
-        at = start + nbytes
-        if bytes(mv[at:at + 4]) == _DESCRIPTOR:
-            at += 4
-        crc_at.append(at)
-    else:
-        crc_at.append(rec["local"] + 14)
+    start, crc_at = record_span(mv, rec)
     stored = {struct.unpack_from("<I", mv, at)[0] for at in crc_at}
     if len(stored) != 1 or start + nbytes > len(mv):
         return None
     return Record(start, nbytes, tuple(crc_at))
+
+
+def record_span(mv: memoryview, entry: dict) -> tuple[int, tuple[int, ...]]:
+    """(offset of a stored record's first byte, offsets of the CRC-32 fields that describe it:
+    the central directory's and the data descriptor's or the local header's)."""
+    start = _data_start(mv, entry)
+    crc_at = [entry["crc_at"]]
+    if entry["flags"] & 0x8:      # a data descriptor follows the bytes (torch.save writes one)
+        at = start + entry["size"]
+        if bytes(mv[at:at + 4]) == _DESCRIPTOR:
+            at += 4
+        crc_at.append(at)
+    else:
+        crc_at.append(entry["local"] + 14)
+    return start, tuple(crc_at)
 
 
 def _central_directory(mv: memoryview) -> list[dict] | None:

@@ -306,19 +306,25 @@ def _map_zero12(folder: Path, groups: list, optims: list[File], world: int) -> i
                 raise WiscaError(f"{where}: group {g}'s parameters need {o} elements, its {world} partitions hold "
                                  f"{part * world}")
             _check_slices(where, g, runs, slices)
-            state = base["state"].get(g)
-            flats = [Flat(f"fp32 masters of group {g}", "fp32", masters[g], 1, runs)]
-            for key, t in _moments(state, f"{where}: state of group {g}"):
-                ref = _flat_ref(t, f"{where}: {key} of group {g}")
-                if ref.numel not in (part, part - int(tails[g])):
-                    raise WiscaError(f"{where}: {key} of group {g} has {ref.numel} elements, the partition {part}")
-                flats.append(Flat(f"{key} of group {g}", key, ref, -MOMENTS[key], runs))
-            steps += "step" in state
-            f.flats += flats
+            steps += _group_flats(f, where, f"group {g}", masters[g], base["state"].get(g), runs,
+                                  (part, part - int(tails[g])))
         extra = sorted(set(base["state"]) - set(range(len(groups))))
         if extra:
             raise WiscaError(f"{where}: optimizer state for group {extra[0]}, which param_shapes does not list")
     return steps
+
+
+def _group_flats(f: File, where: str, group: str, masters: TensorRef, state, runs: list[Run],
+                 sizes: tuple[int, ...]) -> int:
+    """One flat group's fp32 masters and Adam moments (each ``sizes`` elements long) as
+    ``Flat``s of ``f`` over the same runs; 1 if the group has a ``step`` (copied), else 0."""
+    f.flats.append(Flat(f"fp32 masters of {group}", "fp32", masters, 1, runs))
+    for key, t in _moments(state, f"{where}: state of {group}"):
+        ref = _flat_ref(t, f"{where}: {key} of {group}")
+        if ref.numel not in sizes:
+            raise WiscaError(f"{where}: {key} of {group} has {ref.numel} elements, the masters' partition {sizes[0]}")
+        f.flats.append(Flat(f"{key} of {group}", key, ref, -MOMENTS[key], runs))
+    return int("step" in state)
 
 
 def _check_slices(where: str, g: int, runs: list[Run], slices) -> None:
@@ -371,15 +377,7 @@ def _map_zero3(folder: Path, groups: list, optims: list[File], world: int) -> in
                 lo, hi = max(at, a), min(at + count, b)
                 if lo < hi:
                     runs.append(Run(name, lo - a, first + lo - at, hi - lo))
-            state = inner["state"].get(j)
-            f.flats.append(Flat(f"fp32 flat group {j}", "fp32", ref, 1, runs))
-            for key, t in _moments(state, f"{where}: state of sub-group {j}"):
-                mref = _flat_ref(t, f"{where}: {key} of sub-group {j}")
-                if mref.numel != ref.numel:
-                    raise WiscaError(f"{where}: {key} of sub-group {j} has {mref.numel} elements, the masters "
-                                     f"{ref.numel}")
-                f.flats.append(Flat(f"{key} of sub-group {j}", key, mref, -MOMENTS[key], runs))
-            steps += "step" in state
+            steps += _group_flats(f, where, f"sub-group {j}", ref, inner["state"].get(j), runs, (ref.numel,))
         extra = sorted(set(inner["state"]) - set(range(len(refs))))
         if extra:
             raise WiscaError(f"{where}: optimizer state for sub-group {extra[0]} without fp32 weights")
@@ -663,9 +661,7 @@ def weights_needed(src) -> bool:
 def write_weights(engine: Engine, path: Path) -> None:
     """``model.safetensors`` of the fp32 master weights, one parameter in memory at a time,
     gathered from every rank's partitions (each element must be found exactly once)."""
-    import json
-    import struct
-
+    from .checkpoint import TensorInfo, build_header
     from .fileio import pwrite_all
 
     places: dict[str, list[tuple[Path, int, int, int]]] = {n: [] for n in engine.shapes}
@@ -680,18 +676,16 @@ def write_weights(engine: Engine, path: Path) -> None:
             for run in flat.runs:
                 places[run.name].append((f.archive.path, rec.data + (flat.ref.offset + run.at) * size,
                                          run.first, run.count))
-    header, at = {}, 0
+    infos, at = {}, 0
     for name, shape in engine.shapes.items():
         n = math.prod(shape) * 4
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [at, at + n]}
+        infos[name] = TensorInfo(name, path.name, "F32", tuple(shape), at, n, at)
         at += n
-    body = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)
-    start = 8 + len(body)
+    header = build_header(list(infos.values()), {"format": "pt"})
     fds: dict[Path, int] = {}
     out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        pwrite_all(out, struct.pack("<Q", len(body)) + body, 0)
+        pwrite_all(out, header, 0)
         for name, shape in engine.shapes.items():
             numel = math.prod(shape)
             t = torch.empty(numel, dtype=torch.float32)
@@ -705,7 +699,7 @@ def write_weights(engine: Engine, path: Path) -> None:
                 found += count
             if found != numel:
                 raise WiscaError(f"{engine.folder}: the fp32 partitions hold {found} of {numel} elements of {name}")
-            pwrite_all(out, raw, start + header[name]["data_offsets"][0])
+            pwrite_all(out, raw, len(header) + infos[name].rel_start)
         os.fsync(out)
     finally:
         os.close(out)

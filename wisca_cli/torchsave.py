@@ -245,18 +245,10 @@ def _read(path: Path, mv: memoryview, classes: set) -> Archive:
             continue
         if e["method"] != 0 or e["size"] != e["csize"]:
             raise WiscaError(f"{where}: {name} is compressed; torch.save stores records uncompressed")
-        start = chunkbytes._data_start(mv, e)
-        crc_at = [e["crc_at"]]
-        if e["flags"] & 0x8:
-            at = start + e["size"]
-            if bytes(mv[at:at + 4]) == chunkbytes._DESCRIPTOR:
-                at += 4
-            crc_at.append(at)
-        else:
-            crc_at.append(e["local"] + 14)
+        start, crc_at = chunkbytes.record_span(mv, e)
         if start + e["size"] > len(mv):
             raise WiscaError(f"{where}: {name} runs past the end of the file (truncated?)")
-        records[name[len(root) + len("data/"):]] = Record(name, start, e["size"], tuple(crc_at))
+        records[name[len(root) + len("data/"):]] = Record(name, start, e["size"], crc_at)
     dtypes = {}
     for t in tensors(obj):
         rec = records.get(t.storage.key)
