@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO 1 and 2 and ZeRO 2's universal form, resumed by DeepSpeed itself through
+"""DeepSpeed ZeRO 1 and 2 (one rank and two) and ZeRO 2's universal form, resumed by DeepSpeed itself through
 transformers' Trainer (``deepspeed_checks``: the harness and the tests every case runs), and
 what wisca refuses in a DeepSpeed folder: exit 2, one line naming the file, nothing written.
 """
@@ -20,6 +20,7 @@ from deepspeed_checks import (DS_ENV, files, harness, make_case, test_deepspeed_
                               test_verify_and_inspect_take_the_folder)
 
 CASES = {   # name -> (ranks, harness flags); ZeRO 2 fp32 at one rank is the refusal tests' checkpoint
+    "zero1": (1, ["--stage", "1"]),
     "zero2-bf16": (1, ["--stage", "2", "--bf16"]),
     # Trainer's AdamW (two param groups); a parameter count that leaves the last rank's partition padded
     "zero1-2ranks-trainer-optimizer-padded": (2, ["--stage", "1", "--trainer-optim", "--odd"]),
@@ -94,6 +95,7 @@ class _RunsCode:
     ("stale-tag", "a DeepSpeed checkpoint beside the one `latest` names"),
     ("pipeline", "a DeepSpeed state file of a layout wisca does not know (pipeline or tensor parallel?)"),
     ("latest", "names 'global_step9', which is not a folder here"),
+    ("truncated", "zero_pp_rank_0_mp_rank_00_optim_states.pt: not a torch.save zip archive"),
 ])
 def test_a_state_wisca_cannot_map_is_refused(zero2, tmp_path, how, match):
     import shutil
@@ -106,6 +108,8 @@ def test_a_state_wisca_cannot_map_is_refused(zero2, tmp_path, how, match):
         "stale-tag": lambda f: shutil.copytree(f, f.parent / "global_step1"),
         "pipeline": lambda f: shutil.copy(f / "mp_rank_00_model_states.pt", f / "layer_01-model_states.pt"),
         "latest": lambda f: (f.parent / "latest").write_text("global_step9"),
+        "truncated": lambda f: os.truncate(f / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                           (f / "zero_pp_rank_0_mp_rank_00_optim_states.pt").stat().st_size // 2),
     }
     src = variant(zero2, tmp_path, edits[how])
     refused(src, tmp_path, match)

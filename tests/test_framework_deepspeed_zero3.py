@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO 3, resumed by DeepSpeed itself through transformers' Trainer: two ranks in
+"""DeepSpeed ZeRO 3, resumed by DeepSpeed itself through transformers' Trainer: one rank, two in
 bf16, a Mixtral saved without gathered weights (its fused experts are DeepSpeed's parameters;
 the weights are the engine's fp32 masters only), and ZeRO 3's universal form
 (``deepspeed_checks``: the harness and the tests every case runs)."""
@@ -13,6 +13,7 @@ from deepspeed_checks import (make_case, test_deepspeed_resumes_the_transformed_
                               test_verify_and_inspect_take_the_folder)
 
 CASES = {   # name -> (ranks, harness flags)
+    "zero3": (1, ["--stage", "3"]),
     "zero3-2ranks-bf16": (2, ["--stage", "3", "--bf16"]),
     # no model.safetensors: the weights are the engine's fp32 masters only; a Mixtral, whose experts
     # DeepSpeed holds fused as transformers 5 does in memory ([E, 2I, H], [E, H, I])
