@@ -48,19 +48,26 @@ def torch_reads_olmo_core_metadata() -> None:
     sys.modules[module]._StorageInfo = _StorageInfo
 
 
-def framework_python(name: str) -> str:
+def framework_python(name: str, requirements: str = "requirements.txt") -> str:
     """The Python of ``name``'s own environment where its pins disagree with the test
-    environment's (``tests/frameworks/<name>/requirements.txt``; torch pinned by a constraints
+    environment's (``tests/frameworks/<name>/<requirements>``; torch pinned by a constraints
     file, so no other build is fetched): built once, cached under $WISCA_TEST_ENVS or
     ~/.cache/wisca-test-envs, keyed by the requirements and this Python. Without such a file:
-    this environment's Python."""
+    this environment's Python.
+
+    A line ``# unpack: PKG==VERSION for PYTHON`` names a wheel published for another Python
+    only (megatron-core >= 0.17 says Python >= 3.12; this machine's CPU build of torch is for
+    3.11, and the 3.12 one would be the multi-GB CUDA build): its wheel for that Python is
+    unpacked into the environment without its compiled extensions, which the tests do not
+    import."""
     import fcntl
     import hashlib
 
-    req = FRAMEWORKS / name / "requirements.txt"
+    req = FRAMEWORKS / name / requirements
     if not req.is_file():
         return sys.executable
     key = hashlib.sha256(req.read_bytes() + sys.version.encode()).hexdigest()[:12]
+    name = f"{name}-{req.stem}" if requirements != "requirements.txt" else name
     base = Path(os.environ.get("WISCA_TEST_ENVS", Path.home() / ".cache" / "wisca-test-envs"))
     base.mkdir(parents=True, exist_ok=True)
     root, py = base / f"{name}-{key}", base / f"{name}-{key}" / "bin" / "python"
@@ -75,8 +82,27 @@ def framework_python(name: str) -> str:
                                   "-c", str(root / "constraints.txt"), "-r", str(req)],
                                  capture_output=True, text=True, timeout=1800)
             assert res.returncode == 0, f"building {root} failed: " + res.stderr[-3000:]
+            for line in req.read_text().splitlines():
+                if line.startswith("# unpack:"):
+                    _unpack_wheel(py, root, *line.removeprefix("# unpack:").split(" for "))
             (root / ".complete").write_text(req.read_text())
     return str(py)
+
+
+def _unpack_wheel(py: Path, root: Path, pin: str, python: str) -> None:
+    """Unpack ``pin``'s wheel for ``python`` into the environment at ``root`` (no ``.so`` files)."""
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        res = subprocess.run([str(py), "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
+                              "--only-binary=:all:", "--python-version", python.strip(), "-d", tmp, pin.strip()],
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, f"downloading {pin} failed: " + res.stderr[-3000:]
+        site = next(root.glob("lib/python*/site-packages"))
+        for wheel in Path(tmp).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(site, [n for n in z.namelist() if not n.endswith(".so")])
 
 
 def torchrun(nproc: int, *args, timeout: int = 420, python: str | None = None) -> subprocess.CompletedProcess:

@@ -201,9 +201,10 @@ def test_format_edge_cases(made, tmp_path):
     _edit_metadata(src, megatron_buckets)
     _refused(src, tmp_path, match="save with --dist-ckpt-optim-fully-reshardable")
 
-    # a .metadata that needs a framework's classes (Megatron-core's MCoreMetadata)
+    # a .metadata that needs a Megatron class wisca has no stand-in for (its MCoreMetadata lives elsewhere)
     (src / ".metadata").write_bytes(b"\x80\x04cmegatron.core.dist_checkpointing.metadata\nMCoreMetadata\n)\x81.")
-    _refused(src, tmp_path, match="a Megatron-core checkpoint's metadata (megatron.core.dist_checkpointing.metadata.MCoreMetadata)")
+    _refused(src, tmp_path, match="a Megatron-core checkpoint's metadata holds "
+                                  "megatron.core.dist_checkpointing.metadata.MCoreMetadata, a class wisca does not know")
     (src / ".metadata").write_bytes(b"not a pickle")
     _refused(src, tmp_path, match="not a torch.distributed.checkpoint metadata file")
 

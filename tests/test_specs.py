@@ -285,7 +285,7 @@ def test_framework_descriptions_rename_every_role_and_are_checked():
     from wisca_cli.framework import load_frameworks, optimizer_prefixes, shipped_frameworks
 
     shipped = shipped_frameworks()
-    assert set(shipped) == {"torchtitan", "olmo_core"}
+    assert set(shipped) == {"torchtitan", "olmo_core", "megatron"}
     llama = spec.shipped_specs()["llama"]
     titan = llama.adapted("torchtitan", shipped["torchtitan"].families["llama"])
     assert titan.layer_name(2, titan.layer_tensors["q"]) == "layers.2.attention.qkv_linear.wq.weight"
@@ -308,3 +308,25 @@ def test_framework_descriptions_rename_every_role_and_are_checked():
         edit(data)
         with pytest.raises(WiscaError, match=match):
             load_frameworks({"frameworks/torchtitan.json": data})
+    # Megatron-core: stacked layers, fused tensors standing for their parts, the state key first
+    mega = shipped["megatron"]
+    adapted = llama.adapted("megatron", mega.families["llama"])
+    assert set(adapted.layer_tensors) == {"attn_norm", "qkv", "o", "mlp_norm", "gate_up", "down"}
+    assert adapted.fused["qkv"].layout == "kv_groups" and mega.stacked_prefix("llama") == "decoder.layers."
+    assert mega.state_key == "first" and mega.state_powers["fp32_param"] == -1
+    cases = [
+        (lambda d: d["families"]["llama"]["layer_tensors"].pop("gate_up"),
+         r"megatron.json: families.llama must rename every layer tensor role of the spec \(missing: gate_up"),
+        (lambda d: d["families"]["llama"]["fused"]["qkv"].__setitem__("parts", ["q", "k"]),
+         r"layout kv_groups holds parts \[q, k, v\]"),
+        (lambda d: d["families"]["llama"].__setitem__("layer_prefix", "decoder.{layer}.layers."),
+         r"layer_prefix must end with \{layer\}\. \(stacked layers\)"),
+        (lambda d: d["state_powers"].__setitem__("param", 3), r"an integer power from -1 to 2"),
+        (lambda d: d["stand_ins"].__setitem__("x.Y", "Tensor"), r"stand_ins.x.Y must be one of"),
+        (lambda d: d.__setitem__("state_key", "middle"), r"state_key must be one of"),
+    ]
+    for edit, match in cases:
+        data = json.loads(json.dumps(files["frameworks/megatron.json"]))
+        edit(data)
+        with pytest.raises(WiscaError, match=match):
+            load_frameworks({"frameworks/megatron.json": data})

@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from . import chunkbytes
+from . import chunkbytes, megatron
 from .balance import apply_multiplier, apply_multiplier_, chunk_multiplier
 from .errors import WiscaError, reason
 from .fileio import copy_range as _copy_range, pwrite_all as _pwrite_all
@@ -64,7 +64,8 @@ def _dcp_folders() -> tuple[str, ...]:
 
 def is_dcp(path: str | os.PathLike) -> bool:
     p = Path(path)
-    return (p / METADATA).is_file() or any((p / sub / METADATA).is_file() for sub in _dcp_folders())
+    return ((p / METADATA).is_file() or any((p / sub / METADATA).is_file() for sub in _dcp_folders())
+            or (p / megatron.TRACKER).is_file())
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -86,9 +87,44 @@ class Entry:
         for idx in self.indices:
             yield idx, tuple(idx.offset or ()), self.folder.chunk_sizes.get(idx)
 
+    def chunk_size(self, idx) -> tuple[int, ...]:
+        return tuple(self.folder.chunk_sizes[idx])
+
+    def load(self, idx, raw: bytes | None = None) -> torch.Tensor:
+        """One chunk as a tensor (``raw``: its bytes, if already read)."""
+        return self.folder.load(idx, raw)
+
+    @property
+    def stored(self) -> str:
+        """The key this entry's chunks have in the checkpoint's metadata."""
+        return self.key
+
     @property
     def nbytes(self) -> int:
         return sum(self.folder.storage[i].length for i in self.indices)
+
+
+@dataclass
+class LayerView(Entry):
+    """Layer ``layer`` of a stacked tensor (Megatron-core: one tensor per role, a leading layer
+    axis, each layer its own chunks): a tensor of its own, named with the layer's prefix, whose
+    chunks are the stacked tensor's chunks at ``layer`` on axis 0 without that axis."""
+    base: Entry | None = None
+    layer: int = 0
+
+    def pieces(self):
+        for idx in self.indices:
+            yield idx, tuple(idx.offset[1:]), self.folder.chunk_sizes[idx][1:]
+
+    def chunk_size(self, idx) -> tuple[int, ...]:
+        return tuple(self.folder.chunk_sizes[idx][1:])
+
+    def load(self, idx, raw: bytes | None = None) -> torch.Tensor:
+        return self.folder.load(idx, raw)[0]
+
+    @property
+    def stored(self) -> str:
+        return self.base.key
 
 
 @dataclass
@@ -164,12 +200,17 @@ class Folder:
         self._files.clear()
 
 
-def _foreign_storage_info() -> set[tuple[str, str]]:
-    """(module, class) of the frameworks' own storage-info classes (``frameworks/*.json``)."""
+def _foreign_classes() -> dict[tuple[str, str], str]:
+    """(module, class) of the frameworks' own classes in a ``.metadata`` (``frameworks/*.json``:
+    storage-info classes, ``stand_ins``) -> the torch class each extends."""
     from .framework import shipped_frameworks
 
-    return {tuple(c.rsplit(".", 1)) for fw in shipped_frameworks().values() for c in fw.storage_info
-            if c != "torch.distributed.checkpoint.filesystem._StorageInfo"}
+    out = {}
+    for fw in shipped_frameworks().values():
+        out.update({tuple(c.rsplit(".", 1)): "_StorageInfo" for c in fw.storage_info
+                    if c != "torch.distributed.checkpoint.filesystem._StorageInfo"})
+        out.update({tuple(c.rsplit(".", 1)): base for c, base in fw.stand_ins.items()})
+    return out
 
 
 def _read_metadata(folder: Path):
@@ -182,7 +223,7 @@ def _read_metadata(folder: Path):
     try:
         with open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            md = load_dcp_metadata(f, str(path), _foreign_storage_info())
+            md = load_dcp_metadata(f, str(path), _foreign_classes())
     except OSError as e:
         raise WiscaError(f"{path}: cannot read: {e.strerror or e}") from e
     if not isinstance(md, Metadata):
@@ -283,6 +324,8 @@ class DcpCheckpoint:
     fused_moments: dict = field(default_factory=dict)
     beside: tuple = ()       # hidden files of the saved step its framework keeps (copied as they are)
     dropped: list = field(default_factory=list)     # optimizer entries left out (training_state "drop")
+    powers: dict = field(default_factory=lambda: dict(MOMENT_POWERS))   # state key -> p (entry / S**p)
+    skip: set = field(default_factory=set)          # folders beside the checkpoint's not to copy
 
     @property
     def tensors(self) -> dict:   # what api's helpers read: shapes by spec name
@@ -343,7 +386,7 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None,
     from .checkpoint import _load_json
 
     root = Path(src)
-    dropped_folders = []
+    dropped_folders, tracked = [], None
     if (root / TRAINER_MODEL / METADATA).is_file():          # HF Trainer / Accelerate FSDP
         folders = [open_folder(root / TRAINER_MODEL, TRAINER_MODEL)]
         if (root / TRAINER_OPTIM / METADATA).is_file():
@@ -353,26 +396,45 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None,
                 folders.append(open_folder(root / TRAINER_OPTIM, TRAINER_OPTIM))
     else:
         sub = next((d for d in _dcp_folders()[1:] if (root / d / METADATA).is_file()), None)
+        tracked = None if sub else megatron.iteration_folder(root)   # Megatron-LM's iter_N/ beside its tracker
+        sub = sub or tracked
         folders = [open_folder(root / sub, sub)] if sub else [open_folder(root, "")]
     cfg_path = _find_config(root, config)
     cfg = _load_json(cfg_path, "config.json")
+    from .framework import shipped_frameworks
+
+    stacked = None            # a framework storing layers stacked (Megatron-core)
+    if megatron.is_megatron(folders[0].path):
+        megatron.check_backend(folders[0].path)
+        stacked = shipped_frameworks()["megatron"]
     keys = [k for f in folders for k, e in f.entries.items() if e.is_tensor and not _optimizer_key(k)]
     # the tensor names say how MoE experts are stored: per expert, or fused in 3-D tensors
     base = layout_from_config(cfg, str(cfg_path), tensor_names=[_canonical(k) for k in keys])
+    if stacked is not None:
+        if base.spec.name not in stacked.families:
+            raise megatron.unsupported_family(root, base.spec.name, stacked.families)
+        for f in folders:
+            megatron.stack_layers(f, stacked.stacked_prefix(base.spec.name), base.layers, cfg_path)
+        keys = [k for f in folders for k, e in f.entries.items() if e.is_tensor and not _optimizer_key(k)]
     # the family's own (Hugging Face) names, or a framework's (frameworks/*.json)
-    from .framework import shipped_frameworks
-
     names = [_canonical(k) for k in keys]
     candidates = [(None, base, None)] + [
         (fw.name, layout_from_config(cfg, str(cfg_path), tensor_names=names,
                                      spec=base.spec.adapted(fw.name, fw.families[base.spec.name])), fw)
         for fw in shipped_frameworks().values() if base.spec.name in fw.families]
+    if stacked is not None:
+        candidates = [c for c in candidates if c[2] is stacked]
     for adapter, layout, framework in candidates:
         known = _known_names(layout)
         if any(_match(k, known) == layout.spec.embed for k in keys):
             break
     else:
+        if stacked is not None:
+            raise WiscaError(f"{root}: a Megatron-core checkpoint without {layout.spec.embed}; its tensors are "
+                             f"named like {keys[0] if keys else '(none)'!r}")
         raise WiscaError(_unrecognised(root, base, cfg_path, keys, [c[0] for c in candidates[1:]]))
+    first = framework is not None and framework.state_key == "first"
+    powers = {**MOMENT_POWERS, **(dict(framework.state_powers) if framework is not None else {})}
     weights = {}
     for f in folders:
         for key, e in f.entries.items():
@@ -388,10 +450,13 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None,
         for i in range(layout.layers):
             for f in framework.families[base.spec.name].fused_state.values():
                 fused[layout.spec.layer_name(i, f.name)] = (i, f)
-    moments, untouched, fused_moments = _account_state(folders, known, keys, fused)
+    moments, untouched, fused_moments = _account_state(folders, known, keys, fused, first, powers)
     ckpt = DcpCheckpoint(root, cfg, layout, folders, weights, moments, adapter, cfg_path, str(root),
                          untouched=untouched, dropped=dropped, fused_moments=fused_moments,
-                         beside=framework.beside if framework is not None else ())
+                         beside=framework.beside if framework is not None else (), powers=powers)
+    if tracked:   # only the tracker's iteration goes out, not the older ones beside it
+        ckpt.skip = {p.name for p in root.iterdir() if p.is_dir() and p.name != tracked
+                     and (p.name.startswith("iter_") or p.name == "release")}
     if layout.mxfp4_experts or layout.fp8_weights:
         kind = "MXFP4-quantised experts" if layout.mxfp4_experts else "FP8 block-quantised weights"
         raise WiscaError(f"{root}: {kind} in a torch.distributed checkpoint are not supported "
@@ -416,13 +481,18 @@ def _state_like(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in STATE_LIKE or any(m in key.lower() for m in MASTER_LIKE)
 
 
-def _state_key(key: str) -> tuple[str, str] | None:
-    """(parameter fqn, state key) of an optimizer state entry, else None."""
+def _state_key(key: str, first: bool = False) -> tuple[str, str] | None:
+    """(parameter fqn, state key) of an optimizer state entry, else None; ``first``: the
+    state key stands before the parameter (Megatron-core's ``state.exp_avg.<param>``)."""
     from .framework import optimizer_prefixes
 
     for prefix in optimizer_prefixes():
         if key.startswith(prefix + "state."):
-            fqn, _, moment = key[len(prefix) + len("state."):].rpartition(".")
+            rest = key[len(prefix) + len("state."):]
+            if first:
+                moment, _, fqn = rest.partition(".")
+            else:
+                fqn, _, moment = rest.rpartition(".")
             return fqn, moment
     return None
 
@@ -440,7 +510,8 @@ def _unrecognised(root: Path, base: Layout, cfg_path: Path, keys: list[str], fra
             f"description of (frameworks/*.json), or is {cfg_path} not this model's config?")
 
 
-def _account_state(folders: list[Folder], known: dict[str, str], model_keys: list[str], fused: dict):
+def _account_state(folders: list[Folder], known: dict[str, str], model_keys: list[str], fused: dict,
+                   first: bool = False, powers: dict | None = None):
     """Every entry that is or looks like training state, accounted for: (moments by spec
     name -> state key -> entry, [(state key, entry)] of model tensors outside the spec, which
     wisca never scales). Refuses (``WiscaError`` naming the entry) state that follows no
@@ -455,7 +526,7 @@ def _account_state(folders: list[Folder], known: dict[str, str], model_keys: lis
     for f in folders:
         for key, e in f.entries.items():
             where = f.path / METADATA
-            parsed = _state_key(key)
+            parsed = _state_key(key, first)
             if parsed is None:
                 if e.is_tensor and _optimizer_key(key) and ".param_groups." not in key:
                     raise WiscaError(f"{where}: {key}: optimizer state wisca cannot map to a parameter (not "
@@ -467,7 +538,7 @@ def _account_state(folders: list[Folder], known: dict[str, str], model_keys: lis
                 continue
             fqn, moment = parsed
             if not e.is_tensor:
-                if MOMENT_POWERS.get(moment) == 0:
+                if (powers or MOMENT_POWERS).get(moment) == 0:
                     continue                       # a step count stored as an object
                 raise WiscaError(f"{where}: {key}: optimizer state stored as a pickled object, not a tensor; "
                                  f"wisca cannot rescale it; nothing written")
@@ -669,13 +740,14 @@ def write_metadata(folder: Folder, out: Path, storage: dict) -> None:
     from .unpickle import dump
 
     md = copy.copy(folder.metadata)
+    kept = {e.stored for e in folder.entries.values()}   # a stacked tensor once, not per layer view
     # each piece's storage info in the source's class (a framework's own, e.g. OLMo-core's)
     md.storage_data = {idx: _same_class(folder.storage[idx], storage[idx]) for idx in folder.storage
-                       if idx.fqn in folder.entries}
-    if len(folder.entries) != len(md.state_dict_metadata):   # entries left out (training_state "drop")
-        md.state_dict_metadata = {k: v for k, v in md.state_dict_metadata.items() if k in folder.entries}
+                       if idx.fqn in kept}
+    if len(kept) != len(md.state_dict_metadata):   # entries left out (training_state "drop")
+        md.state_dict_metadata = {k: v for k, v in md.state_dict_metadata.items() if k in kept}
         if isinstance(md.planner_data, dict):
-            md.planner_data = {k: v for k, v in md.planner_data.items() if k in folder.entries}
+            md.planner_data = {k: v for k, v in md.planner_data.items() if k in kept}
     with open(out / METADATA, "wb") as f:
         dump(md, f)
         f.flush()
@@ -727,7 +799,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
                 continue
             raw = e.folder.read_raw(idx)
             writers[e.folder.rel].put_raw(idx, raw)
-            use(offsets, e.folder.load(idx, raw))
+            use(offsets, e.load(idx, raw))
         done.add(e.key)
         check_fault()
 
@@ -735,13 +807,13 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
         """(its bytes in ring memory, their slot, the tensor record or None)."""
         buf, slot = ring.take(e.folder.storage[idx].length)
         e.folder.read_into(idx, buf)
-        return buf, slot, chunkbytes.locate(buf, e.dtype, e.folder.chunk_sizes[idx])
+        return buf, slot, chunkbytes.locate(buf, e.dtype, e.chunk_size(idx))
 
     def chunk_tensor(e: Entry, idx, chunk: tuple) -> torch.Tensor:
         buf, _, rec = chunk
         if rec is None:
-            return e.folder.load(idx, bytes(buf))
-        return chunkbytes.view(buf, rec, e.dtype, e.folder.chunk_sizes[idx])
+            return e.load(idx, bytes(buf))
+        return chunkbytes.view(buf, rec, e.dtype, e.chunk_size(idx))
 
     def put_chunk(e: Entry, idx, chunk: tuple, new: torch.Tensor | None = None) -> None:
         """A chunk read by ``read_chunk``, as it was or (``new``) with these values."""
@@ -752,7 +824,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
             ring.release(slot)
             writers[e.folder.rel].put_tensor(idx, new)
         else:
-            view = chunkbytes.view(buf, rec, e.dtype, e.folder.chunk_sizes[idx])
+            view = chunkbytes.view(buf, rec, e.dtype, e.chunk_size(idx))
             if view.data_ptr() != new.data_ptr():
                 view.copy_(new)
             writers[e.folder.rel].put_region(idx, buf, slot, rec)
@@ -774,17 +846,17 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
     def state_entry(moment: str, e: Entry, mult) -> None:
         """One optimizer state entry of a parameter whose multiplier is ``mult`` (None: 1):
         copied (a key no rescaling changes, or S = 1) or divided by S**p, and counted."""
-        if MOMENT_POWERS.get(moment) == 0:
+        if ckpt.powers.get(moment) == 0:
             copy_entry(e)
             count(moment, "copied")
         elif mult is None or bool((mult == 1).all()):
             copy_entry(e)
             count(moment, "untouched")
-        elif moment not in MOMENT_POWERS:
+        elif moment not in ckpt.powers:
             raise WiscaError(f"{e.folder.path / METADATA}: {e.key}: optimizer state {moment!r} of a "
-                             f"rescaled parameter; wisca knows {', '.join(MOMENT_POWERS)}")
+                             f"rescaled parameter; wisca knows {', '.join(ckpt.powers)}")
         else:
-            scale_entry(e, mult, -MOMENT_POWERS[moment])
+            scale_entry(e, mult, -ckpt.powers[moment])
             count(moment, "scaled")
 
     def moments_of(name: str, mult) -> None:
@@ -798,7 +870,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
 
         assembled = {}   # one multiplier per fused parameter, for all its moments
         for fused, moment, e in ckpt.fused_moments.get(i, []):
-            if MOMENT_POWERS.get(moment) == 0:
+            if ckpt.powers.get(moment) == 0:
                 state_entry(moment, e, None)
                 continue
             want = (sum(shapes[p][0] for p in fused.parts), *shapes[fused.parts[0]][1:])
@@ -892,7 +964,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
 
         def head_blocks():
             if by_rows:
-                return ((offsets[0], head.folder.load(idx)) for idx, offsets, _ in ordered)
+                return ((offsets[0], head.load(idx)) for idx, offsets, _ in ordered)
             return iter([(0, read_full(head))])
 
         new, mults = {}, {}
@@ -983,7 +1055,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
             if j % size == rank:
                 copy_entry(e)
                 if e.key in outside:   # state of a tensor outside the spec: never scaled
-                    count(outside[e.key], "copied" if MOMENT_POWERS.get(outside[e.key]) == 0 else "untouched")
+                    count(outside[e.key], "copied" if ckpt.powers.get(outside[e.key]) == 0 else "untouched")
         for w in writers.values():
             w.close()
     finally:
@@ -1008,9 +1080,9 @@ def _slices(offsets, sizes) -> tuple[slice, ...]:
 def _assemble(e: Entry, raws: list[bytes]) -> torch.Tensor:
     """A whole tensor from its chunks (their bytes, or the chunks as tensors)."""
     def load(idx, raw):
-        return raw if isinstance(raw, torch.Tensor) else e.folder.load(idx, raw)
+        return raw if isinstance(raw, torch.Tensor) else e.load(idx, raw)
 
-    if len(e.indices) == 1 and tuple(e.folder.chunk_sizes[e.indices[0]]) == e.size:
+    if len(e.indices) == 1 and tuple(e.chunk_size(e.indices[0])) == e.size:
         return load(e.indices[0], raws[0])
     out = torch.empty(e.size, dtype=e.dtype)
     covered = 0

@@ -147,8 +147,8 @@ def _copy_beside(ckpt, tmp: Path) -> None:
         copy_other_files(folder.path, tmp / folder.rel, skip=data | {RECORD_NAME, SCALES_NAME} | (
             subs if not folder.rel else set()))
     dropped = {d.rstrip("/") for d in ckpt.dropped if d.endswith("/")}   # Trainer's optimizer_0/
-    if subs or dropped:   # Trainer's checkpoint-N/: its own files beside the DCP folders
-        copy_other_files(ckpt.root, tmp, skip=subs | dropped | {RECORD_NAME, SCALES_NAME})
+    if subs or dropped:   # Trainer's checkpoint-N/, Megatron's tracker: the files beside the DCP folders
+        copy_other_files(ckpt.root, tmp, skip=subs | dropped | ckpt.skip | {RECORD_NAME, SCALES_NAME})
     for name in ckpt.beside:   # a framework's hidden files beside its DCP folder (OLMo-core's .metadata.json)
         if (ckpt.root / name).is_file():
             shutil.copyfile(ckpt.root / name, tmp / name)
@@ -414,7 +414,7 @@ def _row_pairs(ea, eb):
     pa, pb = sorted(ea.pieces(), key=lambda p: p[1]), sorted(eb.pieces(), key=lambda p: p[1])
     if _row_blocks(ea) and _row_blocks(eb) and [p[1:] for p in pa] == [p[1:] for p in pb]:
         for (ia, offsets, _), (ib, _, _) in zip(pa, pb):
-            yield offsets[0], ea.folder.load(ia), eb.folder.load(ib)
+            yield offsets[0], ea.load(ia), eb.load(ib)
     else:
         yield 0, read_full(ea), read_full(eb)
 

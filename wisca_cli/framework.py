@@ -15,6 +15,18 @@ Each framework is one small JSON file in ``frameworks/``, checked like the famil
   ``fused_state``: a parameter the framework holds fused in memory while its checkpoint holds
   the weights split (torchtitan's ``wqkv``, whose optimizer moments stay fused), with the
   roles it holds and their row layout;
+- ``stand_ins``: its other classes a ``.metadata`` pickles, and the torch class each extends
+  (megatron-core 0.15's ``MCoreMetadata`` and ``MCoreSavePlan``);
+- ``layers``: ``separate`` (a tensor per layer, the layer index in its name) or ``stacked``
+  (Megatron-core: one tensor per role with a leading layer axis, each layer one chunk, its
+  name the layer prefix without ``{layer}``; wisca sees layer l's chunks as the tensor
+  ``<prefix with l>.<name>``); a family's ``fused``: tensors the framework stores fused
+  (Megatron's ``linear_qkv`` rows per kv group, ``linear_fc1`` gate then up);
+- ``state_key``: where the state key stands in an optimizer entry's name:
+  ``<prefix>state.<parameter>.<key>`` (``last``, torch's) or ``<prefix>state.<key>.<parameter>``
+  (``first``, Megatron-core's); ``state_powers``: the framework's own state keys and how each
+  follows a parameter rescaled by S: ``p`` in entry / S**p (-1 for its fp32 master weights:
+  times S, like the weight);
 - ``tested``: the release whose own loader reads wisca's output back in the tests.
 
 Nothing here reads tensors or files of a checkpoint.
@@ -33,6 +45,12 @@ from .spec import (FUSABLE_PARTS, MLP_ROLES, FusedExperts, NameAdapter, _bad, _b
                    _no_entries, _section, _Section, _spec_field, _str_list, _string, package_json)
 
 FUSED_LAYOUTS = ("kv_groups",)   # rows [kv heads, R + 2, head dim]: the group's R q heads, its k, its v
+
+
+def _power(value, where, path, partial):
+    if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value <= 2:
+        raise _bad(where, path, "an integer power from -1 to 2", value)
+    return value
 
 
 def _prefix(value, where, path, partial):
@@ -79,6 +97,16 @@ class Framework(_Section):
     beside: tuple[str, ...] = _spec_field(_str_list(), ())
     storage_info: tuple[str, ...] = _spec_field(_str_list(nonempty=True),
                                                 ("torch.distributed.checkpoint.filesystem._StorageInfo",))
+    # a framework's own classes in ``.metadata`` beyond storage info -> the torch class each
+    # extends (megatron-core 0.15's MCoreMetadata: Metadata), read and written as stand-ins
+    stand_ins: Mapping[str, str] = _spec_field(_mapping(_choice("Metadata", "SavePlan")), factory=_no_entries)
+    layers: str = _spec_field(_choice("separate", "stacked"), "separate")
+    state_key: str = _spec_field(_choice("last", "first"), "last")
+    state_powers: Mapping[str, int] = _spec_field(_mapping(_power), factory=_no_entries)
+
+    def stacked_prefix(self, family: str) -> str:
+        """The stored name's prefix of a stacked layer tensor (``decoder.layers.``)."""
+        return self.families[family].layer_prefix.replace("{layer}.", "")
 
     def check(self, where: str, label: str) -> None:
         if not self.optimizer_prefix:
@@ -90,6 +118,12 @@ class Framework(_Section):
             if family not in specs:
                 raise WiscaError(f"{where}: families.{family}: no such family spec")
             roles, renamed = set(specs[family].layer_tensors), set(names.layer_tensors)
+            if names.fused is not None:   # the framework's fused tensors stand for their parts
+                parts = {p for f in names.fused.values() for p in f.parts}
+                roles = (roles - parts - set(specs[family].fused)) | set(names.fused)
+            if self.layers == "stacked" and not names.layer_prefix.endswith("{layer}."):
+                raise WiscaError(f"{where}: families.{family}.layer_prefix must end with {{layer}}. "
+                                 f"(stacked layers)")
             if roles != renamed:
                 raise WiscaError(f"{where}: families.{family} must rename every layer tensor role of the spec "
                                  f"(missing: {', '.join(sorted(roles - renamed)) or '-'}; unknown: "

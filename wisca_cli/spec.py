@@ -404,7 +404,12 @@ class FinalSpec(_Section):
 @dataclass(frozen=True)
 class FusedSpec(_Section):
     parts: tuple[str, ...] = _spec_field(_str_list(FUSABLE_PARTS, nonempty=True))
-    layout: str = _spec_field(_choice("concat", "heads"), "concat")  # heads: per head [q d, k d, v d]
+    # heads: per head [q d, k d, v d]; kv_groups: per kv head, its R query heads, then k, then v
+    layout: str = _spec_field(_choice("concat", "heads", "kv_groups"), "concat")
+
+    def check(self, where: str, label: str) -> None:
+        if self.layout in ("heads", "kv_groups") and self.parts != ("q", "k", "v"):
+            raise WiscaError(f"{where}: {label}: layout {self.layout} holds parts [q, k, v], got {list(self.parts)}")
 
 
 @dataclass(frozen=True)
@@ -435,6 +440,10 @@ class NameAdapter(_Section):
     layer_prefix: str = _spec_field(_string)
     layer_tensors: Mapping[str, str] = _spec_field(_mapping(_string))   # role -> its name there
     rotary: str | None = _spec_field(_choice("half", "interleaved"), None)   # None: the family's
+    # tensors the framework stores fused where the family keeps them apart (Megatron's
+    # linear_qkv and linear_fc1): fused role -> parts and row layout; they replace the parts
+    # in ``layer_tensors`` (None: the family's own fused tensors)
+    fused: Mapping[str, FusedSpec] | None = _spec_field(_mapping(_section(FusedSpec)), None)
 
     def check(self, where: str, label: str) -> None:
         if "{layer}" not in self.layer_prefix:
@@ -515,9 +524,10 @@ class ArchSpec(_Section):
             self = replace(self, moe=replace(self.moe, router=moe_names.router, fused_router=None,
                                              fused_experts=moe_names.fused_experts,
                                              expert_tensors=MappingProxyType({})))
+        fused = self.fused if a.fused is None else MappingProxyType(dict(a.fused))
         return replace(self, name=f"{self.name}+{name}", embed=a.embed, final_norm=a.final_norm,
                        lm_head=a.lm_head, layer_prefix=a.layer_prefix, attention=attention,
-                       layer_tensors=MappingProxyType(dict(a.layer_tensors)))
+                       layer_tensors=MappingProxyType(dict(a.layer_tensors)), fused=fused)
 
     def memory_name(self, name: str) -> str:
         """A saved tensor name as transformers 5 names it in memory (``memory_renames``)."""
@@ -825,9 +835,16 @@ class Layout:
         """part -> positions (along the output axis) of that part inside a fused tensor.
 
         ``concat``: parts one after the other (Phi-3 qkv_proj, gate_up_proj, GPT-2 c_attn);
-        ``heads``: per head [q d | k d | v d] (GPT-NeoX query_key_value)."""
+        ``heads``: per head [q d | k d | v d] (GPT-NeoX query_key_value);
+        ``kv_groups``: per kv head [its R query heads | k | v] (Megatron's linear_qkv)."""
         info = self.spec.fused[fused_role]
         sizes = [self.part_size(p) for p in info.parts]
+        if info.layout == "kv_groups":
+            d, r = self.head_dim, self.heads // self.kv_heads
+            group = torch.arange(self.kv_heads)[:, None] * ((r + 2) * d)
+            return {"q": (group + torch.arange(r * d)[None, :]).reshape(-1),
+                    "k": (group + r * d + torch.arange(d)[None, :]).reshape(-1),
+                    "v": (group + (r + 1) * d + torch.arange(d)[None, :]).reshape(-1)}
         if info.layout == "heads":
             d, n = self.head_dim, len(sizes)
             heads = torch.arange(self.heads)[:, None] * (n * d)

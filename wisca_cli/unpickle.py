@@ -7,11 +7,12 @@ goes through one of two doors:
   DCP chunks): torch's own allow-list of tensors and containers;
 - ``load`` here for the plain pickles a format keeps beside its tensors (DCP's
   ``.metadata``): an unpickler whose ``find_class`` admits exactly the classes that format
-  names (``DCP_METADATA``) and refuses any other global, so no callable outside the list can
-  be reached. A class of a framework that need not be installed (OLMo-core's storage-info
-  class) is read into a stand-in (``StandIn``) that remembers its module and name, and
-  ``dump`` writes it back under that module and name, so the framework's own loader reads
-  the output as it read the source.
+  names (``_dcp_metadata_allowed``) and refuses any other global, so no callable outside the
+  list can be reached. A class of a framework that need not be installed (OLMo-core's
+  storage-info class, megatron-core 0.15's ``MCoreMetadata`` and ``MCoreSavePlan``) is read
+  into a stand-in: a subclass of the torch class it extends that remembers the framework's
+  module and name, and ``dump`` writes it back under that module and name, so the
+  framework's own loader reads the output as it read the source.
 
 Pure: no torch at import, no files (``load`` and ``dump`` take open files).
 """
@@ -41,6 +42,9 @@ def _dcp_metadata_allowed() -> dict[tuple[str, str], Callable[[], object]]:
                for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
                          "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")}
     allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = fs("_StorageInfo")
+    for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"):   # all_local_plans (Megatron)
+        allowed[("torch.distributed.checkpoint.planner", name)] = \
+            (lambda n: lambda: getattr(importlib.import_module("torch.distributed.checkpoint.planner"), n))(name)
     allowed[("torch.serialization", "_get_layout")] = \
         lambda: importlib.import_module("torch.serialization")._get_layout
     allowed[("torch", "Size")] = lambda: importlib.import_module("torch").Size
@@ -52,14 +56,20 @@ def _dcp_metadata_allowed() -> dict[tuple[str, str], Callable[[], object]]:
     return allowed
 
 
-def _stand_in(module: str, name: str) -> type:
-    """A subclass of torch's ``_StorageInfo`` that pickles as ``module.name``."""
+# the torch classes a framework's own class may extend -> where torch keeps them
+STAND_IN_BASES = {"_StorageInfo": "torch.distributed.checkpoint.filesystem",
+                  "Metadata": "torch.distributed.checkpoint.metadata",
+                  "SavePlan": "torch.distributed.checkpoint.planner"}
+
+
+def _stand_in(module: str, name: str, base: str = "_StorageInfo") -> type:
+    """A subclass of torch's ``base`` (``STAND_IN_BASES``) that pickles as ``module.name``."""
     key = (module, name)
     if key not in _STAND_INS:
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
-
-        _STAND_INS[key] = type(name, (_StorageInfo,), {"__module__": module, "__qualname__": name,
-                                                        "__slots__": (), "foreign": key})
+        parent = getattr(importlib.import_module(STAND_IN_BASES[base]), base)
+        extra = {"__slots__": ()} if base == "_StorageInfo" else {}
+        _STAND_INS[key] = type(name, (parent,), {"__module__": module, "__qualname__": name,
+                                                 "foreign": key, **extra})
     return _STAND_INS[key]
 
 
@@ -75,7 +85,7 @@ def _is_dtype(module: str, name: str) -> bool:
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, allowed: dict, foreign: set):
+    def __init__(self, file, allowed: dict, foreign: dict):
         super().__init__(file)
         self.allowed, self.foreign, self.stand_ins = allowed, foreign, set()
 
@@ -88,24 +98,24 @@ class _Unpickler(pickle.Unpickler):
             return getattr(torch, name)
         if (module, name) in self.foreign:
             self.stand_ins.add((module, name))
-            return _stand_in(module, name)
+            return _stand_in(module, name, self.foreign[(module, name)])
         raise Refused(f"{module}.{name}")
 
     def persistent_load(self, pid):
         raise Refused("a persistent id")
 
 
-def load_dcp_metadata(f, where: str, foreign: set[tuple[str, str]] = frozenset()):
+def load_dcp_metadata(f, where: str, foreign: dict[tuple[str, str], str] | None = None):
     """The ``Metadata`` pickled in an open ``.metadata`` file; ``WiscaError`` naming the file
     for any global outside torch DCP's classes and ``foreign`` ((module, name) of frameworks'
-    storage-info classes, which have the fields of torch's: read into stand-ins)."""
-    u = _Unpickler(f, _dcp_metadata_allowed(), set(foreign))
+    own classes -> the torch class each extends: read into stand-ins)."""
+    u = _Unpickler(f, _dcp_metadata_allowed(), dict(foreign or {}))
     try:
         return u.load()
     except Refused as e:
         if str(e).startswith("megatron."):
-            raise WiscaError(f"{where}: a Megatron-core checkpoint's metadata ({e}), which wisca does not "
-                             f"read yet") from None
+            raise WiscaError(f"{where}: a Megatron-core checkpoint's metadata holds {e}, a class wisca does "
+                             f"not know (frameworks/megatron.json names the ones it reads)") from None
         raise WiscaError(f"{where}: refused to unpickle {e}: not one of the classes a torch.distributed "
                          f"checkpoint's metadata holds (wisca runs no code from a checkpoint)") from None
     except Exception as e:   # noqa: BLE001 - any unpickling error of a damaged file
