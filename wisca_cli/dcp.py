@@ -283,6 +283,37 @@ def open_folder(path: Path, rel: str) -> Folder:
     return folder
 
 
+def stack_layers(folder, prefix: str, layers: int, config_path: Path) -> None:
+    """Replace each stacked tensor of ``folder`` (an entry whose name holds ``prefix`` at a
+    segment boundary, not followed by a layer number) by one ``LayerView`` per layer.
+    Refuses a stacked tensor whose layer axis disagrees with the config, and chunks that
+    span several layers."""
+    where = folder.path / METADATA
+    for key, e in list(folder.entries.items()):
+        at = key.find(prefix)
+        if at < 0 or (at > 0 and key[at - 1] != "."):
+            continue
+        head, tail = key[:at], key[at + len(prefix):]
+        if tail.split(".", 1)[0].isdigit():
+            continue                         # a layer's own tensor, not stacked
+        if not e.is_tensor:
+            continue                         # per-layer objects (_extra_state/shard_*): copied as they are
+        if not e.size or e.size[0] != layers:
+            raise WiscaError(f"{where}: {key}: a Megatron-core tensor of {e.size[0] if e.size else 0} stacked layers, "
+                             f"but {config_path} says num_hidden_layers={layers}; is it this model's config?")
+        by_layer: dict[int, list] = {}
+        for idx in e.indices:
+            if e.folder.chunk_sizes[idx][0] != 1:
+                raise WiscaError(f"{where}: {key}: a chunk spans {e.folder.chunk_sizes[idx][0]} layers; "
+                                 f"wisca reads Megatron-core's stacked tensors a layer per chunk")
+            by_layer.setdefault(idx.offset[0], []).append(idx)
+        del folder.entries[key]
+        for layer in range(layers):
+            name = f"{head}{prefix}{layer}.{tail}"
+            folder.entries[name] = LayerView(name, folder, by_layer.get(layer, []), e.dtype, tuple(e.size[1:]),
+                                             base=e, layer=layer)
+
+
 def read_full(entry: Entry) -> torch.Tensor:
     """A whole tensor from its chunks."""
     return _assemble(entry, [entry.folder.read_raw(idx) for idx in entry.indices])
@@ -414,7 +445,7 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None,
         if base.spec.name not in stacked.families:
             raise megatron.unsupported_family(root, base.spec.name, stacked.families)
         for f in folders:
-            megatron.stack_layers(f, stacked.stacked_prefix(base.spec.name), base.layers, cfg_path)
+            stack_layers(f, stacked.stacked_prefix(base.spec.name), base.layers, cfg_path)
         keys = [k for f in folders for k, e in f.entries.items() if e.is_tensor and not _optimizer_key(k)]
     # the family's own (Hugging Face) names, or a framework's (frameworks/*.json)
     names = [_canonical(k) for k in keys]
@@ -807,7 +838,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
         """(its bytes in ring memory, their slot, the tensor record or None)."""
         buf, slot = ring.take(e.folder.storage[idx].length)
         e.folder.read_into(idx, buf)
-        return buf, slot, chunkbytes.locate(buf, e.dtype, e.chunk_size(idx))
+        return buf, slot, chunkbytes.locate(buf, e.dtype, e.folder.chunk_sizes[idx])   # the shape as stored
 
     def chunk_tensor(e: Entry, idx, chunk: tuple) -> torch.Tensor:
         buf, _, rec = chunk
@@ -822,7 +853,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
             writers[e.folder.rel].put_region(idx, buf, slot)
         elif rec is None:
             ring.release(slot)
-            writers[e.folder.rel].put_tensor(idx, new)
+            writers[e.folder.rel].put_tensor(idx, new.reshape(e.folder.chunk_sizes[idx]))   # as stored
         else:
             view = chunkbytes.view(buf, rec, e.dtype, e.chunk_size(idx))
             if view.data_ptr() != new.data_ptr():
@@ -976,7 +1007,7 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
             e = ckpt.weights[names[role]]
             if role in new:
                 for idx, offsets, sizes in e.pieces():
-                    writers[e.folder.rel].put_tensor(idx, new[role][_slices(offsets, sizes)])
+                    writers[e.folder.rel].put_tensor(idx, new[role][_slices(offsets, sizes)].reshape(e.folder.chunk_sizes[idx]))
                 done.add(e.key)
             else:
                 copy_entry(e)

@@ -75,39 +75,6 @@ def check_backend(folder: Path) -> None:
                          f"wisca reads torch_dist (save with --ckpt-format torch_dist)")
 
 
-def stack_layers(folder, prefix: str, layers: int, config_path: Path) -> None:
-    """Replace each stacked tensor of ``folder`` (an entry whose name holds ``prefix`` at a
-    segment boundary, not followed by a layer number) by one ``LayerView`` per layer.
-    Refuses a stacked tensor whose layer axis disagrees with the config, and chunks that
-    span several layers."""
-    from .dcp import METADATA, LayerView
-
-    where = folder.path / METADATA
-    for key, e in list(folder.entries.items()):
-        at = key.find(prefix)
-        if at < 0 or (at > 0 and key[at - 1] != "."):
-            continue
-        head, tail = key[:at], key[at + len(prefix):]
-        if tail.split(".", 1)[0].isdigit():
-            continue                         # a layer's own tensor, not stacked
-        if not e.is_tensor:
-            continue                         # per-layer objects (_extra_state/shard_*): copied as they are
-        if not e.size or e.size[0] != layers:
-            raise WiscaError(f"{where}: {key}: {e.size[0] if e.size else 0} stacked layers, but {config_path} "
-                             f"says num_hidden_layers={layers}; is it this model's config?")
-        by_layer: dict[int, list] = {}
-        for idx in e.indices:
-            if e.folder.chunk_sizes[idx][0] != 1:
-                raise WiscaError(f"{where}: {key}: a chunk spans {e.folder.chunk_sizes[idx][0]} layers; "
-                                 f"wisca reads Megatron's stacked tensors a layer per chunk")
-            by_layer.setdefault(idx.offset[0], []).append(idx)
-        del folder.entries[key]
-        for layer in range(layers):
-            name = f"{head}{prefix}{layer}.{tail}"
-            folder.entries[name] = LayerView(name, folder, by_layer.get(layer, []), e.dtype, tuple(e.size[1:]),
-                                             base=e, layer=layer)
-
-
 def unsupported_family(root: Path, family: str, covered) -> WiscaError:
     return WiscaError(f"{root}: a Megatron-core checkpoint of a {family} model; wisca's Megatron description "
                       f"(frameworks/megatron.json) covers {', '.join(sorted(covered))}")
