@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SAMPLE, dcp_llama, make_config, synthetic_llama, unbalance
+from conftest import REPO, SAMPLE, dcp_llama, make_config, synthetic_llama, unbalance
 
 from wisca_cli.cli import app, run
 
@@ -154,6 +154,19 @@ def _deepspeed_checkpoint(run_dir: Path) -> Path:
     return run_dir / "checkpoint-3"
 
 
+def _megatron_checkpoint(root: Path) -> Path:
+    """Megatron-LM's save folder in megatron-core's torch_dist form (stacked layers, fp32 masters
+    and moments; the benchmark's generator, ``benchmarks/megatron.py``), with config.json."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks.bench import Shape
+        from benchmarks.megatron import make
+    finally:
+        sys.path.remove(str(REPO))
+    make(root, Shape(layers=2, hidden=64, intermediate=96, heads=4, kv_heads=2, vocab=128, dtype="bf16"))
+    return root
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Every input kind, built once: name -> path (or hub repo id, resolved offline from a
@@ -191,9 +204,10 @@ def _build_inputs(root: Path) -> dict[str, str]:
     k["dcp"] = str(dcp_llama(root / "dcp"))                               # torch.distributed checkpoint
     k["dcpcfg"] = str(root / "dcp" / "config.json")
     k["deepspeed"] = str(_deepspeed_checkpoint(root / "ds"))             # DeepSpeed ZeRO 3, weights in the engine only
+    k["megatron"] = str(_megatron_checkpoint(root / "megatron"))          # Megatron-LM's save folder (tracker + iter_N/)
     # transformed outputs, for verify / inspect / undo
     for name, extra in (("sample", ()), ("sharded", ()), ("trainer", ()), ("adapter", ("--base", k["base"])),
-                        ("dcp", ()), ("deepspeed", ())):
+                        ("dcp", ()), ("deepspeed", ()), ("megatron", ())):
         dst = root / f"{name}-T"
         res = run_pipe(["transform", k[name], dst, "--json", *extra])
         assert res.code == 0, res
@@ -210,7 +224,7 @@ def _build_inputs(root: Path) -> dict[str, str]:
 # -- the cases -----------------------------------------------------------------------------------------
 # per command: option -> valid uses (extra argv; the placeholders {ids}, {base}, {dst} and {root} are
 # filled in); and option -> invalid uses (each must exit 2 with one line).
-MODEL_INPUTS = ("sample", "fp32", "sharded", "trainer", "hub", "dcp", "deepspeed")
+MODEL_INPUTS = ("sample", "fp32", "sharded", "trainer", "hub", "dcp", "deepspeed", "megatron")
 PROBE_AND_TOLERANCE = {    # transform and verify share these
         "probe_batch": [["--probe-batch", "3"]],
         "probe_len": [["--probe-len", "8"]],
@@ -289,9 +303,10 @@ INVALID = {
 INPUTS = {
     "transform": (*MODEL_INPUTS, "adapter", "sample-T", "dcp-T"),
     "verify": (("sample", "sample-T"), ("sharded", "sharded-T"), ("trainer", "trainer-T"), ("hub", "sample-T"),
-               ("adapter", "adapter-T"), ("sample", "sample-Tc"), ("dcp", "dcp-T"), ("deepspeed", "deepspeed-T")),
-    "inspect": (*MODEL_INPUTS, "adapter", "sample-T", "adapter-T", "dcp-T", "deepspeed-T"),
-    "undo": ("sample-T", "sharded-T", "trainer-T", "adapter-T", "dcp-T", "deepspeed-T"),
+               ("adapter", "adapter-T"), ("sample", "sample-Tc"), ("dcp", "dcp-T"), ("deepspeed", "deepspeed-T"),
+               ("megatron", "megatron-T")),
+    "inspect": (*MODEL_INPUTS, "adapter", "sample-T", "adapter-T", "dcp-T", "deepspeed-T", "megatron-T"),
+    "undo": ("sample-T", "sharded-T", "trainer-T", "adapter-T", "dcp-T", "deepspeed-T", "megatron-T"),
 }
 
 
@@ -303,7 +318,7 @@ def expected_code(command: str, option: str | None, args: list[str], src: str | 
     if option == "base":
         return 0 if first == "adapter" else 2         # --base belongs to adapters
     if option == "config":   # --config belongs to torch.distributed checkpoints and weightless DeepSpeed folders
-        return 0 if first.startswith("dcp") or first == "deepspeed" else 2
+        return 0 if first.startswith(("dcp", "megatron")) or first == "deepspeed" else 2
     if command == "verify" and src == ("sample", "sample-Tc") and args[:2] == ["--mode", "exact"]:
         return 1                                      # continuous scales round: not bit-identical
     return 0
@@ -312,7 +327,8 @@ def expected_code(command: str, option: str | None, args: list[str], src: str | 
 def _fill(args: list[str], k: dict, dst: str, src: str | tuple = "") -> list[str]:
     """The placeholders filled in; ``{cfg}`` is the config.json of the input it goes with."""
     first = src[0] if isinstance(src, tuple) else src
-    cfg = str(Path(k["deepspeed"]) / "config.json") if first == "deepspeed" else k["dcpcfg"]
+    cfg = str(Path(k[first.removesuffix("-T")]) / "config.json") if first.startswith(("deepspeed", "megatron")) \
+        else k["dcpcfg"]
     return [a.format(ids=k["ids"], base=k["base"], root=k["root"], dst=dst, cfg=cfg) for a in args]
 
 
