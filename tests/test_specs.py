@@ -266,6 +266,21 @@ def test_llama4_layers_as_transformers_fills_the_config_in(extra):
     assert lay.rope_theta == hf.rope_parameters["rope_theta"] and lay.eps == hf.rms_norm_eps
 
 
+def test_a_config_key_under_another_name_of_transformers():
+    """Qwen3-MoE configs of transformers 4 (the hub's) say num_experts, transformers 5's
+    num_local_experts (its attribute_map): both read the same, and transformers agrees."""
+    from transformers import Qwen3MoeConfig
+
+    base = {"model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 2,
+            "vocab_size": 128, "num_experts_per_tok": 2}
+    for key in ("num_experts", "num_local_experts"):
+        cfg = {**base, key: 6}
+        assert spec.layout_from_config(cfg).experts == 6 == Qwen3MoeConfig(**{key: 6}).num_local_experts
+    with pytest.raises(WiscaError, match="num_local_experts"):
+        spec.layout_from_config(base)
+
+
 def test_multimodal_llama4_is_refused_in_one_line():
     with pytest.raises(WiscaError) as e:
         spec.layout_from_config({"model_type": "llama4", "text_config": LLAMA4})

@@ -472,6 +472,10 @@ class ArchSpec(_Section):
     config_keys: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)  # canonical -> family key
     # config key -> the value transformers' config class gives it when config.json leaves it out
     config_defaults: Mapping[str, Any] = _spec_field(_mapping(_scalar), factory=_no_entries)
+    # config key -> the other names config.json files give it (transformers' ``attribute_map``:
+    # a Qwen3-MoE config of transformers 4 says num_experts, transformers 5 num_local_experts)
+    config_aliases: Mapping[str, tuple[str, ...]] = _spec_field(_mapping(_str_list(nonempty=True)),
+                                                                factory=_no_entries)
     linear: str = _spec_field(_choice("linear", "conv1d"), "linear")  # conv1d (GPT-2): W[in, out]
     fused: Mapping[str, FusedSpec] = _spec_field(_mapping(_section(FusedSpec)), factory=_no_entries)
     block: BlockSpec = _spec_field(_section(BlockSpec), factory=BlockSpec)
@@ -955,6 +959,11 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
             raise WiscaError(f"{where}: {key}={json.dumps(config[key])} is not supported for {spec.name}: {why}")
     fp8_block = _fp8_block(fp8_quant, spec.fp8, where) if is_fp8 else None
     config = {**spec.config_defaults, **config}   # what transformers' config class fills in
+    for key, aliases in spec.config_aliases.items():
+        if key not in config:
+            found = next((a for a in aliases if a in config), None)
+            if found is not None:
+                config = {**config, key: config[found]}
     # a family's own key names (GPT-2's n_embd, ...) under the canonical ones
     config = {**config, **{canon: config[key] for canon, key in spec.config_keys.items()
                            if config.get(key) is not None}}

@@ -7,6 +7,11 @@ them back (resume), replaying what Megatron-LM's ``training.get_model``,
 
   model      GPTModel(get_gpt_layer_local_spec()) [-> Float16Module if bf16]
              -> megatron DistributedDataParallel (Megatron-LM always wraps)
+             --moe sequential: get_gpt_layer_local_spec(num_experts=4, ...): every MLP
+             is a MoELayer (TopKRouter top-2, SequentialMLP experts of width 48,
+             allgather dispatcher, dropless, no aux loss), EP 1, TP 1 only;
+             --moe grouped (moe_grouped_gemm) stops with megatron's reason: no
+             grouped-GEMM experts without TE (0.19) / the grouped_gemm package (0.15)
   optimizer  get_megatron_optimizer(OptimizerConfig(optimizer="adam", ...)):
              FP32Optimizer (adam), Float16OptimizerWithFloat16Params (bf16),
              DistributedOptimizer (dist, dist-dp; bf16 params + fp32 masters);
@@ -40,7 +45,8 @@ Run (world size = tp, except dist-dp = tp 1 x dp 2):
 (use the same --seed for make and resume: it also picks the training batch).
 
 make writes DIR/ckpt/iter_0000003 (+ latest_checkpointed_iteration.txt),
-DIR/config.json (HF Llama / Qwen3 config), DIR/probe.pt {"ids", "logits"},
+DIR/config.json (HF Llama / Qwen3 config; --moe: Mixtral / Qwen3Moe with
+norm_topk_prob true), DIR/probe.pt {"ids", "logits"},
 DIR/keys.txt (on-disk layout), DIR/unbalance_multipliers.pt {param: M, W' = M*W}
 and DIR/state.pt {"weights", "optimizer", "losses_after_save"} (the saved state in
 RESULT.pt's layout, and the losses of 2 uninterrupted steps after the save).
@@ -54,6 +60,15 @@ linear_qkv rows are, per query group, [R q heads, k, v].  The checkpoint itself
 stacks the layers on a leading dim ("decoder.layers.<...>", shape (L, ...)) and, for
 the local spec, stores input_layernorm.weight / pre_mlp_layernorm.weight under the
 TE names self_attention.linear_qkv.layer_norm_weight / mlp.linear_fc1.layer_norm_weight.
+
+--moe: per-layer names "decoder.layers.<i>.mlp.router.weight" [E, D] and
+"decoder.layers.<i>.mlp.experts.local_experts.<e>.linear_fc1.weight" [gate; up] /
+".linear_fc2.weight".  The checkpoint stacks experts on a second leading dim:
+decoder.layers.mlp.experts.experts.linear_fc1.weight (L, E, 2*I_moe, D) (gate and up
+halves saved as separate chunks), ...linear_fc2.weight (L, E, D, I_moe),
+decoder.layers.mlp.router.weight (L, E, D); pre_mlp_layernorm is still saved as
+decoder.layers.mlp.linear_fc1.layer_norm_weight although a MoE layer has no
+mlp.linear_fc1.
 """
 
 from __future__ import annotations
@@ -209,6 +224,22 @@ def _unshare_torch_adam_steps(optimizer) -> None:
                     st["step"] = st["step"].clone()
 
 
+# (S8) megatron-core 0.15.x MoE without TE: moe_utils never defines te_general_gemm, so the
+#      router raises NameError; defining it as None selects megatron's own torch.mm path.
+def _define_missing_te_general_gemm() -> None:
+    """(S8) --moe on megatron-core 0.15.x only: its transformer/moe/moe_utils.py imports
+    te_general_gemm inside ``try: import transformer_engine`` and never defines the name
+    when TE is absent, so the router's RouterGatingLinearFunction raises
+    ``NameError: name 'te_general_gemm' is not defined`` at its
+    ``if te_general_gemm is not None`` check.  Defining it as None (what 0.19's
+    moe_utils does without TE) selects megatron's own torch.mm router path; nothing
+    is replaced where the name exists."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 # ==========================================================================
 # end of CPU SHIMS
 # ==========================================================================
@@ -239,6 +270,7 @@ from megatron.core.utils import unwrap_model  # noqa: E402
 
 MC_VERSION = megatron.core.__version__
 _patch_distopt_torch_adam_step()  # (S6), see above
+_define_missing_te_general_gemm()  # (S8), see above
 
 # ---------------------------------------------------------------- model shape
 HIDDEN = 64
@@ -253,6 +285,10 @@ EPS = 1e-5
 ROPE_BASE = 10000
 TRAIN_STEPS = 3
 RESUME_STEPS = 2
+# --moe: every layer's MLP is a MoELayer (router + experts), expert parallelism 1
+MOE_EXPERTS = 4
+MOE_TOPK = 2
+MOE_FFN = 48
 
 
 def log(*a):
@@ -292,9 +328,45 @@ def dist_sharding_of(a) -> str:
     return "dp_reshardable" if a.optim == "dist-dp-buckets" else a.dist_sharding
 
 
-def make_config(tp: int, optim: str, qk_norm: bool, layers: int) -> TransformerConfig:
+MOE_TP_ERROR = (
+    "--moe needs --tp 1 here: megatron's MoELayer refuses to train at TP > 1 without "
+    "sequence parallelism (ValueError: During training, performance may degrade if MoE and "
+    "tensor parallelismare enabled without also enabling sequence parallelism.), and "
+    "sequence parallelism needs Apex or Transformer Engine norms: the local spec's torch "
+    "norm asserts 'sequence parallel not supported by torch LayerNorm'"
+)
+
+
+def moe_config_kwargs(moe) -> dict:
+    """TransformerConfig fields for --moe: dropless top-2 softmax routing without any
+    load-balancing loss, bias or jitter (a deterministic forward), megatron's
+    allgather token dispatcher (plain torch permute / all-gather, runs on CPU).
+    TP 1 only (see MOE_TP_ERROR)."""
+    if not moe:
+        return {}
+    return dict(
+        num_moe_experts=MOE_EXPERTS,
+        moe_router_topk=MOE_TOPK,
+        moe_ffn_hidden_size=MOE_FFN,
+        moe_grouped_gemm=(moe == "grouped"),
+        moe_token_dispatcher_type="allgather",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_z_loss_coeff=None,
+        moe_input_jitter_eps=None,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=False,  # top-k of the logits, softmax over those k
+        moe_router_topk_scaling_factor=None,
+        moe_router_enable_expert_bias=False,
+        moe_expert_capacity_factor=None,  # dropless
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+    )
+
+
+def make_config(tp: int, optim: str, qk_norm: bool, layers: int, moe=None) -> TransformerConfig:
     bf16 = is_bf16(optim)
-    return TransformerConfig(
+    kw = dict(
         num_layers=layers,
         hidden_size=HIDDEN,
         num_attention_heads=HEADS,
@@ -324,18 +396,47 @@ def make_config(tp: int, optim: str, qk_norm: bool, layers: int) -> TransformerC
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
     )
+    kw.update(moe_config_kwargs(moe))
+    return TransformerConfig(**kw)
 
 
-def build(tp: int, optim: str, qk_norm: bool, layers: int, seed: int):
+def layer_spec(qk_norm: bool, moe=None):
+    if not moe:
+        return get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
+    return get_gpt_layer_local_spec(
+        num_experts=MOE_EXPERTS,
+        moe_grouped_gemm=(moe == "grouped"),
+        qk_layernorm=qk_norm,
+        normalization="RMSNorm",
+    )
+
+
+def check_experts_module(model, moe) -> None:
+    """--moe grouped must really get grouped-GEMM experts, not a silent SequentialMLP."""
+    kinds = {
+        type(m).__name__
+        for n, m in unwrap_model(model).named_modules()
+        if n.endswith(".mlp.experts")
+    }
+    log(f"--moe {moe}: experts module {sorted(kinds)}")
+    if moe == "grouped" and kinds != {"GroupedMLP"}:
+        raise SystemExit(
+            f"--moe grouped: megatron-core {MC_VERSION}'s local spec "
+            f"get_gpt_layer_local_spec(moe_grouped_gemm=True) built {sorted(kinds)}, not a "
+            "grouped-GEMM experts module: this version has no non-TE grouped experts "
+            "(LocalSpecProvider.grouped_mlp_modules ignores the flag; the legacy GroupedMLP "
+            "is gone and TEGroupedMLP needs Transformer Engine, i.e. CUDA)"
+        )
+
+
+def build(tp: int, optim: str, qk_norm: bool, layers: int, seed: int, moe=None):
     """Megatron-LM get_model() + get_megatron_optimizer(), in that order."""
     torch.manual_seed(seed)  # use_cpu_initialization draws the FULL weights on CPU
     _install_cpu_rng_tracker(seed)
-    config = make_config(tp, optim, qk_norm, layers)
+    config = make_config(tp, optim, qk_norm, layers, moe)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(
-            qk_layernorm=qk_norm, normalization="RMSNorm"
-        ),
+        transformer_layer_spec=layer_spec(qk_norm, moe),
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
         pre_process=True,
@@ -346,6 +447,8 @@ def build(tp: int, optim: str, qk_norm: bool, layers: int, seed: int):
         rotary_percent=1.0,
         rotary_base=ROPE_BASE,
     )
+    if moe:
+        check_experts_module(model, moe)
     if is_bf16(optim):
         model = Float16Module(config, model)
     ddp_config = DistributedDataParallelConfig(
@@ -535,9 +638,11 @@ def local_to_global(name: str, t: torch.Tensor) -> torch.Tensor:
 # ================================================================== unbalancing
 
 
-def unbalance_multipliers(layers: int, qk_norm: bool, seed: int):
+def unbalance_multipliers(layers: int, qk_norm: bool, seed: int, moe=None):
     """{param name (global layout): M} with W' = M * W; exact powers of two,
-    same on all ranks (drawn from a seeded CPU generator)."""
+    same on all ranks (drawn from a seeded CPU generator).  With --moe the SwiGLU
+    pair is unbalanced per expert (expert e's linear_fc1 "up" row j x 2**c_ej, its
+    linear_fc2 column j x 2**-c_ej); the router is left alone."""
     g = torch.Generator().manual_seed(seed)
     R = HEADS // GROUPS
     d = HEAD_DIM
@@ -558,13 +663,18 @@ def unbalance_multipliers(layers: int, qk_norm: bool, seed: int):
             qkv[base + (R + 1) * d : base + (R + 2) * d, 0] = 2.0**b
             for h in range(gi * R, (gi + 1) * R):
                 proj[0, h * d : (h + 1) * d] = 2.0**-b
-        c = torch.randint(-3, 4, (FFN,), generator=g).double()
-        fc1 = torch.cat([torch.ones(FFN), 2.0**c]).unsqueeze(1)  # [gate; up] rows
-        fc2 = (2.0**-c).unsqueeze(0)
         mults[pre + "self_attention.linear_qkv.weight"] = qkv
         mults[pre + "self_attention.linear_proj.weight"] = proj
-        mults[pre + "mlp.linear_fc1.weight"] = fc1
-        mults[pre + "mlp.linear_fc2.weight"] = fc2
+        if moe:
+            mlps = [(f"mlp.experts.local_experts.{e}.", MOE_FFN) for e in range(MOE_EXPERTS)]
+        else:
+            mlps = [("mlp.", FFN)]
+        for mlp, ffn in mlps:
+            c = torch.randint(-3, 4, (ffn,), generator=g).double()
+            fc1 = torch.cat([torch.ones(ffn), 2.0**c]).unsqueeze(1)  # [gate; up] rows
+            fc2 = (2.0**-c).unsqueeze(0)
+            mults[pre + mlp + "linear_fc1.weight"] = fc1
+            mults[pre + mlp + "linear_fc2.weight"] = fc2
     return mults
 
 
@@ -716,6 +826,14 @@ def mlm_extras(a, sched):
         iteration=TRAIN_STEPS, consumed_train_samples=TRAIN_STEPS * MBS * dp,
         skipped_train_samples=0, consumed_valid_samples=0,
     )
+    if a.moe:
+        vars(args).update(
+            num_experts=MOE_EXPERTS, moe_router_topk=MOE_TOPK, moe_ffn_hidden_size=MOE_FFN,
+            moe_grouped_gemm=(a.moe == "grouped"), moe_token_dispatcher_type="allgather",
+            moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+            moe_router_score_function="softmax", moe_router_pre_softmax=False,
+            moe_expert_capacity_factor=None, expert_tensor_parallel_size=tp,
+        )
     rng_state = {
         "random_rng_state": random.getstate(),
         "np_rng_state": np.random.get_state(),
@@ -863,8 +981,40 @@ def dump_keys(ckpt_dir, path):
         f.write("\n".join(lines) + "\n")
 
 
-def hf_config(qk_norm: bool, optim: str, layers: int):
+def hf_moe_config(qk_norm: bool) -> dict:
+    """Hugging Face MoE fields.  megatron's router (score_function softmax,
+    moe_router_pre_softmax False, no scaling factor) takes the top-k LOGITS and
+    softmaxes over those k only, so a token's k expert weights sum to 1: the same as
+    HF's softmax over all experts followed by renormalising the top k, i.e.
+    Qwen3Moe's norm_topk_prob=True; Mixtral always renormalises (no such field)."""
+    if qk_norm:
+        return {
+            "model_type": "qwen3_moe",
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "intermediate_size": FFN,  # dense MLP width: used by no layer (mlp_only_layers [])
+            "moe_intermediate_size": MOE_FFN,
+            "num_experts": MOE_EXPERTS,
+            "num_experts_per_tok": MOE_TOPK,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "router_aux_loss_coef": 0.0,
+            "output_router_logits": False,
+        }
     return {
+        "model_type": "mixtral",
+        "architectures": ["MixtralForCausalLM"],
+        "intermediate_size": MOE_FFN,  # Mixtral's per-expert width
+        "num_local_experts": MOE_EXPERTS,
+        "num_experts_per_tok": MOE_TOPK,
+        "router_jitter_noise": 0.0,
+        "router_aux_loss_coef": 0.0,
+        "output_router_logits": False,
+    }
+
+
+def hf_config(qk_norm: bool, optim: str, layers: int, moe=None):
+    cfg = {
         "model_type": "qwen3" if qk_norm else "llama",
         "architectures": ["Qwen3ForCausalLM" if qk_norm else "LlamaForCausalLM"],
         "hidden_size": HIDDEN,
@@ -884,6 +1034,9 @@ def hf_config(qk_norm: bool, optim: str, layers: int):
         "torch_dtype": "bfloat16" if is_bf16(optim) else "float32",
         "megatron_core_version": MC_VERSION,
     }
+    if moe:
+        cfg.update(hf_moe_config(qk_norm))
+    return cfg
 
 
 # ================================================================== gathering
@@ -962,7 +1115,7 @@ def check_unbalanced_state(before, after, mults):
 def cmd_make(a):
     t0 = time.time()
     init_dist(a.tp, a.optim, "make")
-    model, optimizer, sched = build(a.tp, a.optim, a.qk_norm, a.layers, a.seed)
+    model, optimizer, sched = build(a.tp, a.optim, a.qk_norm, a.layers, a.seed, a.moe)
     log(f"megatron-core {MC_VERSION}, optimizer {[type(o).__name__ for o in iter_opts(optimizer)]}")
     train_steps(model, optimizer, sched, TRAIN_STEPS, a.seed)
     owned = torch.tensor(
@@ -977,7 +1130,7 @@ def cmd_make(a):
     ids = probe_ids()
     before = probe_logits(model, ids)
     state_before = {**gather_weights(model), **gather_optimizer(optimizer, model)}
-    mults = unbalance_multipliers(a.layers, a.qk_norm, a.seed + 1)
+    mults = unbalance_multipliers(a.layers, a.qk_norm, a.seed + 1, a.moe)
     apply_unbalance(model, optimizer, mults)
     after = probe_logits(model, ids)
     w_after, o_after = gather_weights(model), gather_optimizer(optimizer, model)
@@ -994,7 +1147,7 @@ def cmd_make(a):
     name = save_ckpt(model, optimizer, a.out, a.optim, dist_sharding_of(a), extras=extras)
     if dist.get_rank() == 0:
         with open(os.path.join(a.out, "config.json"), "w") as f:
-            json.dump(hf_config(a.qk_norm, a.optim, a.layers), f, indent=2)
+            json.dump(hf_config(a.qk_norm, a.optim, a.layers, a.moe), f, indent=2)
         torch.save({"ids": ids, "logits": after}, os.path.join(a.out, "probe.pt"))
         torch.save(
             {k: v for k, v in mults.items()}, os.path.join(a.out, "unbalance_multipliers.pt")
@@ -1014,21 +1167,39 @@ def cmd_make(a):
 
 
 def cmd_resume(a):
+    """``--tps 1,2``: the same ranks load at TP 1 (DP = world) and then at TP 2, one
+    ``initialize_model_parallel`` after the other (one start-up for both); RESULT.pt then
+    holds {tp: result}."""
     t0 = time.time()
-    init_dist(a.tp, a.optim, "resume")
     src_abs = os.path.abspath(a.src)
     out_abs = os.path.abspath(a.out)
     assert not out_abs.startswith(src_abs + os.sep), "RESULT must not be written into CKPT"
+    tps = [int(t) for t in a.tps.split(",")] if a.tps else [a.tp]
+    results = {}
+    for i, tp in enumerate(tps):
+        if i:
+            parallel_state.destroy_model_parallel()
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        else:
+            init_dist(tp, a.optim, "resume")
+        a.tp = tp
+        results[tp] = _resume_at(a)
+    if dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(out_abs) or ".", exist_ok=True)
+        torch.save(results if a.tps else results[tps[0]], out_abs)
+    log(f"wrote {out_abs} in {time.time() - t0:.1f}s")
 
-    res = {"version": MC_VERSION}
+
+def _resume_at(a):
+    res = {"version": MC_VERSION, "tp": a.tp}
     ids = probe_ids()
-    model, optimizer, sched = build(a.tp, a.optim, a.qk_norm, a.layers, a.seed)
+    model, optimizer, sched = build(a.tp, a.optim, a.qk_norm, a.layers, a.seed, a.moe)
     it = load_ckpt(model, optimizer, sched, a.src)
     log(f"loaded {a.src} (iteration {it})")
     res["logits_src"] = probe_logits(model, ids)
     del model, optimizer, sched
 
-    model, optimizer, sched = build(a.tp, a.optim, a.qk_norm, a.layers, a.seed)
+    model, optimizer, sched = build(a.tp, a.optim, a.qk_norm, a.layers, a.seed, a.moe)
     it = load_ckpt(model, optimizer, sched, a.other)
     log(f"loaded {a.other} (iteration {it})")
     res["logits_other"] = probe_logits(model, ids)
@@ -1041,13 +1212,17 @@ def cmd_resume(a):
         "self_attention.linear_qkv.layer_norm_weight / mlp.linear_fc1.layer_norm_weight; "
         "linear_fc1 rows = [gate(all I); up(all I)]; linear_qkv rows per query group "
         "[R q heads, k, v]; optimizer keys '<name>::param|exp_avg|exp_avg_sq' (fp32)"
+        + (
+            "; MoE: mlp.router.weight [E, D], mlp.experts.local_experts.<e>.linear_fc1 / "
+            "linear_fc2.weight per expert (the checkpoint stacks them as "
+            "mlp.experts.experts.* with shape (L, E, ...))"
+            if a.moe
+            else ""
+        )
     )
     res["adam_step"] = adam_steps(optimizer)
     res["losses"] = train_steps(model, optimizer, sched, RESUME_STEPS, a.seed)
-    if dist.get_rank() == 0:
-        os.makedirs(os.path.dirname(out_abs) or ".", exist_ok=True)
-        torch.save(res, out_abs)
-    log(f"wrote {out_abs} in {time.time() - t0:.1f}s")
+    return res
 
 
 def main():
@@ -1058,6 +1233,14 @@ def main():
         p.add_argument("--tp", type=int, default=1, choices=(1, 2))
         p.add_argument("--optim", default="adam", choices=("adam", "bf16") + DIST_MODES)
         p.add_argument("--qk-norm", action="store_true")
+        p.add_argument(
+            "--moe",
+            choices=("sequential", "grouped"),
+            default=None,
+            help=f"every MLP a MoELayer ({MOE_EXPERTS} experts, top-{MOE_TOPK}, expert width "
+            f"{MOE_FFN}, EP 1); sequential = SequentialMLP experts, grouped = "
+            "moe_grouped_gemm (needs a grouped-GEMM experts module: see README)",
+        )
         p.add_argument("--layers", type=int, default=3)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument(
@@ -1079,7 +1262,11 @@ def main():
             p.add_argument("--src", required=True)
             p.add_argument("--other", required=True)
             p.add_argument("--out", required=True)
+            p.add_argument("--tps", default=None,
+                           help="TP sizes to load at in turn with the same ranks, e.g. 1,2 (overrides --tp)")
     a = ap.parse_args()
+    if a.moe and a.tp != 1:
+        ap.error(MOE_TP_ERROR)
     try:
         (cmd_make if a.cmd == "make" else cmd_resume)(a)
     finally:
