@@ -1,8 +1,8 @@
 """Benchmark: wisca on a Megatron-core torch_dist checkpoint (bf16 weights, fp32 master weights
 and AdamW moments), cold, one process and 2 ranks, against a durable copy of the same folder.
 
-    python -m benchmarks.megatron                  # TinyLlama shape with 8 layers (about 3.6 GB)
-    python -m benchmarks.megatron --layers 22      # the full TinyLlama shape (about 9.8 GB)
+    python -m benchmarks.megatron                  # TinyLlama shape with 8 layers (about 6.6 GiB)
+    python -m benchmarks.megatron --layers 22      # the full TinyLlama shape (about 14.4 GiB; generated in memory)
     python -m benchmarks.megatron --rounds 3 --json out.json
 
 The checkpoint is generated in the on-disk form megatron-core's ``dist_checkpointing.save``

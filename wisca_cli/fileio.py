@@ -55,10 +55,12 @@ def _aligned_block(nbytes: int) -> memoryview:
 
 
 class OutputFile:
-    """A new file of known ``size``, written piecewise at any offsets, each byte once."""
+    """A new file of known ``size`` (None: as long as the bytes written), written piecewise at
+    any offsets, each byte once."""
 
-    def __init__(self, path: os.PathLike, size: int, direct: bool = True):
-        self.path, self.size = path, size
+    def __init__(self, path: os.PathLike, size: int | None, direct: bool = True, gaps: bool = False):
+        # gaps: bytes may stay unwritten (zeros), so pages are not required to fill up
+        self.path, self.size, self.end, self.gaps = path, size, 0, gaps
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.direct = direct and _set_direct(self.fd, True)
         self.partial: dict[int, tuple[bytearray, int]] = {}   # page -> (its bytes, bytes filled)
@@ -69,8 +71,9 @@ class OutputFile:
     def write(self, offset: int, data) -> None:
         """Write ``data`` (anything with the buffer protocol) at ``offset``."""
         view = memoryview(data).cast("B")
-        if offset < 0 or offset + len(view) > self.size:
+        if offset < 0 or (self.size is not None and offset + len(view) > self.size):
             raise AssertionError(f"{self.path}: write [{offset}, +{len(view)}) outside {self.size} bytes")
+        self.end = max(self.end, offset + len(view))
         if not self.direct:
             return self._pwrite_all(view, offset)
         end = offset + len(view)
@@ -86,9 +89,11 @@ class OutputFile:
 
     def close(self) -> None:
         """Write the last (short) page, trim the file to its size, fsync, close."""
+        if self.size is None:
+            self.size = self.end
         if self.direct:
             for page, (buf, filled) in sorted(self.partial.items()):
-                if filled != self._page_bytes(page):
+                if filled != self._page_bytes(page) and not self.gaps:
                     raise AssertionError(f"{self.path}: page {page} has {filled} of "
                                          f"{self._page_bytes(page)} bytes")
                 self._write_page(page, buf)
@@ -133,7 +138,7 @@ class OutputFile:
             self._direct_pwrite(self._staging[:len(part)], offset + start)
 
     def _page_bytes(self, page: int) -> int:
-        return min(PAGE, self.size - page * PAGE)
+        return PAGE if self.size is None else min(PAGE, self.size - page * PAGE)
 
     def _fill(self, offset: int, view: memoryview) -> None:
         """Copy bytes that share pages with other writes into those pages."""
