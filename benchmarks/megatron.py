@@ -2,14 +2,14 @@
 and AdamW moments), cold, one process and 2 ranks, against a durable copy of the same folder.
 
     python -m benchmarks.megatron                  # TinyLlama shape with 8 layers (about 6.6 GiB)
-    python -m benchmarks.megatron --layers 22      # the full TinyLlama shape (about 14.4 GiB; generated in memory)
+    python -m benchmarks.megatron --layers 22      # the full TinyLlama shape (about 15 GiB)
     python -m benchmarks.megatron --rounds 3 --json out.json
 
 The checkpoint is generated in the on-disk form megatron-core's ``dist_checkpointing.save``
-writes with the torch_dist strategy (megatron need not be installed): every layer role one
-stacked tensor ``decoder.layers.<role> [L, ...]`` held as one chunk per layer (torch's
-``ShardedTensor`` with a local shard per layer, as megatron-core's ``_mcore_to_torch_sharded_tensor``
-builds it), ``linear_qkv`` rows per kv group and ``linear_fc1`` gate then up,
+writes with the torch_dist strategy (megatron need not be installed), a chunk at a time so any
+size fits in memory: every layer role one stacked tensor ``decoder.layers.<role> [L, ...]`` held
+as one chunk per layer (as megatron-core's ``_mcore_to_torch_sharded_tensor`` hands it to torch
+DCP), each chunk a ``torch.save`` archive in ``__0_0.distcp`` as DCP's file system writer lays it out,
 ``optimizer.state.{fp32_param,exp_avg,exp_avg_sq}.<key>`` shaped and chunked like the weight
 (mixed precision: bf16 weights, fp32 masters), the common state as DCP bytes entries,
 ``metadata.json`` and ``latest_checkpointed_iteration.txt``. Not trained: random values.
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,50 +31,71 @@ from .bench import Shape, paired_rounds, ratio_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ITERATION = 100
-_MAKE = r"""
-import io, json, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
-from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
-out, s = sys.argv[1], json.loads(sys.argv[2])
-dist.init_process_group("gloo")
-L, D, I, H, G, V = s["layers"], s["hidden"], s["intermediate"], s["heads"], s["kv_heads"], s["vocab"]
-d = D // H
-roles = {"self_attention.linear_qkv.weight": ((H + 2 * G) * d, D), "self_attention.linear_qkv.layer_norm_weight": (D,),
-         "self_attention.linear_proj.weight": (D, H * d), "mlp.linear_fc1.layer_norm_weight": (D,),
-         "mlp.linear_fc1.weight": (2 * I, D), "mlp.linear_fc2.weight": (D, I)}
-g = torch.Generator().manual_seed(0)
+STACKED = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.layer_norm_weight",
+           "self_attention.linear_proj.weight", "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.weight",
+           "mlp.linear_fc2.weight")
 
-def stacked(shape, fill):
-    # one local shard per layer at offset l on axis 0, as megatron-core saves a stacked tensor
-    shards = [Shard.from_tensor_and_offsets(fill((1, *shape)), [l] + [0] * len(shape), 0) for l in range(L)]
-    meta = ShardedTensorMetadata([sh.metadata for sh in shards], torch.Size((L, *shape)),
-                                 TensorProperties(dtype=shards[0].tensor.dtype))
-    return ShardedTensor._init_from_local_shards_and_global_metadata(shards, meta, process_group=None)
 
-def weight(shape):
-    return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+def _write(it: Path, shape: Shape) -> None:
+    """``it`` (``iter_N/``) written a chunk at a time, as torch DCP's file system writer lays a
+    checkpoint out (each chunk a ``torch.save`` archive in ``__0_0.distcp``, ``.metadata`` the
+    pickled ``Metadata`` with every chunk's offset and size): memory holds one layer's tensor."""
+    import io
+    import pickle
 
-sd = {}
-for name, shape in roles.items():
-    w = stacked(shape, lambda sh: torch.ones(sh, dtype=torch.bfloat16) if len(sh) == 2 else weight(sh))
-    key = "decoder.layers." + name
-    sd[key] = w
-    sd["optimizer.state.fp32_param." + key] = stacked(shape, lambda sh: torch.randn(sh, generator=g) * 0.02)
-    sd["optimizer.state.exp_avg." + key] = stacked(shape, lambda sh: torch.randn(sh, generator=g) * 1e-4)
-    sd["optimizer.state.exp_avg_sq." + key] = stacked(shape, lambda sh: torch.rand(sh, generator=g) * 1e-8)
-for key, shape in {"embedding.word_embeddings.weight": (V, D), "decoder.final_layernorm.weight": (D,),
-                   "output_layer.weight": (V, D)}.items():
-    sd[key] = torch.ones(shape, dtype=torch.bfloat16) if len(shape) == 1 else weight(shape)
-    sd["optimizer.state.fp32_param." + key] = sd[key].float()
-    sd["optimizer.state.exp_avg." + key] = torch.randn(shape, generator=g) * 1e-4
-    sd["optimizer.state.exp_avg_sq." + key] = torch.rand(shape, generator=g) * 1e-8
-for k in ("iteration", "checkpoint_version"):
-    sd["common_state/" + k] = io.BytesIO(torch.tensor(3).numpy().tobytes())
-dcp.save(sd, checkpoint_id=out)
-if dist.get_rank() == 0:
-    json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, open(out + "/metadata.json", "w"))
-dist.destroy_process_group()
-"""
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, TensorProperties, TensorStorageMetadata)
+
+    L, D, I, H, G, V = shape.layers, shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.vocab
+    d = D // H
+    roles = dict(zip(STACKED, (((H + 2 * G) * d, D), (D,), (D, H * d), (D,), (2 * I, D), (D, I))))
+    g = torch.Generator().manual_seed(0)
+    fills = {"": lambda sh: torch.ones(sh, dtype=torch.bfloat16) if len(sh) == 1 else
+             (torch.randn(sh, generator=g) * 0.02).to(torch.bfloat16),
+             "optimizer.state.fp32_param.": lambda sh: torch.randn(sh, generator=g) * 0.02,
+             "optimizer.state.exp_avg.": lambda sh: torch.randn(sh, generator=g) * 1e-4,
+             "optimizer.state.exp_avg_sq.": lambda sh: torch.rand(sh, generator=g) * 1e-8}
+    it.mkdir(parents=True)
+    entries, storage = {}, {}
+    with open(it / "__0_0.distcp", "wb") as f:
+        def put(key: str, offsets: tuple, raw) -> None:
+            storage[MetadataIndex(key, torch.Size(offsets) if offsets is not None else None)] = \
+                _StorageInfo("__0_0.distcp", f.tell(), len(raw))
+            f.write(raw)
+
+        def tensor(key: str, t: torch.Tensor, offsets: tuple) -> None:
+            buf = io.BytesIO()
+            torch.save(t, buf)
+            put(key, offsets, buf.getbuffer())
+
+        for prefix, fill in fills.items():
+            for name, sh in roles.items():
+                key = prefix + "decoder.layers." + name
+                entries[key] = TensorStorageMetadata(
+                    TensorProperties(dtype=torch.float32 if prefix else torch.bfloat16), torch.Size((L, *sh)),
+                    [ChunkStorageMetadata(torch.Size((l, *[0] * len(sh))), torch.Size((1, *sh))) for l in range(L)])
+                for l in range(L):   # one chunk per layer, as megatron-core saves a stacked tensor
+                    tensor(key, fill((1, *sh)), (l, *[0] * len(sh)))
+            for name, sh in {"embedding.word_embeddings.weight": (V, D), "decoder.final_layernorm.weight": (D,),
+                             "output_layer.weight": (V, D)}.items():
+                key = prefix + name
+                t = fill(sh)
+                entries[key] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.shape,
+                                                     [ChunkStorageMetadata(torch.Size([0] * len(sh)), t.shape)])
+                tensor(key, t, (0,) * len(sh))
+        for key in ("common_state/shard_0_1",):   # megatron-core's common state: a bytes entry (torch.save'd)
+            entries[key] = BytesStorageMetadata()
+            buf = io.BytesIO()
+            torch.save({"iteration": ITERATION, "checkpoint_version": 3.0}, buf)
+            put(key, None, buf.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
+    md = Metadata(state_dict_metadata=entries, planner_data={}, storage_data=storage)
+    with open(it / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    (it / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
 
 
 def tinyllama(layers: int) -> Shape:
@@ -93,19 +113,10 @@ def config(shape: Shape) -> dict:
 def make(root: Path, shape: Shape) -> None:
     """``root``: Megatron-LM's save folder (the tracker and ``iter_0000100/``) and config.json."""
     root.mkdir(parents=True)
-    it = root / f"iter_{ITERATION:07d}"
-    res = subprocess.run([sys.executable, "-c", _LAUNCH, str(it), json.dumps(vars(shape))],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(res.stderr[-3000:])
+    _write(root / f"iter_{ITERATION:07d}", shape)
     (root / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
     (root / "config.json").write_text(json.dumps(config(shape), indent=1))
     os.sync()
-
-
-# one process of a 1-rank gloo group (ShardedTensor needs a process group)
-_LAUNCH = ("import os, sys; os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(29500 + os.getpid() % 1000), "
-           "RANK='0', WORLD_SIZE='1', LOCAL_RANK='0'); exec(" + repr(_MAKE) + ")")
 
 
 def size_of(path: Path) -> int:
