@@ -459,6 +459,23 @@ def run_measured(argv: list[str], log: Path, scratch: Path) -> Run:
     return run
 
 
+def tinyllama(layers: int, dtype: str = "bf16") -> Shape:
+    """TinyLlama-1.1B's shape with ``layers`` decoder layers."""
+    return Shape(layers=layers, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000, dtype=dtype)
+
+
+def size_of(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def print_ratio_rows(rows: dict[str, dict]) -> None:
+    """``ratio_rows``' rows as a table: median seconds, ratio to the yardstick, spread, peak RSS."""
+    print(f"{'command':32} {'median s':>9} {'vs cp -r && sync':>17} {'spread':>15} {'peak RSS MiB':>13}")
+    for label, row in rows.items():
+        print(f"{label:32} {row['median_s']:9.2f} {row['ratio_median']:17.2f} "
+              f"{row['ratio_min']:7.2f}-{row['ratio_max']:<7.2f} {row['peak_rss_mib']:13.0f}")
+
+
 def paired_rounds(commands: dict[str, list[str]], src: Path, dst: Path, work: Path, rounds: int) -> dict[str, list]:
     """Each round runs every command in order, each cold (``src`` evicted, ``dst`` removed
     first): label -> its ``Run`` per round, printed as they come."""

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .bench import Shape, paired_rounds, ratio_rows
+from .bench import Shape, paired_rounds, ratio_rows, size_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _MAKE = r"""
@@ -76,10 +76,6 @@ def make(path: Path, shape: Shape) -> None:
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     str(script), str(path), str(path / "config.json"), str(REPO_ROOT)], check=True, env=env)
     os.sync()
-
-
-def size_of(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,14 +28,11 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-from .bench import Shape, make_checkpoint, paired_rounds, ratio_rows
+from .bench import Shape, make_checkpoint, paired_rounds, print_ratio_rows, ratio_rows, size_of, tinyllama
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORLD, STEP = 2, 100
 
-
-def tinyllama(layers: int) -> Shape:
-    return Shape(layers=layers, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000, dtype="bf16")
 
 
 def make(ckpt: Path, shape: Shape) -> None:
@@ -108,10 +105,6 @@ def make(ckpt: Path, shape: Shape) -> None:
     os.sync()
 
 
-def size_of(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8, help="decoder layers of the TinyLlama shape (default 8)")
@@ -140,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nDeepSpeed ZeRO-2 checkpoint, world size {WORLD}: TinyLlama shape, {args.layers} layers, "
           f"{nbytes / 2**30:.2f} GiB (bf16 safetensors + bf16 module + fp32 masters and AdamW moments); "
           f"cold, {args.rounds} rounds")
-    print(f"{'command':32} {'median s':>9} {'vs cp -r && sync':>17} {'spread':>15} {'peak RSS MiB':>13}")
-    for label, row in result["commands"].items():
-        print(f"{label:32} {row['median_s']:9.2f} {row['ratio_median']:17.2f} "
-              f"{row['ratio_min']:7.2f}-{row['ratio_max']:<7.2f} {row['peak_rss_mib']:13.0f}")
+    print_ratio_rows(result["commands"])
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

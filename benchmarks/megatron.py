@@ -27,7 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .bench import Shape, paired_rounds, ratio_rows
+from .bench import Shape, paired_rounds, print_ratio_rows, ratio_rows, size_of, tinyllama
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ITERATION = 100
@@ -98,9 +98,6 @@ def _write(it: Path, shape: Shape) -> None:
     (it / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
 
 
-def tinyllama(layers: int) -> Shape:
-    return Shape(layers=layers, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000, dtype="bf16")
-
 
 def config(shape: Shape) -> dict:
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": shape.hidden,
@@ -117,10 +114,6 @@ def make(root: Path, shape: Shape) -> None:
     (root / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
     (root / "config.json").write_text(json.dumps(config(shape), indent=1))
     os.sync()
-
-
-def size_of(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,10 +146,7 @@ def main(argv: list[str] | None = None) -> int:
               "commands": ratio_rows(runs, "cp -r && sync", nbytes)}
     print(f"\nMegatron-core torch_dist checkpoint: TinyLlama shape, {args.layers} layers, {nbytes / 2**30:.2f} GiB "
           f"(bf16 weights, fp32 masters and AdamW moments, stacked layers); cold, {args.rounds} rounds")
-    print(f"{'command':32} {'median s':>9} {'vs cp -r && sync':>17} {'spread':>15} {'peak RSS MiB':>13}")
-    for label, row in result["commands"].items():
-        print(f"{label:32} {row['median_s']:9.2f} {row['ratio_median']:17.2f} "
-              f"{row['ratio_min']:7.2f}-{row['ratio_max']:<7.2f} {row['peak_rss_mib']:13.0f}")
+    print_ratio_rows(result["commands"])
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

@@ -35,17 +35,24 @@ def torch_reads_olmo_core_metadata() -> None:
     with torch's FileSystemReader in this environment (OLMo-core lives in its own): the
     class's module made to name torch's class, which has the same fields (wisca itself reads
     it with a stand-in, ``unpickle.py``)."""
-    import types
-
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-    module = "olmo_core.distributed.checkpoint.filesystem"
-    if module in sys.modules:
-        return
-    parts = module.split(".")
+    module = stub_module("olmo_core.distributed.checkpoint.filesystem")
+    if module is not None:
+        module._StorageInfo = _StorageInfo
+
+
+def stub_module(name: str):
+    """An empty module registered as ``name`` (and its parents) for unpickling a framework's
+    classes without the framework; None when ``name`` is already imported."""
+    import types
+
+    if name in sys.modules:
+        return None
+    parts = name.split(".")
     for i in range(1, len(parts) + 1):
         sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
-    sys.modules[module]._StorageInfo = _StorageInfo
+    return sys.modules[name]
 
 
 def framework_python(name: str, requirements: str = "requirements.txt") -> str:

@@ -18,15 +18,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import sys
-import types
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 
 from conftest import run_cli
-from framework_checks import FRAMEWORKS, framework_python, torchrun
+from framework_checks import FRAMEWORKS, framework_python, stub_module, torchrun
 
 HARNESS = FRAMEWORKS / "megatron" / "mc_harness.py"
 VERSIONS = {"0.19.2": "requirements.txt", "0.15.3": "requirements-0.15.txt"}
@@ -47,12 +45,9 @@ def torch_reads_megatron_015_metadata() -> None:
     from torch.distributed.checkpoint.metadata import Metadata
     from torch.distributed.checkpoint.planner import SavePlan
 
-    module = "megatron.core.dist_checkpointing.strategies.torch"
-    if module in sys.modules:
+    module = stub_module("megatron.core.dist_checkpointing.strategies.torch")
+    if module is None:
         return
-    parts = module.split(".")
-    for i in range(1, len(parts) + 1):
-        sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
 
     @dataclass
     class MCoreMetadata(Metadata):
@@ -63,8 +58,8 @@ def torch_reads_megatron_015_metadata() -> None:
         mcore_data: dict | None = None
 
     for cls in (MCoreMetadata, MCoreSavePlan):
-        cls.__module__ = module
-        setattr(sys.modules[module], cls.__name__, cls)
+        cls.__module__ = module.__name__
+        setattr(module, cls.__name__, cls)
 
 
 def _model_args(qk_norm: bool, moe: str | None) -> list:
