@@ -142,6 +142,22 @@ ARCH_FAMILIES = {
                                             intermediate_size_mlp=48, no_rope_layers=[0, 1], interleave_moe_layer_step=2,
                                             use_qk_norm=False, attention_bias=True, attention_chunk_size=8,
                                             floor_scale=4, attn_scale=0.5)),
+    # Qwen3-Next: a Gated DeltaNet layer (in_proj_qkvz / in_proj_ba grouped per key head, 2 key heads
+    # serving 4 value heads, causal conv, gated RMSNorm) then a full-attention layer (q_proj with an
+    # output gate per head, (1 + w) QK-norm, partial rotary), both with MoE MLPs and a gated shared expert
+    "qwen3_next": ("qwen3_next", dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                                      linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12,
+                                      linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+                                      moe_intermediate_size=32, shared_expert_intermediate_size=48)),
+    # Qwen3.5 (its text model): the same hybrid with separate in_proj_qkv / _z / _b / _a and dense MLPs
+    "qwen3_5": ("qwen3_5_text", dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                                     linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12,
+                                     linear_conv_kernel_dim=4)),
+    # Qwen3.5-MoE's text model: Qwen3.5's layers with Qwen3-Next's MoE (top-k always renormalised)
+    "qwen3_5_moe": ("qwen3_5_moe_text", dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                                             linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12,
+                                             linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+                                             moe_intermediate_size=32, shared_expert_intermediate_size=48)),
     # the MoE families saved as transformers 5 holds them in memory (FUSED_ON_DISK): experts fused in
     # 3-D tensors, gate_up_proj [E, 2I, H] and down_proj [E, H, I] (2I != H, so no axis can pass for another)
     "mixtral-fused": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24)),
@@ -150,6 +166,15 @@ ARCH_FAMILIES = {
     "qwen3_moe-fused": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
                                           norm_topk_prob=True)),
     "olmoe-fused": ("olmoe", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=24)),
+    "qwen3_next-fused": ("qwen3_next", dict(layer_types=["full_attention", "linear_attention"], linear_num_key_heads=1,
+                                            linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                                            linear_conv_kernel_dim=3, num_experts=4, num_experts_per_tok=2,
+                                            moe_intermediate_size=24, shared_expert_intermediate_size=48)),
+    "qwen3_5_moe-fused": ("qwen3_5_moe_text", dict(layer_types=["linear_attention", "full_attention"],
+                                                   linear_num_key_heads=2, linear_num_value_heads=4,
+                                                   linear_key_head_dim=8, linear_value_head_dim=12,
+                                                   linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+                                                   moe_intermediate_size=24, shared_expert_intermediate_size=48)),
     "deepseek_v3-fused": ("deepseek_v3", dict(head_dim=None, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24,
                                               qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
                                               n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,

@@ -160,6 +160,7 @@ def main() -> None:
     else:
         resume(Path(sys.argv[2]), sys.argv[3:])
     print(f"rank {dist.get_rank()}: OK", flush=True)
+    dist.barrier()   # every rank past its last collective: gloo's teardown then has nothing in flight
     dist.destroy_process_group()
 
 

@@ -89,6 +89,7 @@ def main() -> None:
     opt.step()
     assert torch.isfinite(loss)
     print(f"rank {rank}: FSDP2 OK ({mesh_kind})", flush=True)
+    dist.barrier()   # every rank past its last collective: gloo's teardown then has nothing in flight
     dist.destroy_process_group()
 
 

@@ -305,3 +305,53 @@ def _without_yarn(path, tmp_path):
     cfg.pop("rope_scaling")
     (plain / "config.json").write_text(json.dumps(cfg))
     return plain
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
+def test_linear_attention_layers_keep_norm_and_ffn_only(family, arch_ckpt, transformed, tmp_path):
+    """A Gated DeltaNet layer (layer 0 of these fixtures): the spec leaves qk and vo out there and
+    the report says so; the norm target pairs the input norm with every input projection and the
+    gated RMSNorm (one weight of size dv shared by the value heads) with out_proj's columns of
+    every head. Rescaling q against k, or v against out_proj, on that layer anyway changes
+    transformers' logits: the restriction is needed. (qk and vo hold on layer 1, full attention.)"""
+    from safetensors.torch import save_file
+
+    from wisca_cli.balance import apply_scales
+    from wisca_cli.pairs import Member, Pair, layer_pairs, to_physical
+
+    src = arch_ckpt(family)
+    lay = open_checkpoint(src).layout
+    assert [lay.is_linear_layer(i) for i in range(2)] == [True, False]
+    everything = ("qk", "vo", "ffn", "norm")
+    assert sorted(p.kind for p in layer_pairs(lay, 0, everything, "channel")) == ["ffn", "norm"]
+    assert sorted(p.kind for p in layer_pairs(lay, 1, everything, "channel")) == ["ffn", "norm", "qk", "vo"]
+    norm = next(p for p in layer_pairs(lay, 0, ("norm",), "channel"))
+    lin = lay.linear
+    out = next(m for m in norm.members if m.role == "lin_out")
+    gated = next(m for m in norm.members if m.role == "lin_norm")
+    assert len(gated.units) == lin.value_dim and gated.offset == 0.0   # no (1 + w) on the gated norm
+    assert torch.equal(out.units, gated.units[torch.arange(lin.value_heads * lin.value_dim) % lin.value_dim])
+    warnings = [w["message"] for w in transformed(family)[2]["warnings"]]
+    assert any(m.startswith("qk is not applicable on layers 0: a Gated DeltaNet layer") for m in warnings)
+    assert any(m.startswith("vo is not applicable on layers 0: a Gated DeltaNet layer") for m in warnings)
+
+    tensors = load_file(src / "model.safetensors")
+    names = lay.layer_roles(0)
+    keys, values = lin.key_heads * lin.key_dim, lin.value_heads * lin.value_dim
+    tried = {
+        "qk": Pair("qk", keys, torch.zeros(keys, dtype=torch.long),
+                   (Member("lin_q", 0, torch.arange(keys), +1), Member("lin_k", 0, torch.arange(keys), -1))),
+        "vo": Pair("vo", values, torch.zeros(values, dtype=torch.long),
+                   (Member("lin_v", 0, torch.arange(values), +1), Member("lin_out", 1, torch.arange(values), -1))),
+    }
+    ids = probe_tokens()
+    ref = hf_logits(src, ids)
+    for kind, pair in tried.items():
+        pair = to_physical(lay, pair)
+        s = torch.exp2(torch.randint(-3, 4, (pair.n_units,), generator=torch.Generator().manual_seed(0))).double()
+        scaled = apply_scales(pair, {m.role: tensors[names[m.role]] for m in pair.members}, s)
+        bad = tmp_path / kind
+        shutil.copytree(src, bad)
+        save_file({**tensors, **{names[r]: t.contiguous() for r, t in scaled.items()}}, bad / "model.safetensors",
+                  metadata={"format": "pt"})
+        assert (hf_logits(bad, ids) - ref).abs().max() > 1e-3, kind

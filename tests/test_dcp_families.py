@@ -25,9 +25,10 @@ from conftest import ARCH_FAMILIES, FUSED_ON_DISK, REPO, build, eval_logits, pro
 from dcp_helpers import assert_rescaled, entries, expected_multipliers, refused
 
 # every MoE family, and the in-memory name of one fused expert tensor per layer it has
-MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss", "llama4", "mistral4"]
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss", "llama4", "mistral4",
+                "qwen3_next", "qwen3_5_moe"]
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss", "llama4_text",
-             "mistral4")
+             "mistral4", "qwen3_next", "qwen3_5_moe_text")
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 IDS = probe_tokens()
 ENV = {"OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}

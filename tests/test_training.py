@@ -355,7 +355,7 @@ def test_norm_target_carries_the_final_norm_and_lm_head_moments(trained, tmp_pat
 
 
 # -- MoE: experts fused in memory (transformers 5), saved per expert ---------------------------
-MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe"]
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5_moe"]
 # transformers 4.x's per-expert modules, their parameters in definition order (Mixtral:
 # MixtralBlockSparseTop2MLP defines w1, w2, w3; the others a LlamaMLP-like gate, up, down)
 PER_EXPERT_ORDER = {"mixtral": ("w1", "w2", "w3")}

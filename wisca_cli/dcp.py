@@ -696,6 +696,7 @@ class ChunkWriter:
 
     BACKLOG = 512 << 20
     PIECE = 16 << 20         # bytes per read of an untouched chunk
+    AHEAD = 3                # pieces read ahead of the one being written
 
     def __init__(self, folder: Path, name: str, pool):
         from .fileio import OutputFile
@@ -704,7 +705,8 @@ class ChunkWriter:
         self.out = OutputFile(self.path, None, gaps=True)
         self.fd = self.out.fd
         self.pos, self.infos, self.pending = 0, {}, deque()
-        self._piece: memoryview | None = None
+        self._pieces: list[memoryview] = []       # for untouched chunks: AHEAD read, one written
+        self._reader: ThreadPoolExecutor | None = None
 
     def _place(self, idx, n: int, memory=None) -> int:
         """The chunk's offset in the file: the next byte, or (``memory``: where its bytes are)
@@ -751,22 +753,30 @@ class ChunkWriter:
         """A chunk's bytes as they are in the source file."""
         from .fileio import _aligned_block
 
-        if self._piece is None:
-            self._piece = _aligned_block(self.PIECE)
-        at = self._place(idx, n, self._piece)
+        if not self._pieces:
+            self._pieces = [_aligned_block(self.PIECE) for _ in range(self.AHEAD + 1)]
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="wisca-dcp-read")
+        at = self._place(idx, n, self._pieces[0])
         self._submit(0, self._copy, src_fd, offset, at, n)
 
     def _copy(self, src_fd: int, offset: int, at: int, n: int) -> None:
-        view = self._piece
-        for start in range(0, n, self.PIECE):
-            k = min(self.PIECE, n - start)
+        """On the writer thread: piece k written while the reader thread reads the next ones."""
+        def read(view: memoryview, start: int) -> None:
             got = 0
-            while got < k:
-                m = os.preadv(src_fd, [view[got:k]], offset + start + got)
+            while got < len(view):
+                m = os.preadv(src_fd, [view[got:]], offset + start + got)
                 if m == 0:
                     raise WiscaError(f"{self.path}: the source ended while copying a chunk (truncated checkpoint)")
                 got += m
-            self.out.write(at + start, view[:k])
+
+        starts = list(range(0, n, self.PIECE))
+        views = [self._pieces[j % len(self._pieces)][:min(self.PIECE, n - start)] for j, start in enumerate(starts)]
+        ahead = deque(self._reader.submit(read, views[j], starts[j]) for j in range(min(len(starts), self.AHEAD)))
+        for j, start in enumerate(starts):
+            ahead.popleft().result()
+            self.out.write(at + start, views[j])
+            if j + self.AHEAD < len(starts):
+                ahead.append(self._reader.submit(read, views[j + self.AHEAD], starts[j + self.AHEAD]))
 
     def put_tensor(self, idx, t: torch.Tensor, fresh: bool = False) -> None:
         """``fresh``: t owns its storage exactly (else a clone: torch.save writes the whole
@@ -784,6 +794,8 @@ class ChunkWriter:
             self.drain()
             self.out.close()           # the last partial page, the length, fsync
             self.fd = None
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
 
     def abort(self) -> None:
         if self.fd is not None:
@@ -795,6 +807,8 @@ class ChunkWriter:
             self.pending.clear()
             self.out.abort()
             self.fd = None
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
 
 
 def _will_need(fd: int, offset: int, length: int) -> None:

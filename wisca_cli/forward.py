@@ -272,6 +272,10 @@ def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask
     d, heads, kv = layout.head_dim, layout.heads, layout.kv_heads
     att = layout.spec.attention
     q, k, v = linear(x, w, "q"), linear(x, w, "k"), linear(x, w, "v")
+    gate = None
+    if att.output_gate:   # q_proj's rows per head: [q d | gate d]
+        q, gate = q.view(batch, length, heads, 2 * d).chunk(2, dim=-1)
+        q, gate = q.reshape(batch, length, heads * d), gate.reshape(batch, length, heads * d)
     qk_norm = att.qk_norm if "q_norm" in w else None   # QK-norm: the family's norm kind
 
     def qk(x, role):
@@ -301,7 +305,57 @@ def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask
         out = probs.to(q.dtype) @ v
     else:
         out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
-    return linear(out.transpose(1, 2).reshape(batch, length, heads * d), w, "o")
+    out = out.transpose(1, 2).reshape(batch, length, heads * d)
+    return linear(out if gate is None else out * torch.sigmoid(gate), w, "o")
+
+
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                     beta: torch.Tensor) -> torch.Tensor:
+    """The gated delta rule, token by token, in float32: per value head a state S [dk, dv],
+    decayed by exp(g_t), corrected towards v_t along k_t with strength beta_t, read by q_t.
+    q, k [B, L, H, dk] (already L2-normalised and repeated to the value heads), v [B, L, H, dv],
+    g and beta [B, L, H]. Returns [B, L, H, dv]."""
+    q, k, v, g, beta = (t.transpose(1, 2).float() for t in (q, k, v, g, beta))
+    batch, heads, length, dk = k.shape
+    state = q.new_zeros(batch, heads, dk, v.shape[-1])
+    out = torch.empty_like(v)
+    for t in range(length):
+        state = state * g[:, :, t].exp()[..., None, None]
+        delta = (v[:, :, t] - (state * k[:, :, t, :, None]).sum(-2)) * beta[:, :, t, None]
+        state = state + k[:, :, t, :, None] * delta[..., None, :]
+        out[:, :, t] = (state * q[:, :, t, :, None]).sum(-2)
+    return out.transpose(1, 2)
+
+
+def linear_attention(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
+    """A Gated DeltaNet token mixer (Qwen3-Next, Qwen3.5): q, k, v through a depthwise causal
+    conv and SiLU, q and k L2-normalised per head (q also / sqrt(dk)), beta = sigmoid(b),
+    decay g = -exp(A_log) softplus(a + dt_bias); the rule's output through an RMSNorm per
+    value head (weight ``lin_norm``, no offset) times SiLU(z), then ``lin_out``."""
+    lin, (batch, length, _) = layout.linear, x.shape
+    hk, hv, dk, dv = lin.key_heads, lin.value_heads, lin.key_dim, lin.value_dim
+    mixed = torch.cat([linear(x, w, "lin_q"), linear(x, w, "lin_k"), linear(x, w, "lin_v")], dim=-1).transpose(1, 2)
+    conv = w["lin_conv"]
+    mixed = F.conv1d(mixed.to(conv.dtype), conv, None, padding=lin.conv_kernel - 1, groups=mixed.shape[1])
+    mixed = F.silu(mixed[..., :length]).to(x.dtype).transpose(1, 2)
+    q, k, v = mixed.split([hk * dk, hk * dk, hv * dv], dim=-1)
+    q, k, v = q.reshape(batch, length, hk, dk), k.reshape(batch, length, hk, dk), v.reshape(batch, length, hv, dv)
+    beta = torch.sigmoid(linear(x, w, "lin_b"))
+    g = -w["lin_A_log"].float().exp() * F.softplus(linear(x, w, "lin_a").float() + w["lin_dt_bias"])
+    if hv != hk:   # each key head serves hv / hk consecutive value heads
+        q, k = q.repeat_interleave(hv // hk, dim=2), k.repeat_interleave(hv // hk, dim=2)
+    q, k = q.float(), k.float()
+    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / dk ** 0.5
+    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    core = gated_delta_rule(q, k, v, g, beta).to(x.dtype)
+    z = linear(x, w, "lin_z").reshape(batch, length, hv, dv)
+    cf = core.float()
+    normed = (cf * torch.rsqrt(cf.pow(2).mean(-1, keepdim=True) + layout.eps)).to(x.dtype)
+    weight = w["lin_norm"].to(x.dtype)
+    if layout.spec.linear_attention.norm_offset:
+        weight = layout.spec.linear_attention.norm_offset + weight
+    y = ((weight * normed) * F.silu(z.float())).to(x.dtype)
+    return linear(y.reshape(batch, length, hv * dv), w, "lin_out")
 
 
 def activation(layout: Layout):
@@ -414,7 +468,8 @@ def decoder_layer(h: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, 
     block = layout.spec.block
     res = layout.value(block.residual_multiplier, 1.0)
     x = _norm(h, w, "attn_norm", layout)
-    a = _norm(attention(x, w, layout, rope, mask), w, "post_attn_norm", layout)
+    mixer = linear_attention(x, w, layout) if "lin_out" in w else attention(x, w, layout, rope, mask)
+    a = _norm(mixer, w, "post_attn_norm", layout)
     if layout.value(block.parallel_residual, False):   # shared_norm: the MLP reads attn_norm too (Cohere, Phi)
         return h + (mlp(x if block.shared_norm else _norm(h, w, "mlp_norm", layout), w, layout) + a)
     h = h + (a * res if res != 1.0 else a)

@@ -277,13 +277,18 @@ def final_norm_warnings(targets: tuple[str, ...], family_targets: tuple[str, ...
 
 def layer_target_warnings(targets: tuple[str, ...], layout) -> list[dict]:
     """A requested target that this checkpoint's family has on some layers only (the spec's
-    ``target_layers``, e.g. Llama 4's qk on NoPE layers with use_qk_norm): where not, and why."""
+    ``target_layers``, e.g. Llama 4's qk on NoPE layers with use_qk_norm; qk and vo on a hybrid
+    family's linear-attention layers): where not, and why (one line per reason)."""
     out = []
     for t in targets:
-        skipped = [i for i in range(layout.layers) if t in layout.spec.targets and not layout.target_applies(t, i)]
-        if skipped:
+        why: dict[str, list[int]] = {}
+        for i in range(layout.layers):
+            reason = layout.not_applicable_why(t, i) if t in layout.spec.targets else None
+            if reason:
+                why.setdefault(reason, []).append(i)
+        for reason, skipped in why.items():
             out.append({"option": "targets", "message": f"{t} is not applicable on layers "
-                        f"{', '.join(map(str, skipped))}: {layout.spec.target_layers[t].why}"})
+                        f"{', '.join(map(str, skipped))}: {reason}"})
     return out
 
 

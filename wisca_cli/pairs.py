@@ -195,9 +195,10 @@ def norm_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
     """
     shapes = logical_shapes(layout, layer)
     prefixes = [p for p, _ in _mlps(layout, roles)]
+    linear = layout.is_linear_layer(layer)
     members, heads, n = [], [], 0
-    for norm in layout.spec.norm_readers:
-        linears = layout.spec.norm_reader_roles(norm, prefixes)
+    for norm in layout.spec.norm_readers_at(linear):
+        linears = layout.spec.norm_reader_roles(norm, prefixes, linear)
         if norm not in roles or layout.mxfp4_experts and any(r.startswith("experts.") for r in linears):
             continue   # MXFP4 experts read this norm: their blocks take no column scale
         h = shapes[norm][0]   # hidden, or a latent's size (MLA's q_a_norm, kv_a_norm)
@@ -205,7 +206,9 @@ def norm_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
         members.append(Member(norm, 0, units, +1))
         if norm + "_bias" in roles:
             members.append(Member(norm + "_bias", 0, units, +1, False))
-        members += [Member(r, 1, units, -1) for r in linears if r in roles]
+        # a reader's input column c reads channel c % h: a norm shared by every head of its
+        # input (the gated RMSNorm of a Gated DeltaNet, one weight of size dv per value head)
+        members += [Member(r, 1, units[torch.arange(shapes[r][1]) % h], -1) for r in linears if r in roles]
         heads.append(torch.full((h,), len(heads), dtype=torch.long))
         n += h
     return Pair("norm", n, torch.cat(heads) if heads else torch.zeros(0, dtype=torch.long), tuple(members))
@@ -281,7 +284,8 @@ def to_physical(layout: Layout, pair: Pair) -> Pair:
         is_norm = base.endswith("norm")
         if layout.spec.linear == "conv1d" and not bias and not is_norm:
             axis = 1 - axis
-        members.append(Member(role, axis, units, m.side, m.counts, offset if is_norm and not bias else 0.0))
+        own = layout.spec.linear_attention.norm_offset if base == "lin_norm" else offset
+        members.append(Member(role, axis, units, m.side, m.counts, own if is_norm and not bias else 0.0))
     return Pair(pair.kind, pair.n_units, pair.head_of, tuple(members + _expert_members(layout, experts)))
 
 

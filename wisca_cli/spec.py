@@ -24,7 +24,15 @@ from . import fp8, mxfp4
 from .errors import WiscaError
 
 SPEC_TARGETS = ("qk", "vo", "ffn", "norm")          # the symmetries pairs.py builds
-FUSABLE_PARTS = ("q", "k", "v", "gate", "up")        # logical roles a fused tensor may hold
+# the roles of a Gated DeltaNet token mixer (``linear_attention``): its input projections
+# (q, k, v, the output gate z, beta's b and the decay's a), the depthwise causal conv over
+# q|k|v, the decay's dt_bias and A_log, the gated RMSNorm's weight and the output projection
+LINEAR_ROLES = ("lin_q", "lin_k", "lin_v", "lin_z", "lin_b", "lin_a", "lin_conv", "lin_dt_bias", "lin_A_log",
+                "lin_norm", "lin_out")
+FUSABLE_PARTS = ("q", "k", "v", "gate", "up", *LINEAR_ROLES[:6])   # logical roles a fused tensor may hold
+# the roles of an attention block, absent from a layer whose token mixer is a linear attention
+ATTENTION_ROLES = ("q", "k", "v", "o", "qkv", "q_norm", "k_norm", "q_bias", "k_bias", "v_bias", "o_bias",
+                   "qkv_bias", "q_norm_bias", "k_norm_bias", "sinks")
 MLP_ROLES = ("gate", "up", "down")                   # roles of one MLP: dense, each expert, shared
 NOT_INHERITED = ("name", "model_types")              # every file states its own
 OWN_ONLY = ("refused_model_types",)                  # optional, and never inherited
@@ -263,6 +271,9 @@ class AttentionSpec(_Section):
     # layer_types entry is "chunked_attention" (without layer_types: the RoPE layers)
     chunk_size: str | None = _spec_field(_string, None)
     head_dim_key: bool = _spec_field(_boolean, True)                 # False: config head_dim ignored
+    # "heads": q_proj's rows per head are [q d | gate d]; the attention output is multiplied by
+    # sigmoid(gate) before o_proj (Qwen3-Next, Qwen3.5 full-attention layers)
+    output_gate: str | None = _spec_field(_choice("heads"), None)
 
     def check(self, where: str, label: str) -> None:
         if self.nope_interval and not self.rope_layers:
@@ -404,12 +415,17 @@ class FinalSpec(_Section):
 @dataclass(frozen=True)
 class FusedSpec(_Section):
     parts: tuple[str, ...] = _spec_field(_str_list(FUSABLE_PARTS, nonempty=True))
-    # heads: per head [q d, k d, v d]; kv_groups: per kv head, its R query heads, then k, then v
-    layout: str = _spec_field(_choice("concat", "heads", "kv_groups"), "concat")
+    # heads: per head [q d, k d, v d]; kv_groups: per kv head, its R query heads, then k, then v;
+    # key_groups: per linear-attention key head, each part's share in turn (Qwen3-Next's
+    # in_proj_qkvz: [q dk | k dk | v R dv | z R dv] per key head; in_proj_ba: [b R | a R])
+    layout: str = _spec_field(_choice("concat", "heads", "kv_groups", "key_groups"), "concat")
 
     def check(self, where: str, label: str) -> None:
         if self.layout in ("heads", "kv_groups") and self.parts != ("q", "k", "v"):
             raise WiscaError(f"{where}: {label}: layout {self.layout} holds parts [q, k, v], got {list(self.parts)}")
+        if self.layout == "key_groups" and not set(self.parts) <= set(LINEAR_ROLES):
+            raise WiscaError(f"{where}: {label}: layout key_groups holds linear-attention parts "
+                             f"({', '.join(LINEAR_ROLES[:6])}), got {list(self.parts)}")
 
 
 @dataclass(frozen=True)
@@ -448,6 +464,38 @@ class NameAdapter(_Section):
     def check(self, where: str, label: str) -> None:
         if "{layer}" not in self.layer_prefix:
             raise WiscaError(f"{where}: {label}: layer_prefix must contain {{layer}}")
+
+
+@dataclass(frozen=True)
+class LinearAttentionSpec(_Section):
+    """Gated DeltaNet token mixers (Qwen3-Next, Qwen3.5) in place of attention on the layers
+    whose ``layer_types`` entry is ``layer_type``: their tensors by role (``LINEAR_ROLES``, or
+    a fused tensor of the family's ``fused``), the config keys of their sizes, the linears
+    reading each norm there (the ``norm`` target: the input norm's readers are the input
+    projections; ``lin_norm``, the gated RMSNorm's weight shared by every value head, is read
+    by ``lin_out``'s columns of every head), and why the qk and vo targets do not hold there."""
+    layer_type: str = _spec_field(_string)
+    tensors: Mapping[str, str] = _spec_field(_mapping(_string))
+    key_heads: str = _spec_field(_string)
+    value_heads: str = _spec_field(_string)
+    key_head_dim: str = _spec_field(_string)
+    value_head_dim: str = _spec_field(_string)
+    conv_kernel: str = _spec_field(_string)
+    norm_readers: Mapping[str, tuple[str, ...]] = _spec_field(_mapping(_str_list()))
+    why: str = _spec_field(_string)                      # the report's reason: no qk, no vo here
+    norm_offset: float = _spec_field(_number, 0.0)       # lin_norm's stored w is the factor (offset + w)
+
+    def check(self, where: str, label: str) -> None:
+        for role in self.tensors:
+            if role not in LINEAR_ROLES and not role.startswith("lin_"):
+                raise WiscaError(f"{where}: {label}.tensors: {role!r} is not a linear-attention role "
+                                 f"({', '.join(LINEAR_ROLES)}) or a fused one (lin_*)")
+        for norm, readers in self.norm_readers.items():
+            if norm not in ("attn_norm", "lin_norm"):
+                raise WiscaError(f"{where}: {label}.norm_readers: {norm!r} is not attn_norm or lin_norm")
+            bad = [r for r in readers if r not in LINEAR_ROLES]
+            if bad:
+                raise WiscaError(f"{where}: {label}.norm_readers.{norm}: {bad[0]!r} is not a linear-attention role")
 
 
 @dataclass(frozen=True)
@@ -497,6 +545,8 @@ class ArchSpec(_Section):
     # config key (``quantization_config``): where its quant_method is "fp8", linear weights with a
     # ``weight_scale_inv`` beside them are FP8 block-quantised (``fp8.py``), rescaled in that format
     fp8: str | None = _spec_field(_string, None)
+    # hybrid families: a Gated DeltaNet token mixer on some layers (None: attention on every layer)
+    linear_attention: LinearAttentionSpec | None = _spec_field(_section(LinearAttentionSpec), None)
 
     def check(self, where: str, label: str) -> None:
         if "{layer}" not in self.layer_prefix:
@@ -508,6 +558,16 @@ class ArchSpec(_Section):
         if extra:
             raise WiscaError(f"{where}: target_layers names {extra[0]!r}, which is not in targets "
                              f"({', '.join(self.targets)})")
+        if self.attention.output_gate and self.attention.qk_norm != "head":
+            raise WiscaError(f"{where}: attention.output_gate needs qk_norm \"head\" (the qk target then lives "
+                             f"on the norm weights, not on q_proj's rows, which interleave the gate's)")
+        if self.linear_attention:
+            fused_parts = {p for f in self.fused.values() for p in f.parts}
+            named = {r for r in self.linear_attention.tensors if r in LINEAR_ROLES} | fused_parts
+            missing = [r for r in LINEAR_ROLES if r not in named]
+            if missing:
+                raise WiscaError(f"{where}: linear_attention.tensors lacks {', '.join(missing)} "
+                                 f"(by name or as a part of a fused tensor)")
         if self.target_layers and not self.attention.rope_layers:
             raise WiscaError(f"{where}: target_layers needs attention.rope_layers (which layers are RoPE / NoPE)")
         if "norm" in self.targets and not self.norm_readers:
@@ -545,9 +605,17 @@ class ArchSpec(_Section):
     def layer_name(self, layer: int, suffix: str) -> str:
         return self.layer_prefix.format(layer=layer) + suffix
 
-    def norm_reader_roles(self, norm: str, mlp_prefixes: list[str]) -> list[str]:
+    def norm_readers_at(self, linear: bool) -> Mapping[str, tuple[str, ...]]:
+        """norm role -> its readers on an attention layer, or (``linear``) on a linear-attention
+        one: there the input norm feeds the Gated DeltaNet's projections and ``lin_norm`` its
+        output projection."""
+        if not linear:
+            return self.norm_readers
+        return {**self.norm_readers, **self.linear_attention.norm_readers}
+
+    def norm_reader_roles(self, norm: str, mlp_prefixes: list[str], linear: bool = False) -> list[str]:
         """The roles reading a norm: MLP roles on every MLP (``experts.3.gate``), then the rest."""
-        readers = self.norm_readers.get(norm, ())
+        readers = self.norm_readers_at(linear).get(norm, ())
         return ([p + r for p in mlp_prefixes for r in readers if r in MLP_ROLES]
                 + [r for r in readers if r not in MLP_ROLES])
 
@@ -699,6 +767,7 @@ class Layout:
     mxfp4_experts: bool = False      # ... as MXFP4 blocks and scales (moe.mxfp4), copied unchanged
     fp8_block: tuple[int, int] | None = None   # FP8 block-quantised weights: weight_block_size (spec.fp8)
     fp8_weights: frozenset = frozenset()       # ... the names of the weights stored so (a weight_scale_inv beside)
+    linear: LinearDims | None = None           # Gated DeltaNet layers' sizes (spec.linear_attention)
 
     @property
     def group_size(self) -> int:
@@ -771,8 +840,22 @@ class Layout:
         chunked = kind == "chunked_attention" if kind is not None else self.rotary_dims_at(layer) > 0
         return int(size) if chunked else None
 
+    def is_linear_layer(self, layer: int) -> bool:
+        """A layer whose token mixer is a linear attention (``spec.linear_attention``)."""
+        la = self.spec.linear_attention
+        return la is not None and self.layer_type(layer) == la.layer_type
+
+    def not_applicable_why(self, target: str, layer: int) -> str | None:
+        """Why a target the family has does not hold on this layer, or None where it does."""
+        if target in ("qk", "vo") and self.is_linear_layer(layer):
+            return self.spec.linear_attention.why
+        return None if self.target_applies(target, layer) else self.spec.target_layers[target].why
+
     def target_applies(self, target: str, layer: int) -> bool:
-        """Whether a target the family has holds on this layer (``target_layers``)."""
+        """Whether a target the family has holds on this layer (``target_layers``; no qk or
+        vo on a linear-attention layer)."""
+        if target in ("qk", "vo") and self.is_linear_layer(layer):
+            return False
         rule = self.spec.target_layers.get(target)
         if rule is None or not self.config_flag(rule.when):
             return True
@@ -799,6 +882,9 @@ class Layout:
         for role, opt in spec.optional_tensors.items():
             if self.config_flag(opt.when) and not (opt.unless and self.config_flag(opt.unless)):
                 roles[role] = spec.layer_name(layer, opt.name)
+        if self.is_linear_layer(layer):   # its token mixer: a Gated DeltaNet, not attention
+            roles = {role: name for role, name in roles.items() if role not in ATTENTION_ROLES}
+            roles.update({role: spec.layer_name(layer, name) for role, name in spec.linear_attention.tensors.items()})
         moe = spec.moe
         if moe:
             if self.is_moe_layer(layer):
@@ -843,6 +929,15 @@ class Layout:
         ``kv_groups``: per kv head [its R query heads | k | v] (Megatron's linear_qkv)."""
         info = self.spec.fused[fused_role]
         sizes = [self.part_size(p) for p in info.parts]
+        if info.layout == "key_groups":   # per key head, each part's share of it in turn
+            groups = self.linear.key_heads
+            share = [n // groups for n in sizes]
+            base = torch.arange(groups)[:, None] * sum(share)
+            out, start = {}, 0
+            for p, n in zip(info.parts, share):
+                out[p] = (base + start + torch.arange(n)[None, :]).reshape(-1)
+                start += n
+            return out
         if info.layout == "kv_groups":
             d, r = self.head_dim, self.heads // self.kv_heads
             group = torch.arange(self.kv_heads)[:, None] * ((r + 2) * d)
@@ -889,7 +984,10 @@ class Layout:
         return None
 
     def part_size(self, role: str) -> int:
-        return {"q": self.heads * self.head_dim, "k": self.kv_heads * self.head_dim,
+        if role.startswith("lin_"):
+            return logical_shapes(self, 0)[role][0]
+        q = self.heads * self.head_dim * (2 if self.spec.attention.output_gate else 1)
+        return {"q": q, "k": self.kv_heads * self.head_dim,
                 "v": self.kv_heads * self.head_dim, "gate": self.intermediate, "up": self.intermediate}[role]
 
     def fused_of(self, role: str) -> str | None:
@@ -898,6 +996,26 @@ class Layout:
             if role in info.parts:
                 return fused
         return None
+
+
+@dataclass(frozen=True)
+class LinearDims:
+    """A Gated DeltaNet layer's sizes: key heads (q and k), value heads (each key head serves
+    value_heads / key_heads of them), their dims, and the causal conv's kernel."""
+    key_heads: int
+    value_heads: int
+    key_dim: int
+    value_dim: int
+    conv_kernel: int
+
+
+def _linear_dims(config: dict, la: "LinearAttentionSpec", where: str) -> LinearDims:
+    dims = LinearDims(*(_positive_int(config, key, where) for key in (
+        la.key_heads, la.value_heads, la.key_head_dim, la.value_head_dim, la.conv_kernel)))
+    if dims.value_heads % dims.key_heads:
+        raise WiscaError(f"{where}: {la.value_heads}={dims.value_heads} is not a multiple of "
+                         f"{la.key_heads}={dims.key_heads}")
+    return dims
 
 
 @dataclass(frozen=True)
@@ -1023,6 +1141,12 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
             shared_inter = expert_inter * int(config.get(moe.shared_count) or 0)
 
     layers = _positive_int(config, "num_hidden_layers", where)
+    linear = _linear_dims(config, spec.linear_attention, where) if spec.linear_attention else None
+    if linear is not None:
+        types = config.get("layer_types")
+        if not isinstance(types, list) or len(types) < layers:
+            raise WiscaError(f"{where}: layer_types must list each of the {layers} layers' kind "
+                             f"({spec.linear_attention.layer_type} or full_attention) for {spec.name}")
     att = spec.attention
     if att.nope_interval and not config.get(att.rope_layers):   # as transformers fills the list in
         every = _positive_int(config, att.nope_interval, where)
@@ -1042,6 +1166,7 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
         experts=experts, expert_intermediate=expert_inter, shared_intermediate=shared_inter, mla=mla,
         fused_experts=fused, mxfp4_experts=quantized, fp8_block=fp8_block,
         fp8_weights=frozenset(fp8_weight_names(tensor_names)) if fp8_block and tensor_names is not None else frozenset(),
+        linear=linear,
     )
 
 
@@ -1090,6 +1215,17 @@ def logical_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
         "router": (layout.experts, h), "router_bias": (layout.experts,), "router_correction": (layout.experts,),
         "shared_gate": (1, h), "sinks": (layout.heads,),
     }
+    if layout.spec.attention.output_gate:   # q_proj's rows: [q d | gate d] per head
+        shapes["q"], shapes["q_bias"] = (2 * q_out, h), (2 * q_out,)
+    lin = layout.linear
+    if lin:
+        keys, values = lin.key_heads * lin.key_dim, lin.value_heads * lin.value_dim
+        shapes.update({
+            "lin_q": (keys, h), "lin_k": (keys, h), "lin_v": (values, h), "lin_z": (values, h),
+            "lin_b": (lin.value_heads, h), "lin_a": (lin.value_heads, h),
+            "lin_conv": (2 * keys + values, 1, lin.conv_kernel), "lin_dt_bias": (lin.value_heads,),
+            "lin_A_log": (lin.value_heads,), "lin_norm": (lin.value_dim,), "lin_out": (h, values),
+        })
     mla = layout.mla
     if mla:
         heads, qk = layout.heads, mla.nope + mla.rope
@@ -1156,13 +1292,18 @@ def support_matrix() -> list[dict[str, str]]:
             if rule is not None:   # e.g. "exact (NoPE layers only with use_qk_norm)"
                 row[target] += f" ({'RoPE' if rule.only == 'rope' else 'NoPE'} layers only" + \
                     (f" with {rule.when})" if isinstance(rule.when, str) else ")")
+            if applies and spec.linear_attention and key in ("qk", "vo"):
+                row[target] += " (full-attention layers only)"
+        # the targets that hold on a hybrid family's linear-attention layers
+        row["linear"] = "-" if spec.linear_attention is None else "Gated DeltaNet: " + ", ".join(
+            f"{t} ({row[t].split(' (')[0]})" for t in ("norm", "ffn") if t in spec.targets)
         row["trainer"] = "exact, fused experts" if spec.moe is not None else "exact"
         rows.append(row)
     return rows
 
 
-MATRIX_COLUMNS = (*MATRIX_TARGETS, "trainer")
-MATRIX_HEADINGS = {"trainer": "Trainer checkpoint"}
+MATRIX_COLUMNS = (*MATRIX_TARGETS, "linear", "trainer")
+MATRIX_HEADINGS = {"trainer": "Trainer checkpoint", "linear": "linear-attention layers"}
 
 
 def support_matrix_markdown() -> str:
