@@ -162,7 +162,7 @@ def _load_with(name: str, change) -> None:
      "architectures/llama4.json: missing key 'floor' in attention.temperature"),
     ("llama4", lambda d: d["config_defaults"].update(floor_scale=[1]),
      "architectures/llama4.json: config_defaults.floor_scale must be a number, a string or true/false, got [1]"),
-    ("llama4", lambda d: d["refused_model_types"].update(llama="x"),
+    ("llama4", lambda d: d.update(refused_model_types={"llama": "x"}),
      "architectures/llama4.json: refused_model_types names 'llama', which is served by architectures/llama.json"),
 ])
 def test_bad_spec_is_one_line_naming_file_and_key(name, change, message):
@@ -281,11 +281,19 @@ def test_a_config_key_under_another_name_of_transformers():
         spec.layout_from_config(base)
 
 
-def test_multimodal_llama4_is_refused_in_one_line():
+def test_multimodal_config_reads_as_its_language_model_renamed():
+    """Llama4ForConditionalGeneration's config (model_type llama4, the text model's under
+    text_config): the llama4 family under the names the multimodal checkpoint gives it; one
+    line naming the key when text_config is missing."""
+    lay = spec.layout_from_config({"model_type": "llama4", "text_config": LLAMA4, "tie_word_embeddings": False})
+    text = spec.layout_from_config(LLAMA4)
+    assert lay.spec.name == "llama4" and lay.layers == text.layers and lay.hidden == text.hidden
+    assert (lay.spec.embed, lay.spec.lm_head, lay.spec.layer_prefix) == (
+        "language_model.model.embed_tokens.weight", "language_model.lm_head.weight", "language_model.model.layers.{layer}.")
+    assert lay.layer_roles(0) == {r: "language_model." + n for r, n in text.layer_roles(0).items()}
     with pytest.raises(WiscaError) as e:
-        spec.layout_from_config({"model_type": "llama4", "text_config": LLAMA4})
-    assert str(e.value).startswith("config.json: model_type 'llama4' is not supported: a multimodal Llama 4 ")
-    assert "llama4_text" in str(e.value) and "\n" not in str(e.value)
+        spec.layout_from_config({"model_type": "llama4"})
+    assert str(e.value) == "config.json: a llama4 checkpoint needs its language model's config under 'text_config'"
 
 
 # -- frameworks (frameworks/*.json) ---------------------------------------------------------------

@@ -168,7 +168,7 @@ def _transform_folder(src, dst, opts: TransformOptions, progress, started: float
                 "targets_applied": [t for t in opts.targets if t in ckpt.layout.spec.targets],
                 "targets_not_applicable": [t for t in opts.targets if t not in ckpt.layout.spec.targets],
                 "exactness": exactness,
-                "warnings": warnings, **_mxfp4_report(ckpt), **_fp8_report(ckpt, layers),
+                "warnings": warnings, **_mxfp4_report(ckpt), **_fp8_report(ckpt, layers), **_towers_report(ckpt),
                 "summary": summarise(layers),
                 "verification": result.to_dict() if result else None,
                 "scales_file": SCALES_NAME,
@@ -519,6 +519,25 @@ def _inspect_model(ckpt, granularity: str, norm: str, targets: tuple[str, ...], 
         return report
     finally:
         ckpt.close()
+
+
+def _towers_report(ckpt) -> dict:
+    """``other_towers``: in a multimodal checkpoint (``spec.multimodal``), the tensors outside
+    the language model (vision and audio towers, projectors) by top-level module, each copied
+    byte for byte (nothing for a text-only checkpoint)."""
+    spec = ckpt.layout.spec
+    if spec.multimodal is None or ckpt.config.get("model_type") not in spec.multimodal.model_types:
+        return {}
+    lm = spec.language_model_prefixes()
+    towers: dict[str, dict] = {}
+    for name, info in sorted(ckpt.tensors.items()):
+        if not name.startswith(lm):
+            parts = name.split(".")
+            root = ".".join(parts[:2] if parts[0] == "model" and len(parts) > 2 else parts[:1])
+            t = towers.setdefault(root, {"module": root, "tensors": 0, "bytes": 0, "copied_unchanged": True})
+            t["tensors"] += 1
+            t["bytes"] += info.nbytes
+    return {"other_towers": list(towers.values())}
 
 
 def _mxfp4_report(ckpt) -> dict:

@@ -310,6 +310,9 @@ def transform(
                                    f"{result['options']['granularity']} granularity"))
         for t in result["targets_not_applicable"]:
             out.print(f"[yellow]target {t}: not applicable to {result['architecture']}[/yellow]")
+        for t in result.get("other_towers") or []:   # a multimodal checkpoint: only its language model changes
+            out.print(f"{t['module']}: {t['tensors']} tensors ({t['bytes'] / 2**20:.1f} MiB) copied byte for byte "
+                      f"(not part of the language model)")
         out.print(_verification_line(result["verification"]))
     _print_training_state(result, json_out)
     if not json_out:

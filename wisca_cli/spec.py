@@ -499,6 +499,18 @@ class LinearAttentionSpec(_Section):
 
 
 @dataclass(frozen=True)
+class MultimodalSpec(_Section):
+    """The family as released inside a multimodal checkpoint (``*ForConditionalGeneration``):
+    config.json's ``model_type`` is one of ``model_types`` and the language model's config sits
+    under ``text_config``; its tensors carry other name prefixes (``renames``: the text model's
+    prefix -> the one there, e.g. ``model.`` -> ``model.language_model.``). Every other tensor
+    (the vision and audio towers, the projector) is copied byte for byte and reported so."""
+    model_types: tuple[str, ...] = _spec_field(_str_list(nonempty=True))
+    renames: Mapping[str, str] = _spec_field(_mapping(_string))
+    text_config: str = _spec_field(_string, "text_config")
+
+
+@dataclass(frozen=True)
 class ArchSpec(_Section):
     name: str = _spec_field(_string)
     model_types: tuple[str, ...] = _spec_field(_str_list(nonempty=True))
@@ -547,6 +559,8 @@ class ArchSpec(_Section):
     fp8: str | None = _spec_field(_string, None)
     # hybrid families: a Gated DeltaNet token mixer on some layers (None: attention on every layer)
     linear_attention: LinearAttentionSpec | None = _spec_field(_section(LinearAttentionSpec), None)
+    # the multimodal checkpoint the family is released in (its language model transformed)
+    multimodal: MultimodalSpec | None = _spec_field(_section(MultimodalSpec), None)
 
     def check(self, where: str, label: str) -> None:
         if "{layer}" not in self.layer_prefix:
@@ -592,6 +606,22 @@ class ArchSpec(_Section):
         return replace(self, name=f"{self.name}+{name}", embed=a.embed, final_norm=a.final_norm,
                        lm_head=a.lm_head, layer_prefix=a.layer_prefix, attention=attention,
                        layer_tensors=MappingProxyType(dict(a.layer_tensors)), fused=fused)
+
+    def inside_multimodal(self) -> "ArchSpec":
+        """This family's names inside its multimodal checkpoint (``multimodal.renames``)."""
+        def renamed(name: str) -> str:
+            for prefix, there in self.multimodal.renames.items():
+                if name.startswith(prefix):
+                    return there + name[len(prefix):]
+            return name
+
+        return replace(self, embed=renamed(self.embed), final_norm=renamed(self.final_norm),
+                       lm_head=renamed(self.lm_head), layer_prefix=renamed(self.layer_prefix))
+
+    def language_model_prefixes(self) -> tuple[str, ...]:
+        """Name prefixes of the language model's tensors (inside a multimodal checkpoint: renamed)."""
+        names = (self.embed, self.final_norm, self.lm_head, self.layer_prefix.split("{layer}")[0])
+        return tuple(sorted(set(names)))
 
     def memory_name(self, name: str) -> str:
         """A saved tensor name as transformers 5 names it in memory (``memory_renames``)."""
@@ -683,7 +713,7 @@ def load_specs(files: Mapping[str, Any]) -> dict[str, ArchSpec]:
     for name in sorted(raw, key=lambda n: (depth(n), n)):
         where = raw[name][0]
         spec = _build(ArchSpec, _resolved(name, raw), where, "", partial=False)
-        for model_type in spec.model_types:
+        for model_type in spec.model_types + (spec.multimodal.model_types if spec.multimodal else ()):
             if model_type in owner:
                 raise WiscaError(f"{where}: model_type {model_type!r} is also served by {raw[owner[model_type]][0]}")
             owner[model_type] = name
@@ -718,7 +748,8 @@ def shipped_specs() -> dict[str, ArchSpec]:
 @lru_cache(maxsize=None)
 def all_specs() -> dict[str, ArchSpec]:
     """model_type -> spec, for every family shipped."""
-    return {model_type: spec for spec in shipped_specs().values() for model_type in spec.model_types}
+    return {model_type: spec for spec in shipped_specs().values()
+            for model_type in spec.model_types + (spec.multimodal.model_types if spec.multimodal else ())}
 
 
 def supported_model_types() -> list[str]:
@@ -1066,6 +1097,15 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
     if not isinstance(config, dict):
         raise WiscaError(f"{where}: expected a JSON object")
     spec = spec if spec is not None else spec_for(config.get("model_type"), where)
+    mm = spec.multimodal
+    if mm is not None and config.get("model_type") in mm.model_types:   # the language model inside
+        text = config.get(mm.text_config)
+        if not isinstance(text, dict):
+            raise WiscaError(f"{where}: a {config.get('model_type')} checkpoint needs its language model's "
+                             f"config under {mm.text_config!r}")
+        tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings"))
+        config = {**text, **({} if tied is None else {"tie_word_embeddings": tied})}
+        spec = spec.inside_multimodal()
     mxfp4_key = spec.moe.mxfp4 if spec.moe else None
     quant = config.get(mxfp4_key) if mxfp4_key else None
     is_mxfp4 = isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"

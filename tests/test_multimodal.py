@@ -1,0 +1,141 @@
+"""Checkpoints released multimodal (``*ForConditionalGeneration``): the language model inside is
+transformed, every other tower is copied byte for byte and reported, and transformers' own
+multimodal class loads the output and gives the same logits on text and on an image.
+
+Each tiny model is built with transformers' own multimodal class (a vision tower and projector, and
+the text model of its ``ARCH_FAMILIES`` entry: Qwen3.5's hybrid layers, Llama 4's MoE / NoPE
+layers), every vector perturbed, and its language model skewed through the spec's own pairs with
+transformers checking the text logits (``conftest.skew_by_spec``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import wisca_cli as wisca
+from conftest import ARCH_BASE, ARCH_FAMILIES, BASE_CONFIG, probe_tokens, run_cli, skew_by_spec
+
+IMAGE, START, END = 120, 122, 123
+
+
+def _text(family: str) -> dict:
+    return {k: v for k, v in {**BASE_CONFIG, **ARCH_BASE, **ARCH_FAMILIES[family][1]}.items() if v is not None}
+
+
+def _qwen3_5():
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64)
+    cfg = Qwen3_5Config(text_config=_text("qwen3_5"), vision_config=vision, image_token_id=IMAGE, video_token_id=121,
+                        vision_start_token_id=START, vision_end_token_id=END)
+    return Qwen3_5ForConditionalGeneration, cfg
+
+
+def _llama4():
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=16,
+                  patch_size=8, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
+                  pixel_shuffle_ratio=0.5, rope_theta=10000)
+    cfg = Llama4Config(text_config=_text("llama4"), vision_config=vision, image_token_index=IMAGE,
+                       boi_token_index=START, eoi_token_index=END)
+    return Llama4ForConditionalGeneration, cfg
+
+
+# family -> (builder, the image input its class takes, the towers' module names)
+FAMILIES = {
+    "qwen3_5": (_qwen3_5, lambda g: dict(   # a 1 x 4 x 4 patch grid: 4 tokens after the 2 x 2 merge
+        input_ids=torch.tensor([[5, START, IMAGE, IMAGE, IMAGE, IMAGE, END, 7, 9, 11, 13]]),
+        pixel_values=torch.randn(16, 3 * 2 * 4 * 4, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]]),
+        mm_token_type_ids=torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0]])), ["model.visual"]),
+    "llama4": (_llama4, lambda g: dict(     # a 16 x 16 image, 4 patches, 1 token after the pixel shuffle
+        input_ids=torch.tensor([[5, START, IMAGE, END, 7, 9, 11]]), pixel_values=torch.randn(1, 3, 16, 16, generator=g)),
+        ["multi_modal_projector", "vision_model"]),
+}
+
+
+@pytest.fixture(scope="module")
+def multimodal(tmp_path_factory):
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            build, _, _ = FAMILIES[family]
+            cls, cfg = build()
+            path = tmp_path_factory.mktemp("mm") / family
+            torch.manual_seed(0)
+            model = cls(cfg)
+            with torch.no_grad():   # every vector away from its init, so each scaling shows
+                for _, p in model.named_parameters():
+                    if p.dim() == 1:
+                        p.add_(torch.randn_like(p) * 0.1)
+            model.save_pretrained(path)
+            skew_by_spec(path)   # the language model unbalanced, its text logits checked in transformers
+            cache[family] = (cls, path)
+        return cache[family]
+
+    return get
+
+
+def _logits(cls, path, image: dict | None) -> torch.Tensor:
+    model = cls.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(**(image or {"input_ids": probe_tokens()})).logits
+
+
+def _tensors(path) -> dict[str, bytes]:
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_language_model_transformed_towers_copied_and_multimodal_class_agrees(family, multimodal, tmp_path):
+    """--targets vo,ffn (exact on both): the multimodal class gives bit-identical logits on text and
+    on an image; every tower tensor is byte-identical and reported; the language model's changed;
+    undo gives every tensor back."""
+    cls, src = multimodal(family)
+    _, image, towers = FAMILIES[family]
+    out = tmp_path / "out"
+    res = run_cli("transform", src, out, "--targets", "vo,ffn", "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["model_type"] == family and report["verification"]["mode"] == "exact"
+    before, after = _tensors(src), _tensors(out)
+    tower = {m: [k for k in before if k.startswith(m + ".")] for m in towers}
+    assert all(tower.values()) and all(after[k] == before[k] for names in tower.values() for k in names)
+    assert report["other_towers"] == [{"module": m, "tensors": len(tower[m]), "bytes": sum(len(before[k]) for k in tower[m]),
+                                       "copied_unchanged": True} for m in towers]
+    changed = [k for k in before if after[k] != before[k]]
+    assert changed and not any(k.startswith(tuple(towers)) for k in changed)
+    for inputs in (None, image(torch.Generator().manual_seed(1))):
+        assert torch.equal(_logits(cls, out, inputs), _logits(cls, src, inputs))
+    assert run_cli("undo", out, tmp_path / "back").returncode == 0
+    assert _tensors(tmp_path / "back") == before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_targets_on_the_multimodal_checkpoint(family, multimodal, tmp_path):
+    """Defaults: exit 0 (Qwen3.5's qk on its (1 + w) QK-norm rounds: tolerance), the human report
+    names each tower copied, the multimodal class agrees on text and on an image (bit for bit where
+    every target is exact), inspect reads the output."""
+    cls, src = multimodal(family)
+    _, image, towers = FAMILIES[family]
+    out = tmp_path / "out"
+    res = run_cli("transform", src, out, "--json")
+    assert res.returncode == 0, res.stderr
+    exact = json.loads(res.stdout)["verification"]["mode"] == "exact"
+    human = run_cli("transform", src, tmp_path / "again")
+    assert human.returncode == 0 and all(f"{m}: " in human.stdout for m in towers)
+    assert "copied byte for byte" in human.stdout
+    for inputs in (None, image(torch.Generator().manual_seed(1))):
+        a, b = _logits(cls, src, inputs), _logits(cls, out, inputs)
+        if exact:
+            assert torch.equal(a, b)
+        la, lb = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+        assert (la.exp() * (la - lb)).sum(-1).mean() <= 1e-6 and (a.argmax(-1) == b.argmax(-1)).all()
+    assert set(wisca.inspect(out)["summary"]) <= {"qk", "vo", "ffn"}
