@@ -3,8 +3,8 @@ transformed, every other tower is copied byte for byte and reported, and transfo
 multimodal class loads the output and gives the same logits on text and on an image.
 
 Each tiny model is built with transformers' own multimodal class (a vision tower and projector, and
-the text model of its ``ARCH_FAMILIES`` entry: Qwen3.5's hybrid layers, Llama 4's MoE / NoPE
-layers), every vector perturbed, and its language model skewed through the spec's own pairs with
+the text model of its ``ARCH_FAMILIES`` entry: Qwen3.5's hybrid layers, Qwen3.5-MoE's with experts,
+Llama 4's MoE / NoPE layers), every vector perturbed, and its language model skewed through the spec's own pairs with
 transformers checking the text logits (``conftest.skew_by_spec``).
 """
 
@@ -36,6 +36,16 @@ def _qwen3_5():
     return Qwen3_5ForConditionalGeneration, cfg
 
 
+def _qwen3_5_moe():
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64)
+    cfg = Qwen3_5MoeConfig(text_config=_text("qwen3_5_moe"), vision_config=vision, image_token_id=IMAGE,
+                           video_token_id=121, vision_start_token_id=START, vision_end_token_id=END)
+    return Qwen3_5MoeForConditionalGeneration, cfg
+
+
 def _llama4():
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
@@ -47,12 +57,17 @@ def _llama4():
     return Llama4ForConditionalGeneration, cfg
 
 
-# family -> (builder, the image input its class takes, the towers' module names)
+def _qwen_image(g: torch.Generator) -> dict:
+    """A 1 x 4 x 4 patch grid: 4 image tokens after the 2 x 2 merge."""
+    return dict(input_ids=torch.tensor([[5, START, IMAGE, IMAGE, IMAGE, IMAGE, END, 7, 9, 11, 13]]),
+                pixel_values=torch.randn(16, 3 * 2 * 4 * 4, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]]),
+                mm_token_type_ids=torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0]]))
+
+
+# model_type -> (builder, the image input its class takes, the towers' module names)
 FAMILIES = {
-    "qwen3_5": (_qwen3_5, lambda g: dict(   # a 1 x 4 x 4 patch grid: 4 tokens after the 2 x 2 merge
-        input_ids=torch.tensor([[5, START, IMAGE, IMAGE, IMAGE, IMAGE, END, 7, 9, 11, 13]]),
-        pixel_values=torch.randn(16, 3 * 2 * 4 * 4, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]]),
-        mm_token_type_ids=torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0]])), ["model.visual"]),
+    "qwen3_5": (_qwen3_5, _qwen_image, ["model.visual"]),
+    "qwen3_5_moe": (_qwen3_5_moe, _qwen_image, ["model.visual"]),
     "llama4": (_llama4, lambda g: dict(     # a 16 x 16 image, 4 patches, 1 token after the pixel shuffle
         input_ids=torch.tensor([[5, START, IMAGE, END, 7, 9, 11]]), pixel_values=torch.randn(1, 3, 16, 16, generator=g)),
         ["multi_modal_projector", "vision_model"]),
