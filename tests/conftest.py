@@ -158,6 +158,11 @@ ARCH_FAMILIES = {
                                              linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12,
                                              linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
                                              moe_intermediate_size=32, shared_expert_intermediate_size=48)),
+    # OLMo-hybrid: a pre-norm Gated DeltaNet layer (separate q/k/v/g/a/b projections, beta doubled, its
+    # conv saved as q_conv1d / k_conv1d / v_conv1d) then a post-norm OLMo 2 attention layer (full QK-norm)
+    "olmo_hybrid": ("olmo_hybrid", dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                                        linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=12,
+                                        linear_conv_kernel_dim=4)),
     # the MoE families saved as transformers 5 holds them in memory (FUSED_ON_DISK): experts fused in
     # 3-D tensors, gate_up_proj [E, 2I, H] and down_proj [E, H, I] (2I != H, so no axis can pass for another)
     "mixtral-fused": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24)),

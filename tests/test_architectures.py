@@ -307,7 +307,7 @@ def _without_yarn(path, tmp_path):
     return plain
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5", "olmo_hybrid"])
 def test_linear_attention_layers_keep_norm_and_ffn_only(family, arch_ckpt, transformed, tmp_path):
     """A Gated DeltaNet layer (layer 0 of these fixtures): the spec leaves qk and vo out there and
     the report says so; the norm target pairs the input norm with every input projection and the
@@ -324,7 +324,9 @@ def test_linear_attention_layers_keep_norm_and_ffn_only(family, arch_ckpt, trans
     assert [lay.is_linear_layer(i) for i in range(2)] == [True, False]
     everything = ("qk", "vo", "ffn", "norm")
     assert sorted(p.kind for p in layer_pairs(lay, 0, everything, "channel")) == ["ffn", "norm"]
-    assert sorted(p.kind for p in layer_pairs(lay, 1, everything, "channel")) == ["ffn", "norm", "qk", "vo"]
+    post_norm = family == "olmo_hybrid"   # its attention layers are post-norm: no norm target there
+    assert sorted(p.kind for p in layer_pairs(lay, 1, everything, "channel")) == \
+        ["ffn", "qk", "vo"] if post_norm else ["ffn", "norm", "qk", "vo"]
     norm = next(p for p in layer_pairs(lay, 0, ("norm",), "channel"))
     lin = lay.linear
     out = next(m for m in norm.members if m.role == "lin_out")
@@ -355,3 +357,52 @@ def test_linear_attention_layers_keep_norm_and_ffn_only(family, arch_ckpt, trans
         save_file({**tensors, **{names[r]: t.contiguous() for r, t in scaled.items()}}, bad / "model.safetensors",
                   metadata={"format": "pt"})
         assert (hf_logits(bad, ids) - ref).abs().max() > 1e-3, kind
+
+
+def test_olmo_hybrid_norm_target_holds_on_its_linear_attention_layers_only(arch_ckpt, tmp_path):
+    """OLMo-hybrid: pre-norm Gated DeltaNet layers (attention_layer_norm, feedforward_layer_norm as
+    saved) between post-norm OLMo 2 attention layers (feedforward_layer_norm there is the norm after
+    the attention). The norm target pairs the pre-norms with their readers and the report says it
+    does not apply on the attention layers; pairing the post-attention norm with the MLP's input
+    columns there anyway changes transformers' logits (the residual keeps the unscaled branch), so
+    the restriction is needed. The conv, saved as three tensors, is read as one and left as saved."""
+    from safetensors.torch import save_file
+
+    from wisca_cli.balance import apply_scales
+    from wisca_cli.pairs import Member, Pair, layer_pairs, to_physical
+
+    src = arch_ckpt("olmo_hybrid")
+    lay = open_checkpoint(src).layout
+    assert lay.conv_split
+    linear_roles, attention_roles = lay.layer_roles(0), lay.layer_roles(1)
+    assert linear_roles["attn_norm"].endswith("attention_layer_norm.weight")
+    assert linear_roles["mlp_norm"].endswith("feedforward_layer_norm.weight")
+    assert attention_roles["post_attn_norm"].endswith("feedforward_layer_norm.weight")
+    assert "attn_norm" not in attention_roles and "post_attn_norm" not in linear_roles
+    norm = next(p for p in layer_pairs(lay, 0, ("norm",), "channel"))
+    assert {m.role for m in norm.members} == {"attn_norm", "mlp_norm", "lin_norm", "lin_q", "lin_k", "lin_v",
+                                              "lin_z", "lin_b", "lin_a", "gate", "up", "lin_out"}
+    out = tmp_path / "out"
+    report = wisca.transform(src, out, targets=("qk", "vo", "ffn", "norm"))
+    assert report["verification"]["identical"] and report["summary"]["norm"]["units_changed"] > 0
+    assert torch.equal(hf_logits(out, probe_tokens()), hf_logits(src, probe_tokens()))
+    assert any(w["message"].startswith("norm is not applicable on layers 1: a post-norm attention layer")
+               for w in report["warnings"])
+    tensors, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    for part in ("q_conv1d", "k_conv1d", "v_conv1d"):
+        name = f"model.layers.0.linear_attn.{part}.weight"
+        assert torch.equal(tensors[name], after[name])
+
+    h = lay.hidden
+    tried = Pair("norm", h, torch.zeros(h, dtype=torch.long),
+                 (Member("post_attn_norm", 0, torch.arange(h), +1), Member("gate", 1, torch.arange(h), -1),
+                  Member("up", 1, torch.arange(h), -1)))
+    pair = to_physical(lay, tried)
+    s = torch.exp2(torch.randint(-3, 4, (h,), generator=torch.Generator().manual_seed(0))).double()
+    scaled = apply_scales(pair, {m.role: tensors[attention_roles[m.role]] for m in pair.members}, s)
+    bad = tmp_path / "post-norm"
+    shutil.copytree(src, bad)
+    save_file({**tensors, **{attention_roles[r]: t.contiguous() for r, t in scaled.items()}},
+              bad / "model.safetensors", metadata={"format": "pt"})
+    ids = probe_tokens()
+    assert (hf_logits(bad, ids) - hf_logits(src, ids)).abs().max() > 1e-3

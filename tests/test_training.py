@@ -405,6 +405,52 @@ def test_fused_on_disk_trainer_moments_follow_bit_for_bit(family, tmp_path):
         assert torch.equal(a["exp_avg"], b["exp_avg"] / s) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"] / (s * s))
 
 
+# dense hybrid families (their MoE ones are in MOE_FAMILIES): Gated DeltaNet layers beside attention;
+# OLMo-hybrid's norms are renamed in memory and its conv is one parameter saved as three tensors
+HYBRID_DENSE = ["qwen3_5", "olmo_hybrid"]
+
+
+@pytest.mark.parametrize("family", HYBRID_DENSE)
+def test_hybrid_trainer_moments_follow_bit_for_bit(family, tmp_path):
+    """A Trainer checkpoint of a hybrid family, every target: logits bit-identical in transformers,
+    Adam's moments exp_avg / S and exp_avg_sq / S**2 bit for bit for every parameter (the conv and
+    the other untouched ones unchanged), training continues from the output."""
+    from conftest import build, hf_logits, probe_tokens
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from wisca_cli.spec import spec_for
+
+    start = build(tmp_path / "start", family, skew="spec")
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, attn_implementation="eager")
+    trainer = Trainer(model=model, args=_args(tmp_path / "run", SAVE), train_dataset=_dataset(8))
+    trainer.train()
+    ckpt, out = tmp_path / "run" / f"checkpoint-{SAVE}", tmp_path / "out"
+    report = wisca.transform(ckpt, out, targets=("qk", "vo", "ffn", "norm"))
+    opt = report["training_state"]["optimizer"]
+    assert opt["transformed"] and opt["exact"] and opt["underflow"] == 0   # moments: powers of two divide exactly
+    inexact = set(spec_for(model.config.model_type).inexact_targets)   # Qwen3.5's (1 + w) norms round
+    before_logits, after_logits = hf_logits(ckpt, probe_tokens()), hf_logits(out, probe_tokens())
+    assert report["verification"]["mode"] == ("tolerance" if inexact else "exact")
+    assert torch.equal(before_logits, after_logits) if not inexact else \
+        torch.allclose(before_logits, after_logits, atol=1e-4)
+    mult, names = wisca.scale_multipliers(out), optimizer_parameter_names(ckpt)
+    assert sum(bool((m != 1).any()) for m in mult.values()) >= 4
+    before, after = _load(ckpt / "optimizer.pt"), _load(out / "optimizer.pt")
+    assert len(before["state"]) == len(names) == len(list(model.parameters()))
+    conv = [k for k, n in names.items() if n.endswith("linear_attn.conv1d.weight")]
+    assert conv
+    for key, b in before["state"].items():
+        s = mult.get(names[key], torch.ones(1, dtype=torch.float64)).float()
+        a = after["state"][key]
+        assert torch.equal(a["exp_avg"], b["exp_avg"] / s) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"] / (s * s))
+    for key in conv:
+        assert torch.equal(after["state"][key]["exp_avg"], before["state"][key]["exp_avg"])
+    resumed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    more = Trainer(model=resumed, args=_args(tmp_path / "more", SAVE + 2), train_dataset=_dataset(8))
+    more.train(resume_from_checkpoint=str(out))
+    assert more.state.global_step == SAVE + 2
+
+
 @pytest.fixture(scope="module", params=MOE_FAMILIES)
 def moe_trained(request, tmp_path_factory):
     """(family, checkpoint-2 of a Trainer run on a skewed tiny MoE, {position: in-memory name})."""

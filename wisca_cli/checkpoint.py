@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from .errors import WiscaError, reason
 from .fileio import PAGE, InputFile, OutputFile
 from .fp8 import SCALE_SUFFIX as FP8_SCALE
-from .spec import Layout, expected_shapes, layout_from_config
+from .spec import CONV_PARTS, Layout, expected_shapes, layout_from_config, logical_shapes
 
 from .formats import INDEX_NAME, SINGLE_NAME  # noqa: F401 - one definition, re-exported
 
@@ -245,7 +245,8 @@ def open_checkpoint(src: str | os.PathLike, revision: str | None = None) -> Chec
         extra = sorted(set(tensors) - set(weight_map))
         if extra:
             raise WiscaError(f"{root / tensors[extra[0]].shard}: tensor {extra[0]} is not listed in {INDEX_NAME}")
-    if layout.spec.moe is not None or layout.fp8_block:   # how experts / FP8 weights are stored: the names tell
+    la = layout.spec.linear_attention
+    if layout.spec.moe is not None or layout.fp8_block or la and la.conv_split:   # how they are stored: the names tell
         layout = layout_from_config(config, str(root / "config.json"), tensors)
     ckpt = Checkpoint(root, config, layout, shards, tensors, index_path, source)
     validate(ckpt)
@@ -258,7 +259,7 @@ def _check_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str
     if name not in ckpt.tensors:
         raise WiscaError(f"{ckpt.root}: {what} tensor {name} is missing")
     info = ckpt.tensors[name]
-    if info.shape != shape:
+    if len(info.shape) != len(shape) or any(n != want for n, want in zip(info.shape, shape) if want != -1):
         extra = f" (weight_block_size {list(ckpt.layout.fp8_block)})" if fp8_kind == "scales" else ""
         raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has shape {list(info.shape)}, "
                          f"expected {list(shape)} from config.json{extra}")
@@ -303,6 +304,13 @@ def validate(ckpt: Checkpoint) -> None:
         for name, shape in expected_shapes(lay, layer).items():
             _check_tensor(ckpt, name, shape, f"layer {layer}", name in quantized, fp8_kind.get(name))
             known.add(name)
+        if lay.conv_split and lay.is_linear_layer(layer):   # the conv's parts add up to its channels
+            parts = [roles[r] for r in CONV_PARTS]
+            want = logical_shapes(lay, layer)["lin_conv"][0]
+            got = sum(ckpt.tensors[n].shape[0] for n in parts)
+            if got != want:
+                raise WiscaError(f"{ckpt.root / ckpt.tensors[parts[0]].shard}: tensors {', '.join(parts)} "
+                                 f"have {got} channels together, expected {want} from config.json")
     for name in ckpt.tensors:
         m = pattern.match(name)
         if m and name not in known:

@@ -177,6 +177,8 @@ def logical(layout: Layout, w: dict) -> dict:
                 w[part] = w[fused][rows]
                 if fused + "_bias" in w:
                     w[part + "_bias"] = w[fused + "_bias"][rows]
+    if layout.conv_split and "lin_conv_q" in w:   # the conv saved in parts, as transformers loads it
+        w = {**w, "lin_conv": torch.cat([w["lin_conv_q"], w["lin_conv_k"], w["lin_conv_v"]])}
     if layout.fused_experts and any(k.startswith("experts.") for k in w):
         w = dict(w)
         for fused, info in layout.spec.moe.fused_experts.items():
@@ -328,10 +330,11 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
 
 
 def linear_attention(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
-    """A Gated DeltaNet token mixer (Qwen3-Next, Qwen3.5): q, k, v through a depthwise causal
-    conv and SiLU, q and k L2-normalised per head (q also / sqrt(dk)), beta = sigmoid(b),
-    decay g = -exp(A_log) softplus(a + dt_bias); the rule's output through an RMSNorm per
-    value head (weight ``lin_norm``, no offset) times SiLU(z), then ``lin_out``."""
+    """A Gated DeltaNet token mixer (Qwen3-Next, Qwen3.5, OLMo-hybrid): q, k, v through a
+    depthwise causal conv and SiLU, q and k L2-normalised per head (q also / sqrt(dk)),
+    beta = sigmoid(b) (doubled with the spec's ``beta_doubled`` flag), decay
+    g = -exp(A_log) softplus(a + dt_bias); the rule's output through an RMSNorm per value head
+    (weight ``lin_norm``, the spec's offset and eps) times SiLU(z), then ``lin_out``."""
     lin, (batch, length, _) = layout.linear, x.shape
     hk, hv, dk, dv = lin.key_heads, lin.value_heads, lin.key_dim, lin.value_dim
     mixed = torch.cat([linear(x, w, "lin_q"), linear(x, w, "lin_k"), linear(x, w, "lin_v")], dim=-1).transpose(1, 2)
@@ -340,7 +343,10 @@ def linear_attention(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
     mixed = F.silu(mixed[..., :length]).to(x.dtype).transpose(1, 2)
     q, k, v = mixed.split([hk * dk, hk * dk, hv * dv], dim=-1)
     q, k, v = q.reshape(batch, length, hk, dk), k.reshape(batch, length, hk, dk), v.reshape(batch, length, hv, dv)
+    la = layout.spec.linear_attention
     beta = torch.sigmoid(linear(x, w, "lin_b"))
+    if la.beta_doubled and layout.config_flag(la.beta_doubled):   # OLMo-hybrid: beta in [0, 2]
+        beta = beta * 2.0
     g = -w["lin_A_log"].float().exp() * F.softplus(linear(x, w, "lin_a").float() + w["lin_dt_bias"])
     if hv != hk:   # each key head serves hv / hk consecutive value heads
         q, k = q.repeat_interleave(hv // hk, dim=2), k.repeat_interleave(hv // hk, dim=2)
@@ -350,10 +356,11 @@ def linear_attention(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
     core = gated_delta_rule(q, k, v, g, beta).to(x.dtype)
     z = linear(x, w, "lin_z").reshape(batch, length, hv, dv)
     cf = core.float()
-    normed = (cf * torch.rsqrt(cf.pow(2).mean(-1, keepdim=True) + layout.eps)).to(x.dtype)
+    eps = layout.eps if la.norm_eps is None else la.norm_eps
+    normed = (cf * torch.rsqrt(cf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     weight = w["lin_norm"].to(x.dtype)
-    if layout.spec.linear_attention.norm_offset:
-        weight = layout.spec.linear_attention.norm_offset + weight
+    if la.norm_offset:
+        weight = la.norm_offset + weight
     y = ((weight * normed) * F.silu(z.float())).to(x.dtype)
     return linear(y.reshape(batch, length, hv * dv), w, "lin_out")
 

@@ -24,7 +24,8 @@ The names and shapes of the saved tensors come from transformers' own
 in the fused parameter comes from the converter's operations, of which wisca reads
 ``MergeModulelist(dim=0)`` (stack over experts) optionally followed by
 ``Concatenate(dim=d)`` (the source patterns' stacks side by side along ``d``, in the
-converter's order). Any other operation is refused by name, never guessed. A transformers
+converter's order), and a plain ``Concatenate(dim=d)`` of named parts (OLMo-hybrid's conv,
+saved as its q, k and v channels). Any other operation is refused by name, never guessed. A transformers
 without a conversion mapping (4.x) keeps the saved layout in memory: every parameter is
 its own checkpoint tensor.
 """
@@ -128,9 +129,10 @@ def _converter_of(saved: list[str], converters: list) -> tuple[object, list[tupl
         found = []
         for name in saved:
             hits = [(k, m) for k, r in enumerate(regexes) if (m := r.search(name))]
-            if len(hits) != 1 or len(hits[0][1].groups()) != 1:
+            if len(hits) != 1 or len(hits[0][1].groups()) > 1:
                 break
-            found.append((hits[0][0], int(hits[0][1].group(1)), name))
+            groups = hits[0][1].groups()
+            found.append((hits[0][0], int(groups[0]) if groups else -1, name))
         else:
             return conv, found
     return None, []
@@ -151,6 +153,37 @@ def _op_chain(conv) -> int | None:
     return None
 
 
+def _plain_concat(conv) -> int | None:
+    """The dim of a converter that only concatenates its source tensors (``Concatenate(dim=d)``
+    of plain names, no expert index), None for any other."""
+    from transformers.core_model_loading import Concatenate
+
+    ops = list(getattr(conv, "operations", []) or [])
+    if len(ops) == 1 and type(ops[0]) is Concatenate and not any("*" in p for p in conv.source_patterns):
+        return ops[0].dim
+    return None
+
+
+def _concat_param(name: str, shape: tuple[int, ...], saved: dict[str, tuple[int, ...]],
+                  found: list[tuple[int, int, str]], dim: int, where: str) -> Param:
+    """The parameter as its saved parts side by side along ``dim``, in the converter's order
+    (the sizes ``save_pretrained`` gives them, which loading concatenates back)."""
+    order = sorted(found)
+    if [k for k, _, _ in order] != list(range(len(order))):
+        raise WiscaError(f"{where}: its saved parts {sorted(saved)} are not one per source pattern")
+    pieces, start = [], 0
+    for _, _, n in order:
+        s = saved[n]
+        if len(s) != len(shape) or any(a != b for d, (a, b) in enumerate(zip(s, shape)) if d != dim):
+            raise WiscaError(f"{where}: its saved part {n} {list(s)} does not fit it along dim {dim}")
+        pieces.append(Piece(n, tuple(start if d == dim else 0 for d in range(len(shape))), tuple(s),
+                            tuple(range(len(shape)))))
+        start += s[dim]
+    if start != shape[dim]:
+        raise WiscaError(f"{where}: its saved parts add up to {start} along dim {dim}, not {shape[dim]}")
+    return Param(name, tuple(shape), tuple(pieces))
+
+
 def _fused_param(name: str, shape: tuple[int, ...], saved: dict[str, tuple[int, ...]], converters: list) -> Param:
     conv, found = _converter_of(list(saved), converters)
     ops = [repr(o) for o in getattr(conv, "operations", [])] if conv is not None else []
@@ -158,6 +191,9 @@ def _fused_param(name: str, shape: tuple[int, ...], saved: dict[str, tuple[int, 
     if conv is None:
         raise WiscaError(f"{where}: transformers saves it as {len(saved)} tensors ({next(iter(saved))}, ...) "
                          f"through a conversion wisca cannot read")
+    concat = _plain_concat(conv)
+    if concat is not None:   # one tensor saved in parts along a dim (OLMo-hybrid's conv: q | k | v)
+        return _concat_param(name, shape, saved, found, concat, where)
     cat = _op_chain(conv)
     if cat is None:
         raise WiscaError(f"{where}: transformers fuses it from {conv.source_patterns} with operations {ops}; "

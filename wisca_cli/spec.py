@@ -30,6 +30,7 @@ SPEC_TARGETS = ("qk", "vo", "ffn", "norm")          # the symmetries pairs.py bu
 LINEAR_ROLES = ("lin_q", "lin_k", "lin_v", "lin_z", "lin_b", "lin_a", "lin_conv", "lin_dt_bias", "lin_A_log",
                 "lin_norm", "lin_out")
 FUSABLE_PARTS = ("q", "k", "v", "gate", "up", *LINEAR_ROLES[:6])   # logical roles a fused tensor may hold
+CONV_PARTS = ("lin_conv_q", "lin_conv_k", "lin_conv_v")   # lin_conv saved in parts (conv_split)
 # the roles of an attention block, absent from a layer whose token mixer is a linear attention
 ATTENTION_ROLES = ("q", "k", "v", "o", "qkv", "q_norm", "k_norm", "q_bias", "k_bias", "v_bias", "o_bias",
                    "qkv_bias", "q_norm_bias", "k_norm_bias", "sinks")
@@ -484,6 +485,18 @@ class LinearAttentionSpec(_Section):
     norm_readers: Mapping[str, tuple[str, ...]] = _spec_field(_mapping(_str_list()))
     why: str = _spec_field(_string)                      # the report's reason: no qk, no vo here
     norm_offset: float = _spec_field(_number, 0.0)       # lin_norm's stored w is the factor (offset + w)
+    norm_eps: float | None = _spec_field(_number, None)   # lin_norm's eps (None: the model's rms_norm_eps)
+    # config flag: beta = 2 sigmoid(b) where set (OLMo-hybrid's linear_allow_neg_eigval)
+    beta_doubled: str | None = _spec_field(_string, None)
+    # the decoder layer's own tensors that differ on these layers: role -> name (OLMo-hybrid's
+    # pre-norm linear-attention layers beside its post-norm attention ones), and the roles they lack
+    layer_tensors: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
+    drop: tuple[str, ...] = _spec_field(_str_list(), ())
+    # lin_conv as saved: its q, k and v channels in separate tensors (in that order), which
+    # transformers concatenates on load (OLMo-hybrid's q_conv1d, k_conv1d, v_conv1d)
+    conv_split: tuple[str, ...] = _spec_field(_str_list(), ())
+    # targets that hold on these layers but not on the family's full-attention layers -> why not there
+    full_attention_lacks: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
 
     def check(self, where: str, label: str) -> None:
         for role in self.tensors:
@@ -496,6 +509,12 @@ class LinearAttentionSpec(_Section):
             bad = [r for r in readers if r not in LINEAR_ROLES]
             if bad:
                 raise WiscaError(f"{where}: {label}.norm_readers.{norm}: {bad[0]!r} is not a linear-attention role")
+        if self.conv_split and len(self.conv_split) != 3:
+            raise WiscaError(f"{where}: {label}.conv_split: the conv's q, k and v parts, got {list(self.conv_split)}")
+        bad = [t for t in self.full_attention_lacks if t not in SPEC_TARGETS]
+        if bad:
+            raise WiscaError(f"{where}: {label}.full_attention_lacks: {bad[0]!r} is not a target "
+                             f"({', '.join(SPEC_TARGETS)})")
 
 
 @dataclass(frozen=True)
@@ -799,6 +818,7 @@ class Layout:
     fp8_block: tuple[int, int] | None = None   # FP8 block-quantised weights: weight_block_size (spec.fp8)
     fp8_weights: frozenset = frozenset()       # ... the names of the weights stored so (a weight_scale_inv beside)
     linear: LinearDims | None = None           # Gated DeltaNet layers' sizes (spec.linear_attention)
+    conv_split: bool = False                   # ... their conv saved in parts (linear_attention.conv_split)
 
     @property
     def group_size(self) -> int:
@@ -880,12 +900,18 @@ class Layout:
         """Why a target the family has does not hold on this layer, or None where it does."""
         if target in ("qk", "vo") and self.is_linear_layer(layer):
             return self.spec.linear_attention.why
+        la = self.spec.linear_attention
+        if la is not None and target in la.full_attention_lacks and not self.is_linear_layer(layer):
+            return la.full_attention_lacks[target]
         return None if self.target_applies(target, layer) else self.spec.target_layers[target].why
 
     def target_applies(self, target: str, layer: int) -> bool:
         """Whether a target the family has holds on this layer (``target_layers``; no qk or
         vo on a linear-attention layer)."""
         if target in ("qk", "vo") and self.is_linear_layer(layer):
+            return False
+        la = self.spec.linear_attention
+        if la is not None and target in la.full_attention_lacks and not self.is_linear_layer(layer):
             return False
         rule = self.spec.target_layers.get(target)
         if rule is None or not self.config_flag(rule.when):
@@ -914,8 +940,12 @@ class Layout:
             if self.config_flag(opt.when) and not (opt.unless and self.config_flag(opt.unless)):
                 roles[role] = spec.layer_name(layer, opt.name)
         if self.is_linear_layer(layer):   # its token mixer: a Gated DeltaNet, not attention
-            roles = {role: name for role, name in roles.items() if role not in ATTENTION_ROLES}
-            roles.update({role: spec.layer_name(layer, name) for role, name in spec.linear_attention.tensors.items()})
+            la = spec.linear_attention
+            roles = {role: name for role, name in roles.items() if role not in ATTENTION_ROLES + la.drop}
+            roles.update({role: spec.layer_name(layer, name) for role, name in {**la.tensors, **la.layer_tensors}.items()})
+            if self.conv_split:   # saved as its q, k and v channels
+                del roles["lin_conv"]
+                roles.update({role: spec.layer_name(layer, name) for role, name in zip(CONV_PARTS, la.conv_split)})
         moe = spec.moe
         if moe:
             if self.is_moe_layer(layer):
@@ -1182,6 +1212,9 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
 
     layers = _positive_int(config, "num_hidden_layers", where)
     linear = _linear_dims(config, spec.linear_attention, where) if spec.linear_attention else None
+    # the conv saved in parts: a checkpoint's names say so (a model in memory holds it whole)
+    split = spec.linear_attention.conv_split if spec.linear_attention else ()
+    conv_split = bool(split) and tensor_names is not None and any(n.endswith("." + split[0]) for n in tensor_names)
     if linear is not None:
         types = config.get("layer_types")
         if not isinstance(types, list) or len(types) < layers:
@@ -1206,7 +1239,7 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
         experts=experts, expert_intermediate=expert_inter, shared_intermediate=shared_inter, mla=mla,
         fused_experts=fused, mxfp4_experts=quantized, fp8_block=fp8_block,
         fp8_weights=frozenset(fp8_weight_names(tensor_names)) if fp8_block and tensor_names is not None else frozenset(),
-        linear=linear,
+        linear=linear, conv_split=conv_split,
     )
 
 
@@ -1266,6 +1299,9 @@ def logical_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
             "lin_conv": (2 * keys + values, 1, lin.conv_kernel), "lin_dt_bias": (lin.value_heads,),
             "lin_A_log": (lin.value_heads,), "lin_norm": (lin.value_dim,), "lin_out": (h, values),
         })
+        # saved in parts: any split of the channels (transformers 5.25 saves OLMo-hybrid's in
+        # near-equal thirds, not q | k | v); validate checks that they add up
+        shapes.update({part: (-1, 1, lin.conv_kernel) for part in CONV_PARTS})
     mla = layout.mla
     if mla:
         heads, qk = layout.heads, mla.nope + mla.rope
@@ -1334,6 +1370,8 @@ def support_matrix() -> list[dict[str, str]]:
                     (f" with {rule.when})" if isinstance(rule.when, str) else ")")
             if applies and spec.linear_attention and key in ("qk", "vo"):
                 row[target] += " (full-attention layers only)"
+            if applies and spec.linear_attention and key in spec.linear_attention.full_attention_lacks:
+                row[target] += " (linear-attention layers only)"
         # the targets that hold on a hybrid family's linear-attention layers
         row["linear"] = "-" if spec.linear_attention is None else "Gated DeltaNet: " + ", ".join(
             f"{t} ({row[t].split(' (')[0]})" for t in ("norm", "ffn") if t in spec.targets)
