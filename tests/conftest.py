@@ -163,6 +163,18 @@ ARCH_FAMILIES = {
     "olmo_hybrid": ("olmo_hybrid", dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
                                         linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=12,
                                         linear_conv_kernel_dim=4)),
+    # Granite 4 (granitemoehybrid): a Mamba2 layer (2 groups of 4 heads) then a NoPE attention layer, both
+    # with MoE (top-k softmax, experts fused on disk as input_linear / output_linear) plus a shared MLP
+    # (fused input_linear), Granite's multipliers; and its dense form (no experts: the shared MLP only) with RoPE
+    "granitemoehybrid": ("granitemoehybrid", dict(
+        layer_types=["linear_attention", "full_attention"], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8,
+        mamba_n_groups=2, mamba_d_conv=4, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+        shared_intermediate_size=48, embedding_multiplier=12.0, attention_multiplier=0.125, residual_multiplier=0.25,
+        logits_scaling=4.0)),
+    "granitemoehybrid-dense": ("granitemoehybrid", dict(
+        layer_types=["full_attention", "linear_attention"], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8,
+        mamba_n_groups=1, mamba_d_conv=3, num_local_experts=0, shared_intermediate_size=48,
+        position_embedding_type="rope", residual_multiplier=0.5)),
     # the MoE families saved as transformers 5 holds them in memory (FUSED_ON_DISK): experts fused in
     # 3-D tensors, gate_up_proj [E, 2I, H] and down_proj [E, H, I] (2I != H, so no axis can pass for another)
     "mixtral-fused": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24)),

@@ -406,3 +406,60 @@ def test_olmo_hybrid_norm_target_holds_on_its_linear_attention_layers_only(arch_
               bad / "model.safetensors", metadata={"format": "pt"})
     ids = probe_tokens()
     assert (hf_logits(bad, ids) - hf_logits(src, ids)).abs().max() > 1e-3
+
+
+def test_mamba2_layers_keep_norm_and_ffn_only(arch_ckpt, transformed, tmp_path):
+    """Granite 4's Mamba2 layer (layer 0 of the fixture): the spec leaves qk and vo out there and
+    the report says so; the norm target pairs the input norm with in_proj and the gated grouped
+    RMSNorm with out_proj. The mixer's own analogues of qk and vo, B's rows of in_proj against C's
+    (y reads C . B x) and x's rows against out_proj's columns, change transformers' logits when
+    applied anyway (the conv and SiLU sit between): the restriction is needed."""
+    from safetensors.torch import save_file
+
+    from wisca_cli.balance import apply_scales
+    from wisca_cli.pairs import Member, Pair, layer_pairs
+
+    src = arch_ckpt("granitemoehybrid")
+    lay = open_checkpoint(src).layout
+    assert [lay.is_linear_layer(i) for i in range(2)] == [True, False]
+    everything = ("qk", "vo", "ffn", "norm")
+    assert sorted(p.kind for p in layer_pairs(lay, 0, everything, "channel")) == ["ffn", "norm"]
+    assert sorted(p.kind for p in layer_pairs(lay, 1, everything, "channel")) == ["ffn", "norm", "qk", "vo"]
+    norm = next(p for p in layer_pairs(lay, 0, ("norm",), "channel"))
+    assert {m.role for m in norm.members} >= {"attn_norm", "lin_in", "lin_norm", "lin_out", "mlp_norm",
+                                              "shared.gate_up", "router"}
+    warnings = [w["message"] for w in transformed("granitemoehybrid")[2]["warnings"]]
+    assert any(m.startswith("qk is not applicable on layers 0: a Mamba2 layer") for m in warnings)
+    assert any(m.startswith("vo is not applicable on layers 0: a Mamba2 layer") for m in warnings)
+
+    lin = lay.linear
+    inner, bc = lin.value_heads * lin.value_dim, lin.key_heads * lin.key_dim
+    rows = 2 * inner + 2 * bc + lin.value_heads
+    tensors, names = load_file(src / "model.safetensors"), lay.layer_roles(0)
+
+    def rows_of(start, n, size=rows):
+        u = torch.full((size,), -1, dtype=torch.long)
+        u[start:start + n] = torch.arange(n)
+        return u
+
+    tried = {
+        "qk": Pair("qk", bc, torch.zeros(bc, dtype=torch.long),
+                   (Member("lin_in", 0, rows_of(2 * inner, bc), +1), Member("lin_in", 0, rows_of(2 * inner + bc, bc), -1))),
+        "vo": Pair("vo", inner, torch.zeros(inner, dtype=torch.long),
+                   (Member("lin_in", 0, rows_of(inner, inner), +1), Member("lin_out", 1, torch.arange(inner), -1))),
+    }
+    ids = probe_tokens()
+    ref = hf_logits(src, ids)
+    for kind, pair in tried.items():   # SiLU is nearly linear near 0: scales far from 1 show it
+        s = torch.exp2(torch.randint(-6, 7, (pair.n_units,), generator=torch.Generator().manual_seed(0))).double()
+        scaled = {m.role: tensors[names[m.role]] for m in pair.members}
+        for m in pair.members:   # one member at a time: lin_in is on both sides of qk
+            one = Pair(kind, pair.n_units, pair.head_of, (m,))
+            scaled.update(apply_scales(one, {m.role: scaled[m.role]}, s))
+        bad = tmp_path / kind
+        shutil.copytree(src, bad)
+        save_file({**tensors, **{names[r]: t.contiguous() for r, t in scaled.items()}}, bad / "model.safetensors",
+                  metadata={"format": "pt"})
+        # far above fp32 rounding (a symmetry that holds gives 0): B against C moves the logits by
+        # about 1e-3 of the largest here (SiLU is near-linear for small B, C), x against out_proj by ~1
+        assert (hf_logits(bad, ids) - ref).abs().max() > 1e-4 * ref.abs().max(), kind

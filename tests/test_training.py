@@ -373,13 +373,14 @@ def test_every_moe_family_is_tested_as_the_support_matrix_claims():
 
 # families whose experts transformers keeps in memory as they are on disk (no conversion
 # mapping): a fused parameter is one checkpoint tensor, its moments scale as the tensor does
-FUSED_IN_MEMORY_AS_ON_DISK = ["gpt_oss", "llama4", "mistral4"]
+FUSED_IN_MEMORY_AS_ON_DISK = ["gpt_oss", "llama4", "mistral4", "granitemoehybrid"]   # Granite: renamed only
 
 
 @pytest.mark.parametrize("family", FUSED_IN_MEMORY_AS_ON_DISK)
 def test_fused_on_disk_trainer_moments_follow_bit_for_bit(family, tmp_path):
-    """gpt-oss, Llama 4, Mistral 4: the fused experts (gate_up_proj [E, H, 2I], gpt-oss's bias, down_proj;
-    Mistral 4's as DeepSeek-V3's, [E, 2I, H]) are parameters and checkpoint tensors alike; with the
+    """gpt-oss, Llama 4, Mistral 4, Granite 4: the fused experts (gate_up_proj [E, H, 2I], gpt-oss's bias,
+    down_proj; Mistral 4's as DeepSeek-V3's, [E, 2I, H]; Granite's input_linear / output_linear, [E, 2I, H],
+    renamed in memory) are parameters and checkpoint tensors alike; with the
     norm target their inputs are scaled per expert slice, and Adam's moments follow: exp_avg / S,
     exp_avg_sq / S**2, bit for bit."""
     from conftest import build, hf_logits, probe_tokens
@@ -394,9 +395,12 @@ def test_fused_on_disk_trainer_moments_follow_bit_for_bit(family, tmp_path):
     opt = report["training_state"]["optimizer"]
     assert opt["transformed"] and opt["exact"] and opt["underflow"] == 0
     assert torch.equal(hf_logits(ckpt, probe_tokens()), hf_logits(out, probe_tokens()))
+    from wisca_cli.spec import spec_for
+
+    spec = spec_for(model.config.model_type)   # multipliers and parameter positions by saved name
     mult, names = wisca.scale_multipliers(out), optimizer_parameter_names(ckpt)
-    gate_up = [n for n in mult if n.endswith("experts.gate_up_proj")]
-    inputs = (4, 1, 64) if family == "mistral4" else (4, 64, 1)     # per expert, along the hidden axis
+    gate_up = [n for n in mult if spec.memory_name(n).endswith("experts.gate_up_proj")]
+    inputs = (4, 1, 64) if family in ("mistral4", "granitemoehybrid") else (4, 64, 1)   # per expert, the hidden axis
     assert gate_up and all(tuple(mult[n].shape) == inputs and (mult[n] != 1).any() for n in gate_up)
     before, after = _load(ckpt / "optimizer.pt"), _load(out / "optimizer.pt")
     for key, b in before["state"].items():
@@ -405,9 +409,9 @@ def test_fused_on_disk_trainer_moments_follow_bit_for_bit(family, tmp_path):
         assert torch.equal(a["exp_avg"], b["exp_avg"] / s) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"] / (s * s))
 
 
-# dense hybrid families (their MoE ones are in MOE_FAMILIES): Gated DeltaNet layers beside attention;
-# OLMo-hybrid's norms are renamed in memory and its conv is one parameter saved as three tensors
-HYBRID_DENSE = ["qwen3_5", "olmo_hybrid"]
+# dense hybrid families (their MoE ones are in MOE_FAMILIES): Gated DeltaNet or Mamba2 layers beside
+# attention; OLMo-hybrid's norms are renamed in memory and its conv is one parameter saved as three tensors
+HYBRID_DENSE = ["qwen3_5", "olmo_hybrid", "granitemoehybrid-dense"]
 
 
 @pytest.mark.parametrize("family", HYBRID_DENSE)
@@ -437,7 +441,7 @@ def test_hybrid_trainer_moments_follow_bit_for_bit(family, tmp_path):
     assert sum(bool((m != 1).any()) for m in mult.values()) >= 4
     before, after = _load(ckpt / "optimizer.pt"), _load(out / "optimizer.pt")
     assert len(before["state"]) == len(names) == len(list(model.parameters()))
-    conv = [k for k, n in names.items() if n.endswith("linear_attn.conv1d.weight")]
+    conv = [k for k, n in names.items() if n.endswith(("linear_attn.conv1d.weight", "mamba.conv1d.weight"))]
     assert conv
     for key, b in before["state"].items():
         s = mult.get(names[key], torch.ones(1, dtype=torch.float64)).float()

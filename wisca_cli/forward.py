@@ -329,12 +329,56 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     return out.transpose(1, 2)
 
 
+def _json_float(v) -> float:
+    """A float from config.json, where transformers writes infinity as {"__float__": "Infinity"}."""
+    return float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else float(v)
+
+
+def mamba2(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
+    """A Mamba2 mixer (Granite 4): in_proj's rows are [z | x B C | dt]; x, B and C pass a
+    depthwise causal conv (with its bias) and SiLU; per head h the state S [head dim, state] is
+    decayed by exp(dt A) and fed dt x B^T, where dt = softplus(dt + dt_bias) clamped to the
+    config's time_step_limit and A = -exp(A_log); y = S C + D x (B and C shared by the heads of a
+    group). The output y SiLU(z) is RMS-normalised per group of heads (weight ``lin_norm``),
+    then ``lin_out``. Token by token in float32."""
+    lin, (batch, length, _) = layout.linear, x.shape
+    groups, heads, state, hd = lin.key_heads, lin.value_heads, lin.key_dim, lin.value_dim
+    inner, conv_dim = heads * hd, heads * hd + 2 * groups * state
+    z, xbc, dt = linear(x, w, "lin_in").split([inner, conv_dim, heads], dim=-1)
+    conv = w["lin_conv"]
+    bias = w.get("lin_conv_bias")
+    xbc = F.conv1d(xbc.transpose(1, 2).to(conv.dtype), conv, None if bias is None else bias.to(conv.dtype),
+                   padding=lin.conv_kernel - 1, groups=conv_dim)
+    xbc = F.silu(xbc[..., :length]).to(x.dtype).transpose(1, 2)
+    xs, B, C = xbc.split([inner, groups * state, groups * state], dim=-1)
+    lo, hi = (_json_float(v) for v in (layout.config.get("time_step_limit") or (0.0, float("inf")))[:2])
+    dt = F.softplus(dt.float() + w["lin_dt_bias"].float()).clamp(min=lo, max=hi)   # [B, L, H]
+    A = -w["lin_A_log"].float().exp()
+    xs = xs.float().reshape(batch, length, heads, hd)
+    rep = heads // groups
+    B = B.float().reshape(batch, length, groups, state).repeat_interleave(rep, dim=2)
+    C = C.float().reshape(batch, length, groups, state).repeat_interleave(rep, dim=2)
+    S = xs.new_zeros(batch, heads, hd, state)
+    y = torch.empty_like(xs)
+    for t in range(length):
+        S = S * (dt[:, t] * A).exp()[..., None, None] + (dt[:, t, :, None] * xs[:, t])[..., None] * B[:, t, :, None, :]
+        y[:, t] = (S * C[:, t, :, None, :]).sum(-1)
+    y = (y + xs * w["lin_D"].float()[:, None]).reshape(batch, length, inner).to(x.dtype)
+    g = y.float() * F.silu(z.float())
+    g = g.reshape(batch, length, groups, inner // groups)
+    g = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + layout.eps)).reshape(batch, length, inner)
+    y = w["lin_norm"].to(x.dtype) * g.to(x.dtype)
+    return linear(y, w, "lin_out")
+
+
 def linear_attention(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
     """A Gated DeltaNet token mixer (Qwen3-Next, Qwen3.5, OLMo-hybrid): q, k, v through a
     depthwise causal conv and SiLU, q and k L2-normalised per head (q also / sqrt(dk)),
     beta = sigmoid(b) (doubled with the spec's ``beta_doubled`` flag), decay
     g = -exp(A_log) softplus(a + dt_bias); the rule's output through an RMSNorm per value head
     (weight ``lin_norm``, the spec's offset and eps) times SiLU(z), then ``lin_out``."""
+    if layout.spec.linear_attention.kind == "mamba2":
+        return mamba2(x, w, layout)
     lin, (batch, length, _) = layout.linear, x.shape
     hk, hv, dk, dv = lin.key_heads, lin.value_heads, lin.key_dim, lin.value_dim
     mixed = torch.cat([linear(x, w, "lin_q"), linear(x, w, "lin_k"), linear(x, w, "lin_v")], dim=-1).transpose(1, 2)
@@ -400,7 +444,8 @@ def route(x: torch.Tensor, w: dict, layout: Layout) -> tuple[torch.Tensor, torch
     scores + the correction bias, only among the ``topk_groups`` groups whose two best
     choice scores sum highest; the weights are the chosen experts' plain scores,
     optionally renormalised (+1e-20), times the scaling factor. ``topk_sigmoid`` (Llama 4):
-    the top-k logits, each weighted by its sigmoid."""
+    the top-k logits, each weighted by its sigmoid. ``topk_softmax`` (Granite): a softmax over
+    the top-k logits."""
     spec = layout.spec.moe
     top_k = int(layout.value(spec.top_k))
     if spec.routing == "softmax":
@@ -410,6 +455,9 @@ def route(x: torch.Tensor, w: dict, layout: Layout) -> tuple[torch.Tensor, torch
         top, idx = torch.topk(probs, top_k, dim=-1)
         if layout.value(spec.norm_topk, False):
             top = top / top.sum(-1, keepdim=True)
+    elif spec.routing == "topk_softmax":   # Granite: top-k of the fp32 logits, a softmax over those
+        top, idx = F.linear(x, w["router"].to(x.dtype)).float().topk(top_k, dim=-1)
+        top = torch.softmax(top, dim=-1).to(x.dtype)
     elif spec.routing == "topk_sigmoid":   # Llama 4: top-k of the logits, the sigmoid of each its weight
         top, idx = torch.topk(F.linear(x, w["router"].to(x.dtype)), top_k, dim=-1)
         top = torch.sigmoid(top.float())

@@ -29,7 +29,12 @@ SPEC_TARGETS = ("qk", "vo", "ffn", "norm")          # the symmetries pairs.py bu
 # q|k|v, the decay's dt_bias and A_log, the gated RMSNorm's weight and the output projection
 LINEAR_ROLES = ("lin_q", "lin_k", "lin_v", "lin_z", "lin_b", "lin_a", "lin_conv", "lin_dt_bias", "lin_A_log",
                 "lin_norm", "lin_out")
-FUSABLE_PARTS = ("q", "k", "v", "gate", "up", *LINEAR_ROLES[:6])   # logical roles a fused tensor may hold
+# a Mamba2 mixer's roles: in_proj [z | x B C | dt] rows, the conv over x B C (its bias optional),
+# the per-head dt bias, A and D, the gated grouped RMSNorm's weight, out_proj
+MAMBA_ROLES = ("lin_in", "lin_conv", "lin_conv_bias", "lin_dt_bias", "lin_A_log", "lin_D", "lin_norm", "lin_out")
+MIXER_ROLES = {"gated_deltanet": LINEAR_ROLES, "mamba2": MAMBA_ROLES}
+# logical roles a fused tensor may hold (a shared expert's gate and up: Granite's shared_mlp.input_linear)
+FUSABLE_PARTS = ("q", "k", "v", "gate", "up", "shared.gate", "shared.up", *LINEAR_ROLES[:6])
 CONV_PARTS = ("lin_conv_q", "lin_conv_k", "lin_conv_v")   # lin_conv saved in parts (conv_split)
 # the roles of an attention block, absent from a layer whose token mixer is a linear attention
 ATTENTION_ROLES = ("q", "k", "v", "o", "qkv", "q_norm", "k_norm", "q_bias", "k_bias", "v_bias", "o_bias",
@@ -275,6 +280,8 @@ class AttentionSpec(_Section):
     # "heads": q_proj's rows per head are [q d | gate d]; the attention output is multiplied by
     # sigmoid(gate) before o_proj (Qwen3-Next, Qwen3.5 full-attention layers)
     output_gate: str | None = _spec_field(_choice("heads"), None)
+    # config key: RoPE only where its value is "rope", NoPE otherwise (Granite 4's position_embedding_type)
+    rope_when_key: str | None = _spec_field(_string, None)
 
     def check(self, where: str, label: str) -> None:
         if self.nope_interval and not self.rope_layers:
@@ -354,8 +361,11 @@ class MoeSpec(_Section):
     dense_tensors: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
     # the router: softmax over all experts (then top-k), or sigmoid scores with DeepSeek's
     # group-limited top-k (``groups``, ``topk_groups``) on scores + ``correction`` (a tensor)
-    # topk_sigmoid: Llama 4; softmax_group: Mistral 4 (softmax scores, DeepSeek's group-limited top-k)
-    routing: str = _spec_field(_choice("softmax", "sigmoid", "topk_sigmoid", "softmax_group"), "softmax")
+    # topk_sigmoid: Llama 4; softmax_group: Mistral 4 (softmax scores, DeepSeek's group-limited top-k);
+    # topk_softmax: Granite (the top-k logits, then a softmax over them)
+    routing: str = _spec_field(_choice("softmax", "sigmoid", "topk_sigmoid", "softmax_group", "topk_softmax"),
+                               "softmax")
+    zero_is_dense: bool = _spec_field(_boolean, False)   # num_experts 0: every layer dense (Granite 4's dense models)
     weighted_input: bool = _spec_field(_boolean, False)              # the weight scales the expert's input (Llama 4)
     moe_layers: str | None = _spec_field(_string, None)              # key of the list of MoE layers (over sparse_step)
     dense_intermediate: str | None = _spec_field(_string, None)      # the dense layers' MLP size (absent: intermediate_size)
@@ -390,8 +400,8 @@ class MoeSpec(_Section):
             raise WiscaError(f"{where}: {label}.groups need routing \"sigmoid\" or \"softmax_group\"")
         if self.routing != "sigmoid" and self.correction:
             raise WiscaError(f"{where}: {label}.correction needs routing \"sigmoid\"")
-        for key in ("expert_tensors", "shared_tensors", "dense_tensors"):
-            extra = sorted(set(getattr(self, key)) - set(MLP_ROLES))
+        for key in ("expert_tensors", "shared_tensors", "dense_tensors"):   # gate_up: a fused tensor of the spec's
+            extra = sorted(set(getattr(self, key)) - set(MLP_ROLES) - ({"gate_up"} if key != "expert_tensors" else set()))
             if extra:
                 raise WiscaError(f"{where}: unknown role {extra[0]!r} in {label}.{key} (known: {', '.join(MLP_ROLES)})")
 
@@ -485,6 +495,10 @@ class LinearAttentionSpec(_Section):
     norm_readers: Mapping[str, tuple[str, ...]] = _spec_field(_mapping(_str_list()))
     why: str = _spec_field(_string)                      # the report's reason: no qk, no vo here
     norm_offset: float = _spec_field(_number, 0.0)       # lin_norm's stored w is the factor (offset + w)
+    # gated_deltanet (Qwen3-Next, Qwen3.5, OLMo-hybrid) or mamba2 (Granite 4: the roles MAMBA_ROLES;
+    # key_heads, value_heads, key_head_dim, value_head_dim are then its groups, heads, state size, head dim)
+    kind: str = _spec_field(_choice(*MIXER_ROLES), "gated_deltanet")
+    when: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)   # role -> config flag it needs
     norm_eps: float | None = _spec_field(_number, None)   # lin_norm's eps (None: the model's rms_norm_eps)
     # config flag: beta = 2 sigmoid(b) where set (OLMo-hybrid's linear_allow_neg_eigval)
     beta_doubled: str | None = _spec_field(_string, None)
@@ -499,14 +513,15 @@ class LinearAttentionSpec(_Section):
     full_attention_lacks: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
 
     def check(self, where: str, label: str) -> None:
+        roles = MIXER_ROLES[self.kind]
         for role in self.tensors:
-            if role not in LINEAR_ROLES and not role.startswith("lin_"):
-                raise WiscaError(f"{where}: {label}.tensors: {role!r} is not a linear-attention role "
-                                 f"({', '.join(LINEAR_ROLES)}) or a fused one (lin_*)")
+            if role not in roles and not role.startswith("lin_"):
+                raise WiscaError(f"{where}: {label}.tensors: {role!r} is not a {self.kind} role "
+                                 f"({', '.join(roles)}) or a fused one (lin_*)")
         for norm, readers in self.norm_readers.items():
             if norm not in ("attn_norm", "lin_norm"):
                 raise WiscaError(f"{where}: {label}.norm_readers: {norm!r} is not attn_norm or lin_norm")
-            bad = [r for r in readers if r not in LINEAR_ROLES]
+            bad = [r for r in readers if r not in roles]
             if bad:
                 raise WiscaError(f"{where}: {label}.norm_readers.{norm}: {bad[0]!r} is not a linear-attention role")
         if self.conv_split and len(self.conv_split) != 3:
@@ -596,8 +611,9 @@ class ArchSpec(_Section):
                              f"on the norm weights, not on q_proj's rows, which interleave the gate's)")
         if self.linear_attention:
             fused_parts = {p for f in self.fused.values() for p in f.parts}
-            named = {r for r in self.linear_attention.tensors if r in LINEAR_ROLES} | fused_parts
-            missing = [r for r in LINEAR_ROLES if r not in named]
+            roles = MIXER_ROLES[self.linear_attention.kind]
+            named = {r for r in self.linear_attention.tensors if r in roles} | fused_parts
+            missing = [r for r in roles if r not in named]
             if missing:
                 raise WiscaError(f"{where}: linear_attention.tensors lacks {', '.join(missing)} "
                                  f"(by name or as a part of a fused tensor)")
@@ -605,6 +621,12 @@ class ArchSpec(_Section):
             raise WiscaError(f"{where}: target_layers needs attention.rope_layers (which layers are RoPE / NoPE)")
         if "norm" in self.targets and not self.norm_readers:
             raise WiscaError(f"{where}: the norm target needs norm_readers")
+        fused_mlp = [f"{prefix}{role}" for prefix, tensors in
+                     (("shared.", self.moe.shared_tensors if self.moe else {}), ("", self.moe.dense_tensors if self.moe else {}))
+                     for role in tensors if role not in MLP_ROLES]
+        missing = [f for f in fused_mlp if f not in self.fused]
+        if missing:
+            raise WiscaError(f"{where}: moe names the fused MLP tensor {missing[0]!r}, which fused does not describe")
         if self.block.shared_norm:
             if "mlp_norm" in self.layer_tensors or "mlp_norm" in self.norm_readers:
                 raise WiscaError(f"{where}: block.shared_norm: the MLP reads attn_norm, so there is no mlp_norm "
@@ -942,7 +964,8 @@ class Layout:
         if self.is_linear_layer(layer):   # its token mixer: a Gated DeltaNet, not attention
             la = spec.linear_attention
             roles = {role: name for role, name in roles.items() if role not in ATTENTION_ROLES + la.drop}
-            roles.update({role: spec.layer_name(layer, name) for role, name in {**la.tensors, **la.layer_tensors}.items()})
+            roles.update({role: spec.layer_name(layer, name) for role, name in {**la.tensors, **la.layer_tensors}.items()
+                          if role not in la.when or self.config_flag(la.when[role])})
             if self.conv_split:   # saved as its q, k and v channels
                 del roles["lin_conv"]
                 roles.update({role: spec.layer_name(layer, name) for role, name in zip(CONV_PARTS, la.conv_split)})
@@ -1045,7 +1068,7 @@ class Layout:
         return None
 
     def part_size(self, role: str) -> int:
-        if role.startswith("lin_"):
+        if role.startswith(("lin_", "shared.")):
             return logical_shapes(self, 0)[role][0]
         q = self.heads * self.head_dim * (2 if self.spec.attention.output_gate else 1)
         return {"q": q, "k": self.kv_heads * self.head_dim,
@@ -1180,6 +1203,8 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
         scaling = rope
     partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     rotary_dims = int(head_dim * partial) if spec.attention.rotary else 0
+    if spec.attention.rope_when_key and config.get(spec.attention.rope_when_key) != "rope":   # NoPE
+        rotary_dims = 0
     rotary_dims -= rotary_dims % 2
     if mla and spec.attention.rotary:   # the rope part is rotated whole (Mistral 4 states it as a partial factor
         rotary_dims = mla.rope          # of the whole q/k head, which transformers' head_dim is there)
@@ -1199,7 +1224,8 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
         quantized = is_mxfp4 and bool(moe.fused_experts) and (tensor_names is None or any(
             name.endswith(f".{info.name}_blocks") for name in tensor_names for info in moe.fused_experts.values()))
         fused = fused or quantized
-        experts = _positive_int(config, moe.num_experts, where)
+        experts = 0 if moe.zero_is_dense and config.get(moe.num_experts) == 0 else \
+            _positive_int(config, moe.num_experts, where)
         expert_inter = _positive_int(config, moe.intermediate, where) if moe.intermediate else \
             _positive_int(config, "intermediate_size", where)
         if quantized and (hidden % mxfp4.BLOCK or expert_inter % mxfp4.BLOCK):
@@ -1302,6 +1328,10 @@ def logical_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
         # saved in parts: any split of the channels (transformers 5.25 saves OLMo-hybrid's in
         # near-equal thirds, not q | k | v); validate checks that they add up
         shapes.update({part: (-1, 1, lin.conv_kernel) for part in CONV_PARTS})
+        if layout.spec.linear_attention.kind == "mamba2":   # groups x state (B, C), heads x head dim (x, z)
+            conv = 2 * keys + values
+            shapes.update({"lin_in": (values + conv + lin.value_heads, h), "lin_conv_bias": (conv,),
+                           "lin_D": (lin.value_heads,), "lin_norm": (values,)})
     mla = layout.mla
     if mla:
         heads, qk = layout.heads, mla.nope + mla.rope
@@ -1373,7 +1403,8 @@ def support_matrix() -> list[dict[str, str]]:
             if applies and spec.linear_attention and key in spec.linear_attention.full_attention_lacks:
                 row[target] += " (linear-attention layers only)"
         # the targets that hold on a hybrid family's linear-attention layers
-        row["linear"] = "-" if spec.linear_attention is None else "Gated DeltaNet: " + ", ".join(
+        mixer = {"gated_deltanet": "Gated DeltaNet", "mamba2": "Mamba2"}
+        row["linear"] = "-" if spec.linear_attention is None else mixer[spec.linear_attention.kind] + ": " + ", ".join(
             f"{t} ({row[t].split(' (')[0]})" for t in ("norm", "ffn") if t in spec.targets)
         row["trainer"] = "exact, fused experts" if spec.moe is not None else "exact"
         rows.append(row)
