@@ -175,6 +175,13 @@ ARCH_FAMILIES = {
         layer_types=["full_attention", "linear_attention"], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8,
         mamba_n_groups=1, mamba_d_conv=3, num_local_experts=0, shared_intermediate_size=48,
         position_embedding_type="rope", residual_multiplier=0.5)),
+    # Nemotron-H: one sub-block per layer (its norm, then a Mamba2 mixer, NoPE attention, a relu² MLP or
+    # an MoE of relu² experts with a shared one and DeepSeek's sigmoid group routing), saved as backbone.*
+    "nemotron_h": ("nemotron_h", dict(
+        layers_block_type=["linear_attention", "full_attention", "mlp", "moe"], num_hidden_layers=4,
+        mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=8, n_groups=2, conv_kernel=4, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, n_group=2,
+        topk_group=1, routed_scaling_factor=2.0)),
     # the MoE families saved as transformers 5 holds them in memory (FUSED_ON_DISK): experts fused in
     # 3-D tensors, gate_up_proj [E, 2I, H] and down_proj [E, H, I] (2I != H, so no axis can pass for another)
     "mixtral-fused": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24)),
@@ -483,7 +490,7 @@ def reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
 def eval_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """A live model's logits in eval mode (no dropout), leaving it in train mode."""
     model.eval()
-    out = model(ids).logits
+    out = model(ids, use_cache=False).logits   # no cache: transformers 5.25's Nemotron-H cache fails on a Mamba first layer
     model.train()
     return out
 
@@ -495,7 +502,7 @@ def hf_logits(path: Path, ids: torch.Tensor, dtype=None) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
                                                  **({"dtype": dtype} if dtype else {}))
     model.eval()
-    return model(ids).logits
+    return model(ids, use_cache=False).logits   # as eval_logits
 
 
 def tree_hash(path: Path) -> dict[str, str]:

@@ -198,7 +198,10 @@ def test_every_moe_family_reads_experts_fused_on_disk():
     declared = {s.name for s in specs if s.moe is not None and s.moe.fused_experts}
     only_fused = {s.name for s in specs if s.moe is not None and not s.moe.expert_tensors}   # gpt-oss, Llama 4
     stored_fused = {spec.spec_for(ARCH_FAMILIES[f][0]).name for f in FUSED_ON_DISK}
-    assert only_fused and moe == declared == stored_fused | only_fused
+    # every tensor renamed in memory (Nemotron-H's backbone. -> model.): a state dict in safetensors is not
+    # its checkpoint; its fused experts are read from DCP checkpoints and live models (test_dcp_families, test_live)
+    renamed = {"nemotron_h"}
+    assert only_fused and moe == declared == stored_fused | only_fused | renamed
 
 
 def test_every_shipped_spec_has_a_fixture():
@@ -408,34 +411,46 @@ def test_olmo_hybrid_norm_target_holds_on_its_linear_attention_layers_only(arch_
     assert (hf_logits(bad, ids) - hf_logits(src, ids)).abs().max() > 1e-3
 
 
-def test_mamba2_layers_keep_norm_and_ffn_only(arch_ckpt, transformed, tmp_path):
-    """Granite 4's Mamba2 layer (layer 0 of the fixture): the spec leaves qk and vo out there and
-    the report says so; the norm target pairs the input norm with in_proj and the gated grouped
-    RMSNorm with out_proj. The mixer's own analogues of qk and vo, B's rows of in_proj against C's
-    (y reads C . B x) and x's rows against out_proj's columns, change transformers' logits when
-    applied anyway (the conv and SiLU sit between): the restriction is needed."""
+# the Mamba2 families: the pair kinds on their fixture's layer 0 (Mamba2) and layer 1 (attention), the
+# norm pair's roles on layer 0 (Granite 4: the MLP on the same layer; Nemotron-H: a mixer-only block)
+MAMBA2 = {
+    "granitemoehybrid": (["ffn", "norm"], ["ffn", "norm", "qk", "vo"],
+                         {"attn_norm", "lin_in", "lin_norm", "lin_out", "mlp_norm", "shared.gate_up", "router"}),
+    "nemotron_h": (["norm"], ["norm", "qk", "vo"], {"attn_norm", "lin_in", "lin_norm", "lin_out"}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MAMBA2))
+def test_mamba2_layers_keep_norm_and_ffn_only(family, arch_ckpt, transformed, tmp_path):
+    """A Mamba2 layer (layer 0 of the fixtures: Granite 4's, Nemotron-H's): the spec leaves qk and
+    vo out there and the report says so; the norm target pairs the input norm with in_proj and the
+    gated grouped RMSNorm with out_proj. The mixer's own analogues of qk and vo, B's rows of in_proj
+    against C's (y reads C . B x) and x's rows against out_proj's columns, change transformers'
+    logits when applied anyway (the conv and SiLU sit between): the restriction is needed."""
     from safetensors.torch import save_file
 
     from wisca_cli.balance import apply_scales
     from wisca_cli.pairs import Member, Pair, layer_pairs
 
-    src = arch_ckpt("granitemoehybrid")
+    src = arch_ckpt(family)
     lay = open_checkpoint(src).layout
     assert [lay.is_linear_layer(i) for i in range(2)] == [True, False]
     everything = ("qk", "vo", "ffn", "norm")
-    assert sorted(p.kind for p in layer_pairs(lay, 0, everything, "channel")) == ["ffn", "norm"]
-    assert sorted(p.kind for p in layer_pairs(lay, 1, everything, "channel")) == ["ffn", "norm", "qk", "vo"]
+    kinds0, kinds1, norm_roles = MAMBA2[family]
+    assert sorted(p.kind for p in layer_pairs(lay, 0, everything, "channel")) == kinds0
+    assert sorted(p.kind for p in layer_pairs(lay, 1, everything, "channel")) == kinds1
     norm = next(p for p in layer_pairs(lay, 0, ("norm",), "channel"))
-    assert {m.role for m in norm.members} >= {"attn_norm", "lin_in", "lin_norm", "lin_out", "mlp_norm",
-                                              "shared.gate_up", "router"}
-    warnings = [w["message"] for w in transformed("granitemoehybrid")[2]["warnings"]]
-    assert any(m.startswith("qk is not applicable on layers 0: a Mamba2 layer") for m in warnings)
-    assert any(m.startswith("vo is not applicable on layers 0: a Mamba2 layer") for m in warnings)
+    assert {m.role for m in norm.members} == norm_roles | {m.role for m in norm.members if m.role.startswith(
+        ("experts.", "shared."))}
+    warnings = [w["message"] for w in transformed(family)[2]["warnings"]]
+    assert any(m.startswith("qk is not applicable on layers 0: a Mamba2") for m in warnings)
+    assert any(m.startswith("vo is not applicable on layers 0: a Mamba2") for m in warnings)
 
     lin = lay.linear
     inner, bc = lin.value_heads * lin.value_dim, lin.key_heads * lin.key_dim
     rows = 2 * inner + 2 * bc + lin.value_heads
     tensors, names = load_file(src / "model.safetensors"), lay.layer_roles(0)
+    assert names["lin_in"] in tensors
 
     def rows_of(start, n, size=rows):
         u = torch.full((size,), -1, dtype=torch.long)
@@ -463,3 +478,38 @@ def test_mamba2_layers_keep_norm_and_ffn_only(arch_ckpt, transformed, tmp_path):
         # far above fp32 rounding (a symmetry that holds gives 0): B against C moves the logits by
         # about 1e-3 of the largest here (SiLU is near-linear for small B, C), x against out_proj by ~1
         assert (hf_logits(bad, ids) - ref).abs().max() > 1e-4 * ref.abs().max(), kind
+
+
+def test_relu2_mlp_takes_down_over_s_squared(arch_ckpt, transformed, tmp_path):
+    """Nemotron-H's relu² MLP (layer 2 of the fixture; its MoE experts on layer 3 alike): relu²(s x)
+    = s² relu²(x), so the ffn pair divides down's column by s² (``Member.side`` -2) and balances
+    with s = (||down|| / ||up||) ** (1/3). The default transform keeps transformers' logits bit for
+    bit (test_default_transform_keeps_the_function_in_transformers) and balances it; the degree-1
+    rule (down / s) changes them: the degree is needed."""
+    from safetensors.torch import save_file
+
+    from wisca_cli.balance import apply_scales
+    from wisca_cli.pairs import Member, Pair, layer_pairs
+
+    src = arch_ckpt("nemotron_h")
+    lay = open_checkpoint(src).layout
+    assert lay.layer_type(2) == "mlp" and lay.is_moe_layer(3)
+    for layer in (2, 3):
+        ffn = next(p for p in layer_pairs(lay, layer, ("ffn",), "channel"))
+        assert ffn.b_degree == 2 and {m.side for m in ffn.members if m.role.endswith("down")} == {-2}
+    summary = transformed("nemotron_h")[2]["layers"][2]["ffn"]
+    assert summary["units_changed"] > 0 and summary["imbalance_after"] < summary["imbalance_before"] / 2
+
+    tensors, names = load_file(src / "model.safetensors"), lay.layer_roles(2)
+    n = lay.intermediate
+    wrong = Pair("ffn", n, torch.zeros(n, dtype=torch.long),
+                 (Member("up", 0, torch.arange(n), +1), Member("down", 1, torch.arange(n), -1)))
+    s = torch.exp2(torch.randint(-3, 4, (n,), generator=torch.Generator().manual_seed(0))).double()
+    scaled = apply_scales(wrong, {r: tensors[names[r]] for r in ("up", "down")}, s)
+    bad = tmp_path / "degree-1"
+    shutil.copytree(src, bad)
+    save_file({**tensors, **{names[r]: t.contiguous() for r, t in scaled.items()}}, bad / "model.safetensors",
+              metadata={"format": "pt"})
+    ids = probe_tokens()
+    ref = hf_logits(src, ids)
+    assert (hf_logits(bad, ids) - ref).abs().max() > 1e-3 * ref.abs().max()

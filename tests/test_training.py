@@ -367,7 +367,7 @@ def test_every_moe_family_is_tested_as_the_support_matrix_claims():
 
     rows = {r["family"]: r["trainer"] for r in spec.support_matrix()}
     moe = {s.name for s in spec.shipped_specs().values() if s.moe is not None}
-    assert moe == set(MOE_FAMILIES) | set(FUSED_IN_MEMORY_AS_ON_DISK)
+    assert moe == set(MOE_FAMILIES) | set(FUSED_IN_MEMORY_AS_ON_DISK) | {"nemotron_h"}   # its own test below
     assert all(rows[f] == "exact, fused experts" for f in moe)
 
 
@@ -449,6 +449,48 @@ def test_hybrid_trainer_moments_follow_bit_for_bit(family, tmp_path):
         assert torch.equal(a["exp_avg"], b["exp_avg"] / s) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"] / (s * s))
     for key in conv:
         assert torch.equal(after["state"][key]["exp_avg"], before["state"][key]["exp_avg"])
+    resumed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    more = Trainer(model=resumed, args=_args(tmp_path / "more", SAVE + 2), train_dataset=_dataset(8))
+    more.train(resume_from_checkpoint=str(out))
+    assert more.state.global_step == SAVE + 2
+
+
+def test_nemotron_h_trainer_moments_follow_bit_for_bit(tmp_path):
+    """Nemotron-H (Mamba2, attention, relu² MLP and MoE blocks; saved as backbone.*, model.* in memory;
+    relu² experts saved one by one, fused in memory as mixer.experts.up_proj [E, I, H] and down_proj):
+    a Trainer checkpoint, every target. Logits bit-identical in transformers; Adam's moments follow the
+    weights bit for bit, a fused expert parameter's by its experts' stacked multipliers (ffn's down / s²
+    included); training resumes from the output."""
+    from conftest import build, hf_logits, probe_tokens
+    from transformers import AutoModelForCausalLM, Trainer
+
+    start = build(tmp_path / "start", "nemotron_h", skew="spec")
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, attn_implementation="eager")
+    assert any(n.endswith("mixer.experts.up_proj") for n, _ in model.named_parameters())   # fused in memory
+    trainer = Trainer(model=model, args=_args(tmp_path / "run", SAVE), train_dataset=_dataset(8))
+    trainer.train()
+    ckpt, out = tmp_path / "run" / f"checkpoint-{SAVE}", tmp_path / "out"
+    report = wisca.transform(ckpt, out, targets=("qk", "vo", "ffn", "norm"))
+    opt = report["training_state"]["optimizer"]
+    assert opt["transformed"] and opt["exact"] and opt["underflow"] == 0
+    assert torch.equal(hf_logits(ckpt, probe_tokens()), hf_logits(out, probe_tokens()))
+    mult, names = wisca.scale_multipliers(out), optimizer_parameter_names(ckpt)
+    before, after = _load(ckpt / "optimizer.pt"), _load(out / "optimizer.pt")
+    assert len(before["state"]) == len(names) == len(list(model.parameters()))
+    fused = 0
+    for key, b in before["state"].items():
+        n, shape = names[key], b["exp_avg"].shape
+        if n.endswith(("mixer.experts.up_proj", "mixer.experts.down_proj")):
+            pre, kind = ("backbone." + n.removeprefix("model.")).rsplit(".experts.", 1)
+            one = torch.ones(1, dtype=torch.float64)
+            s = torch.stack([torch.broadcast_to(mult.get(f"{pre}.experts.{e}.{kind}.weight", one), shape[1:])
+                             for e in range(shape[0])]).float()
+            fused += bool((s != 1).any())
+        else:
+            s = mult.get(n, torch.ones(1, dtype=torch.float64)).float()
+        a = after["state"][key]
+        assert torch.equal(a["exp_avg"], b["exp_avg"] / s) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"] / (s * s)), n
+    assert fused == 2                                   # the MoE block's up_proj and down_proj
     resumed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
     more = Trainer(model=resumed, args=_args(tmp_path / "more", SAVE + 2), train_dataset=_dataset(8))
     more.train(resume_from_checkpoint=str(out))

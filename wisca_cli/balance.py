@@ -2,7 +2,8 @@
 
 For a unit with A-part ``A_u`` (times s) and B-part ``B_u`` (times 1/s), balancing picks
 ``s = sqrt(||B_u|| / ||A_u||)`` so that ``||s A_u|| = ||B_u / s||``: the minimum of
-``||s A_u||^2 + ||B_u / s||^2``. ``strength`` raises s to a power in [0, 1]; ``pow2``
+``||s A_u||^2 + ||B_u / s||^2`` (a B side divided by ``s**d``, a relu² MLP's down with d = 2:
+``s = (||B_u|| / ||A_u||) ** (1 / (1 + d))``). ``strength`` raises s to a power in [0, 1]; ``pow2``
 rounds s to a power of two, which makes the transform exact in IEEE floating point.
 """
 
@@ -26,23 +27,25 @@ def log2_imbalance(stats: UnitStats, norm: str) -> torch.Tensor:
     return torch.where(stats.dead(), torch.nan, out)
 
 
-def balancing_scales(stats: UnitStats, norm: str = "fro", strength: float = 1.0) -> torch.Tensor:
-    """s = (||B_u|| / ||A_u||) ** (strength / 2); 1 where a unit is dead."""
+def balancing_scales(stats: UnitStats, norm: str = "fro", strength: float = 1.0, degree: int = 1) -> torch.Tensor:
+    """s = (||B_u|| / ||A_u||) ** (strength / (1 + degree)); 1 where a unit is dead. ``degree``:
+    the B side's power of 1/s (2 for a relu² MLP), so that ||s A_u|| = ||B_u / s**degree||."""
     a, b = stats.norms(norm)
-    s = (b / a) ** (0.5 * strength)
+    s = (b / a) ** (strength / (1 + degree))
     return torch.where(stats.dead() | ~torch.isfinite(s), torch.ones_like(s), s)
 
 
-def safe_range(stats: UnitStats, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def safe_range(stats: UnitStats, dtype: torch.dtype, degree: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-unit [lo, hi] for s so no value overflows or loses bits to the subnormal range.
 
-    A-values are multiplied by s, B-values divided by it. 1 is always inside the range.
+    A-values are multiplied by s, B-values divided by s ** degree. 1 is always inside the range.
     """
     info = torch.finfo(dtype)
     big, tiny = float(info.max), float(info.tiny)
     one = torch.ones_like(stats.maxabs_a)
-    lo = torch.maximum(torch.minimum(tiny / stats.minabs_a, one), stats.maxabs_b / big)
-    hi = torch.minimum(big / stats.maxabs_a.clamp(min=tiny), torch.maximum(stats.minabs_b / tiny, one))
+    root = 1.0 / degree
+    lo = torch.maximum(torch.minimum(tiny / stats.minabs_a, one), (stats.maxabs_b / big) ** root)
+    hi = torch.minimum(big / stats.maxabs_a.clamp(min=tiny), torch.maximum((stats.minabs_b / tiny) ** root, one))
     # Stay one binade inside the limits: headroom for the max and no rounding at the edge.
     return torch.minimum(lo * 2, one), torch.maximum(hi / 2, one)
 
@@ -218,18 +221,20 @@ def solve_pair(pair: Pair, tensors: dict[str, torch.Tensor], norm: str = "fro",
                strength: float = 1.0, pow2: bool = True,
                dtype: torch.dtype = torch.float32, reduce: SliceReduce = slice_reduce) -> PairResult:
     """Balancing scales for one pair, limited to the range that ``dtype`` keeps exact."""
-    return scales_from_stats(pair.kind, unit_stats(pair, tensors, reduce), norm, strength, pow2, dtype)
+    return scales_from_stats(pair.kind, unit_stats(pair, tensors, reduce), norm, strength, pow2, dtype,
+                             degree=pair.b_degree)
 
 
 def scales_from_stats(kind: str, stats: UnitStats, norm: str = "fro", strength: float = 1.0, pow2: bool = True,
                       dtype: torch.dtype = torch.float32,
-                      limits: tuple[torch.Tensor, torch.Tensor] | None = None) -> PairResult:
+                      limits: tuple[torch.Tensor, torch.Tensor] | None = None, degree: int = 1) -> PairResult:
     """Balancing scales from (reduced) statistics: what every backend calls once its
     chunks', files' or ranks' partial statistics are merged. ``limits``: more per-unit
     bounds [lo, hi] on s (powers of two around 1: ``fp8.unit_limits``, what keeps FP8 codes
-    exact); the units they change are counted as ``fp8_clamped`` (and as ``clamped``)."""
-    s = balancing_scales(stats, norm, strength)
-    lo, hi = safe_range(stats, dtype)
+    exact); the units they change are counted as ``fp8_clamped`` (and as ``clamped``). ``degree``:
+    the pair's ``b_degree``."""
+    s = balancing_scales(stats, norm, strength, degree)
+    lo, hi = safe_range(stats, dtype, degree)
     fp8_clamped = None
     if pow2:
         final = round_pow2(s, lo, hi)
@@ -245,5 +250,5 @@ def scales_from_stats(kind: str, stats: UnitStats, norm: str = "fro", strength: 
     clamped = int((final != ideal).sum())
     final = final.to(torch.float32).double()  # the scales as stored and applied
     before = log2_imbalance(stats, norm)
-    return PairResult(kind, final.float(), before, before + 2 * torch.log2(final),
+    return PairResult(kind, final.float(), before, before + (1 + degree) * torch.log2(final),
                       int(stats.dead().sum()), clamped, fp8_clamped)

@@ -18,16 +18,20 @@ from .errors import WiscaError
 from .spec import Layout
 
 ACTIVATIONS = {
-    "silu": F.silu, "swish": F.silu, "relu": F.relu,
+    "silu": F.silu, "swish": F.silu, "relu": F.relu, "relu2": lambda x: F.relu(x).square(),
     "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
 }
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """RMSNorm computed in float32 and cast back, as transformers does."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+             fp32_weight: bool = False) -> torch.Tensor:
+    """RMSNorm computed in float32 and cast back, as transformers does (``fp32_weight``: the
+    weight applied in float32 before the cast, Nemotron-H's)."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if fp32_weight:
+        return ((offset + weight.float()) * y).to(x.dtype)
     return (offset + weight.to(x.dtype)) * y.to(x.dtype)
 
 
@@ -84,7 +88,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
         y = F.layer_norm(x, (x.shape[-1],), None, None, eps) * weight
         return y if bias is None else y + bias
-    return rms_norm(x, weight, eps, layout.spec.norm.weight_offset)
+    return rms_norm(x, weight, eps, layout.spec.norm.weight_offset, layout.spec.norm.fp32_weight)
 
 
 def rope_tables(layout: Layout, positions: torch.Tensor, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,13 +431,19 @@ def gated_mlp(x: torch.Tensor, w: dict, layout: Layout, prefix: str = "") -> tor
     return linear(activation(layout)(gate) * up, w, prefix + "down")
 
 
+def one_mlp(x: torch.Tensor, w: dict, layout: Layout, prefix: str = "") -> torch.Tensor:
+    """One MLP (dense, an expert, the shared expert): gated, or plain (fc1 -> act -> fc2, ``up``
+    and ``down``: Nemotron-H's relu² experts too)."""
+    if layout.spec.mlp.kind == "plain":
+        return linear(activation(layout)(linear(x, w, prefix + "up")), w, prefix + "down")
+    return gated_mlp(x, w, layout, prefix)
+
+
 def mlp(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
     """Gated (SwiGLU, GeGLU), plain (fc1 -> act -> fc2, ``up`` and ``down``) or MoE."""
     if "router" in w:
         return moe(x, w, layout)
-    if layout.spec.mlp.kind == "plain":
-        return linear(activation(layout)(linear(x, w, "up")), w, "down")
-    return gated_mlp(x, w, layout)
+    return one_mlp(x, w, layout)
 
 
 def route(x: torch.Tensor, w: dict, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -499,12 +509,12 @@ def moe(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
         if len(token):
             weight, prefix = top[token, slot, None], f"experts.{e}."
             if layout.spec.moe.weighted_input:   # Llama 4: the expert reads the weighted token
-                y = gated_mlp(x[token] * weight, w, layout, prefix)
+                y = one_mlp(x[token] * weight, w, layout, prefix)
             else:
-                y = gated_mlp(x[token], w, layout, prefix) * weight
+                y = one_mlp(x[token], w, layout, prefix) * weight
             out.index_add_(0, token, y)
     if "shared.up" in w:
-        shared = gated_mlp(x, w, layout, "shared.")
+        shared = one_mlp(x, w, layout, "shared.")
         if "shared_gate" in w:
             shared = torch.sigmoid(F.linear(x, w["shared_gate"].to(x.dtype))) * shared
         out = out + shared
@@ -518,18 +528,22 @@ def _norm(x: torch.Tensor, w: dict, role: str, layout: Layout) -> torch.Tensor:
 def decoder_layer(h: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask: torch.Tensor) -> torch.Tensor:
     """One block, driven by which norms the spec has: pre-norm (``attn_norm``, ``mlp_norm``),
     sandwich (Gemma: also ``post_attn_norm``, ``post_mlp_norm``), post-norm (OLMo2: only the
-    post norms), or parallel residual (GPT-NeoX: h + attn(ln1 h) + mlp(ln2 h))."""
+    post norms), or parallel residual (GPT-NeoX: h + attn(ln1 h) + mlp(ln2 h)); a layer with
+    only a token mixer or only an MLP (Nemotron-H's blocks) runs that one."""
     w = logical(layout, w)
     block = layout.spec.block
     res = layout.value(block.residual_multiplier, 1.0)
-    x = _norm(h, w, "attn_norm", layout)
-    mixer = linear_attention(x, w, layout) if "lin_out" in w else attention(x, w, layout, rope, mask)
-    a = _norm(mixer, w, "post_attn_norm", layout)
-    if layout.value(block.parallel_residual, False):   # shared_norm: the MLP reads attn_norm too (Cohere, Phi)
-        return h + (mlp(x if block.shared_norm else _norm(h, w, "mlp_norm", layout), w, layout) + a)
-    h = h + (a * res if res != 1.0 else a)
-    m = _norm(mlp(_norm(h, w, "mlp_norm", layout), w, layout), w, "post_mlp_norm", layout)
-    return h + (m * res if res != 1.0 else m)
+    if "o" in w or "lin_out" in w:   # a token mixer (not on Nemotron-H's MLP-only layers)
+        x = _norm(h, w, "attn_norm", layout)
+        mixer = linear_attention(x, w, layout) if "lin_out" in w else attention(x, w, layout, rope, mask)
+        a = _norm(mixer, w, "post_attn_norm", layout)
+        if layout.value(block.parallel_residual, False):   # shared_norm: the MLP reads attn_norm too (Cohere, Phi)
+            return h + (mlp(x if block.shared_norm else _norm(h, w, "mlp_norm", layout), w, layout) + a)
+        h = h + (a * res if res != 1.0 else a)
+    if "down" in w or "router" in w:   # an MLP (not on Nemotron-H's mixer-only layers)
+        m = _norm(mlp(_norm(h, w, "mlp_norm", layout), w, layout), w, "post_mlp_norm", layout)
+        h = h + (m * res if res != 1.0 else m)
+    return h
 
 
 def embed_scale(layout: Layout) -> float | None:

@@ -96,7 +96,7 @@ def _counts_here(t: torch.Tensor) -> bool:
     return all(c == 0 for c, p in zip(coord, t.placements) if p.is_replicate())
 
 
-_EXPERT = re.compile(r"^(?P<pre>.*\.)(?:block_sparse_moe|mlp)\.experts\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
+_EXPERT = re.compile(r"^(?P<pre>.*\.)(?P<mod>block_sparse_moe|mlp|mixer)\.experts\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
 
 
 def _resolver(params: dict[str, torch.Tensor], spec):
@@ -104,7 +104,8 @@ def _resolver(params: dict[str, torch.Tensor], spec):
     transformers 5's in-memory layout: renamed (``spec.memory_renames``: Mixtral's
     ``block_sparse_moe`` is ``mlp``, GPT-NeoX's ``embed_out`` is ``lm_head``), and the
     experts fused, ``mlp.experts.gate_up_proj`` [E, 2I, H] (gate then up) and
-    ``mlp.experts.down_proj`` [E, H, I]."""
+    ``mlp.experts.down_proj`` [E, H, I] (Nemotron-H's plain experts: ``mixer.experts.up_proj``
+    [E, I, H] and ``mixer.experts.down_proj``)."""
     def region(role: str, name: str) -> Region:
         if name in params:
             p = params[name]
@@ -115,6 +116,10 @@ def _resolver(params: dict[str, torch.Tensor], spec):
         m = _EXPERT.match(name)
         if m and role.startswith("experts."):
             e, part = int(m["e"]), role.rsplit(".", 1)[1]
+            alone = f"{m['pre']}{m['mod']}.experts.{part}_proj"   # a plain MLP's: up_proj [E, I, H] (Nemotron-H)
+            if part in ("up", "down") and alone in params and (part == "down" or m["mod"] == "mixer"):
+                p = params[alone]
+                return Region(alone, (e, 0, 0), (1, *p.shape[1:]), (1, 2))
             fused = m["pre"] + ("mlp.experts.down_proj" if part == "down" else "mlp.experts.gate_up_proj")
             if fused in params:
                 p = params[fused]
@@ -506,7 +511,7 @@ def _balance_layer(pairs, regions, params, norm, strength, pow2, compute_dtype, 
         dtypes: list = list(mp_dtypes)
         stats = _all_reduce([_stats(pair, regions, params, dtypes)])[0]
         dtype = _narrowest(dtypes + ([compute_dtype] if compute_dtype else []))
-        return scales_from_stats(pair.kind, stats, norm, strength, pow2, dtype), stats
+        return scales_from_stats(pair.kind, stats, norm, strength, pow2, dtype, degree=pair.b_degree), stats
 
     out: dict = {}
     if not _overlapping(pairs):

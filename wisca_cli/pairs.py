@@ -26,7 +26,7 @@ class Member:
     # long [size of axis]; -1 = slice untouched. [experts, size of axis] for a tensor whose
     # dim 0 holds the experts (a fused 3-D expert tensor): slice i of expert e is units[e, i]
     units: torch.Tensor
-    side: int            # +1: times s, -1: times 1/s
+    side: int            # +1: times s, -1: times 1/s (-2: 1/s², the down of a relu² MLP)
     counts: bool = True  # contributes to the unit norm (biases do not)
     offset: float = 0.0  # the tensor stores w for a factor (offset + w): Gemma's (1 + w) norms
 
@@ -37,6 +37,11 @@ class Pair:
     n_units: int
     head_of: torch.Tensor  # long [n_units]: head (kv group) of each unit
     members: tuple[Member, ...]
+
+    @property
+    def b_degree(self) -> int:
+        """The power of 1/s on the B side: 1, or 2 for a relu² MLP's down (relu²(s x) = s² relu²(x))."""
+        return max((-m.side for m in self.members if m.side < 0), default=1)
 
     def regroup(self, granularity: str) -> "Pair":
         """The same pair with units merged to one per head or one per layer."""
@@ -166,24 +171,31 @@ def _mlps(layout: Layout, roles: set[str]) -> list[tuple[str, int]]:
     if "router" in roles:
         mlps = [(f"experts.{e}.", layout.expert_intermediate) for e in range(layout.experts)]
         return mlps + ([("shared.", layout.shared_intermediate)] if "shared.up" in roles else [])
-    return [("", layout.intermediate)]
+    return [("", layout.intermediate)] if "down" in roles else []   # none: a mixer-only layer (Nemotron-H)
+
+
+# positively homogeneous activations of a plain MLP: act(s x) = s**d act(x) for s > 0
+HOMOGENEOUS = {"relu": 1, "relu2": 2}
 
 
 def ffn_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
-    """Row j of up (a gated MLP's linear branch) and column j of down, per neuron.
+    """Row j of up (a gated MLP's linear branch, or a plain MLP's input to relu / relu²) and
+    column j of down (/ s, or / s² after relu²), per neuron.
 
     MoE: every expert (and the shared expert) on its own; its index is the unit's "head"
     (``--granularity head`` = one scale per expert). The router is untouched.
     """
     members, heads, start = [], [], 0
+    # a plain MLP's activation of degree d (relu² 2: relu²(s x) = s² relu²(x)) takes down / s**d
+    degree = HOMOGENEOUS.get(layout.act, 1) if layout.spec.mlp.kind == "plain" else 1
     for e, (prefix, n) in enumerate(_mlps(layout, roles)):
         units = torch.arange(start, start + n)
-        members += [Member(prefix + "up", 0, units, +1), Member(prefix + "down", 1, units, -1)]
+        members += [Member(prefix + "up", 0, units, +1), Member(prefix + "down", 1, units, -degree)]
         if prefix + "up_bias" in roles:
             members.append(Member(prefix + "up_bias", 0, units, +1, False))
         heads.append(torch.full((n,), e, dtype=torch.long))
         start += n
-    return Pair("ffn", start, torch.cat(heads), tuple(members))
+    return Pair("ffn", start, torch.cat(heads) if heads else torch.zeros(0, dtype=torch.long), tuple(members))
 
 
 def norm_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
@@ -294,6 +306,8 @@ def layer_pairs(layout: Layout, layer: int, targets: tuple[str, ...], granularit
     roles = physical_roles(layout, set(layout.layer_roles(layer)))
     pairs = []
     for t in targets:
+        if t in ("qk", "vo") and "o" not in roles and "lin_out" not in roles:
+            continue   # an MLP-only layer (Nemotron-H): no token mixer, nothing to pair
         if t in layout.spec.targets and layout.target_applies(t, layer):   # target_layers
             pair = BUILDERS[t](layout, roles, layer)
             if pair.n_units:

@@ -40,19 +40,19 @@ def solve_pair(layout: Layout, pair: Pair, tensors: dict[str, torch.Tensor], nor
     dtype = _narrowest(tensors, (m.role for m in pair.members))
     slices = fp8.pair_slices(pair.members, tensors, layout.fp8_block) if layout.fp8_weights else []
     if not slices:
-        return scales_from_stats(pair.kind, stats, norm, strength, pow2, dtype)
+        return scales_from_stats(pair.kind, stats, norm, strength, pow2, dtype, degree=pair.b_degree)
     folds = {}
     lo0 = torch.full((pair.n_units,), -fp8.UNBOUNDED * 4, dtype=torch.long)
     hi0 = -lo0
     if pow2 and (FOLD if fold is None else fold):
-        s = balancing_scales(stats, norm, strength)
-        lo, hi = safe_range(stats, dtype)
+        s = balancing_scales(stats, norm, strength, pair.b_degree)
+        lo, hi = safe_range(stats, dtype, pair.b_degree)
         want = torch.log2(round_pow2(s, lo, hi)).long()       # the unlimited exponents
         lo0, hi0 = torch.ceil(torch.log2(lo)).long(), torch.floor(torch.log2(hi)).long()
         folds = fp8.choose_folds(slices, want, tensors)
     folds, klo, khi = fp8.settle_folds(slices, folds, pair.n_units, lo0, hi0)
     result = scales_from_stats(pair.kind, stats, norm, strength, pow2, dtype,
-                               (torch.exp2(klo.double()), torch.exp2(khi.double())))
+                               (torch.exp2(klo.double()), torch.exp2(khi.double())), degree=pair.b_degree)
     result.fp8_folds = {k: b for k, b in folds.items() if bool((b != 0).any())}
     return result
 
@@ -267,7 +267,7 @@ def balance_final(layout: Layout, tensors: dict[str, torch.Tensor], head_blocks:
                 chunk_stats(m, pair.n_units, tensors[m.role], None, reduce, into=stats)
         dtype = min([head_dtype, *(tensors[m.role].dtype for m in pair.members if m.role != "head")],
                      key=lambda d: torch.finfo(d).max)
-        result = scales_from_stats(pair.kind, stats, norm, strength, pow2, dtype)
+        result = scales_from_stats(pair.kind, stats, norm, strength, pow2, dtype, degree=pair.b_degree)
         s = result.scales.double()
         new.update(apply_scales(_without_head(pair), tensors, s))
         mults["head"] = _head_multiplier(layout, pair, s)

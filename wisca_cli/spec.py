@@ -209,6 +209,7 @@ class NormSpec(_Section):
     eps: str = _spec_field(_string)                                  # config key of the epsilon
     kind: str = _spec_field(_choice("rms", "layernorm"), "rms")
     weight_offset: float = _spec_field(_number, 0.0)                 # 1.0: Gemma's (1 + w)
+    fp32_weight: bool = _spec_field(_boolean, False)   # RMSNorm: w times the normed x in float32, then cast (Nemotron-H)
 
 
 @dataclass(frozen=True)
@@ -307,8 +308,15 @@ class BlockSpec(_Section):
     parallel_residual: bool | str = _spec_field(_flag, False)
     residual_multiplier: str | float | None = _spec_field(_config_value, None)
     shared_norm: bool = _spec_field(_boolean, False)   # parallel block on one norm: the MLP reads attn_norm
+    # config key listing each layer's kind where a layer is ONE sub-block (Nemotron-H's layers_block_type:
+    # its norm, then a token mixer or an MLP); read as layer_types. ``mlp_kinds``: the kinds whose block
+    # is the MLP (dense or MoE), every other kind's is the token mixer (attention or linear attention)
+    kinds: str | None = _spec_field(_string, None)
+    mlp_kinds: tuple[str, ...] = _spec_field(_str_list(), ())
 
     def check(self, where: str, label: str) -> None:
+        if bool(self.kinds) != bool(self.mlp_kinds):
+            raise WiscaError(f"{where}: {label}.kinds and {label}.mlp_kinds go together")
         if self.shared_norm and self.parallel_residual is False:
             raise WiscaError(f"{where}: {label}.shared_norm needs parallel_residual (the MLP and attention "
                              f"read one norm only in a parallel block)")
@@ -366,6 +374,7 @@ class MoeSpec(_Section):
     routing: str = _spec_field(_choice("softmax", "sigmoid", "topk_sigmoid", "softmax_group", "topk_softmax"),
                                "softmax")
     zero_is_dense: bool = _spec_field(_boolean, False)   # num_experts 0: every layer dense (Granite 4's dense models)
+    layer_kind: str | None = _spec_field(_string, None)   # MoE on the layers of this block kind (block.kinds)
     weighted_input: bool = _spec_field(_boolean, False)              # the weight scales the expert's input (Llama 4)
     moe_layers: str | None = _spec_field(_string, None)              # key of the list of MoE layers (over sparse_step)
     dense_intermediate: str | None = _spec_field(_string, None)      # the dense layers' MLP size (absent: intermediate_size)
@@ -383,7 +392,7 @@ class MoeSpec(_Section):
         if not self.expert_tensors and not self.fused_experts:
             raise WiscaError(f"{where}: {label} needs expert_tensors or fused_experts")
         fused_parts = [p for f in self.fused_experts.values() for p in f.parts]
-        if self.fused_experts and sorted(fused_parts) != sorted(MLP_ROLES):
+        if self.fused_experts and sorted(fused_parts) not in (sorted(MLP_ROLES), ["down", "up"]):   # gated or plain
             raise WiscaError(f"{where}: {label}.fused_experts must hold {', '.join(MLP_ROLES)} once each, "
                              f"got {fused_parts}")
         if self.expert_tensors and sorted(self.expert_order) != sorted(self.expert_tensors):
@@ -691,6 +700,14 @@ class ArchSpec(_Section):
                 + [r for r in readers if r not in MLP_ROLES])
 
 
+def _mlp_role(role: str, spec: "ArchSpec") -> bool:
+    """Whether a layer role belongs to the MLP sub-block (its norm, dense or MoE MLP)."""
+    base = role.split(".", 1)[0] if role.startswith(("experts.", "shared.")) else role
+    return role.startswith(("experts.", "shared.", "mlp_norm", "router")) or role == "shared_gate" or \
+        base.removesuffix("_bias") in MLP_ROLES or role in spec.fused and \
+        all(p.removeprefix("shared.") in MLP_ROLES for p in spec.fused[role].parts)
+
+
 # -- loading ---------------------------------------------------------------------------------
 def merge(base: dict, over: dict) -> dict:
     """``over`` on top of ``base``, deeply: objects merged key by key, lists and scalars
@@ -944,6 +961,8 @@ class Layout:
         moe = self.spec.moe
         if not moe or not self.experts:
             return False
+        if moe.layer_kind:
+            return self.layer_type(layer) == moe.layer_kind
         listed = self.config.get(moe.moe_layers) if moe.moe_layers else None
         if isinstance(listed, list):
             return layer in listed
@@ -996,6 +1015,9 @@ class Layout:
             else:
                 roles.update({role: spec.layer_name(layer, name)
                               for role, name in moe.dense_tensors.items()})
+        if spec.block.kinds:   # one sub-block: the MLP's roles or the token mixer's
+            mlp_side = self.layer_type(layer) in spec.block.mlp_kinds
+            roles = {role: name for role, name in roles.items() if _mlp_role(role, spec) == mlp_side}
         if self.fp8_weights:   # FP8 weights: their block scales (a fold's powers of two per block)
             roles.update({role + fp8.SCALE_SUFFIX: fp8_scale_name(name)
                           for role, name in list(roles.items()) if name in self.fp8_weights})
@@ -1236,6 +1258,12 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
         if moe.shared_count:
             shared_inter = expert_inter * int(config.get(moe.shared_count) or 0)
 
+    if spec.block.kinds:   # one sub-block per layer: its kind is its layer type
+        kinds = config.get(spec.block.kinds)
+        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+            raise WiscaError(f"{where}: {spec.block.kinds} must list each layer's block kind for {spec.name}")
+        config = {**config, "layer_types": kinds}
+        config.setdefault("num_hidden_layers", len(kinds))
     layers = _positive_int(config, "num_hidden_layers", where)
     linear = _linear_dims(config, spec.linear_attention, where) if spec.linear_attention else None
     # the conv saved in parts: a checkpoint's names say so (a model in memory holds it whole)
@@ -1405,7 +1433,8 @@ def support_matrix() -> list[dict[str, str]]:
         # the targets that hold on a hybrid family's linear-attention layers
         mixer = {"gated_deltanet": "Gated DeltaNet", "mamba2": "Mamba2"}
         row["linear"] = "-" if spec.linear_attention is None else mixer[spec.linear_attention.kind] + ": " + ", ".join(
-            f"{t} ({row[t].split(' (')[0]})" for t in ("norm", "ffn") if t in spec.targets)
+            f"{t} ({row[t].split(' (')[0]})" for t in ("norm", "ffn")
+            if t in spec.targets and not (t == "ffn" and spec.block.kinds))   # one sub-block: no MLP beside it
         row["trainer"] = "exact, fused experts" if spec.moe is not None else "exact"
         rows.append(row)
     return rows
