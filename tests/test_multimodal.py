@@ -154,3 +154,95 @@ def test_default_targets_on_the_multimodal_checkpoint(family, multimodal, tmp_pa
         la, lb = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
         assert (la.exp() * (la - lb)).sum(-1).mean() <= 1e-6 and (a.argmax(-1) == b.argmax(-1)).all()
     assert set(wisca.inspect(out)["summary"]) <= {"qk", "vo", "ffn"}
+
+
+def test_trainer_checkpoint_and_live_transition_of_a_multimodal_model(multimodal, tmp_path):
+    """Qwen3.5 as released (vision tower + language model) fine-tuned with transformers' Trainer on
+    text: the checkpoint-N/ is transformed with its optimizer.pt (Adam's moments / S and / S**2 bit
+    for bit, the tower's parameters untouched), the multimodal class gives bit-identical logits and
+    training resumes; and ``wisca_cli.transition`` on the live multimodal model and its optimizer
+    keeps its logits bit for bit."""
+    from test_training import SAVE, _args, _dataset, _load
+    from transformers import Trainer
+
+    from wisca_cli.training import optimizer_parameter_names
+
+    cls, src = multimodal("qwen3_5")
+    model = cls.from_pretrained(src, attn_implementation="eager")
+    trainer = Trainer(model=model, args=_args(tmp_path / "run", SAVE), train_dataset=_dataset(8))
+    trainer.train()
+    ckpt, out = tmp_path / "run" / f"checkpoint-{SAVE}", tmp_path / "out"
+    report = wisca.transform(ckpt, out, targets=("vo", "ffn"))
+    opt = report["training_state"]["optimizer"]
+    assert opt["transformed"] and opt["exact"] and opt["underflow"] == 0 and opt["scaled_parameters"] > 0
+    assert torch.equal(_logits(cls, ckpt, None), _logits(cls, out, None))
+    mult, names = wisca.scale_multipliers(out), optimizer_parameter_names(ckpt)
+    assert mult and all(n.startswith("model.language_model.") for n in mult)
+    before, after = _load(ckpt / "optimizer.pt"), _load(out / "optimizer.pt")
+    for key, b in before["state"].items():
+        s = mult.get(names[key], torch.ones(1, dtype=torch.float64)).float()
+        a = after["state"][key]
+        assert torch.equal(a["exp_avg"], b["exp_avg"] / s) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"] / (s * s))
+    resumed = cls.from_pretrained(out, attn_implementation="eager")
+    more = Trainer(model=resumed, args=_args(tmp_path / "more", SAVE + 2), train_dataset=_dataset(8))
+    more.train(resume_from_checkpoint=str(out))
+    assert more.state.global_step == SAVE + 2
+
+    live = cls.from_pretrained(src, attn_implementation="eager")
+    adam = torch.optim.AdamW(live.parameters(), lr=1e-3)
+    live(input_ids=probe_tokens(), labels=probe_tokens()).loss.backward()
+    adam.step()
+    live.eval()
+    weights = {n: p.detach().clone() for n, p in live.named_parameters()}
+    with torch.no_grad():
+        want = live(input_ids=probe_tokens(), use_cache=False).logits
+    result = wisca.transition(live, adam, targets=("vo", "ffn"))
+    with torch.no_grad():
+        got = live(input_ids=probe_tokens(), use_cache=False).logits
+    assert torch.equal(want, got) and result["verification"]["mode"] == "exact"
+    moved = {n for n, p in live.named_parameters() if not torch.equal(p.detach(), weights[n])}
+    assert moved and all(n.startswith("model.language_model.layers.") for n in moved)   # the tower untouched
+
+
+def test_dcp_checkpoint_of_a_multimodal_model(multimodal, tmp_path):
+    """Qwen3.5 as released, one step on an image (so the vision tower has Adam state too), saved with
+    torch DCP as an FSDP2 loop does: ``wisca transform`` rescales the language model's weights and
+    moments bit for bit, copies the tower's weights and state unchanged and reports the tower;
+    ``dcp.load`` into transformers' multimodal class gives bit-identical logits on text and on an
+    image."""
+    import torch.distributed.checkpoint as dcp
+    from dcp_helpers import assert_rescaled
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict)
+
+    cls, start = multimodal("qwen3_5")
+    _, image, towers = FAMILIES["qwen3_5"]
+    model = cls.from_pretrained(start, attn_implementation="eager")
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    inputs = image(torch.Generator().manual_seed(1))
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    adam.step()
+    assert all(adam.state[p] for p in model.model.visual.parameters())
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dcp.save({"model": get_model_state_dict(model),
+              "optimizer": get_optimizer_state_dict(model, adam, options=StateDictOptions(flatten_optimizer_state_dict=True))},
+             checkpoint_id=src, no_dist=True)
+    model.config.to_json_file(str(src / "config.json"))
+    report = wisca.transform(src, dst, targets=("vo", "ffn"))
+    assert report["format"] == "dcp" and report["verification"]["identical"]
+    tower = sum(1 for n, _ in model.named_parameters() if n.startswith("model.visual."))
+    assert [(t["module"], t["tensors"]) for t in report["other_towers"]] == [("model.visual", tower)]
+    mults = assert_rescaled(src, dst)     # weights x S, moments / S and / S**2, everything else as it was
+    assert mults and not any("visual" in key for key in mults)
+
+    def logits(path):
+        fresh = cls.from_pretrained(start, attn_implementation="eager")
+        state = {"model": get_model_state_dict(fresh)}
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+        set_model_state_dict(fresh, state["model"])
+        fresh.eval()
+        with torch.no_grad():
+            return [fresh(**x).logits for x in ({"input_ids": probe_tokens()}, inputs)]
+
+    for a, b in zip(logits(src), logits(dst)):
+        assert torch.equal(a, b)

@@ -138,6 +138,30 @@ def _verifier(ckpt, exact: bool, probe: tuple, tolerance) -> StreamVerifier:
                           dtype=compute_dtype(dtype, exact))
 
 
+def _towers(ckpt) -> dict:
+    """``other_towers``, as for a safetensors checkpoint (``api._towers_report``): in a multimodal
+    model's checkpoint, the weights outside the language model by top-level module (the state
+    dict's own ``model.`` dropped), each copied byte for byte with its optimizer state."""
+    from .dcp import _canonical, _optimizer_key
+
+    spec = ckpt.layout.spec
+    if spec.multimodal is None or ckpt.config.get("model_type") not in spec.multimodal.model_types:
+        return {}
+    ours = {e.key for e in ckpt.weights.values()}
+    towers: dict[str, dict] = {}
+    for f in ckpt.folders:
+        for key, e in sorted(f.entries.items()):
+            if not e.is_tensor or _optimizer_key(key) or key in ours:
+                continue
+            parts = _canonical(key).split(".")
+            parts = parts[1:] if parts[0] == "model" and len(parts) > 1 else parts   # the app state's key
+            root = ".".join(parts[:2] if parts[0] == "model" and len(parts) > 2 else parts[:1])
+            t = towers.setdefault(root, {"module": root, "tensors": 0, "bytes": 0, "copied_unchanged": True})
+            t["tensors"] += 1
+            t["bytes"] += e.nbytes
+    return {"other_towers": list(towers.values())} if towers else {}
+
+
 def _copy_beside(ckpt, tmp: Path) -> None:
     """The checkpoint's other files (Trainer state, tokenizer, ...) and its config.json; the
     data files are written anew, the ``.metadata`` files last (``write_metadata``)."""
@@ -245,7 +269,7 @@ def _transform(world: World, src, dst, opts: TransformOptions, progress) -> dict
                 "verification": result.to_dict() if result else None, "scales_file": SCALES_NAME,
                 "undo": f"wisca undo {dst_path} RESTORED  (multiplies back by the recorded scales; "
                         f"{'bit-exact' if pow2 else 'exact up to rounding'})",
-                "layers": layers,
+                "layers": layers, **_towers(ckpt),
             }
             if result is not None and not result.passed:
                 raise VerificationFailed(result.failure(), report)
