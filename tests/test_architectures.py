@@ -513,3 +513,25 @@ def test_relu2_mlp_takes_down_over_s_squared(arch_ckpt, transformed, tmp_path):
     ids = probe_tokens()
     ref = hf_logits(src, ids)
     assert (hf_logits(bad, ids) - ref).abs().max() > 1e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize("family, edit", [
+    # Nemotron-H as NVIDIA releases it: the layer kinds as hybrid_override_pattern letters
+    ("nemotron_h", lambda c: {**{k: v for k, v in c.items() if k != "layers_block_type"},
+                              "hybrid_override_pattern": "M*-E"}),
+    # Granite 4.0-H as IBM releases it: the legacy layer type names, the head dim left to "auto"
+    ("granitemoehybrid", lambda c: {**c, "layer_types": ["mamba", "attention"], "mamba_d_head": "auto"}),
+])
+def test_hybrid_configs_as_released(family, edit, arch_ckpt, tmp_path):
+    """config.json as the hub's checkpoints write it, read as transformers reads it: transform exit 0,
+    transformers' logits bit-identical, the report's layer kinds as before."""
+    src = tmp_path / "src"
+    shutil.copytree(arch_ckpt(family), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(edit(cfg)))
+    out = tmp_path / "out"
+    report = wisca.transform(src, out)
+    assert report["verification"]["identical"] and report["summary"]["ffn"]["units_changed"] > 0
+    assert any(w["message"].startswith("qk is not applicable on layers 0: a Mamba2") for w in report["warnings"])
+    ids = probe_tokens()
+    assert torch.equal(hf_logits(src, ids), hf_logits(out, ids))

@@ -164,6 +164,25 @@ def _load_with(name: str, change) -> None:
      "architectures/llama4.json: config_defaults.floor_scale must be a number, a string or true/false, got [1]"),
     ("llama4", lambda d: d.update(refused_model_types={"llama": "x"}),
      "architectures/llama4.json: refused_model_types names 'llama', which is served by architectures/llama.json"),
+    # the hybrid families' sections
+    ("granitemoehybrid", lambda d: d["linear_attention"].update(kind="mamba3"),
+     'architectures/granitemoehybrid.json: linear_attention.kind must be one of "gated_deltanet", "mamba2", '
+     'got "mamba3"'),
+    ("granitemoehybrid", lambda d: d["linear_attention"]["tensors"].update(lin_q="mamba.q.weight"),
+     "architectures/granitemoehybrid.json: linear_attention.tensors: 'lin_q' is not a mamba2 role"),
+    ("granitemoehybrid", lambda d: d["linear_attention"]["tensors"].pop("lin_D"),
+     "architectures/granitemoehybrid.json: linear_attention.tensors lacks lin_D"),
+    ("olmo_hybrid", lambda d: d["linear_attention"].update(conv_split=["a", "b"]),
+     "architectures/olmo_hybrid.json: linear_attention.conv_split: the conv's q, k and v parts, got ['a', 'b']"),
+    ("olmo_hybrid", lambda d: d["linear_attention"].update(full_attention_lacks={"conv": "x"}),
+     "architectures/olmo_hybrid.json: linear_attention.full_attention_lacks: 'conv' is not a target"),
+    ("nemotron_h", lambda d: d["block"].pop("mlp_kinds"),
+     "architectures/nemotron_h.json: block.kinds and block.mlp_kinds go together"),
+    ("nemotron_h", lambda d: d["block"].pop("pattern_letters"),
+     "architectures/nemotron_h.json: block.pattern and block.pattern_letters go together, with block.kinds"),
+    ("granitemoehybrid", lambda d: d["fused"].pop("shared.gate_up"),
+     "architectures/granitemoehybrid.json: moe names the fused MLP tensor 'shared.gate_up', which fused does not "
+     "describe"),
 ])
 def test_bad_spec_is_one_line_naming_file_and_key(name, change, message):
     with pytest.raises(WiscaError) as e:

@@ -35,6 +35,9 @@ MAMBA_ROLES = ("lin_in", "lin_conv", "lin_conv_bias", "lin_dt_bias", "lin_A_log"
 MIXER_ROLES = {"gated_deltanet": LINEAR_ROLES, "mamba2": MAMBA_ROLES}
 # logical roles a fused tensor may hold (a shared expert's gate and up: Granite's shared_mlp.input_linear)
 FUSABLE_PARTS = ("q", "k", "v", "gate", "up", "shared.gate", "shared.up", *LINEAR_ROLES[:6])
+# layer type names of older config.json files -> transformers 5's (configuration_utils.
+# _LEGACY_LAYER_TYPE_REMAP, applied to every config it loads): Granite 4.0-H says mamba / attention
+LEGACY_LAYER_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
 CONV_PARTS = ("lin_conv_q", "lin_conv_k", "lin_conv_v")   # lin_conv saved in parts (conv_split)
 # the roles of an attention block, absent from a layer whose token mixer is a linear attention
 ATTENTION_ROLES = ("q", "k", "v", "o", "qkv", "q_norm", "k_norm", "q_bias", "k_bias", "v_bias", "o_bias",
@@ -313,8 +316,14 @@ class BlockSpec(_Section):
     # is the MLP (dense or MoE), every other kind's is the token mixer (attention or linear attention)
     kinds: str | None = _spec_field(_string, None)
     mlp_kinds: tuple[str, ...] = _spec_field(_str_list(), ())
+    # config key of the same list as one letter per layer, and the letters' kinds (Nemotron-H's
+    # hybrid_override_pattern "M-M*-E", as released; transformers reads it when the list is absent)
+    pattern: str | None = _spec_field(_string, None)
+    pattern_letters: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
 
     def check(self, where: str, label: str) -> None:
+        if bool(self.pattern) != bool(self.pattern_letters) or self.pattern and not self.kinds:
+            raise WiscaError(f"{where}: {label}.pattern and {label}.pattern_letters go together, with {label}.kinds")
         if bool(self.kinds) != bool(self.mlp_kinds):
             raise WiscaError(f"{where}: {label}.kinds and {label}.mlp_kinds go together")
         if self.shared_norm and self.parallel_residual is False:
@@ -508,6 +517,9 @@ class LinearAttentionSpec(_Section):
     # key_heads, value_heads, key_head_dim, value_head_dim are then its groups, heads, state size, head dim)
     kind: str = _spec_field(_choice(*MIXER_ROLES), "gated_deltanet")
     when: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)   # role -> config flag it needs
+    # config key of the expansion factor: a value_head_dim of "auto" is expand x hidden / value_heads
+    # (Granite 4's mamba_d_head, as transformers derives it)
+    auto_head_dim: str | None = _spec_field(_string, None)
     norm_eps: float | None = _spec_field(_number, None)   # lin_norm's eps (None: the model's rms_norm_eps)
     # config flag: beta = 2 sigmoid(b) where set (OLMo-hybrid's linear_allow_neg_eigval)
     beta_doubled: str | None = _spec_field(_string, None)
@@ -522,11 +534,7 @@ class LinearAttentionSpec(_Section):
     full_attention_lacks: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
 
     def check(self, where: str, label: str) -> None:
-        roles = MIXER_ROLES[self.kind]
-        for role in self.tensors:
-            if role not in roles and not role.startswith("lin_"):
-                raise WiscaError(f"{where}: {label}.tensors: {role!r} is not a {self.kind} role "
-                                 f"({', '.join(roles)}) or a fused one (lin_*)")
+        roles = MIXER_ROLES[self.kind]   # a fused role (lin_*) is checked against the spec's fused
         for norm, readers in self.norm_readers.items():
             if norm not in ("attn_norm", "lin_norm"):
                 raise WiscaError(f"{where}: {label}.norm_readers: {norm!r} is not attn_norm or lin_norm")
@@ -621,6 +629,10 @@ class ArchSpec(_Section):
         if self.linear_attention:
             fused_parts = {p for f in self.fused.values() for p in f.parts}
             roles = MIXER_ROLES[self.linear_attention.kind]
+            bad = [r for r in self.linear_attention.tensors if r not in roles and r not in self.fused]
+            if bad:
+                raise WiscaError(f"{where}: linear_attention.tensors: {bad[0]!r} is not a "
+                                 f"{self.linear_attention.kind} role ({', '.join(roles)}) or a fused one of fused")
             named = {r for r in self.linear_attention.tensors if r in roles} | fused_parts
             missing = [r for r in roles if r not in named]
             if missing:
@@ -1116,6 +1128,10 @@ class LinearDims:
 
 
 def _linear_dims(config: dict, la: "LinearAttentionSpec", where: str) -> LinearDims:
+    if la.auto_head_dim and config.get(la.value_head_dim) == "auto":
+        expand = config.get(la.auto_head_dim, 2)
+        config = {**config, la.value_head_dim: int(expand * _positive_int(config, "hidden_size", where))
+                  // _positive_int(config, la.value_heads, where)}
     dims = LinearDims(*(_positive_int(config, key, where) for key in (
         la.key_heads, la.value_heads, la.key_head_dim, la.value_head_dim, la.conv_kernel)))
     if dims.value_heads % dims.key_heads:
@@ -1202,6 +1218,9 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
                            if config.get(key) is not None}}
     if config.get("intermediate_size") is None and spec.mlp.intermediate_default:
         config["intermediate_size"] = spec.mlp.intermediate_default * config.get("hidden_size", 0)
+    for key in ("layer_types", spec.block.kinds):   # legacy names, as every transformers config renames them
+        if key and isinstance(config.get(key), list):
+            config = {**config, key: [LEGACY_LAYER_TYPES.get(t, t) for t in config[key]]}
     hidden = _positive_int(config, "hidden_size", where)
     heads = _positive_int(config, "num_attention_heads", where)
     kv_heads = config.get("num_key_value_heads") or heads
@@ -1258,12 +1277,18 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
         if moe.shared_count:
             shared_inter = expert_inter * int(config.get(moe.shared_count) or 0)
 
+    if spec.block.pattern and config.get(spec.block.kinds) is None and isinstance(config.get(spec.block.pattern), str):
+        letters, pattern = spec.block.pattern_letters, config[spec.block.pattern]
+        bad = sorted(set(pattern) - set(letters))
+        if bad:
+            raise WiscaError(f"{where}: {spec.block.pattern}={pattern!r} has {bad[0]!r}, not one of "
+                             f"{', '.join(repr(k) for k in letters)}")
+        config = {**config, spec.block.kinds: [letters[c] for c in pattern]}
     if spec.block.kinds:   # one sub-block per layer: its kind is its layer type
         kinds = config.get(spec.block.kinds)
         if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
             raise WiscaError(f"{where}: {spec.block.kinds} must list each layer's block kind for {spec.name}")
-        config = {**config, "layer_types": kinds}
-        config.setdefault("num_hidden_layers", len(kinds))
+        config = {**config, "layer_types": kinds, "num_hidden_layers": len(kinds)}   # transformers: the list decides
     layers = _positive_int(config, "num_hidden_layers", where)
     linear = _linear_dims(config, spec.linear_attention, where) if spec.linear_attention else None
     # the conv saved in parts: a checkpoint's names say so (a model in memory holds it whole)
