@@ -517,6 +517,12 @@ class LinearAttentionSpec(_Section):
     # key_heads, value_heads, key_head_dim, value_head_dim are then its groups, heads, state size, head dim)
     kind: str = _spec_field(_choice(*MIXER_ROLES), "gated_deltanet")
     when: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)   # role -> config flag it needs
+    # without a layer_types list (as transformers' config class fills it in): every n-th layer full
+    # attention, n = the config key ``full_every_key`` (Qwen's full_attention_interval) or else
+    # ``full_every``; ``last_full``: the last layer where no n-th falls (OLMo-hybrid under n layers)
+    full_every: int | None = _spec_field(_positive_int_value, None)
+    full_every_key: str | None = _spec_field(_string, None)
+    last_full: bool = _spec_field(_boolean, False)
     # config key of the expansion factor: a value_head_dim of "auto" is expand x hidden / value_heads
     # (Granite 4's mamba_d_head, as transformers derives it)
     auto_head_dim: str | None = _spec_field(_string, None)
@@ -1296,6 +1302,14 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
     conv_split = bool(split) and tensor_names is not None and any(n.endswith("." + split[0]) for n in tensor_names)
     if linear is not None:
         types = config.get("layer_types")
+        la = spec.linear_attention
+        if types is None and la.full_every:   # as transformers' config class fills the list in
+            every = _positive_int(config, la.full_every_key, where) if config.get(la.full_every_key) is not None \
+                else la.full_every
+            types = ["full_attention" if (i + 1) % every == 0 else la.layer_type for i in range(layers)]
+            if la.last_full and "full_attention" not in types:
+                types[-1] = "full_attention"
+            config["layer_types"] = types
         if not isinstance(types, list) or len(types) < layers:
             raise WiscaError(f"{where}: layer_types must list each of the {layers} layers' kind "
                              f"({spec.linear_attention.layer_type} or full_attention) for {spec.name}")
