@@ -721,7 +721,7 @@ class ArchSpec(_Section):
 def _mlp_role(role: str, spec: "ArchSpec") -> bool:
     """Whether a layer role belongs to the MLP sub-block (its norm, dense or MoE MLP)."""
     base = role.split(".", 1)[0] if role.startswith(("experts.", "shared.")) else role
-    return role.startswith(("experts.", "shared.", "mlp_norm", "router")) or role == "shared_gate" or \
+    return role.startswith(("experts.", "shared.", "mlp_norm", "post_mlp_norm", "router")) or role == "shared_gate" or \
         base.removesuffix("_bias") in MLP_ROLES or role in spec.fused and \
         all(p.removeprefix("shared.") in MLP_ROLES for p in spec.fused[role].parts)
 
