@@ -543,3 +543,39 @@ def test_hybrid_configs_as_released(family, edit, arch_ckpt, tmp_path):
     exact = not (_inexact(family) & set(report["targets_applied"]))
     a, b = hf_logits(src, ids), hf_logits(out, ids)
     assert torch.equal(a, b) if exact else torch.allclose(a, b, atol=1e-5 * a.abs().max().item())
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5", "qwen3_5_moe", "granitemoehybrid", "nemotron_h"])
+def test_conv_target_on_linear_attention_layers(family, arch_ckpt, tmp_path):
+    """--targets conv: on a linear-attention layer the input projection's row of each conv channel
+    times s and that channel's taps / s (the depthwise conv's output, SiLU's input, unchanged):
+    transformers' logits bit-identical, the imbalance down, only those tensors changed, and the
+    report says the other layers have no conv."""
+    from safetensors.torch import load_file as load
+
+    src, out = arch_ckpt(family), tmp_path / "out"
+    report = wisca.transform(src, out, targets=("conv",))
+    assert report["verification"]["identical"] and report["exactness"] == {"conv": "exact"}
+    conv = report["summary"]["conv"]
+    assert conv["units_changed"] > 0 and conv["imbalance_after"] < conv["imbalance_before"]
+    lay = open_checkpoint(src).layout
+    others = [i for i in range(lay.layers) if not lay.is_linear_layer(i)]
+    assert any(w["message"].startswith(f"conv is not applicable on layers {', '.join(map(str, others))}: no causal conv")
+               for w in report["warnings"])
+    ids = probe_tokens()
+    assert torch.equal(hf_logits(src, ids), hf_logits(out, ids))
+    before, after = load(src / "model.safetensors"), load(out / "model.safetensors")
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    allowed = {name for i in range(lay.layers) if lay.is_linear_layer(i) for role, name in lay.layer_roles(i).items()
+               if role in ("lin_q", "lin_k", "lin_v", "lin_qkvz", "lin_qkv", "lin_in", "lin_conv")}
+    assert changed and changed <= allowed and any(n.endswith("conv1d.weight") for n in changed)
+
+
+def test_conv_target_is_not_applicable_where_the_conv_is_saved_split(arch_ckpt, tmp_path):
+    """OLMo-hybrid saves its conv as three tensors in transformers' own split of the channels (not q,
+    k and v): the family does not offer the conv target, the report says so, nothing changes."""
+    src = arch_ckpt("olmo_hybrid")
+    report = wisca.transform(src, tmp_path / "out", targets=("conv",))
+    assert report["targets_not_applicable"] == ["conv"] and report["exactness"] == {"conv": "not applicable"}
+    before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)

@@ -16,7 +16,7 @@ from .errors import WiscaError
 
 GRANULARITIES = ("layer", "head", "channel")
 DEFAULT_TARGETS = ("qk", "vo", "ffn")
-EXTRA_TARGETS = ("norm",)      # off by default
+EXTRA_TARGETS = ("norm", "conv")      # off by default
 ALL_TARGETS = DEFAULT_TARGETS + EXTRA_TARGETS
 NORMS = ("fro", "rms")
 SCALES = ("pow2", "continuous")
@@ -83,8 +83,9 @@ class Option:
 
 
 _OPTIONS = [
-    Option("targets", DEFAULT_TARGETS, "Pair kinds, comma-separated: qk, vo, ffn, norm (norm -> linear; off by "
-           "default).", kind="list", choices=ALL_TARGETS),
+    Option("targets", DEFAULT_TARGETS, "Pair kinds, comma-separated: qk, vo, ffn, norm, conv (norm -> linear; "
+           "conv: a linear-attention layer's input projection -> its causal conv; both off by default).",
+           kind="list", choices=ALL_TARGETS),
     Option("granularity", "channel", "One scale per layer, per head (kv group, or expert) or per channel.",
            choices=GRANULARITIES),
     Option("norm", "fro", "Balance Frobenius norms (fro) or per-element RMS (rms).", choices=NORMS),

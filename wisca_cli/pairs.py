@@ -226,7 +226,31 @@ def norm_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
     return Pair("norm", n, torch.cat(heads) if heads else torch.zeros(0, dtype=torch.long), tuple(members))
 
 
-BUILDERS = {"qk": qk_pair, "vo": vo_pair, "ffn": ffn_pair, "norm": norm_pair}
+def conv_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
+    """A linear-attention layer's causal conv: the input projection's row of conv channel c times s
+    (a Gated DeltaNet's q, k, v rows; a Mamba2 in_proj's x, B, C rows), the conv's channel c
+    (its K taps) times 1/s. The conv is depthwise (channel c reads only row c) and linear, and its
+    bias (Mamba2) is added after it, so the conv's output, the SiLU's input, is unchanged. One
+    "head" per key / value head (Gated DeltaNet) or per head and group (Mamba2)."""
+    lin = layout.linear
+    keys, values = lin.key_heads * lin.key_dim, lin.value_heads * lin.value_dim
+    channels = torch.arange(2 * keys + values)
+    if layout.spec.linear_attention.kind == "mamba2":   # in_proj rows [z | x B C | dt]
+        rows = torch.full((2 * values + 2 * keys + lin.value_heads,), -1, dtype=torch.long)
+        rows[values:2 * values + 2 * keys] = channels
+        members = [Member("lin_in", 0, rows, +1)]
+        head_of = torch.cat([torch.arange(values) // lin.value_dim,
+                             lin.value_heads + torch.arange(2 * keys) // lin.key_dim])
+    else:   # [q | k | v] as the conv reads them
+        members = [Member("lin_q", 0, channels[:keys], +1), Member("lin_k", 0, channels[keys:2 * keys], +1),
+                   Member("lin_v", 0, channels[2 * keys:], +1)]
+        head_of = torch.cat([torch.arange(2 * keys) // lin.key_dim,
+                             2 * lin.key_heads + torch.arange(values) // lin.value_dim])
+    members.append(Member("lin_conv", 0, channels, -1))
+    return Pair("conv", len(channels), head_of, tuple(members))
+
+
+BUILDERS = {"qk": qk_pair, "vo": vo_pair, "ffn": ffn_pair, "norm": norm_pair, "conv": conv_pair}
 
 
 def physical_roles(layout: Layout, roles: set[str]) -> set[str]:

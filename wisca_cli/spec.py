@@ -23,7 +23,7 @@ import torch
 from . import fp8, mxfp4
 from .errors import WiscaError
 
-SPEC_TARGETS = ("qk", "vo", "ffn", "norm")          # the symmetries pairs.py builds
+SPEC_TARGETS = ("qk", "vo", "ffn", "norm", "conv")  # the symmetries pairs.py builds
 # the roles of a Gated DeltaNet token mixer (``linear_attention``): its input projections
 # (q, k, v, the output gate z, beta's b and the decay's a), the depthwise causal conv over
 # q|k|v, the decay's dt_bias and A_log, the gated RMSNorm's weight and the output projection
@@ -632,6 +632,8 @@ class ArchSpec(_Section):
         if self.attention.output_gate and self.attention.qk_norm != "head":
             raise WiscaError(f"{where}: attention.output_gate needs qk_norm \"head\" (the qk target then lives "
                              f"on the norm weights, not on q_proj's rows, which interleave the gate's)")
+        if "conv" in self.targets and not self.linear_attention:
+            raise WiscaError(f"{where}: the conv target needs linear_attention (a causal conv to pair with)")
         if self.linear_attention:
             fused_parts = {p for f in self.fused.values() for p in f.parts}
             roles = MIXER_ROLES[self.linear_attention.kind]
@@ -957,6 +959,11 @@ class Layout:
         """Why a target the family has does not hold on this layer, or None where it does."""
         if target in ("qk", "vo") and self.is_linear_layer(layer):
             return self.spec.linear_attention.why
+        if target == "conv" and not self.is_linear_layer(layer):
+            return "no causal conv on this layer (attention or an MLP block)"
+        if target == "conv" and self.conv_split:
+            return ("the conv is saved as three tensors in transformers' own split of its channels, which "
+                    "do not follow q, k and v; it is left as saved")
         la = self.spec.linear_attention
         if la is not None and target in la.full_attention_lacks and not self.is_linear_layer(layer):
             return la.full_attention_lacks[target]
@@ -967,6 +974,8 @@ class Layout:
         vo on a linear-attention layer)."""
         if target in ("qk", "vo") and self.is_linear_layer(layer):
             return False
+        if target == "conv":
+            return self.is_linear_layer(layer) and not self.conv_split
         la = self.spec.linear_attention
         if la is not None and target in la.full_attention_lacks and not self.is_linear_layer(layer):
             return False
@@ -1471,9 +1480,11 @@ def support_matrix() -> list[dict[str, str]]:
                 row[target] += " (linear-attention layers only)"
         # the targets that hold on a hybrid family's linear-attention layers
         mixer = {"gated_deltanet": "Gated DeltaNet", "mamba2": "Mamba2"}
+        conv = ["conv (" + ("tolerance" if "conv" in spec.inexact_targets else "exact") + ")"] \
+            if "conv" in spec.targets else []
         row["linear"] = "-" if spec.linear_attention is None else mixer[spec.linear_attention.kind] + ": " + ", ".join(
-            f"{t} ({row[t].split(' (')[0]})" for t in ("norm", "ffn")
-            if t in spec.targets and not (t == "ffn" and spec.block.kinds))   # one sub-block: no MLP beside it
+            [f"{t} ({row[t].split(' (')[0]})" for t in ("norm", "ffn")
+             if t in spec.targets and not (t == "ffn" and spec.block.kinds)] + conv)   # one sub-block: no MLP beside it
         row["trainer"] = "exact, fused experts" if spec.moe is not None else "exact"
         rows.append(row)
     return rows
