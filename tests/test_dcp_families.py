@@ -93,7 +93,7 @@ def test_every_family_in_dcp_transform_bit_exact(family, tmp_path):
     from wisca_cli.spec import spec_for
 
     spec = spec_for(model.config.model_type)     # every exact target (an MoE's norm target scales the experts' inputs)
-    targets = tuple(t for t in ("qk", "vo", "ffn", "norm") if t in spec.targets and t not in spec.inexact_targets)
+    targets = tuple(t for t in ("qk", "vo", "ffn", "norm", "conv") if t in spec.targets and t not in spec.inexact_targets)
     report = wisca.transform(src, dst, targets=targets)
     assert report["format"] == "dcp" and report["verification"]["identical"]
     assert set(report["summary"]) >= set(targets) - {"norm"}

@@ -66,7 +66,7 @@ def _exact_targets(model) -> tuple[str, ...]:
     from wisca_cli.spec import spec_for
 
     spec = spec_for(model.config.model_type)
-    return tuple(t for t in ("qk", "vo", "ffn", "norm") if t in spec.targets and t not in spec.inexact_targets)
+    return tuple(t for t in ("qk", "vo", "ffn", "norm", "conv") if t in spec.targets and t not in spec.inexact_targets)
 
 
 def _snapshot(model, opt):

@@ -429,7 +429,7 @@ def test_hybrid_trainer_moments_follow_bit_for_bit(family, tmp_path):
     trainer = Trainer(model=model, args=_args(tmp_path / "run", SAVE), train_dataset=_dataset(8))
     trainer.train()
     ckpt, out = tmp_path / "run" / f"checkpoint-{SAVE}", tmp_path / "out"
-    report = wisca.transform(ckpt, out, targets=("qk", "vo", "ffn", "norm"))
+    report = wisca.transform(ckpt, out, targets=("qk", "vo", "ffn", "norm", "conv"))
     opt = report["training_state"]["optimizer"]
     assert opt["transformed"] and opt["exact"] and opt["underflow"] == 0   # moments: powers of two divide exactly
     inexact = set(spec_for(model.config.model_type).inexact_targets)   # Qwen3.5's (1 + w) norms round
@@ -447,8 +447,10 @@ def test_hybrid_trainer_moments_follow_bit_for_bit(family, tmp_path):
         s = mult.get(names[key], torch.ones(1, dtype=torch.float64)).float()
         a = after["state"][key]
         assert torch.equal(a["exp_avg"], b["exp_avg"] / s) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"] / (s * s))
-    for key in conv:
-        assert torch.equal(after["state"][key]["exp_avg"], before["state"][key]["exp_avg"])
+    if "conv" in report["targets_applied"]:   # the conv target: its channels / s, their moments / s and / s**2
+        assert any(not torch.equal(after["state"][k]["exp_avg"], before["state"][k]["exp_avg"]) for k in conv)
+    else:                                     # OLMo-hybrid's conv (saved split) is left as it is
+        assert all(torch.equal(after["state"][k]["exp_avg"], before["state"][k]["exp_avg"]) for k in conv)
     resumed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
     more = Trainer(model=resumed, args=_args(tmp_path / "more", SAVE + 2), train_dataset=_dataset(8))
     more.train(resume_from_checkpoint=str(out))
@@ -470,7 +472,7 @@ def test_nemotron_h_trainer_moments_follow_bit_for_bit(tmp_path):
     trainer = Trainer(model=model, args=_args(tmp_path / "run", SAVE), train_dataset=_dataset(8))
     trainer.train()
     ckpt, out = tmp_path / "run" / f"checkpoint-{SAVE}", tmp_path / "out"
-    report = wisca.transform(ckpt, out, targets=("qk", "vo", "ffn", "norm"))
+    report = wisca.transform(ckpt, out, targets=("qk", "vo", "ffn", "norm", "conv"))
     opt = report["training_state"]["optimizer"]
     assert opt["transformed"] and opt["exact"] and opt["underflow"] == 0
     assert torch.equal(hf_logits(ckpt, probe_tokens()), hf_logits(out, probe_tokens()))

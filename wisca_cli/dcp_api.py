@@ -85,11 +85,16 @@ def _phase(world: World, fn: Callable):
 def _run(fn: Callable):
     """``fn(world)`` inside the torchrun job's process group (started here if need be)."""
     owns = init_distributed()
+    done = False
     try:
-        return fn(World())
+        result = fn(World())
+        done = True
+        return result
     finally:
         if owns:
             import torch.distributed as dist
+            if done:   # every rank past its last collective first: a peer tearing gloo down early aborts the other
+                dist.barrier()
             dist.destroy_process_group()
 
 
