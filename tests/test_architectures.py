@@ -310,7 +310,7 @@ def _without_yarn(path, tmp_path):
     return plain
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5", "olmo_hybrid"])
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5", "qwen3_5_moe", "olmo_hybrid"])
 def test_linear_attention_layers_keep_norm_and_ffn_only(family, arch_ckpt, transformed, tmp_path):
     """A Gated DeltaNet layer (layer 0 of these fixtures): the spec leaves qk and vo out there and
     the report says so; the norm target pairs the input norm with every input projection and the
