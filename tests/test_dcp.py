@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -144,9 +145,13 @@ def test_torchrun_transform_equals_single_process_and_a_fault_leaves_nothing(tra
     res = torchrun("-m", "wisca_cli", "transform", src, bad, env={"WISCA_TEST_FAULT_RANK": "1"})
     assert res.returncode != 0
     assert not bad.exists() and not any(".wisca-tmp-" in p.name for p in tmp_path.iterdir())
+    # rank 0 prints the first error of any rank before any rank leaves (the ranks meet after it spoke)
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "rank 1" in errors[0] and "injected test fault" in errors[0], res.stderr[-2000:]
-    assert res.stderr.count("exitcode  : 2") == 2, res.stderr[-3000:]    # torchrun's report: both ranks exit 2
+    # torchrun's report: the ranks exit 2; one that is still on its way out when torchrun sees the
+    # other's exit is stopped by torchrun's SIGTERM (143), and nothing else
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", res.stderr)
+    assert "2" in codes and set(codes) <= {"2", "143", "-15"}, res.stderr[-3000:]
 
 
 # -- bad input: one line, exit 2, nothing written -------------------------------------------------------

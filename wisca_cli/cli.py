@@ -553,6 +553,19 @@ def run(argv: list[str] | None = None) -> int:
     COMMITTED.clear()   # this run's outputs only (run() may be called again in one process)
     if _other_rank():   # one voice per job: rank 0 prints the result or the first error of any rank
         sys.stdout = sys.stderr = open(os.devnull, "w")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:   # the ranks leave together, after rank 0 has spoken (``dcp_api.end_distributed``)
+        from .dcp_api import defer_teardown
+        defer_teardown()
+    try:
+        return _run_command(argv)
+    finally:
+        if distributed:
+            from .dcp_api import end_distributed
+            end_distributed()
+
+
+def _run_command(argv: list[str] | None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     code = 0

@@ -82,8 +82,32 @@ def _phase(world: World, fn: Callable):
     raise RankFailed(where + first["message"], first["code"])
 
 
+_TEARDOWN = {"deferred": False, "owned": False}
+
+
+def defer_teardown() -> None:
+    """The CLI ends the process group itself (``end_distributed``), after rank 0 has printed."""
+    _TEARDOWN["deferred"] = True
+
+
+def end_distributed() -> None:
+    """Every rank meets here, after rank 0 has printed the job's result or its first error, then the
+    process group ends: a rank leaving first would have torchrun stop rank 0 (SIGTERM) before it
+    reports, and a rank leaving gloo early can abort its peer. Every rank gets here: ``_phase``
+    raises an error of any rank on all of them."""
+    if not _TEARDOWN["owned"]:
+        return
+    import torch.distributed as dist
+
+    _TEARDOWN["owned"] = False
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _run(fn: Callable):
-    """``fn(world)`` inside the torchrun job's process group (started here if need be)."""
+    """``fn(world)`` inside the torchrun job's process group (started here if need be; ended here,
+    or by ``end_distributed`` where the CLI deferred it)."""
     owns = init_distributed()
     done = False
     try:
@@ -91,7 +115,9 @@ def _run(fn: Callable):
         done = True
         return result
     finally:
-        if owns:
+        if owns and _TEARDOWN["deferred"]:
+            _TEARDOWN["owned"] = True
+        elif owns:
             import torch.distributed as dist
             if done:   # every rank past its last collective first: a peer tearing gloo down early aborts the other
                 dist.barrier()
