@@ -63,6 +63,8 @@ FAMILIES = {
 }
 # every other decoder family (tests/test_architectures.py): overrides on BASE_CONFIG + ARCH_BASE
 ARCH_BASE = dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Granite 4's Mamba2 sizes shared by both of its fixtures (8 heads of 16 = 2 x hidden, state 8)
+GRANITE_MAMBA = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, shared_intermediate_size=48)
 ARCH_FAMILIES = {
     "llama-tied": ("llama", dict(tie_word_embeddings=True)),
     "qwen3": ("qwen3", {}),
@@ -167,14 +169,12 @@ ARCH_FAMILIES = {
     # with MoE (top-k softmax, experts fused on disk as input_linear / output_linear) plus a shared MLP
     # (fused input_linear), Granite's multipliers; and its dense form (no experts: the shared MLP only) with RoPE
     "granitemoehybrid": ("granitemoehybrid", dict(
-        layer_types=["linear_attention", "full_attention"], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8,
-        mamba_n_groups=2, mamba_d_conv=4, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
-        shared_intermediate_size=48, embedding_multiplier=12.0, attention_multiplier=0.125, residual_multiplier=0.25,
-        logits_scaling=4.0)),
+        GRANITE_MAMBA, layer_types=["linear_attention", "full_attention"], mamba_n_groups=2, mamba_d_conv=4,
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, embedding_multiplier=12.0,
+        attention_multiplier=0.125, residual_multiplier=0.25, logits_scaling=4.0)),
     "granitemoehybrid-dense": ("granitemoehybrid", dict(
-        layer_types=["full_attention", "linear_attention"], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8,
-        mamba_n_groups=1, mamba_d_conv=3, num_local_experts=0, shared_intermediate_size=48,
-        position_embedding_type="rope", residual_multiplier=0.5)),
+        GRANITE_MAMBA, layer_types=["full_attention", "linear_attention"], mamba_n_groups=1, mamba_d_conv=3,
+        num_local_experts=0, position_embedding_type="rope", residual_multiplier=0.5)),
     # Nemotron-H: one sub-block per layer (its norm, then a Mamba2 mixer, NoPE attention, a relu² MLP or
     # an MoE of relu² experts with a shared one and DeepSeek's sigmoid group routing), saved as backbone.*
     "nemotron_h": ("nemotron_h", dict(
