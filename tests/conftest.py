@@ -182,6 +182,18 @@ ARCH_FAMILIES = {
         mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=8, n_groups=2, conv_kernel=4, n_routed_experts=4,
         num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, n_group=2,
         topk_group=1, routed_scaling_factor=2.0)),
+    # Gemma 4 as its small models: sliding and full layers with their own head dims (per_layer_config),
+    # proportional RoPE on the full ones, the last two layers reusing earlier layers' keys and values with a
+    # double-wide MLP, per-layer input embeddings (PLE); and as its MoE model: the experts beside the dense
+    # MLP, keys as values on the full layers (attention_k_eq_v) with one kv head there
+    "gemma4": ("gemma4_text", dict(
+        layer_types=["sliding_attention", "full_attention"] * 3, num_hidden_layers=6, sliding_window=8,
+        global_head_dim=32, num_kv_shared_layers=2, use_double_wide_mlp=True, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=128)),
+    "gemma4-moe": ("gemma4_text", dict(
+        layer_types=["sliding_attention", "full_attention"], sliding_window=8, global_head_dim=32,
+        attention_k_eq_v=True, num_global_key_value_heads=1, hidden_size_per_layer_input=0, enable_moe_block=True,
+        num_experts=4, top_k_experts=2, moe_intermediate_size=24)),
     # the MoE families saved as transformers 5 holds them in memory (FUSED_ON_DISK): experts fused in
     # 3-D tensors, gate_up_proj [E, 2I, H] and down_proj [E, H, I] (2I != H, so no axis can pass for another)
     "mixtral-fused": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24)),

@@ -12,6 +12,7 @@ Per family (one 2-layer, hidden-64, fp32 model, built once per session):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -579,3 +580,69 @@ def test_conv_target_is_not_applicable_where_the_conv_is_saved_split(arch_ckpt, 
     assert report["targets_not_applicable"] == ["conv"] and report["exactness"] == {"conv": "not applicable"}
     before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_gemma4_symmetries_per_layer_and_the_restrictions_needed(arch_ckpt, transformed, tmp_path):
+    """Gemma 4 (the ``gemma4`` fixture: sliding / full layers, the last two reusing the keys and values
+    of layers 2 and 3). qk lives on q_norm / k_norm (QK-norm per head, weight applied in float32) and
+    holds on layers 0 and 1 only: a layer whose keys serve later layers' queries (2, 3) or that reuses
+    another's (4, 5) is skipped, and the report says so; vo holds nowhere (v is RMS-normalised without a
+    weight). Applied anyway, qk on layer 3 (k_norm / s meets layer 5's unscaled queries) and vo on
+    layers 0 and 1 each change transformers' logits: the restrictions are needed. On the MoE model
+    the norm target pairs pre_feedforward_layernorm with the dense MLP, pre_feedforward_layernorm_2
+    with every expert's gate_up_proj and router.scale with router.proj; ffn covers both MLPs."""
+    from safetensors.torch import save_file
+
+    from wisca_cli.balance import apply_scales
+    from wisca_cli.pairs import Member, Pair, layer_pairs, to_physical
+
+    src = arch_ckpt("gemma4")
+    lay = open_checkpoint(src).layout
+    assert [lay.kv_mode(i) for i in range(6)] == [None, None, "store", "store", "reuse", "reuse"]
+    assert [lay.kv_source(i) for i in (4, 5)] == [2, 3]
+    assert [(lay.at(i).head_dim, lay.at(i).kv_heads, lay.at(i).intermediate) for i in (0, 1, 4, 5)] == \
+        [(16, 2, 96), (32, 2, 96), (16, 2, 192), (32, 2, 192)]
+    everything = ("qk", "vo", "ffn", "norm")
+    assert [sorted(p.kind for p in layer_pairs(lay, i, everything, "channel")) for i in range(6)] == \
+        [["ffn", "norm", "qk"]] * 2 + [["ffn", "norm"]] * 4
+    qk = layer_pairs(lay, 1, ("qk",), "channel")[0]
+    assert sorted(m.role for m in qk.members) == ["k_norm", "q_norm"] and qk.n_units == 16   # 32 dims, turned in pairs
+    warnings = [w["message"] for w in transformed("gemma4")[2]["warnings"]]
+    assert any(m.startswith("qk is not applicable on layers 2, 3, 4, 5: its keys are shared") for m in warnings)
+    assert any(m.startswith("vo is not applicable to gemma4: v is RMS-normalised") for m in warnings)
+
+    tensors = load_file(src / "model.safetensors")
+    ids = probe_tokens()
+    ref = hf_logits(src, ids)
+
+    def tried(layer, pair, name):
+        names = lay.layer_roles(layer)
+        pair = to_physical(lay.at(layer), pair)
+        s = torch.exp2(torch.randint(1, 4, (pair.n_units,), generator=torch.Generator().manual_seed(0))).double()
+        scaled = apply_scales(pair, {m.role: tensors[names[m.role]] for m in pair.members}, s)
+        bad = tmp_path / name
+        shutil.copytree(src, bad)
+        save_file({**tensors, **{names[r]: t.contiguous() for r, t in scaled.items()}}, bad / "model.safetensors",
+                  metadata={"format": "pt"})
+        return (hf_logits(bad, ids) - ref).abs().max()
+
+    unshared = dataclasses.replace(lay, config={**lay.config, "num_kv_shared_layers": 0})
+    stored = layer_pairs(unshared, 3, ("qk",), "channel")[0]   # the pair qk would be without the sharing
+    assert tried(3, stored, "qk-store") > 1e-3
+    for layer in (0, 1):
+        d, kv, heads = lay.at(layer).head_dim, lay.at(layer).kv_heads, lay.heads
+        o_cols = (torch.arange(heads)[:, None] // (heads // kv) * d + torch.arange(d)[None, :]).reshape(-1)
+        vo = Pair("vo", kv * d, torch.zeros(kv * d, dtype=torch.long),
+                  (Member("v", 0, torch.arange(kv * d), +1), Member("o", 1, o_cols, -1)))
+        assert tried(layer, vo, f"vo-{layer}") > 1e-3, layer
+
+    moe = open_checkpoint(arch_ckpt("gemma4-moe")).layout
+    assert moe.v_from_k(1) and not moe.v_from_k(0) and "v" not in moe.layer_roles(1)
+    norm = layer_pairs(moe, 0, ("norm",), "channel")[0]
+    readers = {m.role: m for m in norm.members}
+    assert set(readers) == {"attn_norm", "q", "k", "v", "mlp_norm", "gate", "up", "expert_norm",
+                            "experts.gate_up", "router_norm", "router"}
+    assert readers["experts.gate_up"].units.shape == (4, 64)   # every expert's input columns, per expert
+    ffn = layer_pairs(moe, 0, ("ffn",), "channel")[0]
+    assert {m.role for m in ffn.members} == {"up", "down", "experts.gate_up", "experts.down"}
+    assert ffn.n_units == 96 + 4 * 24

@@ -27,10 +27,10 @@ from dcp_helpers import assert_rescaled, entries, expected_multipliers, refused
 # every MoE family, and the in-memory name of one fused expert tensor per layer it has
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss", "llama4", "mistral4",
                 "granitemoehybrid", "nemotron_h",
-                "qwen3_next", "qwen3_5_moe"]
+                "qwen3_next", "qwen3_5_moe", "gemma4"]
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss", "llama4_text",
              "granitemoehybrid", "nemotron_h",
-             "mistral4", "qwen3_next", "qwen3_5_moe_text")
+             "mistral4", "qwen3_next", "qwen3_5_moe_text", "gemma4_text")
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 IDS = probe_tokens()
 ENV = {"OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -81,8 +81,10 @@ DCP_FAMILIES = [f for f in ARCH_FAMILIES if f not in FUSED_ON_DISK]     # the Mo
 def test_every_family_in_dcp_transform_bit_exact(family, tmp_path):
     start = build(tmp_path / "start", family, skew="spec")          # function-identical, unbalanced
     model = _model(start)
+    # an MoE spec without experts: Granite 4's dense form, Gemma 4's small models (enable_moe_block off)
+    dense = family.endswith("-dense") or not getattr(model.config, "enable_moe_block", True)
     assert any(p.dim() == 3 for n, p in model.named_parameters() if ".experts." in n) == \
-        (model.config.model_type in MOE_TYPES and not family.endswith("-dense"))   # MoE experts fused in memory
+        (model.config.model_type in MOE_TYPES and not dense)   # MoE experts fused in memory
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     _step(model, opt)
     src, dst = tmp_path / "src", tmp_path / "dst"
@@ -101,7 +103,7 @@ def test_every_family_in_dcp_transform_bit_exact(family, tmp_path):
         assert s["imbalance_after"] < s["imbalance_before"], (pair, s)
     mults = assert_rescaled(src, dst)            # weights x S, exp_avg / S, exp_avg_sq / S**2, rest as it was
     fused = {key: m for key, (name, m) in mults.items() if ".experts." in spec.memory_name(name)}
-    if spec.moe is not None and not family.endswith("-dense"):   # Granite 4's dense form: an MoE spec, no experts
+    if spec.moe is not None and not dense:
         assert fused and all(bool((m != 1).any()) for m in fused.values()), sorted(fused)
         assert all(m.dim() == 3 and m.shape[0] in (1, 4) for m in fused.values())     # per expert, or shared
     # transformers' own model, the checkpoint loaded by dcp.load: the same logits, bit for bit

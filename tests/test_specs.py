@@ -130,7 +130,7 @@ def _load_with(name: str, change) -> None:
      "architectures/phi.json: final.head_bias must be a non-empty string, got 1"),
     ("deepseek_v3", lambda d: d["moe"].update(routing="topk"),
      'architectures/deepseek_v3.json: moe.routing must be one of "softmax", "sigmoid", "topk_sigmoid", '
-     '"softmax_group", "topk_softmax", got "topk"'),
+     '"softmax_group", "topk_softmax", "scaled_softmax", got "topk"'),
     ("deepseek_v3", lambda d: d["moe"].pop("topk_groups"),
      "architectures/deepseek_v3.json: moe.groups and moe.topk_groups go together"),
     ("glm4_moe", lambda d: d["moe"].pop("routing"),

@@ -367,7 +367,7 @@ def test_every_moe_family_is_tested_as_the_support_matrix_claims():
 
     rows = {r["family"]: r["trainer"] for r in spec.support_matrix()}
     moe = {s.name for s in spec.shipped_specs().values() if s.moe is not None}
-    assert moe == set(MOE_FAMILIES) | set(FUSED_IN_MEMORY_AS_ON_DISK) | {"nemotron_h"}   # its own test below
+    assert moe == set(MOE_FAMILIES) | set(FUSED_IN_MEMORY_AS_ON_DISK) | {"nemotron_h", "gemma4"}   # own tests below
     assert all(rows[f] == "exact, fused experts" for f in moe)
 
 
@@ -451,6 +451,46 @@ def test_hybrid_trainer_moments_follow_bit_for_bit(family, tmp_path):
         assert any(not torch.equal(after["state"][k]["exp_avg"], before["state"][k]["exp_avg"]) for k in conv)
     else:                                     # OLMo-hybrid's conv (saved split) is left as it is
         assert all(torch.equal(after["state"][k]["exp_avg"], before["state"][k]["exp_avg"]) for k in conv)
+    resumed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    more = Trainer(model=resumed, args=_args(tmp_path / "more", SAVE + 2), train_dataset=_dataset(8))
+    more.train(resume_from_checkpoint=str(out))
+    assert more.state.global_step == SAVE + 2
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma4-moe"])
+def test_gemma4_trainer_moments_follow_bit_for_bit(family, tmp_path):
+    """Gemma 4 (its small models: per-layer head dims, kv shared across layers, a double-wide MLP,
+    per-layer input embeddings; its MoE model: experts fused as saved, [E, 2I, H], beside the dense
+    MLP, keys as values): a Trainer checkpoint, every target. Logits bit-identical in transformers;
+    Adam's moments exp_avg / S and exp_avg_sq / S**2 bit for bit for every parameter (the experts'
+    per expert slice, the per-layer embedding untouched); training resumes from the output."""
+    from conftest import build, hf_logits, probe_tokens
+    from transformers import AutoModelForCausalLM, Trainer
+
+    start = build(tmp_path / "start", family, skew="spec")
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, attn_implementation="eager")
+    trainer = Trainer(model=model, args=_args(tmp_path / "run", SAVE), train_dataset=_dataset(8))
+    trainer.train()
+    ckpt, out = tmp_path / "run" / f"checkpoint-{SAVE}", tmp_path / "out"
+    report = wisca.transform(ckpt, out, targets=("qk", "vo", "ffn", "norm"))
+    opt = report["training_state"]["optimizer"]
+    assert opt["transformed"] and opt["exact"] and opt["underflow"] == 0
+    assert report["verification"]["mode"] == "exact" and report["targets_not_applicable"] == ["vo"]
+    assert torch.equal(hf_logits(ckpt, probe_tokens()), hf_logits(out, probe_tokens()))
+    mult, names = wisca.scale_multipliers(out), optimizer_parameter_names(ckpt)
+    assert sum(bool((m != 1).any()) for m in mult.values()) >= 4
+    gate_up = [n for n in mult if n.endswith("experts.gate_up_proj")]
+    assert bool(gate_up) == (family == "gemma4-moe")
+    assert all(mult[n].shape[0] == 4 and (mult[n] != 1).any() for n in gate_up)
+    before, after = _load(ckpt / "optimizer.pt"), _load(out / "optimizer.pt")
+    assert len(before["state"]) == len(names) == len(list(model.parameters()))
+    for key, b in before["state"].items():
+        s = mult.get(names[key], torch.ones(1, dtype=torch.float64)).float()
+        a = after["state"][key]
+        assert torch.equal(a["exp_avg"], b["exp_avg"] / s) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"] / (s * s))
+    ple = [k for k, n in names.items() if "per_layer" in n]
+    assert bool(ple) == (family == "gemma4")
+    assert all(torch.equal(after["state"][k]["exp_avg"], before["state"][k]["exp_avg"]) for k in ple)
     resumed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
     more = Trainer(model=resumed, args=_args(tmp_path / "more", SAVE + 2), train_dataset=_dataset(8))
     more.train(resume_from_checkpoint=str(out))

@@ -994,7 +994,10 @@ def rewrite(ckpt: DcpCheckpoint, out_root: Path, layer_fn: LayerFn, verifier, pr
         e = ckpt.weights[names["embed"]]
         extra = {}
         for role, name in names.items():
-            if role != "embed":
+            if role == "ple_embed" and verifier is not None:   # Gemma 4's per-layer embedding: rows
+                pe = ckpt.weights[name]
+                rows(pe, lambda start, t: (_require_finite(pe, t), verifier.ple_rows(start, t, t)))
+            elif role != "embed":
                 extra[role] = read_full(ckpt.weights[name]) if verifier is not None else None
                 copy_entry(ckpt.weights[name])
             moments_of(name, None)

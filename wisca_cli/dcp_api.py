@@ -438,11 +438,17 @@ def _verify_walk(ca, cb, v: StreamVerifier, progress):
 
     for start, ra, rb in _row_pairs(ca.weights[spec.embed], cb.weights[cb.layout.spec.embed]):
         v.embed_rows(start, ra, rb)
-    extra = {}
+    extra = ({}, {})
     if spec.embedding.positions:
         pa, pb = both(spec.embedding.positions, cb.layout.spec.embedding.positions)
         extra = ({"pos": pa}, {"pos": pb})
-    v.embed_done(*(extra or ({}, {})))
+    if la.ple_size:   # Gemma 4's per-layer input embeddings
+        pa, pb = spec.per_layer_input, cb.layout.spec.per_layer_input
+        for start, ra, rb in _row_pairs(ca.weights[pa.embed], cb.weights[pb.embed]):
+            v.ple_rows(start, ra, rb)
+        for role, field in (("ple_proj", "projection"), ("ple_norm", "norm")):
+            extra[0][role], extra[1][role] = both(getattr(pa, field), getattr(pb, field))
+    v.embed_done(*extra)
     for i in range(la.layers):
         ra, rb = la.layer_roles(i), cb.layout.layer_roles(i)
         ta = {role: read_full(ca.weights[n]) for role, n in ra.items()}

@@ -105,6 +105,10 @@ def rope_tables(layout: Layout, positions: torch.Tensor, layer: int | None = Non
         inv_freq = _llama3_inv_freq(inv_freq, scaling)
     elif kind == "yarn":
         inv_freq, attention_factor = _yarn(inv_freq, theta, r, scaling, layout)
+    elif kind == "proportional":   # Gemma 4's full layers: the first share of the pairs turn, the rest stay
+        angles = int(scaling.get("partial_rotary_factor", 1.0) * r // 2)
+        turned = 1.0 / (theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / r))
+        inv_freq = torch.cat([turned, torch.zeros(r // 2 - angles)]) / scaling.get("factor", 1.0)
     freqs = positions[:, None].float() * inv_freq[None, :].float()
     if layout.rotary_style == "interleaved":
         emb = freqs.repeat_interleave(2, dim=-1)
@@ -271,13 +275,20 @@ def mla_attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, 
     return linear(out.transpose(1, 2).reshape(batch, length, heads * mla.v), w, "o")
 
 
-def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask: torch.Tensor) -> torch.Tensor:
+def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask: torch.Tensor,
+              layer: int | None = None, ctx: dict | None = None) -> torch.Tensor:
+    """Attention of one layer (``layout`` already at that layer's sizes). ``ctx["kv"]``: the keys
+    and values a layer stores for later layers that reuse them (Gemma 4's kv sharing)."""
     if layout.mla:
         return mla_attention(x, w, layout, rope, mask)
     batch, length, _ = x.shape
     d, heads, kv = layout.head_dim, layout.heads, layout.kv_heads
     att = layout.spec.attention
-    q, k, v = linear(x, w, "q"), linear(x, w, "k"), linear(x, w, "v")
+    mode = layout.kv_mode(layer) if layer is not None and att.kv_shared else None
+    if mode == "reuse":   # the stored layer's keys and values, after their norms and RoPE
+        return _attend(linear(x, w, "q"), *ctx["kv"][layout.layer_type(layer)], w, layout, rope, mask, length)
+    q, k = linear(x, w, "q"), linear(x, w, "k")
+    v = k if "v" not in w and att.k_eq_v else linear(x, w, "v")   # Gemma 4's k_eq_v: k_proj's output
     gate = None
     if att.output_gate:   # q_proj's rows per head: [q d | gate d]
         q, gate = q.view(batch, length, heads, 2 * d).chunk(2, dim=-1)
@@ -292,6 +303,8 @@ def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask
     q, k, v = q.view(batch, length, heads, d), k.view(batch, length, kv, d), v.view(batch, length, kv, d)
     if qk_norm in ("head", "heads"):     # per head: one shared weight (Qwen3, Gemma3), or one per head (Cohere)
         q, k = qk(q, "q_norm"), qk(k, "k_norm")
+    if att.v_norm:                       # Gemma 4: v RMS-normalised per head, no weight
+        v = l2_norm(v, layout.eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if rope is not None:
         style = layout.rotary_style
@@ -300,6 +313,24 @@ def attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask
             q, k = l2_norm(q, layout.eps), l2_norm(k, layout.eps)
     elif att.temperature and layout.config_flag(att.temperature.when):   # Llama 4's NoPE layers
         q = (q * attention_temperature(layout, length)[:, None]).to(q.dtype)
+    if mode == "store":
+        ctx["kv"][layout.layer_type(layer)] = (k, v)
+    return _attend(q, k, v, w, layout, None, mask, length, gate)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: dict, layout: Layout, rope: tuple | None,
+            mask: torch.Tensor, length: int, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores, softmax and o_proj from q ([B, T, H*d] projected, with ``rope`` still to normalise and
+    turn: a layer reusing another's keys; else [B, H, T, d] ready) and k, v [B, kv heads, T, d]."""
+    att, d, heads = layout.spec.attention, layout.head_dim, layout.heads
+    batch = q.shape[0]
+    if q.dim() == 3:   # a reusing layer's own queries: its q_norm and RoPE
+        q = q.view(batch, length, heads, d)
+        if att.qk_norm in ("head", "heads"):
+            q = layer_norm(q, w["q_norm"], w.get("q_norm_bias"), layout.eps, layout)
+        q = q.transpose(1, 2)
+        if rope is not None:
+            q = apply_rope(q, *rope, layout.rotary_style)
     k = k.repeat_interleave(layout.group_size, dim=1)
     v = v.repeat_interleave(layout.group_size, dim=1)
     scores = _softcap((q @ k.transpose(-1, -2)) * attention_scaling(layout, d), layout.value(att.softcap)) + mask
@@ -465,6 +496,11 @@ def route(x: torch.Tensor, w: dict, layout: Layout) -> tuple[torch.Tensor, torch
         top, idx = torch.topk(probs, top_k, dim=-1)
         if layout.value(spec.norm_topk, False):
             top = top / top.sum(-1, keepdim=True)
+    elif spec.routing == "scaled_softmax":   # Gemma 4: a weightless RMSNorm, times its scale and hidden ** -0.5
+        xs = l2_norm(x, layout.eps) * w["router_norm"].to(x.dtype) * layout.hidden ** -0.5
+        probs = torch.softmax(F.linear(xs, w["router"].to(x.dtype)), dim=-1, dtype=torch.float32)
+        top, idx = torch.topk(probs, top_k, dim=-1)
+        top = top / top.sum(-1, keepdim=True) * w["router_expert_scale"][idx]
     elif spec.routing == "topk_softmax":   # Granite: top-k of the fp32 logits, a softmax over those
         top, idx = F.linear(x, w["router"].to(x.dtype)).float().topk(top_k, dim=-1)
         top = torch.softmax(top, dim=-1).to(x.dtype)
@@ -496,12 +532,12 @@ def route(x: torch.Tensor, w: dict, layout: Layout) -> tuple[torch.Tensor, torch
     return (top * factor if factor != 1.0 else top), idx
 
 
-def moe(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
-    """Top-k routed experts (``route``; the weight on each expert's output, or on its input with
-    ``moe.weighted_input``) plus a shared expert."""
+def moe(x: torch.Tensor, w: dict, layout: Layout, routed_on: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k routed experts (``route``, on x or on ``routed_on``; the weight on each expert's
+    output, or on its input with ``moe.weighted_input``) plus a shared expert."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    top, idx = route(x, w, layout)
+    top, idx = route(x if routed_on is None else routed_on.reshape(-1, shape[-1]), w, layout)
     top = top.to(x.dtype)
     out = torch.zeros_like(x)
     for e in range(layout.experts):
@@ -525,25 +561,52 @@ def _norm(x: torch.Tensor, w: dict, role: str, layout: Layout) -> torch.Tensor:
     return layer_norm(x, w[role], w.get(role + "_bias"), layout.eps, layout) if role in w else x
 
 
-def decoder_layer(h: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask: torch.Tensor) -> torch.Tensor:
+def decoder_layer(h: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, mask: torch.Tensor,
+                  layer: int | None = None, ctx: dict | None = None) -> torch.Tensor:
     """One block, driven by which norms the spec has: pre-norm (``attn_norm``, ``mlp_norm``),
     sandwich (Gemma: also ``post_attn_norm``, ``post_mlp_norm``), post-norm (OLMo2: only the
     post norms), or parallel residual (GPT-NeoX: h + attn(ln1 h) + mlp(ln2 h)); a layer with
-    only a token mixer or only an MLP (Nemotron-H's blocks) runs that one."""
+    only a token mixer or only an MLP (Nemotron-H's blocks) runs that one. ``layer`` and
+    ``ctx`` (what one stream carries across layers: Gemma 4's per-layer inputs ``ple`` [B, T,
+    layers, size] and shared keys and values ``kv``) for the families whose layers need them."""
+    if layer is not None:
+        layout = layout.at(layer)
     w = logical(layout, w)
     block = layout.spec.block
     res = layout.value(block.residual_multiplier, 1.0)
     if "o" in w or "lin_out" in w:   # a token mixer (not on Nemotron-H's MLP-only layers)
         x = _norm(h, w, "attn_norm", layout)
-        mixer = linear_attention(x, w, layout) if "lin_out" in w else attention(x, w, layout, rope, mask)
+        mixer = linear_attention(x, w, layout) if "lin_out" in w else attention(x, w, layout, rope, mask, layer, ctx)
         a = _norm(mixer, w, "post_attn_norm", layout)
         if layout.value(block.parallel_residual, False):   # shared_norm: the MLP reads attn_norm too (Cohere, Phi)
             return h + (mlp(x if block.shared_norm else _norm(h, w, "mlp_norm", layout), w, layout) + a)
         h = h + (a * res if res != 1.0 else a)
     if "down" in w or "router" in w:   # an MLP (not on Nemotron-H's mixer-only layers)
-        m = _norm(mlp(_norm(h, w, "mlp_norm", layout), w, layout), w, "post_mlp_norm", layout)
+        x = _norm(h, w, "mlp_norm", layout)
+        if "router" in w and layout.spec.moe.parallel_dense:   # Gemma 4: the dense MLP and the experts
+            m = _norm(one_mlp(x, w, layout), w, "post_dense_norm", layout) + \
+                _norm(moe(_norm(h, w, "expert_norm", layout), w, layout, routed_on=h), w, "post_expert_norm", layout)
+        else:
+            m = mlp(x, w, layout)
+        m = _norm(m, w, "post_mlp_norm", layout)
         h = h + (m * res if res != 1.0 else m)
+    if "ple_gate" in w:   # Gemma 4: this layer's per-layer input, gated by h
+        g = activation(layout)(linear(h, w, "ple_gate")) * ctx["ple"][:, :, layer]
+        h = h + _norm(linear(g, w, "ple_proj"), w, "ple_norm", layout)
+    if "layer_scalar" in w:
+        h = h * w["layer_scalar"]
     return h
+
+
+def per_layer_inputs(h: torch.Tensor, rows: torch.Tensor, projection: torch.Tensor, norm: torch.Tensor,
+                     layout: Layout) -> torch.Tensor:
+    """Gemma 4's per-layer inputs [B, T, layers, size] from the scaled embeddings h, the probe
+    tokens' rows of the per-layer embedding table and its projection and norm."""
+    size = layout.ple_size
+    looked_up = (rows * torch.tensor(size ** 0.5, dtype=rows.dtype)).unflatten(-1, (layout.layers, size))
+    projected = (F.linear(h, projection.to(h.dtype)) * layout.hidden ** -0.5).unflatten(-1, (layout.layers, size))
+    projected = layer_norm(projected, norm, None, layout.eps, layout)
+    return (projected + looked_up.to(h.dtype)) * 2.0 ** -0.5
 
 
 def embed_scale(layout: Layout) -> float | None:

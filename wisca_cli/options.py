@@ -282,6 +282,10 @@ def layer_target_warnings(targets: tuple[str, ...], layout) -> list[dict]:
     family's linear-attention layers): where not, and why (one line per reason)."""
     out = []
     for t in targets:
+        if t not in layout.spec.targets and t in layout.spec.target_why:   # on no layer of this family
+            out.append({"option": "targets", "message": f"{t} is not applicable to {layout.spec.name}: "
+                        f"{layout.spec.target_why[t]}"})
+            continue
         why: dict[str, list[int]] = {}
         for i in range(layout.layers):
             reason = layout.not_applicable_why(t, i) if t in layout.spec.targets else None

@@ -170,7 +170,8 @@ def _mlps(layout: Layout, roles: set[str]) -> list[tuple[str, int]]:
     """(role prefix, intermediate size) of every gated MLP in a layer: dense, experts, shared."""
     if "router" in roles:
         mlps = [(f"experts.{e}.", layout.expert_intermediate) for e in range(layout.experts)]
-        return mlps + ([("shared.", layout.shared_intermediate)] if "shared.up" in roles else [])
+        dense = [("", layout.intermediate)] if layout.spec.moe.parallel_dense else []   # Gemma 4: beside the experts
+        return dense + mlps + ([("shared.", layout.shared_intermediate)] if "shared.up" in roles else [])
     return [("", layout.intermediate)] if "down" in roles else []   # none: a mixer-only layer (Nemotron-H)
 
 
@@ -207,10 +208,14 @@ def norm_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
     """
     shapes = logical_shapes(layout, layer)
     prefixes = [p for p, _ in _mlps(layout, roles)]
+    parallel = layout.spec.moe is not None and layout.spec.moe.parallel_dense
     linear = layout.is_linear_layer(layer)
     members, heads, n = [], [], 0
     for norm in layout.spec.norm_readers_at(linear):
-        linears = layout.spec.norm_reader_roles(norm, prefixes, linear)
+        mine = prefixes
+        if parallel:   # Gemma 4: expert_norm feeds the experts, the other norms the dense MLP
+            mine = [p for p in prefixes if p.startswith("experts.") == (norm == "expert_norm")]
+        linears = layout.spec.norm_reader_roles(norm, mine, linear)
         if norm not in roles or layout.mxfp4_experts and any(r.startswith("experts.") for r in linears):
             continue   # MXFP4 experts read this norm: their blocks take no column scale
         h = shapes[norm][0]   # hidden, or a latent's size (MLA's q_a_norm, kv_a_norm)
@@ -327,6 +332,7 @@ def to_physical(layout: Layout, pair: Pair) -> Pair:
 
 def layer_pairs(layout: Layout, layer: int, targets: tuple[str, ...], granularity: str) -> list[Pair]:
     """The pairs of one decoder layer for the requested targets the family supports."""
+    layout = layout.at(layer)
     roles = physical_roles(layout, set(layout.layer_roles(layer)))
     pairs = []
     for t in targets:

@@ -42,6 +42,9 @@ CONV_PARTS = ("lin_conv_q", "lin_conv_k", "lin_conv_v")   # lin_conv saved in pa
 # the roles of an attention block, absent from a layer whose token mixer is a linear attention
 ATTENTION_ROLES = ("q", "k", "v", "o", "qkv", "q_norm", "k_norm", "q_bias", "k_bias", "v_bias", "o_bias",
                    "qkv_bias", "q_norm_bias", "k_norm_bias", "sinks")
+KV_SHARED_WHY = ("its keys are shared across layers (num_kv_shared_layers): one layer's k_norm meets the "
+                 "queries of several layers, so a scale of it is not undone by one q_norm")
+KV_ROLES = ("k", "v", "k_norm", "k_bias", "v_bias", "k_norm_bias")   # absent where a layer reuses keys and values
 MLP_ROLES = ("gate", "up", "down")                   # roles of one MLP: dense, each expert, shared
 NOT_INHERITED = ("name", "model_types")              # every file states its own
 OWN_ONLY = ("refused_model_types",)                  # optional, and never inherited
@@ -258,6 +261,20 @@ class MlaSpec(_Section):
 
 
 @dataclass(frozen=True)
+class LayerDims(_Section):
+    """Head dim and kv heads per layer (Gemma 4): config.json's ``key`` (``per_layer_config``: layer
+    index -> {head_dim, num_key_value_heads}); without it, as transformers' config class fills it
+    in, the layers of type ``layer_type`` get ``head_dim`` (a config key, ``head_dim_default``
+    when absent) and, where the config flag ``kv_heads_when`` is set, ``kv_heads`` kv heads."""
+    key: str = _spec_field(_string)
+    layer_type: str = _spec_field(_string)
+    head_dim: str = _spec_field(_string)
+    head_dim_default: int = _spec_field(_positive_int_value)
+    kv_heads: str = _spec_field(_string)
+    kv_heads_when: str = _spec_field(_string)
+
+
+@dataclass(frozen=True)
 class AttentionSpec(_Section):
     rotary: str | None = _spec_field(_choice("half", "interleaved"), None)   # None: no RoPE
     rotary_interleave: str | None = _spec_field(_string, None)       # config flag: interleaved when set
@@ -286,6 +303,15 @@ class AttentionSpec(_Section):
     output_gate: str | None = _spec_field(_choice("heads"), None)
     # config key: RoPE only where its value is "rope", NoPE otherwise (Granite 4's position_embedding_type)
     rope_when_key: str | None = _spec_field(_string, None)
+    v_norm: bool = _spec_field(_boolean, False)   # v RMS-normalised per head, no weight (Gemma 4's v_norm)
+    # config flag: on the layers of type ``k_eq_v_layer_type`` there is no v_proj; the values are
+    # k_proj's output before k_norm (Gemma 4's attention_k_eq_v)
+    k_eq_v: str | None = _spec_field(_string, None)
+    k_eq_v_layer_type: str = _spec_field(_string, "full_attention")
+    # config key: the last n layers reuse the keys and values of the last earlier layer of their
+    # type (no k_proj, v_proj, k_norm of their own; Gemma 4's num_kv_shared_layers)
+    kv_shared: str | None = _spec_field(_string, None)
+    layer_dims: LayerDims | None = _spec_field(_section(LayerDims), None)   # head dim / kv heads per layer
 
     def check(self, where: str, label: str) -> None:
         if self.nope_interval and not self.rope_layers:
@@ -300,6 +326,9 @@ class MlpSpec(_Section):
     intermediate_default: int | None = _spec_field(_positive_int_value, None)   # x hidden
     alpha: str | float | None = _spec_field(_config_value, None)     # clamped: the sigmoid's gain
     limit: str | float | None = _spec_field(_config_value, None)     # clamped: the clamp
+    # config flag: twice the intermediate size on the layers that reuse another's keys and values
+    # (Gemma 4's use_double_wide_mlp)
+    double_wide: str | None = _spec_field(_string, None)
 
     def check(self, where: str, label: str) -> None:
         if (self.kind == "clamped") != (self.alpha is not None and self.limit is not None):
@@ -380,8 +409,10 @@ class MoeSpec(_Section):
     # group-limited top-k (``groups``, ``topk_groups``) on scores + ``correction`` (a tensor)
     # topk_sigmoid: Llama 4; softmax_group: Mistral 4 (softmax scores, DeepSeek's group-limited top-k);
     # topk_softmax: Granite (the top-k logits, then a softmax over them)
-    routing: str = _spec_field(_choice("softmax", "sigmoid", "topk_sigmoid", "softmax_group", "topk_softmax"),
-                               "softmax")
+    # scaled_softmax: Gemma 4 (the router reads h RMS-normalised without a weight, times ``router_norm``
+    # and hidden ** -0.5; softmax, top-k, renormalised, times ``router_expert_scale`` of each expert)
+    routing: str = _spec_field(_choice("softmax", "sigmoid", "topk_sigmoid", "softmax_group", "topk_softmax",
+                                       "scaled_softmax"), "softmax")
     zero_is_dense: bool = _spec_field(_boolean, False)   # num_experts 0: every layer dense (Granite 4's dense models)
     layer_kind: str | None = _spec_field(_string, None)   # MoE on the layers of this block kind (block.kinds)
     weighted_input: bool = _spec_field(_boolean, False)              # the weight scales the expert's input (Llama 4)
@@ -396,6 +427,12 @@ class MoeSpec(_Section):
     # an expert's parameters in the order of its own module (one nn.Module per expert, as in
     # transformers 4.x), which positional optimizer states of per-expert moments follow
     expert_order: tuple[str, ...] = _spec_field(_str_list(MLP_ROLES, nonempty=True), MLP_ROLES)
+    when: str | None = _spec_field(_string, None)   # config flag: no experts unless set (Gemma 4's enable_moe_block)
+    # the dense MLP stays on the MoE layers, beside the experts: h + post(post_dense(mlp(mlp_norm h)) +
+    # post_expert(experts(expert_norm h))), routed on h itself (Gemma 4)
+    parallel_dense: bool = _spec_field(_boolean, False)
+    # role -> name of tensors on the MoE layers only (Gemma 4's router scales, the experts' norms)
+    layer_tensors: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
 
     def check(self, where: str, label: str) -> None:
         if not self.expert_tensors and not self.fused_experts:
@@ -556,6 +593,21 @@ class LinearAttentionSpec(_Section):
 
 
 @dataclass(frozen=True)
+class PerLayerInputSpec(_Section):
+    """Per-layer input embeddings (Gemma 4's PLE), where the config key ``size`` is set: ``embed``
+    [vocab, layers x size] (looked up by token, times sqrt(size)) and ``projection`` [layers x
+    size, hidden] (of the scaled embeddings, times hidden ** -0.5, then RMSNorm ``norm`` [size])
+    give each layer an input [size]: (projection + embedding) / sqrt(2). A layer adds
+    ``ple_norm(ple_proj(act(ple_gate h) * input))`` to h after its MLP. No symmetry is declared
+    on these tensors (a scale of one layer's input channel is shared by every layer's): copied."""
+    size: str = _spec_field(_string)
+    vocab: str = _spec_field(_string)
+    embed: str = _spec_field(_string)
+    projection: str = _spec_field(_string)
+    norm: str = _spec_field(_string)
+
+
+@dataclass(frozen=True)
 class MultimodalSpec(_Section):
     """The family as released inside a multimodal checkpoint (``*ForConditionalGeneration``):
     config.json's ``model_type`` is one of ``model_types`` and the language model's config sits
@@ -618,6 +670,9 @@ class ArchSpec(_Section):
     linear_attention: LinearAttentionSpec | None = _spec_field(_section(LinearAttentionSpec), None)
     # the multimodal checkpoint the family is released in (its language model transformed)
     multimodal: MultimodalSpec | None = _spec_field(_section(MultimodalSpec), None)
+    per_layer_input: PerLayerInputSpec | None = _spec_field(_section(PerLayerInputSpec), None)
+    # a target the family lacks -> why (the report and the support matrix say so): Gemma 4's vo
+    target_why: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
 
     def check(self, where: str, label: str) -> None:
         if "{layer}" not in self.layer_prefix:
@@ -685,12 +740,17 @@ class ArchSpec(_Section):
                     return there + name[len(prefix):]
             return name
 
+        ple = self.per_layer_input
+        if ple is not None:
+            ple = replace(ple, embed=renamed(ple.embed), projection=renamed(ple.projection), norm=renamed(ple.norm))
         return replace(self, embed=renamed(self.embed), final_norm=renamed(self.final_norm),
-                       lm_head=renamed(self.lm_head), layer_prefix=renamed(self.layer_prefix))
+                       lm_head=renamed(self.lm_head), layer_prefix=renamed(self.layer_prefix), per_layer_input=ple)
 
     def language_model_prefixes(self) -> tuple[str, ...]:
         """Name prefixes of the language model's tensors (inside a multimodal checkpoint: renamed)."""
-        names = (self.embed, self.final_norm, self.lm_head, self.layer_prefix.split("{layer}")[0])
+        ple = self.per_layer_input
+        names = (self.embed, self.final_norm, self.lm_head, self.layer_prefix.split("{layer}")[0],
+                 *((ple.embed, ple.projection, ple.norm) if ple else ()))
         return tuple(sorted(set(names)))
 
     def memory_name(self, name: str) -> str:
@@ -911,6 +971,67 @@ class Layout:
         return default if got is None else got
 
     # -- per layer ---------------------------------------------------------------------------
+    def at(self, layer: int) -> "Layout":
+        """This layout with one layer's own sizes where layers differ in them (Gemma 4: head dim and
+        kv heads per layer type, the rotary dims that follow, a double-wide MLP); else itself."""
+        dims, wide = self.spec.attention.layer_dims, self.spec.mlp.double_wide
+        if dims is None and not wide:
+            return self
+        head_dim, kv_heads, rotary = self.head_dim, self.kv_heads, self.rotary_dims
+        if dims is not None:
+            listed = self.config.get(dims.key)
+            if isinstance(listed, dict):   # config.json: {"3": {"head_dim": 512, ...}}
+                over = listed.get(str(layer)) or listed.get(layer) or {}
+                head_dim = over.get("head_dim") or head_dim
+                kv_heads = over.get("num_key_value_heads") or kv_heads
+            elif self.layer_type(layer) == dims.layer_type:   # as transformers' config class fills it in
+                head_dim = self.config.get(dims.head_dim) or dims.head_dim_default
+                if self.config_flag(dims.kv_heads_when) and self.config.get(dims.kv_heads):
+                    kv_heads = self.config[dims.kv_heads]
+            theta, scaling = self.rope_at(layer)
+            kind = (scaling or {}).get("rope_type", "default")
+            # proportional RoPE turns the whole head (zero frequency past the rotated share)
+            partial = 1.0 if kind == "proportional" else float((scaling or {}).get("partial_rotary_factor", 1.0))
+            rotary = int(head_dim * partial) if self.spec.attention.rotary else 0
+            rotary -= rotary % 2
+        inter = self.intermediate * (2 if wide and self.config_flag(wide) and self.kv_mode(layer) == "reuse" else 1)
+        if (head_dim, kv_heads, rotary, inter) == (self.head_dim, self.kv_heads, self.rotary_dims, self.intermediate):
+            return self
+        return replace(self, head_dim=head_dim, kv_heads=kv_heads, rotary_dims=rotary, intermediate=inter)
+
+    def kv_mode(self, layer: int) -> str | None:
+        """``reuse``: the layer takes the keys and values of an earlier one (the spec's
+        ``kv_shared``: the last n layers); ``store``: the last layer of its type before those,
+        whose keys and values they reuse; else None (transformers' ``kv_sharing_modes``)."""
+        key = self.spec.attention.kv_shared
+        n = int(self.config.get(key) or 0) if key else 0
+        if not n:
+            return None
+        first = self.layers - n
+        if layer >= first:
+            return "reuse"
+        kind = self.layer_type(layer)
+        later = [self.layer_type(i) for i in range(layer + 1, first)]
+        return "store" if kind not in later else None
+
+    def kv_source(self, layer: int) -> int | None:
+        """The layer whose keys and values a ``reuse`` layer takes."""
+        if self.kv_mode(layer) != "reuse":
+            return None
+        kind = self.layer_type(layer)
+        return next(i for i in range(self.layers - 1, -1, -1) if self.kv_mode(i) == "store" and self.layer_type(i) == kind)
+
+    def v_from_k(self, layer: int) -> bool:
+        """No v_proj on this layer: the values are k_proj's output (Gemma 4's attention_k_eq_v)."""
+        att = self.spec.attention
+        return bool(att.k_eq_v) and self.config_flag(att.k_eq_v) and self.layer_type(layer) == att.k_eq_v_layer_type
+
+    @property
+    def ple_size(self) -> int:
+        """Per-layer input embeddings' size per layer (0: none)."""
+        ple = self.spec.per_layer_input
+        return int(self.config.get(ple.size) or 0) if ple else 0
+
     def layer_type(self, layer: int) -> str | None:
         types = self.config.get("layer_types")
         return types[layer] if isinstance(types, list) and layer < len(types) else None
@@ -926,12 +1047,12 @@ class Layout:
         return self.rope_theta, self.rope_scaling
 
     def rotary_dims_at(self, layer: int) -> int:
-        """Rotary dims of one layer: 0 on SmolLM3's NoPE layers."""
+        """Rotary dims of one layer: 0 on SmolLM3's NoPE layers; Gemma 4's per layer type."""
         key = self.spec.attention.rope_layers
         flags = self.config.get(key) if key else None
         if isinstance(flags, list) and layer < len(flags) and not flags[layer]:
             return 0
-        return self.rotary_dims
+        return self.at(layer).rotary_dims
 
     def window_at(self, layer: int) -> int | None:
         kind = self.layer_type(layer)
@@ -959,6 +1080,8 @@ class Layout:
         """Why a target the family has does not hold on this layer, or None where it does."""
         if target in ("qk", "vo") and self.is_linear_layer(layer):
             return self.spec.linear_attention.why
+        if target == "qk" and self.kv_mode(layer) is not None:
+            return KV_SHARED_WHY
         if target == "conv" and not self.is_linear_layer(layer):
             return "no causal conv on this layer (attention or an MLP block)"
         if target == "conv" and self.conv_split:
@@ -974,6 +1097,8 @@ class Layout:
         vo on a linear-attention layer)."""
         if target in ("qk", "vo") and self.is_linear_layer(layer):
             return False
+        if target == "qk" and self.kv_mode(layer) is not None:
+            return False
         if target == "conv":
             return self.is_linear_layer(layer) and not self.conv_split
         la = self.spec.linear_attention
@@ -986,7 +1111,7 @@ class Layout:
 
     def is_moe_layer(self, layer: int) -> bool:
         moe = self.spec.moe
-        if not moe or not self.experts:
+        if not moe or not self.experts or moe.when and not self.config_flag(moe.when):
             return False
         if moe.layer_kind:
             return self.layer_type(layer) == moe.layer_kind
@@ -1018,6 +1143,9 @@ class Layout:
         moe = spec.moe
         if moe:
             if self.is_moe_layer(layer):
+                if moe.parallel_dense:   # the dense MLP beside the experts (Gemma 4)
+                    roles.update({role: spec.layer_name(layer, name) for role, name in moe.dense_tensors.items()})
+                roles.update({role: spec.layer_name(layer, name) for role, name in moe.layer_tensors.items()})
                 router = moe.fused_router if self.fused_experts and moe.fused_router else moe.router
                 roles["router"] = spec.layer_name(layer, router)
                 if moe.router_bias:
@@ -1042,6 +1170,10 @@ class Layout:
             else:
                 roles.update({role: spec.layer_name(layer, name)
                               for role, name in moe.dense_tensors.items()})
+        if self.kv_mode(layer) == "reuse":   # keys and values of an earlier layer: no k, v of its own
+            roles = {role: name for role, name in roles.items() if role not in KV_ROLES}
+        elif self.v_from_k(layer):           # the values are k_proj's output
+            roles = {role: name for role, name in roles.items() if role not in ("v", "v_bias")}
         if spec.block.kinds:   # one sub-block: the MLP's roles or the token mixer's
             mlp_side = self.layer_type(layer) in spec.block.mlp_kinds
             roles = {role: name for role, name in roles.items() if _mlp_role(role, spec) == mlp_side}
@@ -1273,6 +1405,8 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
             window = config.get(window_key)
 
     moe, experts, expert_inter, shared_inter, fused, quantized = spec.moe, 0, 0, 0, False, False
+    if moe and moe.when and not config.get(moe.when):   # experts switched off (Gemma 4's enable_moe_block)
+        moe = None
     if moe:
         fused = bool(moe.fused_experts) and (not moe.expert_tensors or tensor_names is not None and any(
             name.endswith("." + info.name) for name in tensor_names for info in moe.fused_experts.values()))
@@ -1326,6 +1460,13 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
     if att.nope_interval and not config.get(att.rope_layers):   # as transformers fills the list in
         every = _positive_int(config, att.nope_interval, where)
         config[att.rope_layers] = [int((i + 1) % every != 0) for i in range(layers)]
+    kv_shared = int(config.get(spec.attention.kv_shared) or 0) if spec.attention.kv_shared else 0
+    if kv_shared:   # every reused layer type must be produced by an earlier layer (transformers checks it too)
+        types = config.get("layer_types") or []
+        first = layers - kv_shared
+        if first <= 0 or len(types) < layers or not set(types[first:layers]) <= set(types[:first]):
+            raise WiscaError(f"{where}: {spec.attention.kv_shared}={kv_shared}: the layers sharing keys and values "
+                             f"need an earlier layer of their type in layer_types (of {layers} layers)")
     dense_key = moe.dense_intermediate if moe and moe.dense_intermediate else "intermediate_size"
     act_key = spec.mlp.act
     return Layout(
@@ -1378,6 +1519,7 @@ def _fp8_block(quant: dict, key: str, where: str) -> tuple[int, int]:
 
 def logical_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
     """Logical role -> shape in the W[out, in] convention, before fusing or transposing."""
+    layout = layout.at(layer)
     h, d = layout.hidden, layout.head_dim
     q_out, kv_out, inter = layout.heads * d, layout.kv_heads * d, layout.intermediate
     shapes = {
@@ -1389,6 +1531,9 @@ def logical_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
         "gate_bias": (inter,), "up_bias": (inter,), "down_bias": (h,),
         "router": (layout.experts, h), "router_bias": (layout.experts,), "router_correction": (layout.experts,),
         "shared_gate": (1, h), "sinks": (layout.heads,),
+        "layer_scalar": (1,), "router_norm": (h,), "router_expert_scale": (layout.experts,),
+        "expert_norm": (h,), "post_dense_norm": (h,), "post_expert_norm": (h,), "ple_norm": (h,),
+        "ple_gate": (layout.ple_size, h), "ple_proj": (h, layout.ple_size),
     }
     if layout.spec.attention.output_gate:   # q_proj's rows: [q d | gate d] per head
         shapes["q"], shapes["q_bias"] = (2 * q_out, h), (2 * q_out,)
@@ -1474,6 +1619,8 @@ def support_matrix() -> list[dict[str, str]]:
             if rule is not None:   # e.g. "exact (NoPE layers only with use_qk_norm)"
                 row[target] += f" ({'RoPE' if rule.only == 'rope' else 'NoPE'} layers only" + \
                     (f" with {rule.when})" if isinstance(rule.when, str) else ")")
+            if applies and spec.attention.kv_shared and key == "qk":   # Gemma 4: see KV_SHARED_WHY
+                row[target] += " (layers with their own keys only)"
             if applies and spec.linear_attention and key in ("qk", "vo"):
                 row[target] += " (full-attention layers only)"
             if applies and spec.linear_attention and key in spec.linear_attention.full_attention_lacks:

@@ -108,7 +108,12 @@ def _stages(ckpt: Checkpoint) -> list[Stage]:
     embed = {"embed": spec.embed}
     if spec.embedding.positions:                 # learned positions (GPT-2)
         embed["pos"] = spec.embedding.positions
-    stages = [Stage("embed", -1, embed, streamed=("embed",))]
+    streamed = ("embed",)
+    if lay.ple_size:                             # Gemma 4's per-layer input embeddings
+        ple = spec.per_layer_input
+        embed.update({"ple_embed": ple.embed, "ple_proj": ple.projection, "ple_norm": ple.norm})
+        streamed = ("embed", "ple_embed")
+    stages = [Stage("embed", -1, embed, streamed=streamed)]
     stages += [Stage("layer", i, lay.layer_roles(i)) for i in range(lay.layers)]
     head = spec.embed if lay.tie_embeddings else spec.lm_head
     final = {"norm": spec.final_norm, "head": head}
@@ -411,26 +416,28 @@ def _rewrite(ckpt: Checkpoint, out_dir: Path, layer_fn: LayerFn, verifier: Strea
                              for role, raw in stage.raw.items()), *candidate, *release])
                 if stage.kind == "final" and verifier is not None:
                     trim_heap()   # the head's blocks and logits: measured 613-645 MiB peak, 620-657 without
-                if stage.kind != "layer":   # embedding / head rows: written (a tied head was, as the
-                    name = stage.names[stage.streamed[0]]                      # embedding) and verified
-                    write = not (stage.kind == "final" and ckpt.layout.tie_embeddings)
-                    if verifier is not None or write:
+                write = not (stage.kind == "final" and ckpt.layout.tie_embeddings)
+                if stage.kind != "layer" and (verifier is not None or write):   # embedding / head rows:
+                    streams = []   # written (a tied head was, as the embedding) and verified, a block at a time
+                    for role in stage.streamed:
+                        name = stage.names[role]
                         originals: dict[int, torch.Tensor] = {}
                         edit = None
-                        if head_mult is not None:
-                            def edit(start, rows, mult=head_mult):
+                        if head_mult is not None and role == "head":
+                            def edit(start, rows, mult=head_mult, originals=originals):
                                 if verifier is not None:   # the reference model reads the original rows
                                     originals[start] = rows.clone()
                                 apply_multiplier_(rows, chunk_multiplier(mult, (start, 0), tuple(rows.shape)))
                         blocks = _stream_big(ckpt, name, writer_of(name) if write else None, queue, chunks,
                                              edit=edit)
-                        rows = ((start, originals.pop(start, r), r) for start, r in blocks)
-                        if verifier is None:
+                        streams.append((role, ((start, originals.pop(start, r), r) for start, r in blocks)))
+                    if verifier is None:
+                        for _, rows in streams:
                             for _ in rows:
                                 pass
-                        else:
-                            out = _feed_verifier(verifier, stage.kind, stage.layer, tensors, {**tensors, **new}, rows)
-                            result = out if out is not None else result
+                    else:
+                        out = _feed_verifier(verifier, stage.kind, stage.layer, tensors, {**tensors, **new}, streams)
+                        result = out if out is not None else result
                 del tensors, new
                 if stage.kind != "layer":
                     queue.put([(stage.release, ())])
@@ -462,22 +469,26 @@ def _copy_passthrough(ckpt: Checkpoint, writers: dict[str, ShardWriter]) -> None
             writers[info.shard].write(name, ckpt.read_raw(name))
 
 
-def _feed_verifier(verifier: StreamVerifier, kind: str, layer: int, ta: dict, tb: dict, rows=(),
+def _feed_verifier(verifier: StreamVerifier, kind: str, layer: int, ta: dict, tb: dict, streams=(),
                    before: Callable[[], object] | None = None):
     """One stage of two models into the verifier: a decoder layer, or the embedding or final
-    stage with its streamed rows (``(start, rows_a, rows_b)`` blocks). The result after the
-    final stage, else None. The one place that knows how stages feed the reference forward."""
+    stage with its streamed rows (``(role, blocks)``, each block ``(start, rows_a, rows_b)``:
+    the embedding, Gemma 4's per-layer embedding, the head). The result after the final stage,
+    else None. The one place that knows how stages feed the reference forward."""
     if kind == "layer":
         ref = verifier.start_layer(ta, before=before)
         verifier.finish_layer(layer, ref, tb)
         return None
     if kind == "final":
         verifier.final_norm(ta["norm"], tb["norm"], ta, tb)
-    for start, rows_a, rows_b in rows:
-        if kind == "embed":
-            verifier.embed_rows(start, rows_a, rows_b)
-        else:
-            verifier.head_rows(rows_a, rows_b, start)
+    for role, rows in streams:
+        for start, rows_a, rows_b in rows:
+            if role == "embed":
+                verifier.embed_rows(start, rows_a, rows_b)
+            elif role == "ple_embed":
+                verifier.ple_rows(start, rows_a, rows_b)
+            else:
+                verifier.head_rows(rows_a, rows_b, start)
     if kind == "embed":
         verifier.embed_done(ta, tb)
         return None
@@ -502,13 +513,18 @@ def verify_stream(ca: Checkpoint, cb: Checkpoint, verifier: StreamVerifier, prog
             else:
                 _check_finite(ca, sa, ta)
                 _check_finite(cb, sb, tb)
-                role = sa.streamed[0]
-                streams = (_stream_big(ca, sa.names[role], stage=sa), _stream_big(cb, sb.names[role], stage=sb))
+                opened = []
+
+                def pair_rows(role):
+                    a, b = _stream_big(ca, sa.names[role], stage=sa), _stream_big(cb, sb.names[role], stage=sb)
+                    opened.extend((a, b))
+                    return ((start, ra, rb) for (start, ra), (_, rb) in zip(a, b))
+
                 try:
-                    rows = ((start, ra, rb) for (start, ra), (_, rb) in zip(*streams))
-                    result = _feed_verifier(verifier, sa.kind, sa.layer, ta, tb, rows)
+                    streams = ((role, pair_rows(role)) for role in sa.streamed)
+                    result = _feed_verifier(verifier, sa.kind, sa.layer, ta, tb, streams)
                 finally:   # zip leaves the second stream open: hand back its block now
-                    for stream in streams:
+                    for stream in opened:
                         stream.close()
             del ta, tb
             sa.release(), sb.release()
@@ -534,12 +550,12 @@ def verify_derived(ckpt: Checkpoint, verifier: StreamVerifier, derive: Derive, p
             _check_finite(ckpt, stage, t)
             pairs = {role: derive(role, stage.names[role], x, 0) for role, x in t.items()}
             ta, tb = {r: p[0] for r, p in pairs.items()}, {r: p[1] for r, p in pairs.items()}
-            rows = ()
+            streams = ()
             if stage.kind != "layer":
-                role = stage.streamed[0]
-                stream = _stream_big(ckpt, stage.names[role], stage=stage)
-                rows = ((start, *derive(role, stage.names[role], r, start)) for start, r in stream)
-            out = _feed_verifier(verifier, stage.kind, stage.layer, ta, tb, rows)
+                streams = ((role, ((start, *derive(role, stage.names[role], r, start))
+                                   for start, r in _stream_big(ckpt, stage.names[role], stage=stage)))
+                           for role in stage.streamed)
+            out = _feed_verifier(verifier, stage.kind, stage.layer, ta, tb, streams)
             result = out if out is not None else result
             del t, ta, tb, pairs
             stage.release()

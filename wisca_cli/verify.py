@@ -149,17 +149,32 @@ class StreamVerifier:
         self.rope, self.mask = self._context(0) if layout.layers else (None, None)
         self._started = 0          # layers whose reference step has been started
         self.h_ref = self.h_new = None
+        # what each stream carries across layers besides h: Gemma 4's per-layer inputs and shared kv
+        self.ctx_ref, self.ctx_new = {"kv": {}}, {"kv": {}}
+        self._ple_ref = self._ple_new = None   # the probe tokens' rows of the per-layer embedding
         self.layer_diffs: list[float] = []
         self.first_bad: int | None = None
 
     def get_state(self) -> dict:
         """Both residual streams and the comparisons so far: what the next rank continues from."""
         return {"h_ref": self.h_ref, "h_new": self.h_new, "started": self._started,
-                "layer_diffs": list(self.layer_diffs), "first_bad": self.first_bad}
+                "layer_diffs": list(self.layer_diffs), "first_bad": self.first_bad,
+                "ctx_ref": self.ctx_ref, "ctx_new": self.ctx_new}
 
     def set_state(self, state: dict) -> None:
         self.h_ref, self.h_new, self._started = state["h_ref"], state["h_new"], state["started"]
         self.layer_diffs, self.first_bad = list(state["layer_diffs"]), state["first_bad"]
+        self.ctx_ref, self.ctx_new = state["ctx_ref"], state["ctx_new"]
+
+    def ple_rows(self, start: int, rows_ref: torch.Tensor, rows_new: torch.Tensor) -> None:
+        """Take the probe tokens' rows from a block of the per-layer embedding table (Gemma 4)."""
+        if self._ple_ref is None:
+            shape = (*self.ids.shape, rows_ref.shape[1])
+            self._ple_ref, self._ple_new = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+        hit = (self.ids >= start) & (self.ids < start + rows_ref.shape[0])
+        local = self.ids[hit] - start
+        self._ple_ref[hit] = rows_ref[local].to(self.dtype)
+        self._ple_new[hit] = rows_new[local].to(self.dtype)
 
     def embed(self, emb_ref: torch.Tensor, emb_new: torch.Tensor) -> None:
         self.embed_rows(0, emb_ref, emb_new)
@@ -187,6 +202,18 @@ class StreamVerifier:
         if scale is not None:
             factor = torch.tensor(scale, dtype=self.dtype)
             self.h_ref, self.h_new = self.h_ref * factor, self.h_new * factor
+        if self.layout.ple_size:   # Gemma 4: each layer's input from the embeddings and its own table
+            for extra in (extra_ref, extra_new):
+                if not extra or "ple_proj" not in extra or ("ple_embed" not in extra and self._ple_ref is None):
+                    raise WiscaError("the per-layer input embeddings (per_layer_input) were not given to the verifier")
+            if "ple_embed" in extra_ref:
+                self.ple_rows(0, extra_ref["ple_embed"], extra_new["ple_embed"])
+            with torch.no_grad():
+                for h, rows, extra, ctx in ((self.h_ref, self._ple_ref, extra_ref, self.ctx_ref),
+                                            (self.h_new, self._ple_new, extra_new, self.ctx_new)):
+                    ctx["ple"] = forward.per_layer_inputs(h, rows, extra["ple_proj"], extra["ple_norm"].to(self.dtype),
+                                                          self.layout)
+            self._ple_ref = self._ple_new = None
         self._compare(-1, self.h_ref, self.h_new)
 
     def _context(self, layer: int) -> tuple:
@@ -201,10 +228,10 @@ class StreamVerifier:
                                    forward.attention_mask(lay, length, layer).to(self.dtype))
         return self._contexts[key]
 
-    def _step(self, h: torch.Tensor, w: dict, layer: int = 0) -> torch.Tensor:
+    def _step(self, h: torch.Tensor, w: dict, layer: int, ctx: dict) -> torch.Tensor:
         rope, mask = self._context(layer)
         with torch.no_grad():
-            return forward.decoder_layer(h, _cast(w, self.dtype), self.layout, rope, mask)
+            return forward.decoder_layer(h, _cast(w, self.dtype), self.layout, rope, mask, layer, ctx)
 
     def start_layer(self, w_ref: dict, before=None):
         """Run the reference model's layer (after ``before()``, e.g. a check) in the pool;
@@ -215,7 +242,7 @@ class StreamVerifier:
         def run():
             if before is not None:
                 before()
-            self.h_ref = self._step(self.h_ref, w_ref, layer)   # the next layer starts from it
+            self.h_ref = self._step(self.h_ref, w_ref, layer, self.ctx_ref)   # the next layer starts from it
             return self.h_ref
 
         if self.pool is None:
@@ -240,7 +267,7 @@ class StreamVerifier:
             self._last_cand.result()
 
     def _candidate(self, index: int, pending, w_new: dict) -> None:
-        self.h_new = self._step(self.h_new, w_new, index)
+        self.h_new = self._step(self.h_new, w_new, index, self.ctx_new)
         h_ref = pending.result() if pending is not None else self._ref_result
         self._compare(index, h_ref, self.h_new)
 
