@@ -4,7 +4,7 @@ multimodal class loads the output and gives the same logits on text and on an im
 
 Each tiny model is built with transformers' own multimodal class (a vision tower and projector, and
 the text model of its ``ARCH_FAMILIES`` entry: Qwen3.5's hybrid layers, Qwen3.5-MoE's with experts,
-Llama 4's MoE / NoPE layers), every vector perturbed, and its language model skewed through the spec's own pairs with
+Llama 4's MoE / NoPE layers; Gemma 4's with an audio tower too), every vector perturbed, and its language model skewed through the spec's own pairs with
 transformers checking the text logits (``conftest.skew_by_spec``).
 """
 
@@ -57,6 +57,32 @@ def _llama4():
     return Llama4ForConditionalGeneration, cfg
 
 
+AUDIO, AUDIO_START, AUDIO_END = 121, 124, 125
+
+
+def _gemma4():
+    """Gemma 4 as its small models are released: vision and audio towers, each with its embedder into the
+    language model (the ``gemma4`` fixture: PLE, kv shared across layers), tied embeddings."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2, position_embedding_size=64)
+    audio = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[8, 4],
+                 output_proj_dims=32, conv_kernel_size=3)
+    cfg = Gemma4Config(text_config={**_text("gemma4"), "tie_word_embeddings": True}, vision_config=vision,
+                       audio_config=audio, image_token_id=IMAGE, boi_token_id=START, eoi_token_id=END,
+                       audio_token_id=AUDIO, boa_token_id=AUDIO_START, eoa_token_index=AUDIO_END, video_token_id=126)
+    return Gemma4ForConditionalGeneration, cfg
+
+
+def _gemma4_image_and_audio(g: torch.Generator) -> dict:
+    """A 4 x 4 patch image (4 tokens after the 2 x 2 pooling) and 16 frames of 8 audio features (4 tokens)."""
+    grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(1, 16, 2)
+    return dict(input_ids=torch.tensor([[5, START, *[IMAGE] * 4, END, AUDIO_START, *[AUDIO] * 4, AUDIO_END, 7, 9]]),
+                pixel_values=torch.randn(1, 16, 3 * 4 * 4, generator=g), image_position_ids=grid,
+                input_features=torch.randn(1, 16, 8, generator=g), input_features_mask=torch.ones(1, 16, dtype=torch.bool))
+
+
 def _qwen_image(g: torch.Generator) -> dict:
     """A 1 x 4 x 4 patch grid: 4 image tokens after the 2 x 2 merge."""
     return dict(input_ids=torch.tensor([[5, START, IMAGE, IMAGE, IMAGE, IMAGE, END, 7, 9, 11, 13]]),
@@ -71,6 +97,8 @@ FAMILIES = {
     "llama4": (_llama4, lambda g: dict(     # a 16 x 16 image, 4 patches, 1 token after the pixel shuffle
         input_ids=torch.tensor([[5, START, IMAGE, END, 7, 9, 11]]), pixel_values=torch.randn(1, 3, 16, 16, generator=g)),
         ["multi_modal_projector", "vision_model"]),
+    "gemma4": (_gemma4, _gemma4_image_and_audio,
+               ["model.audio_tower", "model.embed_audio", "model.embed_vision", "model.vision_tower"]),
 }
 
 
