@@ -194,6 +194,17 @@ ARCH_FAMILIES = {
         layer_types=["sliding_attention", "full_attention"], sliding_window=8, global_head_dim=32,
         attention_k_eq_v=True, num_global_key_value_heads=1, hidden_size_per_layer_input=0, enable_moe_block=True,
         num_experts=4, top_k_experts=2, moe_intermediate_size=24)),
+    # DeepSeek-V4: hyper-connected streams (hc_mult 2), a sliding layer, compressed sparse layers (overlapping
+    # windows of 4, the indexer's top-4) and a heavily compressed one (windows of 8), routed by a token table
+    # (hash_moe) and by sqrt(softplus) scores, clamped SwiGLU experts and a shared one; saved per expert
+    "deepseek_v4": ("deepseek_v4", dict(
+        head_dim=32, num_key_value_heads=1, q_lora_rank=32, n_routed_experts=4, num_experts_per_tok=2,
+        n_shared_experts=1, moe_intermediate_size=24, num_hidden_layers=4, hc_mult=2, hc_sinkhorn_iters=4,
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                     "compressed_sparse_attention"],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"], sliding_window=8, o_groups=2, o_lora_rank=16,
+        index_n_heads=2, index_head_dim=16, index_topk=4, partial_rotary_factor=0.25, intermediate_size=None)),
     # the MoE families saved as transformers 5 holds them in memory (FUSED_ON_DISK): experts fused in
     # 3-D tensors, gate_up_proj [E, 2I, H] and down_proj [E, H, I] (2I != H, so no axis can pass for another)
     "mixtral-fused": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24)),
@@ -333,6 +344,9 @@ def _save_transformers(path: Path, config, dtype, shard_size, skew, init, seed, 
             for name, buf in model.named_buffers():
                 if name in saved and buf.is_floating_point():
                     buf.add_(torch.randn_like(buf) * 0.1)
+                elif name.endswith("tid2eid"):   # DeepSeek-V4's token -> experts table starts at zero
+                    buf.copy_(torch.stack([torch.randperm(int(getattr(config, "n_routed_experts")))[:buf.shape[1]]
+                                           for _ in range(buf.shape[0])]))
     if skew == "unbalance":
         unbalance(model, seed, spread)
     model = model.to(dtype)

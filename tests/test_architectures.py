@@ -77,9 +77,14 @@ def test_default_transform_keeps_the_function_in_transformers(family, transforme
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_imbalance_drops_for_every_pair_kind(family, transformed):
+def test_imbalance_drops_for_every_pair_kind(family, transformed, tmp_path):
     src, dst, report = transformed(family)
-    before, after = wisca.inspect(src)["summary"], wisca.inspect(dst)["summary"]
+    targets = DEFAULT_TARGETS
+    if not report["targets_applied"]:   # none of the defaults holds (DeepSeek-V4): its only target, norm
+        assert spec.spec_for(ARCH_FAMILIES[family][0]).targets == ("norm",)
+        targets, dst = ("norm",), tmp_path / "norm"
+        report = wisca.transform(src, dst, targets=targets)
+    before, after = wisca.inspect(src, targets=targets)["summary"], wisca.inspect(dst, targets=targets)["summary"]
     kinds = set(report["targets_applied"])
     assert set(before) == kinds and kinds
     for kind in kinds:
@@ -201,7 +206,7 @@ def test_every_moe_family_reads_experts_fused_on_disk():
     stored_fused = {spec.spec_for(ARCH_FAMILIES[f][0]).name for f in FUSED_ON_DISK}
     # every tensor renamed in memory (Nemotron-H's backbone. -> model.): a state dict in safetensors is not
     # its checkpoint; its fused experts are read from DCP checkpoints and live models (test_dcp_families, test_live)
-    renamed = {"nemotron_h"}
+    renamed = {"nemotron_h", "deepseek_v4"}   # DeepSeek-V4: attn.wq_a -> self_attn.q_a_proj, ...
     assert only_fused and moe == declared == stored_fused | only_fused | renamed
 
 
@@ -646,3 +651,56 @@ def test_gemma4_symmetries_per_layer_and_the_restrictions_needed(arch_ckpt, tran
     ffn = layer_pairs(moe, 0, ("ffn",), "channel")[0]
     assert {m.role for m in ffn.members} == {"up", "down", "experts.gate_up", "experts.down"}
     assert ffn.n_units == 96 + 4 * 24
+
+
+def test_deepseek_v4_norm_only_and_the_restrictions_needed(arch_ckpt, transformed, tmp_path):
+    """DeepSeek-V4: the norm target is its one symmetry (each layer's attn_norm against q_a, kv, the
+    compressor's and the indexer's projections; q_a_norm against q_b and the indexer's q_b; ffn_norm
+    against every expert, the shared one and the router; the final norm against head); the report says
+    why qk, vo and ffn do not hold. Applied anyway, each changes transformers' logits: q_b's rows against
+    the kv norm (q_b_norm absorbs the first, the keys are the values), the kv norm against o_a's columns
+    (the values are the keys), the shared expert's up rows against its down columns (the clamp at
+    swiglu_limit)."""
+    from safetensors.torch import save_file
+
+    from wisca_cli.balance import apply_scales
+    from wisca_cli.pairs import Member, Pair, layer_pairs, to_physical
+
+    src = arch_ckpt("deepseek_v4")
+    lay = open_checkpoint(src).layout
+    assert [lay.layer_type(i) for i in range(4)][:3] == \
+        ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
+    norm = {i: {m.role for m in layer_pairs(lay, i, ("qk", "vo", "ffn", "norm"), "channel")[0].members} for i in range(3)}
+    assert norm[0] == {"attn_norm", "q_a", "kv", "q_a_norm", "q_b", "mlp_norm", "router", "shared.gate", "shared.up",
+                       "experts.0.gate", "experts.0.up", "experts.1.gate", "experts.1.up", "experts.2.gate",
+                       "experts.2.up", "experts.3.gate", "experts.3.up"}
+    assert norm[1] - norm[0] == {"comp_kv", "comp_gate", "idx_kv", "idx_gate", "idx_w", "idx_q"}
+    assert norm[2] - norm[0] == {"comp_kv", "comp_gate"}
+    warnings = [w["message"] for w in transformed("deepseek_v4")[2]["warnings"]]
+    for t in ("qk", "vo", "ffn"):
+        assert any(m.startswith(f"{t} is not applicable to deepseek_v4: ") for m in warnings), t
+
+    tensors = load_file(src / "model.safetensors")
+    ids = probe_tokens()
+    ref = hf_logits(src, ids)
+    d, heads, inter = lay.head_dim, lay.heads, lay.shared_intermediate
+    r = lay.rotary_dims
+    per_dim = torch.cat([torch.arange(d - r), d - r + torch.arange(r) // 2])   # the trailing rope dims in pairs
+    tried = {
+        "qk": Pair("qk", d, torch.zeros(d, dtype=torch.long),
+                   (Member("q_b", 0, per_dim.repeat(heads), +1), Member("kv_norm", 0, per_dim, -1))),
+        "vo": Pair("vo", d, torch.zeros(d, dtype=torch.long),
+                   (Member("kv_norm", 0, per_dim, +1), Member("o_a", 1, per_dim.repeat(heads // lay.config["o_groups"]), -1))),
+        "ffn": Pair("ffn", inter, torch.zeros(inter, dtype=torch.long),
+                    (Member("shared.up", 0, torch.arange(inter), +1), Member("shared.down", 1, torch.arange(inter), -1))),
+    }
+    for kind, pair in tried.items():
+        names = lay.layer_roles(1)
+        pair = to_physical(lay, pair)
+        s = torch.exp2(torch.randint(4, 7, (pair.n_units,), generator=torch.Generator().manual_seed(0))).double()
+        scaled = apply_scales(pair, {m.role: tensors[names[m.role]] for m in pair.members}, s)
+        bad = tmp_path / kind
+        shutil.copytree(src, bad)
+        save_file({**tensors, **{names[r]: t.contiguous() for r, t in scaled.items()}}, bad / "model.safetensors",
+                  metadata={"format": "pt"})
+        assert (hf_logits(bad, ids) - ref).abs().max() > 1e-3, kind

@@ -27,10 +27,10 @@ from dcp_helpers import assert_rescaled, entries, expected_multipliers, refused
 # every MoE family, and the in-memory name of one fused expert tensor per layer it has
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss", "llama4", "mistral4",
                 "granitemoehybrid", "nemotron_h",
-                "qwen3_next", "qwen3_5_moe", "gemma4"]
+                "qwen3_next", "qwen3_5_moe", "gemma4", "deepseek_v4"]
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss", "llama4_text",
              "granitemoehybrid", "nemotron_h",
-             "mistral4", "qwen3_next", "qwen3_5_moe_text", "gemma4_text")
+             "mistral4", "qwen3_next", "qwen3_5_moe_text", "gemma4_text", "deepseek_v4")
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 IDS = probe_tokens()
 ENV = {"OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}

@@ -85,7 +85,7 @@ def _grads(model):
     model.zero_grad()
     torch.manual_seed(5)            # the same dropout masks (GPT-2's, Phi's) each time
     model(BATCH, labels=BATCH).loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("family", LIVE_FAMILIES)
@@ -102,7 +102,9 @@ def test_transition_is_exact_for_weights_moments_and_gradients(family, arch_ckpt
     fresh_grads = _grads(model)
     model.zero_grad()
     model(BATCH, labels=BATCH).loss.backward()      # the .grad the transition will find
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # no gradient reaches a few parameters (DeepSeek-V4's indexer: its top-k picks are not differentiable)
+    assert len(grads) == sum(1 for _ in model.parameters()) or family == "deepseek_v4"
 
     report = wisca.transition(model, opt, targets=_exact_targets(model))
     assert report["verification"]["passed"] and report["verification"]["identical"]
@@ -113,6 +115,9 @@ def test_transition_is_exact_for_weights_moments_and_gradients(family, arch_ckpt
         mant, _ = torch.frexp(s)
         assert bool((mant == 0.5).all()), name
         changed += int((s != 1).sum())
+        if name not in grads:   # never trained: no .grad, no moments
+            assert p.grad is None and not opt.state[p], name
+            continue
         assert torch.equal(p.grad, grads[name] / s), name                      # the old gradient / S
         for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
             assert torch.equal(opt.state[p][key], state[name][key] / s ** power), (name, key)
@@ -120,7 +125,8 @@ def test_transition_is_exact_for_weights_moments_and_gradients(family, arch_ckpt
     after_grads = _grads(model)                                                # a new gradient: g / S
     for name, p in model.named_parameters():
         s = _multiplier(model, name, params[name], p.detach())
-        assert torch.equal(after_grads[name], fresh_grads[name] / s), name
+        assert (name in after_grads) == (name in fresh_grads), name
+        assert name not in fresh_grads or torch.equal(after_grads[name], fresh_grads[name] / s), name
     for kind, s in report["summary"].items():
         assert s["imbalance_after"] < s["imbalance_before"] or s["units_changed"] == 0, kind
     assert sum(s["units_changed"] for s in report["summary"].values()) > 0

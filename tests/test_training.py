@@ -367,7 +367,7 @@ def test_every_moe_family_is_tested_as_the_support_matrix_claims():
 
     rows = {r["family"]: r["trainer"] for r in spec.support_matrix()}
     moe = {s.name for s in spec.shipped_specs().values() if s.moe is not None}
-    assert moe == set(MOE_FAMILIES) | set(FUSED_IN_MEMORY_AS_ON_DISK) | {"nemotron_h", "gemma4"}   # own tests below
+    assert moe == set(MOE_FAMILIES) | set(FUSED_IN_MEMORY_AS_ON_DISK) | {"nemotron_h", "gemma4", "deepseek_v4"}   # own tests
     assert all(rows[f] == "exact, fused experts" for f in moe)
 
 
@@ -497,6 +497,64 @@ def test_gemma4_trainer_moments_follow_bit_for_bit(family, tmp_path):
     assert more.state.global_step == SAVE + 2
 
 
+def test_deepseek_v4_trainer_moments_follow_bit_for_bit(tmp_path, monkeypatch):
+    """DeepSeek-V4 (hyper-connections, compressed and sparse attention with its indexer, hash and
+    sqrt(softplus) routing; experts saved one by one as w1 / w3 / w2 under ffn., fused in memory as
+    mlp.experts.gate_up_proj [E, 2I, H] and down_proj): a Trainer checkpoint with its one target,
+    norm. Logits bit-identical in transformers; Adam's moments follow the weights bit for bit, a fused
+    expert parameter's per expert slice by that expert's saved tensors' multipliers (the indexer, which
+    no gradient reaches, has none); the token table is copied; training resumes from the output."""
+    from conftest import build, hf_logits, probe_tokens
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, Trainer
+
+    start = build(tmp_path / "start", "deepseek_v4", skew="spec")
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, attn_implementation="eager")
+    trainer = Trainer(model=model, args=_args(tmp_path / "run", SAVE), train_dataset=_dataset(8))
+    trainer.train()
+    names = {id(p): n for n, p in model.named_parameters()}
+    live = dict(enumerate(names[id(p)] for g in trainer.optimizer.param_groups for p in g["params"]))
+    ckpt, out = tmp_path / "run" / f"checkpoint-{SAVE}", tmp_path / "out"
+    report = wisca.transform(ckpt, out, targets=("norm",))
+    opt = report["training_state"]["optimizer"]
+    assert opt["transformed"] and opt["exact"] and opt["underflow"] == 0
+    assert report["verification"]["mode"] == "exact" and report["targets_applied"] == ["norm"]
+    assert torch.equal(hf_logits(ckpt, probe_tokens()), hf_logits(out, probe_tokens()))
+    mult, saved_names = wisca.scale_multipliers(out), optimizer_parameter_names(ckpt)
+    before, after = _load(ckpt / "optimizer.pt"), _load(out / "optimizer.pt")
+    fused = moved = 0
+    for key, n in live.items():
+        if key not in before["state"]:   # no gradient reached it: no moments
+            assert key not in after["state"] and ".indexer." in n, n
+            continue
+        b, a = before["state"][key], after["state"][key]
+        if n.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            for saved, box, _ in _experts_of("deepseek_v4", n, b["exp_avg"].shape):
+                s = mult.get(saved, torch.ones(1, dtype=torch.float64)).float()
+                assert torch.equal(a["exp_avg"][box], b["exp_avg"][box] / s), saved
+                assert torch.equal(a["exp_avg_sq"][box], b["exp_avg_sq"][box] / (s * s)), saved
+            fused += not torch.equal(a["exp_avg"], b["exp_avg"])
+            continue
+        s = mult.get(saved_names[key], torch.ones(1, dtype=torch.float64)).float()
+        assert torch.equal(a["exp_avg"], b["exp_avg"] / s) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"] / (s * s))
+        moved += not torch.equal(a["exp_avg"], b["exp_avg"])
+    assert fused == 4 and moved >= 8    # every layer's gate_up_proj (input columns); q_a, kv, q_b, router, ...
+    tables = [k for k in load_file(ckpt / "model.safetensors") if k.endswith("tid2eid")]
+    assert tables and all(torch.equal(load_file(ckpt / "model.safetensors")[k], load_file(out / "model.safetensors")[k])
+                          for k in tables)
+    # transformers 5.25's Trainer reads a checkpoint's config.json through the base config class on resume,
+    # whose layer-type check rejects DeepSeek-V4's mlp_layer_types (an untouched checkpoint fails alike):
+    # read it through the family's own class, as from_pretrained does
+    from transformers import AutoConfig, PreTrainedConfig
+
+    monkeypatch.setattr(PreTrainedConfig, "from_json_file",
+                        classmethod(lambda cls, f: AutoConfig.from_pretrained(Path(f).parent)))
+    resumed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    more = Trainer(model=resumed, args=_args(tmp_path / "more", SAVE + 2), train_dataset=_dataset(8))
+    more.train(resume_from_checkpoint=str(out))
+    assert more.state.global_step == SAVE + 2
+
+
 def test_nemotron_h_trainer_moments_follow_bit_for_bit(tmp_path):
     """Nemotron-H (Mamba2, attention, relu² MLP and MoE blocks; saved as backbone.*, model.* in memory;
     relu² experts saved one by one, fused in memory as mixer.experts.up_proj [E, I, H] and down_proj):
@@ -576,8 +634,8 @@ def _experts_of(family: str, name: str, shape) -> list[tuple[str, tuple, int]]:
     down_proj [E, H, I]; Mixtral's block_sparse_moe is mlp in memory, w1/w3/w2 its
     gate/up/down), independently of wisca's reading of the conversion mapping."""
     pre, kind = name.rsplit(".experts.", 1)
-    saved = pre[:-len(".mlp")] + ".block_sparse_moe" if family == "mixtral" else pre
-    gate, up, down = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    saved = pre[:-len(".mlp")] + {"mixtral": ".block_sparse_moe", "deepseek_v4": ".ffn"}.get(family, ".mlp")
+    gate, up, down = ("w1", "w3", "w2") if family in ("mixtral", "deepseek_v4") else ("gate_proj", "up_proj", "down_proj")
     out = []
     for e in range(shape[0]):
         if kind == "gate_up_proj":

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from .errors import WiscaError, reason
 from .fileio import PAGE, InputFile, OutputFile
 from .fp8 import SCALE_SUFFIX as FP8_SCALE
-from .spec import CONV_PARTS, Layout, expected_shapes, layout_from_config, logical_shapes
+from .spec import CONV_PARTS, INDEX_ROLES, Layout, expected_shapes, layout_from_config, logical_shapes
 
 from .formats import INDEX_NAME, SINGLE_NAME  # noqa: F401 - one definition, re-exported
 
@@ -35,6 +35,7 @@ ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 
             "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8, "F8_E5M2": 1,
             "F8_E4M3": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+INTEGER_DTYPES = ("I64", "I32")
 CHUNK_ELEMENTS = 8 << 20     # elements per block when a big tensor is streamed in rows
 _FD_LOCK = threading.Lock()
 
@@ -254,8 +255,9 @@ def open_checkpoint(src: str | os.PathLike, revision: str | None = None) -> Chec
 
 
 def _check_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str, mxfp4: bool = False,
-                  fp8_kind: str | None = None) -> None:
-    """``fp8_kind``: "codes" (an FP8 weight, F8_E4M3) or "scales" (its weight_scale_inv, F32)."""
+                  fp8_kind: str | None = None, integer: bool = False) -> None:
+    """``fp8_kind``: "codes" (an FP8 weight, F8_E4M3) or "scales" (its weight_scale_inv, F32);
+    ``integer``: an index table."""
     if name not in ckpt.tensors:
         raise WiscaError(f"{ckpt.root}: {what} tensor {name} is missing")
     info = ckpt.tensors[name]
@@ -269,6 +271,11 @@ def _check_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str
     if wanted and info.dtype != wanted:
         raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has dtype {info.dtype}, expected {wanted} "
                          f"(FP8 block-quantised weight{'' if fp8_kind == 'codes' else ' scales'})")
+    if integer:   # an index table (DeepSeek-V4's token -> experts), copied
+        if info.dtype not in INTEGER_DTYPES:
+            raise WiscaError(f"{ckpt.root / info.shard}: tensor {name} has dtype {info.dtype}, expected an integer "
+                             f"dtype (an index table)")
+        return
     if not mxfp4 and not wanted and info.dtype not in FLOAT_DTYPES:
         hint = " (FP8 weights are read as a decoder layer's X.weight beside its X.weight_scale_inv, as " \
                "released)" if info.dtype == "F8_E4M3" and ckpt.layout.fp8_block else ""
@@ -301,8 +308,9 @@ def validate(ckpt: Checkpoint) -> None:
         quantized = {name for role, name in roles.items() if lay.is_mxfp4(role)}
         fp8_kind = {name: "scales" if role.endswith(FP8_SCALE) else "codes"
                     for role, name in roles.items() if name in lay.fp8_weights or role.endswith(FP8_SCALE)}
+        tables = {name for role, name in roles.items() if role in INDEX_ROLES}
         for name, shape in expected_shapes(lay, layer).items():
-            _check_tensor(ckpt, name, shape, f"layer {layer}", name in quantized, fp8_kind.get(name))
+            _check_tensor(ckpt, name, shape, f"layer {layer}", name in quantized, fp8_kind.get(name), name in tables)
             known.add(name)
         if lay.conv_split and lay.is_linear_layer(layer):   # the conv's parts add up to its channels
             parts = [roles[r] for r in CONV_PARTS]

@@ -455,6 +455,9 @@ def activation(layout: Layout):
 def gated_mlp(x: torch.Tensor, w: dict, layout: Layout, prefix: str = "") -> torch.Tensor:
     gate, up = linear(x, w, prefix + "gate"), linear(x, w, prefix + "up")
     mlp = layout.spec.mlp
+    if mlp.kind == "limited":   # DeepSeek-V4: gate clamped from above, up both ways, before they multiply
+        limit = layout.value(mlp.limit)
+        return linear(activation(layout)(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit), w, prefix + "down")
     if mlp.kind == "clamped":   # gpt-oss: neither gate nor up is scale-equivariant
         limit, alpha = layout.value(mlp.limit), layout.value(mlp.alpha)
         gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
@@ -477,7 +480,7 @@ def mlp(x: torch.Tensor, w: dict, layout: Layout) -> torch.Tensor:
     return one_mlp(x, w, layout)
 
 
-def route(x: torch.Tensor, w: dict, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+def route(x: torch.Tensor, w: dict, layout: Layout, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, expert ids), [tokens, top_k] each, as the family's router computes them.
 
     ``softmax``: softmax over all experts in float32, top-k, optionally renormalised.
@@ -501,6 +504,15 @@ def route(x: torch.Tensor, w: dict, layout: Layout) -> tuple[torch.Tensor, torch
         probs = torch.softmax(F.linear(xs, w["router"].to(x.dtype)), dim=-1, dtype=torch.float32)
         top, idx = torch.topk(probs, top_k, dim=-1)
         top = top / top.sum(-1, keepdim=True) * w["router_expert_scale"][idx]
+    elif spec.routing == "sqrtsoftplus":   # DeepSeek-V4: on a hash layer the token's table row picks
+        scores = F.softplus(F.linear(x, w["router"].to(x.dtype))).sqrt()
+        if "router_table" in w:
+            idx = w["router_table"][ids.reshape(-1)].long()
+        else:
+            choice = scores + w["router_correction"].float() if "router_correction" in w else scores
+            idx = torch.topk(choice, top_k, dim=-1, sorted=False).indices
+        top = scores.gather(1, idx)
+        top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
     elif spec.routing == "topk_softmax":   # Granite: top-k of the fp32 logits, a softmax over those
         top, idx = F.linear(x, w["router"].to(x.dtype)).float().topk(top_k, dim=-1)
         top = torch.softmax(top, dim=-1).to(x.dtype)
@@ -532,12 +544,14 @@ def route(x: torch.Tensor, w: dict, layout: Layout) -> tuple[torch.Tensor, torch
     return (top * factor if factor != 1.0 else top), idx
 
 
-def moe(x: torch.Tensor, w: dict, layout: Layout, routed_on: torch.Tensor | None = None) -> torch.Tensor:
+def moe(x: torch.Tensor, w: dict, layout: Layout, routed_on: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k routed experts (``route``, on x or on ``routed_on``; the weight on each expert's
-    output, or on its input with ``moe.weighted_input``) plus a shared expert."""
+    output, or on its input with ``moe.weighted_input``) plus a shared expert. ``ids``: the
+    tokens, for a layer that routes by a token table."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    top, idx = route(x if routed_on is None else routed_on.reshape(-1, shape[-1]), w, layout)
+    top, idx = route(x if routed_on is None else routed_on.reshape(-1, shape[-1]), w, layout, ids)
     top = top.to(x.dtype)
     out = torch.zeros_like(x)
     for e in range(layout.experts):
@@ -557,6 +571,138 @@ def moe(x: torch.Tensor, w: dict, layout: Layout, routed_on: torch.Tensor | None
     return out.reshape(shape)
 
 
+def _unweighted_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x times its inverse RMS over the last dim (computed in float32, cast to x's dtype first)."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def _rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE on the trailing cos.shape[-1] dims of x, in float32 (DeepSeek-V4's)."""
+    r = cos.shape[-1]
+    keep, rot = x[..., :-r], x[..., -r:]
+    pairs = rot.unflatten(-1, (-1, 2))
+    turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return torch.cat([keep, (rot.float() * cos + turned.float() * sin).to(x.dtype)], dim=-1)
+
+
+def _compressed_entries(x: torch.Tensor, w: dict, layout: Layout, layer: int, prefix: str, rate: int, d: int,
+                        overlap: bool) -> torch.Tensor:
+    """One entry per complete window of ``rate`` tokens [B, n, d]: the softmax-gated sum (over the
+    window, per channel; with ``overlap`` over the previous window's first series and this one's
+    second) of the ``{prefix}kv`` rows, RMS-normalised (``{prefix}norm``) and turned by RoPE at the
+    window's first position."""
+    kv, gate = linear(x, w, prefix + "kv"), linear(x, w, prefix + "gate")
+    batch, length = x.shape[:2]
+    n = length // rate
+    if n == 0:
+        return x.new_zeros(batch, 0, d)
+    kv = kv[:, :n * rate].view(batch, n, rate, -1)
+    gate = gate[:, :n * rate].view(batch, n, rate, -1) + w[prefix + "bias"]
+    if overlap:   # entry i: window i-1's first series with window i's second, over 2 x rate slots
+        both_kv = kv.new_zeros(batch, n, 2 * rate, d)
+        both_gate = gate.new_full((batch, n, 2 * rate, d), float("-inf"))
+        both_kv[:, :, rate:], both_gate[:, :, rate:] = kv[..., d:], gate[..., d:]
+        both_kv[:, 1:, :rate], both_gate[:, 1:, :rate] = kv[:, :-1, :, :d], gate[:, :-1, :, :d]
+        kv, gate = both_kv, both_gate
+    entries = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
+    entries = rms_norm(entries, w[prefix + "norm"], layout.eps, fp32_weight=True)
+    cos, sin = rope_tables(layout, torch.arange(n) * rate, layer)
+    return _rope_tail(entries, cos.to(entries.dtype), sin.to(entries.dtype))
+
+
+def compressed_attention(x: torch.Tensor, w: dict, layout: Layout, rope: tuple, mask: torch.Tensor,
+                         layer: int) -> torch.Tensor:
+    """DeepSeek-V4's attention (``attention.compressed``), as transformers computes it without a cache.
+    Queries: ``q_a`` -> ``q_a_norm`` -> ``q_b``, RMS-normalised per head without a weight, RoPE on the
+    trailing dims; one kv head (``kv`` -> ``kv_norm``, RoPE) is the keys and the values. On compressed
+    layers the keys also hold one entry per window (query t sees entry i when i < (t + 1) // rate;
+    on the sparse layers only the indexer's top-k of those). Softmax with per-head sinks; RoPE undone
+    on the output's trailing dims; then ``o_a`` per group of heads and ``o_b``."""
+    comp = layout.spec.attention.compressed
+    batch, length, _ = x.shape
+    heads, d, eps = layout.heads, layout.head_dim, layout.eps
+    cos, sin = rope
+    q_res = rms_norm(linear(x, w, "q_a"), w["q_a_norm"], eps, fp32_weight=True)
+    q = _rope_tail(_unweighted_rms(linear(q_res, w, "q_b").view(batch, length, heads, d).transpose(1, 2), eps), cos, sin)
+    kv = rms_norm(linear(x, w, "kv"), w["kv_norm"], eps, fp32_weight=True).view(batch, 1, length, d)
+    kv = _rope_tail(kv, cos, sin)
+    kind = layout.layer_type(layer)
+    if kind in (comp.sparse_type, comp.heavy_type):
+        rate = int(layout.config[comp.rates][kind])
+        sparse = kind == comp.sparse_type
+        entries = _compressed_entries(x, w, layout, layer, "comp_", rate, d, sparse)
+        n = entries.shape[1]
+        visible = torch.arange(n)[None, :] < ((torch.arange(length) + 1) // rate)[:, None]   # [T, n]
+        bias = torch.zeros(batch, 1, length, n, dtype=x.dtype).masked_fill(~visible, float("-inf"))
+        if sparse and n:   # the indexer: each query's top-k entries by sum_h w_h relu(q_h . k)
+            idim, ih = int(layout.config[comp.index_head_dim]), int(layout.config[comp.index_heads])
+            keys = _compressed_entries(x, w, layout, layer, "idx_", rate, idim, True)
+            iq = _rope_tail(linear(q_res, w, "idx_q").view(batch, length, ih, idim).transpose(1, 2), cos, sin)
+            iq = iq.transpose(1, 2)                                                  # [B, T, H, d]
+            scores = torch.relu(iq.float() @ keys.transpose(-1, -2).float().unsqueeze(1)) * idim ** -0.5
+            weights = linear(x, w, "idx_w").float() * ih ** -0.5                    # [B, T, H]
+            index = (scores * weights.unsqueeze(-1)).sum(dim=2).masked_fill(~visible, float("-inf"))
+            top = index.topk(min(int(layout.config[comp.index_topk]), n), dim=-1).indices
+            top = torch.where(top < ((torch.arange(length) + 1) // rate)[None, :, None], top, n)
+            chosen = torch.full((batch, 1, length, n + 1), float("-inf"), dtype=x.dtype)
+            bias = chosen.scatter_(-1, top.unsqueeze(1), 0.0)[..., :n]
+        kv = torch.cat([kv, entries.unsqueeze(1)], dim=2)
+        mask = torch.cat([mask.expand(batch, 1, length, length), bias], dim=-1)
+    scores = (q @ kv.transpose(-1, -2)) * d ** -0.5 + mask
+    sinks = w["sinks"].to(scores.dtype).reshape(1, -1, 1, 1).expand(batch, -1, length, 1)
+    scores = torch.cat([scores, sinks], dim=-1)
+    scores = scores - scores.max(dim=-1, keepdim=True).values
+    out = torch.softmax(scores, dim=-1, dtype=scores.dtype)[..., :-1].to(kv.dtype) @ kv
+    out = _rope_tail(out, cos, -sin).transpose(1, 2)                                # [B, T, H, d]
+    groups = int(layout.config[comp.o_groups])
+    grouped = out.reshape(batch, length, groups, -1)
+    o_a = w["o_a"].to(x.dtype)
+    grouped = torch.einsum("btgi,gri->btgr", grouped, o_a.view(groups, -1, o_a.shape[1]))
+    return linear(grouped.flatten(2), w, "o_b")
+
+
+def hyper_mix(h: torch.Tensor, w: dict, sub: str, layout: Layout) -> tuple:
+    """A hyper-connection (DeepSeek-V4's mHC) before sub-block ``sub``: from the streams h [B, T, N, D],
+    RMS-normalised together, the weights pre (collapse into the sub-block's input), post (spread its
+    output) and comb (mix the streams: Sinkhorn-normalised to doubly stochastic), in float32."""
+    hyper, n = layout.spec.block.hyper, layout.streams
+    eps_hc, iters = float(layout.value(hyper.eps)), int(layout.value(hyper.iters))
+    flat = _unweighted_rms(h.reshape(*h.shape[:2], -1).float(), layout.eps)
+    mix = F.linear(flat, w[f"hc_{sub}_fn"].float())
+    pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
+    pre_b, post_b, comb_b = w[f"hc_{sub}_base"].float().split([n, n, n * n])
+    pre_s, post_s, comb_s = w[f"hc_{sub}_scale"].float().unbind(0)
+    pre = torch.sigmoid(pre_w * pre_s + pre_b) + eps_hc
+    post = 2 * torch.sigmoid(post_w * post_s + post_b)
+    comb = torch.softmax(comb_w.view(*comb_w.shape[:-1], n, n) * comb_s + comb_b.view(n, n), dim=-1) + eps_hc
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps_hc)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps_hc)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps_hc)
+    return post, comb, (pre.unsqueeze(-1) * h).sum(dim=2).to(h.dtype)
+
+
+def hyper_head(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+               layout: Layout) -> torch.Tensor:
+    """The streams [B, T, N, D] collapsed into one before the final norm (DeepSeek-V4's hc_head)."""
+    flat = _unweighted_rms(h.flatten(2).float(), layout.eps)
+    pre = torch.sigmoid(F.linear(flat, fn.float()) * scale.float() + base.float()) + float(layout.value(layout.spec.block.hyper.eps))
+    return (pre.unsqueeze(-1) * h).sum(dim=2).to(h.dtype)
+
+
+def hyper_layer(h: torch.Tensor, w: dict, layout: Layout, rope: tuple, mask: torch.Tensor, layer: int,
+                ctx: dict) -> torch.Tensor:
+    """A DeepSeek-V4 block on the streams h [B, T, N, D]: each sub-block reads its hyper-connection's
+    mix of the streams through its norm, and its output is spread back: post x out + comb^T h."""
+    dtype = h.dtype
+    post, comb, x = hyper_mix(h, w, "attn", layout)
+    a = compressed_attention(_norm(x, w, "attn_norm", layout), w, layout, rope, mask, layer)
+    h = post.to(dtype).unsqueeze(-1) * a.unsqueeze(-2) + comb.to(dtype).transpose(-1, -2) @ h
+    post, comb, x = hyper_mix(h, w, "mlp", layout)
+    m = moe(_norm(x, w, "mlp_norm", layout), w, layout, ids=ctx.get("ids"))
+    return post.to(dtype).unsqueeze(-1) * m.unsqueeze(-2) + comb.to(dtype).transpose(-1, -2) @ h
+
+
 def _norm(x: torch.Tensor, w: dict, role: str, layout: Layout) -> torch.Tensor:
     return layer_norm(x, w[role], w.get(role + "_bias"), layout.eps, layout) if role in w else x
 
@@ -573,6 +719,8 @@ def decoder_layer(h: torch.Tensor, w: dict, layout: Layout, rope: tuple | None, 
         layout = layout.at(layer)
     w = logical(layout, w)
     block = layout.spec.block
+    if block.hyper is not None:   # DeepSeek-V4: hyper-connected streams
+        return hyper_layer(h, w, layout, rope, mask, layer, ctx)
     res = layout.value(block.residual_multiplier, 1.0)
     if "o" in w or "lin_out" in w:   # a token mixer (not on Nemotron-H's MLP-only layers)
         x = _norm(h, w, "attn_norm", layout)

@@ -117,8 +117,9 @@ def identity(name: str, shape: tuple[int, ...], saved: str | None = None) -> Par
 
 
 def _glob_regex(pattern: str) -> re.Pattern:
-    """A converter's source pattern (``.experts.*.w1.weight``) with the expert index captured."""
-    return re.compile(re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
+    """A converter's source pattern (``.experts.*.w1.weight``; a dot written escaped, ``\\.``, as
+    DeepSeek-V4's are, is a dot) with the expert index captured."""
+    return re.compile(re.escape(pattern.replace("\\.", ".")).replace(r"\*", r"(\d+)") + "$")
 
 
 def _converter_of(saved: list[str], converters: list) -> tuple[object, list[tuple[int, int, str]]]:

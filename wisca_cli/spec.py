@@ -44,6 +44,7 @@ ATTENTION_ROLES = ("q", "k", "v", "o", "qkv", "q_norm", "k_norm", "q_bias", "k_b
                    "qkv_bias", "q_norm_bias", "k_norm_bias", "sinks")
 KV_SHARED_WHY = ("its keys are shared across layers (num_kv_shared_layers): one layer's k_norm meets the "
                  "queries of several layers, so a scale of it is not undone by one q_norm")
+INDEX_ROLES = ("router_table",)   # integer tensors a layer holds (DeepSeek-V4's token -> experts): copied
 KV_ROLES = ("k", "v", "k_norm", "k_bias", "v_bias", "k_norm_bias")   # absent where a layer reuses keys and values
 MLP_ROLES = ("gate", "up", "down")                   # roles of one MLP: dense, each expert, shared
 NOT_INHERITED = ("name", "model_types")              # every file states its own
@@ -275,6 +276,51 @@ class LayerDims(_Section):
 
 
 @dataclass(frozen=True)
+class CompressedAttentionSpec(_Section):
+    """DeepSeek-V4's attention (``forward.compressed_attention``): one kv head that is both keys and
+    values, q through a latent (``q_a`` -> ``q_a_norm`` -> ``q_b``, then a weightless RMSNorm per head),
+    RoPE on the trailing dims (undone on the output), per-head sinks, a grouped low-rank output
+    (``o_a`` per group of heads, then ``o_b``); on the layers of type ``sparse_type`` and ``heavy_type``
+    the keys also hold compressed entries (``compressor``: a softmax-gated sum over windows of
+    ``rates[type]`` tokens, overlapping windows on ``sparse_type`` layers), and on ``sparse_type``
+    layers an indexer (``indexer``) picks each query's top ``index_topk`` of them. Config keys."""
+    rates: str = _spec_field(_string)
+    sparse_type: str = _spec_field(_string)
+    heavy_type: str = _spec_field(_string)
+    o_groups: str = _spec_field(_string)
+    o_rank: str = _spec_field(_string)
+    index_heads: str = _spec_field(_string)
+    index_head_dim: str = _spec_field(_string)
+    index_topk: str = _spec_field(_string)
+    compressor: Mapping[str, str] = _spec_field(_mapping(_string))   # role -> name in a layer
+    indexer: Mapping[str, str] = _spec_field(_mapping(_string))
+
+
+@dataclass(frozen=True)
+class HyperSpec(_Section):
+    """Hyper-connections (DeepSeek-V4's mHC): the residual is ``mult`` streams; before each sub-block a
+    layer's ``hc_*_fn`` / ``_base`` / ``_scale`` (config keys here, tensor roles in the layer) mix them
+    into its input and its output back into them (Sinkhorn-normalised, ``iters``, ``eps``); before the
+    final norm the ``head_*`` tensors (names) collapse them into one."""
+    mult: str = _spec_field(_string)
+    iters: str = _spec_field(_string)
+    eps: str = _spec_field(_string)
+    head_fn: str = _spec_field(_string)
+    head_base: str = _spec_field(_string)
+    head_scale: str = _spec_field(_string)
+
+
+@dataclass(frozen=True)
+class HashLayers(_Section):
+    """MoE layers routed by a frozen token -> experts table (DeepSeek-V4's ``hash_moe``): the layers
+    whose entry in the config list ``key`` is ``kind``; ``table`` (a tensor name in the layer,
+    [vocab, top_k] int64) picks the experts, the router's scores still weight them."""
+    key: str = _spec_field(_string)
+    kind: str = _spec_field(_string)
+    table: str = _spec_field(_string)
+
+
+@dataclass(frozen=True)
 class AttentionSpec(_Section):
     rotary: str | None = _spec_field(_choice("half", "interleaved"), None)   # None: no RoPE
     rotary_interleave: str | None = _spec_field(_string, None)       # config flag: interleaved when set
@@ -312,6 +358,11 @@ class AttentionSpec(_Section):
     # type (no k_proj, v_proj, k_norm of their own; Gemma 4's num_kv_shared_layers)
     kv_shared: str | None = _spec_field(_string, None)
     layer_dims: LayerDims | None = _spec_field(_section(LayerDims), None)   # head dim / kv heads per layer
+    # layer type -> its key in config's rope_parameters, and the key of every other type (DeepSeek-V4's
+    # "main" for sliding layers, "compress" for the compressed ones); without: the layer type itself
+    rope_keys: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
+    rope_key_default: str | None = _spec_field(_string, None)
+    compressed: CompressedAttentionSpec | None = _spec_field(_section(CompressedAttentionSpec), None)
 
     def check(self, where: str, label: str) -> None:
         if self.nope_interval and not self.rope_layers:
@@ -321,7 +372,8 @@ class AttentionSpec(_Section):
 @dataclass(frozen=True)
 class MlpSpec(_Section):
     # clamped (gpt-oss): (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
-    kind: str = _spec_field(_choice("gated", "plain", "clamped"), "gated")
+    # limited (DeepSeek-V4): act(min(gate, limit)) * clamp(up, -limit, limit)
+    kind: str = _spec_field(_choice("gated", "plain", "clamped", "limited"), "gated")
     act: str | None = _spec_field(_string, None)                     # config key (absent: silu)
     intermediate_default: int | None = _spec_field(_positive_int_value, None)   # x hidden
     alpha: str | float | None = _spec_field(_config_value, None)     # clamped: the sigmoid's gain
@@ -331,8 +383,10 @@ class MlpSpec(_Section):
     double_wide: str | None = _spec_field(_string, None)
 
     def check(self, where: str, label: str) -> None:
-        if (self.kind == "clamped") != (self.alpha is not None and self.limit is not None):
+        if (self.kind == "clamped") != (self.alpha is not None and self.limit is not None) and self.kind != "limited":
             raise WiscaError(f"{where}: {label}: alpha and limit go with kind \"clamped\" (both), and only there")
+        if self.kind == "limited" and (self.limit is None or self.alpha is not None):
+            raise WiscaError(f"{where}: {label}: kind \"limited\" takes limit (and no alpha)")
 
 
 @dataclass(frozen=True)
@@ -349,6 +403,7 @@ class BlockSpec(_Section):
     # hybrid_override_pattern "M-M*-E", as released; transformers reads it when the list is absent)
     pattern: str | None = _spec_field(_string, None)
     pattern_letters: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
+    hyper: HyperSpec | None = _spec_field(_section(HyperSpec), None)   # hyper-connections (DeepSeek-V4)
 
     def check(self, where: str, label: str) -> None:
         if bool(self.pattern) != bool(self.pattern_letters) or self.pattern and not self.kinds:
@@ -411,8 +466,11 @@ class MoeSpec(_Section):
     # topk_softmax: Granite (the top-k logits, then a softmax over them)
     # scaled_softmax: Gemma 4 (the router reads h RMS-normalised without a weight, times ``router_norm``
     # and hidden ** -0.5; softmax, top-k, renormalised, times ``router_expert_scale`` of each expert)
+    # sqrtsoftplus: DeepSeek-V4 (scores sqrt(softplus(logits)), top-k on scores + ``correction``, the
+    # chosen scores renormalised times ``scaling``; on ``hash_layers`` the table picks the experts)
     routing: str = _spec_field(_choice("softmax", "sigmoid", "topk_sigmoid", "softmax_group", "topk_softmax",
-                                       "scaled_softmax"), "softmax")
+                                       "scaled_softmax", "sqrtsoftplus"), "softmax")
+    hash_layers: HashLayers | None = _spec_field(_section(HashLayers), None)
     zero_is_dense: bool = _spec_field(_boolean, False)   # num_experts 0: every layer dense (Granite 4's dense models)
     layer_kind: str | None = _spec_field(_string, None)   # MoE on the layers of this block kind (block.kinds)
     weighted_input: bool = _spec_field(_boolean, False)              # the weight scales the expert's input (Llama 4)
@@ -453,8 +511,8 @@ class MoeSpec(_Section):
             raise WiscaError(f"{where}: {label}.groups and {label}.topk_groups go together")
         if self.routing not in ("sigmoid", "softmax_group") and self.groups is not None:
             raise WiscaError(f"{where}: {label}.groups need routing \"sigmoid\" or \"softmax_group\"")
-        if self.routing != "sigmoid" and self.correction:
-            raise WiscaError(f"{where}: {label}.correction needs routing \"sigmoid\"")
+        if self.routing not in ("sigmoid", "sqrtsoftplus") and self.correction:
+            raise WiscaError(f"{where}: {label}.correction needs routing \"sigmoid\" or \"sqrtsoftplus\"")
         for key in ("expert_tensors", "shared_tensors", "dense_tensors"):   # gate_up: a fused tensor of the spec's
             extra = sorted(set(getattr(self, key)) - set(MLP_ROLES) - ({"gate_up"} if key != "expert_tensors" else set()))
             if extra:
@@ -1040,6 +1098,9 @@ class Layout:
         """(theta, scaling) of one layer: Gemma3 keeps rope parameters per layer type."""
         rope = self.config.get("rope_parameters") or {}
         kind = self.layer_type(layer)
+        att = self.spec.attention
+        if att.rope_keys or att.rope_key_default:   # DeepSeek-V4: "main" / "compress" by layer type
+            kind = att.rope_keys.get(kind, att.rope_key_default)
         if kind and isinstance(rope.get(kind), dict):
             rope = rope[kind]
             scaling = rope if rope.get("rope_type", "default") != "default" else None
@@ -1056,6 +1117,8 @@ class Layout:
 
     def window_at(self, layer: int) -> int | None:
         kind = self.layer_type(layer)
+        if self.spec.attention.compressed:   # DeepSeek-V4: every layer's own keys in a sliding window
+            return self.sliding_window
         if kind is not None and kind != "sliding_attention":
             return None
         return self.sliding_window
@@ -1109,6 +1172,18 @@ class Layout:
             return True
         return (self.rotary_dims_at(layer) > 0) == (rule.only == "rope")
 
+    def is_hash_layer(self, layer: int) -> bool:
+        """An MoE layer routed by a token -> experts table (``moe.hash_layers``)."""
+        hashed = self.spec.moe.hash_layers if self.spec.moe else None
+        kinds = self.config.get(hashed.key) if hashed else None
+        return isinstance(kinds, list) and layer < len(kinds) and kinds[layer] == hashed.kind
+
+    @property
+    def streams(self) -> int:
+        """Residual streams (hyper-connections: DeepSeek-V4's hc_mult), 1 without."""
+        hyper = self.spec.block.hyper
+        return int(self.value(hyper.mult, 1)) if hyper else 1
+
     def is_moe_layer(self, layer: int) -> bool:
         moe = self.spec.moe
         if not moe or not self.experts or moe.when and not self.config_flag(moe.when):
@@ -1140,6 +1215,11 @@ class Layout:
             if self.conv_split:   # saved as its q, k and v channels
                 del roles["lin_conv"]
                 roles.update({role: spec.layer_name(layer, name) for role, name in zip(CONV_PARTS, la.conv_split)})
+        comp = spec.attention.compressed
+        if comp is not None and self.layer_type(layer) in (comp.sparse_type, comp.heavy_type):
+            roles.update({role: spec.layer_name(layer, name) for role, name in comp.compressor.items()})
+            if self.layer_type(layer) == comp.sparse_type:   # the indexer picks the compressed entries
+                roles.update({role: spec.layer_name(layer, name) for role, name in comp.indexer.items()})
         moe = spec.moe
         if moe:
             if self.is_moe_layer(layer):
@@ -1150,7 +1230,9 @@ class Layout:
                 roles["router"] = spec.layer_name(layer, router)
                 if moe.router_bias:
                     roles["router_bias"] = spec.layer_name(layer, moe.router_bias)
-                if moe.correction:
+                if self.is_hash_layer(layer):   # experts by token: the table, no correction bias
+                    roles["router_table"] = spec.layer_name(layer, moe.hash_layers.table)
+                elif moe.correction:
                     roles["router_correction"] = spec.layer_name(layer, moe.correction)
                 if self.fused_experts:
                     for fused, info in moe.fused_experts.items():
@@ -1561,6 +1643,24 @@ def logical_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
             "q_b": (heads * qk, mla.q_lora), "kv_a": (mla.kv_lora + mla.rope, h), "kv_a_bias": (mla.kv_lora + mla.rope,),
             "kv_a_norm": (mla.kv_lora,), "kv_b": (heads * (mla.nope + mla.v), mla.kv_lora), "o": (h, heads * mla.v),
         })
+    comp = layout.spec.attention.compressed
+    if comp is not None:   # DeepSeek-V4's attention, its compressor and indexer, the hyper-connections
+        c, d, n = layout.config, layout.head_dim, layout.streams
+        q_lora, groups, rank = c.get("q_lora_rank") or 0, c.get(comp.o_groups) or 1, c.get(comp.o_rank) or 0
+        ih, idim = c.get(comp.index_heads) or 0, c.get(comp.index_head_dim) or 0
+        rates = c.get(comp.rates) or {}
+        kind = layout.layer_type(layer)
+        wide = 2 * d if kind == comp.sparse_type else d   # overlapping windows: two series per token
+        shapes.update({
+            "q_a": (q_lora, h), "q_a_norm": (q_lora,), "q_b": (layout.heads * d, q_lora), "kv": (d, h), "kv_norm": (d,),
+            "o_a": (groups * rank, layout.heads * d // groups), "o_b": (h, groups * rank),
+            "comp_kv": (wide, h), "comp_gate": (wide, h), "comp_bias": (int(rates.get(kind) or 0), wide), "comp_norm": (d,),
+            "idx_kv": (2 * idim, h), "idx_gate": (2 * idim, h), "idx_bias": (int(rates.get(comp.sparse_type) or 0), 2 * idim),
+            "idx_norm": (idim,), "idx_q": (ih * idim, q_lora), "idx_w": (ih, h),
+            "router_table": (layout.vocab, int(layout.value(layout.spec.moe.top_k, 0)) if layout.spec.moe else 0),
+        })
+        for sub in ("attn", "mlp"):
+            shapes.update({f"hc_{sub}_fn": ((2 + n) * n, n * h), f"hc_{sub}_base": ((2 + n) * n,), f"hc_{sub}_scale": (3,)})
     qk_norm = layout.spec.attention.qk_norm
     if qk_norm:
         shapes["q_norm"], shapes["k_norm"] = {"head": ((d,), (d,)), "heads": ((layout.heads, d), (layout.kv_heads, d)),

@@ -121,6 +121,9 @@ def _stages(ckpt: Checkpoint) -> list[Stage]:
         final["norm_bias"] = spec.final.norm_bias
     if spec.final.head_bias:                     # a head with a bias (Phi)
         final["head_bias"] = spec.final.head_bias
+    if spec.block.hyper is not None:             # DeepSeek-V4: the streams' collapse before the norm
+        hyper = spec.block.hyper
+        final.update({"hc_fn": hyper.head_fn, "hc_base": hyper.head_base, "hc_scale": hyper.head_scale})
     stages.append(Stage("final", lay.layers, final, streamed=("head",)))
     return stages
 

@@ -150,7 +150,7 @@ class StreamVerifier:
         self._started = 0          # layers whose reference step has been started
         self.h_ref = self.h_new = None
         # what each stream carries across layers besides h: Gemma 4's per-layer inputs and shared kv
-        self.ctx_ref, self.ctx_new = {"kv": {}}, {"kv": {}}
+        self.ctx_ref, self.ctx_new = {"kv": {}, "ids": ids}, {"kv": {}, "ids": ids}
         self._ple_ref = self._ple_new = None   # the probe tokens' rows of the per-layer embedding
         self.layer_diffs: list[float] = []
         self.first_bad: int | None = None
@@ -202,6 +202,9 @@ class StreamVerifier:
         if scale is not None:
             factor = torch.tensor(scale, dtype=self.dtype)
             self.h_ref, self.h_new = self.h_ref * factor, self.h_new * factor
+        if self.layout.streams > 1:   # hyper-connections: the embedding starts every stream
+            n = self.layout.streams
+            self.h_ref, self.h_new = (h.unsqueeze(2).expand(-1, -1, n, -1).contiguous() for h in (self.h_ref, self.h_new))
         if self.layout.ple_size:   # Gemma 4: each layer's input from the embeddings and its own table
             for extra in (extra_ref, extra_new):
                 if not extra or "ple_proj" not in extra or ("ple_embed" not in extra and self._ple_ref is None):
@@ -297,8 +300,13 @@ class StreamVerifier:
             return extra[role].to(self.dtype) if extra and role in extra else None
 
         lay = self.layout
-        self.x_ref = forward.layer_norm(self.h_ref, norm_ref.to(self.dtype), get(extra_ref, "norm_bias"), lay.eps, lay)
-        self.x_new = forward.layer_norm(self.h_new, norm_new.to(self.dtype), get(extra_new, "norm_bias"), lay.eps, lay)
+        h_ref, h_new = self.h_ref, self.h_new
+        if lay.spec.block.hyper is not None:   # DeepSeek-V4: the streams collapsed first (hc_head)
+            with torch.no_grad():
+                h_ref, h_new = (forward.hyper_head(h, extra["hc_fn"], extra["hc_base"], extra["hc_scale"], lay)
+                                for h, extra in ((h_ref, extra_ref), (h_new, extra_new)))
+        self.x_ref = forward.layer_norm(h_ref, norm_ref.to(self.dtype), get(extra_ref, "norm_bias"), lay.eps, lay)
+        self.x_new = forward.layer_norm(h_new, norm_new.to(self.dtype), get(extra_new, "norm_bias"), lay.eps, lay)
         self.bias_ref, self.bias_new = get(extra_ref, "head_bias"), get(extra_new, "head_bias")
         self.logits_ref, self.logits_new = [], []
 
