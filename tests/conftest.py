@@ -490,7 +490,7 @@ def reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     runs it (fp32 here), for comparison with transformers' own forward."""
     from wisca_cli import stream
     from wisca_cli.checkpoint import open_checkpoint
-    from wisca_cli.verify import StreamVerifier, Tolerance
+    from wisca_cli.verifier import StreamVerifier, Tolerance
 
     src = path
     ckpt = open_checkpoint(src)

@@ -704,3 +704,32 @@ def test_deepseek_v4_norm_only_and_the_restrictions_needed(arch_ckpt, transforme
         save_file({**tensors, **{names[r]: t.contiguous() for r, t in scaled.items()}}, bad / "model.safetensors",
                   metadata={"format": "pt"})
         assert (hf_logits(bad, ids) - ref).abs().max() > 1e-3, kind
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma4-moe"])
+def test_gemma4_config_forms_as_transformers_reads_them(family, arch_ckpt, tmp_path):
+    """Gemma 4's per-layer sizes from config.json as saved (per_layer_config) and as the config class
+    takes them (global_head_dim, num_global_key_value_heads, no per_layer_config) agree with
+    transformers' own reading, layer by layer; a config.json without layer_types is refused in one line
+    (exit 2, nothing written): transformers would derive them."""
+    from transformers import AutoConfig
+
+    src = arch_ckpt(family)
+    saved = json.loads((src / "config.json").read_text())
+    given = {k: v for k, v in saved.items() if k != "per_layer_config"}
+    given.update(global_head_dim=32, num_global_key_value_heads=1)
+    (tmp_path / "given").mkdir()
+    (tmp_path / "given" / "config.json").write_text(json.dumps(given))
+    theirs = AutoConfig.from_pretrained(tmp_path / "given")
+    for cfg in (saved, given):
+        lay = spec.layout_from_config(cfg)
+        assert [(lay.at(i).head_dim, lay.at(i).kv_heads) for i in range(lay.layers)] == \
+            [(theirs.per_layer_config[i].head_dim, theirs.per_layer_config[i].num_key_value_heads)
+             for i in range(lay.layers)]
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    (bad / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "layer_types"}))
+    res = run_cli("transform", bad, tmp_path / "never")
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "layer_types is missing" in lines[0]
+    assert not (tmp_path / "never").exists()

@@ -472,7 +472,7 @@ def test_case1_transform_continuous_with_each_tolerance_flag(inputs, tmp_path):
 
 def test_case2_one_tolerance_changes_only_itself(inputs):
     """bf16 defaults stay for the tolerances not given."""
-    from wisca_cli.verify import DEFAULT_TOLERANCE
+    from wisca_cli.verifier import DEFAULT_TOLERANCE
 
     res = run_pipe(["verify", inputs["sample"], inputs["sample-Tc"], "--mode", "tolerance", "--max-kl", "0.01",
                     "--json"])

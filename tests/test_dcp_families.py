@@ -106,6 +106,7 @@ def test_every_family_in_dcp_transform_bit_exact(family, tmp_path):
     if spec.moe is not None and not dense:
         assert fused and all(bool((m != 1).any()) for m in fused.values()), sorted(fused)
         assert all(m.dim() == 3 and m.shape[0] in (1, 4) for m in fused.values())     # per expert, or shared
+    assert wisca.verify(src, dst)["verification"]["identical"]   # the verify command's own walk of both
     # transformers' own model, the checkpoint loaded by dcp.load: the same logits, bit for bit
     before, _ = _load(start, src)
     after, after_opt = _load(start, dst)

@@ -76,3 +76,12 @@ def test_hub_repo_id_from_the_local_cache_offline(tmp_path):
     res = run_cli("transform", "wisca-test/not-cached", tmp_path / "out2", env=env)
     assert res.returncode == 2 and "not in the local hub cache" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "out2").exists()
+
+
+def test_the_api_names_stay_functions_after_use(tmp_path):
+    """``wisca.verify`` is the function whatever was imported first (its module is ``verifier``)."""
+    import wisca_cli as wisca
+    from wisca_cli import api  # noqa: F401 - imports every module the API uses
+
+    assert callable(wisca.verify) and callable(wisca.transform) and callable(wisca.inspect)
+    assert wisca.verify is api.verify

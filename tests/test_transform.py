@@ -106,7 +106,7 @@ def test_continuous_scales_within_tolerance(family, dtype, ckpt_dir, tmp_path):
 def test_streamed_reference_forward_matches_transformers(family, ckpt_dir):
     from wisca_cli import forward
     from wisca_cli.checkpoint import open_checkpoint
-    from wisca_cli.verify import StreamVerifier, Tolerance
+    from wisca_cli.verifier import StreamVerifier, Tolerance
 
     src = ckpt_dir(family, torch.float32)
     ids = probe_tokens()
@@ -264,7 +264,7 @@ def test_no_verify_warns_and_still_writes_exact_output(ckpt_dir, tmp_path):
 
 
 def test_compare_logits_row_by_row_matches_the_whole_tensor_formulas():
-    from wisca_cli.verify import Tolerance, compare_logits
+    from wisca_cli.verifier import Tolerance, compare_logits
 
     g = torch.Generator().manual_seed(3)
     a = torch.randn(2, 5, 300, generator=g)

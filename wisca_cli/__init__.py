@@ -12,7 +12,7 @@ _API = {
     "transform": "api", "verify": "api", "inspect": "api", "undo": "api", "TransformOptions": "api",
     "scale_multipliers": "api", "transform_adapter": "lora", "undo_adapter": "lora",
     "transform_training_state": "training",
-    "WiscaError": "errors", "VerificationFailed": "errors", "Tolerance": "verify",
+    "WiscaError": "errors", "VerificationFailed": "errors", "Tolerance": "verifier",
     "transition": "live", "transition_lora": "live", "WiscaCallback": "callbacks",
 }
 __all__ = [*_API, "__version__"]

@@ -41,7 +41,7 @@ from .fp8 import SCALE_SUFFIX as FP8_SCALE
 from .pairs import FINAL, final_pairs, layer_pairs
 from .stream import (Progress, _main_dtype, _main_torch_dtype, _nonfinite_error, _rewrite, _stages, _tolerance,
                      parallel_reduce, verify_stream)
-from .verify import StreamVerifier, Tolerance, compute_dtype, probe_ids
+from .verifier import StreamVerifier, Tolerance, compute_dtype, probe_ids
 
 
 def transform(src: str | os.PathLike, dst: str | os.PathLike, options: TransformOptions | None = None,

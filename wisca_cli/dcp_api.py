@@ -29,7 +29,7 @@ from .output import StagedOutput, check_target, copy_other_files
 from .record import (RECORD_FORMAT, RECORD_NAME, resolve_mode, SCALES_NAME, final_scales, layer_scales, pair_report, read_record, summarise,
                      write_record)
 from .record import stamp as record_stamp
-from .verify import StreamVerifier, compute_dtype, probe_ids, resolve_tolerance
+from .verifier import StreamVerifier, compute_dtype, probe_ids, resolve_tolerance
 
 DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
@@ -460,6 +460,9 @@ def _verify_walk(ca, cb, v: StreamVerifier, progress):
     xa, xb = {"norm": na}, {"norm": nb}
     if spec.final.norm_bias:
         xa["norm_bias"], xb["norm_bias"] = both(spec.final.norm_bias, cb.layout.spec.final.norm_bias)
+    if spec.block.hyper is not None:   # DeepSeek-V4: the streams' collapse before the norm
+        for role, field in (("hc_fn", "head_fn"), ("hc_base", "head_base"), ("hc_scale", "head_scale")):
+            xa[role], xb[role] = both(getattr(spec.block.hyper, field), getattr(cb.layout.spec.block.hyper, field))
     v.final_norm(na, nb, xa, xb)
     head_a = spec.embed if la.tie_embeddings else spec.lm_head
     head_b = cb.layout.spec.embed if la.tie_embeddings else cb.layout.spec.lm_head

@@ -35,7 +35,7 @@ from .solve import MAX_SWEEPS, _overlapping, exactness
 from .spec import layout_from_config
 from .stats import NonFiniteValues, UnitStats, chunk_stats
 from .training import FAMILIES
-from .verify import compare_logits, probe_ids, resolve_tolerance
+from .verifier import compare_logits, probe_ids, resolve_tolerance
 
 
 # -- where a checkpoint tensor lives in memory ----------------------------------------------------

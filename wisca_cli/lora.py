@@ -228,7 +228,7 @@ def verify_with_base(base: str | os.PathLike, config: dict, modules: list[LoraMo
     """
     from .checkpoint import open_checkpoint
     from .stream import verify_derived
-    from .verify import StreamVerifier, probe_ids, resolve_tolerance
+    from .verifier import StreamVerifier, probe_ids, resolve_tolerance
 
     if config.get("use_dora"):
         raise WiscaError(f"{ADAPTER_CONFIG}: checking logits with a base model is not supported for DoRA adapters "

@@ -721,6 +721,9 @@ class ArchSpec(_Section):
     extra_layers: str | None = _spec_field(_string, None)
     # config key -> why a checkpoint whose config sets it (not null, not false) is refused
     refuse_when: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
+    # config key -> why a checkpoint whose config.json lacks it is refused: a value transformers' config
+    # class derives in a way the spec does not state (Gemma 4's layer_types, its rope per layer type)
+    require_keys: Mapping[str, str] = _spec_field(_mapping(_string), factory=_no_entries)
     # config key (``quantization_config``): where its quant_method is "fp8", linear weights with a
     # ``weight_scale_inv`` beside them are FP8 block-quantised (``fp8.py``), rescaled in that format
     fp8: str | None = _spec_field(_string, None)
@@ -1435,6 +1438,9 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
         if config.get(key) not in (None, False) and not (is_mxfp4 and key == mxfp4_key) \
                 and not (is_fp8 and key == spec.fp8):
             raise WiscaError(f"{where}: {key}={json.dumps(config[key])} is not supported for {spec.name}: {why}")
+    for key, why in spec.require_keys.items():
+        if config.get(key) is None:
+            raise WiscaError(f"{where}: {key} is missing, which {spec.name} needs stated: {why}")
     fp8_block = _fp8_block(fp8_quant, spec.fp8, where) if is_fp8 else None
     config = {**spec.config_defaults, **config}   # what transformers' config class fills in
     for key, aliases in spec.config_aliases.items():

@@ -29,7 +29,7 @@ from .memory import SlabPool, carve, slab_bytes, trim_heap
 from .prefetch import stop_read_ahead
 from .record import shard_metadata
 from .stats import CHUNK_ELEMENTS, slice_reduce
-from .verify import StreamVerifier, Tolerance, resolve_tolerance
+from .verifier import StreamVerifier, Tolerance, resolve_tolerance
 
 Progress = Callable[[int, str], None]   # (bytes done since last call, what is happening)
 
