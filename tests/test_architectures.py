@@ -733,3 +733,25 @@ def test_gemma4_config_forms_as_transformers_reads_them(family, arch_ckpt, tmp_p
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1 and "layer_types is missing" in lines[0]
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma4-moe", "deepseek_v4"])
+def test_bf16_checkpoint_every_target_bit_identical_in_transformers(family, tmp_path):
+    """A bf16 checkpoint (as these families are released), every target they have: verified exact, and
+    transformers' bf16 forward of the output gives the source's logits bit for bit (their norms multiply
+    the weight in float32, which a power of two passes through exactly)."""
+    from conftest import build
+    from transformers import AutoModelForCausalLM
+
+    src = build(tmp_path / "src", family, skew="spec", dtype=torch.bfloat16)
+    report = wisca.transform(src, tmp_path / "out", targets=("qk", "vo", "ffn", "norm"))
+    assert report["verification"]["mode"] == "exact" and report["verification"]["identical"]
+    assert sum(s["units_changed"] for s in report["summary"].values()) > 0
+    ids = probe_tokens()
+
+    def logits(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager").eval()
+        with torch.no_grad():
+            return model(ids).logits
+
+    assert torch.equal(logits(src), logits(tmp_path / "out"))
