@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 import wisca_cli as wisca
 from conftest import ARCH_FAMILIES, FUSED_ON_DISK, REPO, hf_logits, probe_tokens, reference_logits, run_cli
 from wisca_cli import api, spec
+from wisca_cli.spec import CONV_PARTS
 from wisca_cli.checkpoint import open_checkpoint
 from wisca_cli.pairs import DEFAULT_TARGETS
 
@@ -374,7 +375,8 @@ def test_olmo_hybrid_norm_target_holds_on_its_linear_attention_layers_only(arch_
     the attention). The norm target pairs the pre-norms with their readers and the report says it
     does not apply on the attention layers; pairing the post-attention norm with the MLP's input
     columns there anyway changes transformers' logits (the residual keeps the unscaled branch), so
-    the restriction is needed. The conv, saved as three tensors, is read as one and left as saved."""
+    the restriction is needed. The conv, saved as three tensors, is read as one and left as saved here
+    (the conv target, not requested, is tested below)."""
     from safetensors.torch import save_file
 
     from wisca_cli.balance import apply_scales
@@ -551,7 +553,8 @@ def test_hybrid_configs_as_released(family, edit, arch_ckpt, tmp_path):
     assert torch.equal(a, b) if exact else torch.allclose(a, b, atol=1e-5 * a.abs().max().item())
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5", "qwen3_5_moe", "granitemoehybrid", "nemotron_h"])
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5", "qwen3_5_moe", "granitemoehybrid", "nemotron_h",
+                                    "olmo_hybrid"])
 def test_conv_target_on_linear_attention_layers(family, arch_ckpt, tmp_path):
     """--targets conv: on a linear-attention layer the input projection's row of each conv channel
     times s and that channel's taps / s (the depthwise conv's output, SiLU's input, unchanged):
@@ -573,18 +576,30 @@ def test_conv_target_on_linear_attention_layers(family, arch_ckpt, tmp_path):
     before, after = load(src / "model.safetensors"), load(out / "model.safetensors")
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     allowed = {name for i in range(lay.layers) if lay.is_linear_layer(i) for role, name in lay.layer_roles(i).items()
-               if role in ("lin_q", "lin_k", "lin_v", "lin_qkvz", "lin_qkv", "lin_in", "lin_conv")}
+               if role in ("lin_q", "lin_k", "lin_v", "lin_qkvz", "lin_qkv", "lin_in", "lin_conv", *CONV_PARTS)}
     assert changed and changed <= allowed and any(n.endswith("conv1d.weight") for n in changed)
 
 
-def test_conv_target_is_not_applicable_where_the_conv_is_saved_split(arch_ckpt, tmp_path):
-    """OLMo-hybrid saves its conv as three tensors in transformers' own split of the channels (not q,
-    k and v): the family does not offer the conv target, the report says so, nothing changes."""
+def test_conv_target_where_the_conv_is_saved_split(arch_ckpt, tmp_path):
+    """OLMo-hybrid saves its conv as three tensors in transformers' own split of the channels (near-equal
+    thirds, not q, k and v): the conv target follows each channel into its saved part (q_proj's rows
+    against the first part's channels and into the second, ...): every part and projection row changed
+    where its channel's scale is not 1, transformers' logits bit-identical (checked in the test above),
+    undo gives every tensor back."""
+    from wisca_cli.pairs import layer_pairs
+
     src = arch_ckpt("olmo_hybrid")
+    lay = open_checkpoint(src).layout
+    keys, values = lay.linear.key_heads * lay.linear.key_dim, lay.linear.value_heads * lay.linear.value_dim
+    assert lay.conv_split and sum(lay.conv_split_sizes) == 2 * keys + values
+    assert lay.conv_split_sizes != (keys, keys, values)   # the saved split is not q | k | v
+    pair = layer_pairs(lay, 0, ("conv",), "channel")[0]
+    parts = {m.role: m.units for m in pair.members if m.role in CONV_PARTS}
+    assert torch.equal(torch.cat([parts[p] for p in CONV_PARTS]), torch.arange(2 * keys + values))
     report = wisca.transform(src, tmp_path / "out", targets=("conv",))
-    assert report["targets_not_applicable"] == ["conv"] and report["exactness"] == {"conv": "not applicable"}
-    before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
-    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    assert report["exactness"] == {"conv": "exact"} and report["verification"]["identical"]
+    wisca.undo(tmp_path / "out", tmp_path / "back")
+    assert (tmp_path / "back" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
 
 
 def test_gemma4_symmetries_per_layer_and_the_restrictions_needed(arch_ckpt, transformed, tmp_path):

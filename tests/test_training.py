@@ -417,8 +417,9 @@ HYBRID_DENSE = ["qwen3_5", "olmo_hybrid", "granitemoehybrid-dense"]
 @pytest.mark.parametrize("family", HYBRID_DENSE)
 def test_hybrid_trainer_moments_follow_bit_for_bit(family, tmp_path):
     """A Trainer checkpoint of a hybrid family, every target: logits bit-identical in transformers,
-    Adam's moments exp_avg / S and exp_avg_sq / S**2 bit for bit for every parameter (the conv and
-    the other untouched ones unchanged), training continues from the output."""
+    Adam's moments exp_avg / S and exp_avg_sq / S**2 bit for bit for every parameter (the conv's by its
+    channels' scales: OLMo-hybrid's one parameter by its three saved parts'; untouched ones unchanged),
+    training continues from the output."""
     from conftest import build, hf_logits, probe_tokens
     from transformers import AutoModelForCausalLM, Trainer
 
@@ -443,14 +444,22 @@ def test_hybrid_trainer_moments_follow_bit_for_bit(family, tmp_path):
     assert len(before["state"]) == len(names) == len(list(model.parameters()))
     conv = [k for k, n in names.items() if n.endswith(("linear_attn.conv1d.weight", "mamba.conv1d.weight"))]
     assert conv
+    shapes = tensor_shapes(ckpt)
+
+    def multiplier(name):
+        """A parameter's multiplier; OLMo-hybrid's conv is saved as three parts, stacked along its channels."""
+        if name in shapes or not name.endswith("linear_attn.conv1d.weight"):
+            return mult.get(name, torch.ones(1, dtype=torch.float64))
+        parts = [name.replace("conv1d", f"{p}_conv1d") for p in "qkv"]
+        return torch.cat([torch.broadcast_to(mult.get(p, torch.ones(1, 1, 1, dtype=torch.float64)), shapes[p])
+                          for p in parts])
+
     for key, b in before["state"].items():
-        s = mult.get(names[key], torch.ones(1, dtype=torch.float64)).float()
+        s = multiplier(names[key]).float()
         a = after["state"][key]
         assert torch.equal(a["exp_avg"], b["exp_avg"] / s) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"] / (s * s))
-    if "conv" in report["targets_applied"]:   # the conv target: its channels / s, their moments / s and / s**2
-        assert any(not torch.equal(after["state"][k]["exp_avg"], before["state"][k]["exp_avg"]) for k in conv)
-    else:                                     # OLMo-hybrid's conv (saved split) is left as it is
-        assert all(torch.equal(after["state"][k]["exp_avg"], before["state"][k]["exp_avg"]) for k in conv)
+    assert "conv" in report["targets_applied"]   # the conv target: its channels / s, their moments / s and / s**2
+    assert any(not torch.equal(after["state"][k]["exp_avg"], before["state"][k]["exp_avg"]) for k in conv)
     resumed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
     more = Trainer(model=resumed, args=_args(tmp_path / "more", SAVE + 2), train_dataset=_dataset(8))
     more.train(resume_from_checkpoint=str(out))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import Layout, logical_shapes
+from .spec import CONV_PARTS, Layout, logical_shapes
 
 from .options import ALL_TARGETS, DEFAULT_TARGETS, EXTRA_TARGETS, GRANULARITIES  # noqa: F401 - re-exported
 
@@ -251,7 +251,11 @@ def conv_pair(layout: Layout, roles: set[str], layer: int = 0) -> Pair:
                    Member("lin_v", 0, channels[2 * keys:], +1)]
         head_of = torch.cat([torch.arange(2 * keys) // lin.key_dim,
                              2 * lin.key_heads + torch.arange(values) // lin.value_dim])
-    members.append(Member("lin_conv", 0, channels, -1))
+    if layout.conv_split:   # saved as three tensors in transformers' split of the channels (OLMo-hybrid)
+        starts = [0, *torch.tensor(layout.conv_split_sizes).cumsum(0).tolist()]
+        members += [Member(part, 0, channels[a:b], -1) for part, a, b in zip(CONV_PARTS, starts, starts[1:])]
+    else:
+        members.append(Member("lin_conv", 0, channels, -1))
     return Pair("conv", len(channels), head_of, tuple(members))
 
 

@@ -999,6 +999,7 @@ class Layout:
     fp8_weights: frozenset = frozenset()       # ... the names of the weights stored so (a weight_scale_inv beside)
     linear: LinearDims | None = None           # Gated DeltaNet layers' sizes (spec.linear_attention)
     conv_split: bool = False                   # ... their conv saved in parts (linear_attention.conv_split)
+    conv_split_sizes: tuple[int, ...] = ()     # ... the parts' channels, the same on every layer (else ())
 
     @property
     def group_size(self) -> int:
@@ -1150,9 +1151,8 @@ class Layout:
             return KV_SHARED_WHY
         if target == "conv" and not self.is_linear_layer(layer):
             return "no causal conv on this layer (attention or an MLP block)"
-        if target == "conv" and self.conv_split:
-            return ("the conv is saved as three tensors in transformers' own split of its channels, which "
-                    "do not follow q, k and v; it is left as saved")
+        if target == "conv" and self.conv_split and not self.conv_split_sizes:
+            return ("the conv is saved as three tensors whose sizes differ between layers; it is left as saved")
         la = self.spec.linear_attention
         if la is not None and target in la.full_attention_lacks and not self.is_linear_layer(layer):
             return la.full_attention_lacks[target]
@@ -1166,7 +1166,7 @@ class Layout:
         if target == "qk" and self.kv_mode(layer) is not None:
             return False
         if target == "conv":
-            return self.is_linear_layer(layer) and not self.conv_split
+            return self.is_linear_layer(layer) and (not self.conv_split or bool(self.conv_split_sizes))
         la = self.spec.linear_attention
         if la is not None and target in la.full_attention_lacks and not self.is_linear_layer(layer):
             return False
@@ -1531,6 +1531,11 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
     # the conv saved in parts: a checkpoint's names say so (a model in memory holds it whole)
     split = spec.linear_attention.conv_split if spec.linear_attention else ()
     conv_split = bool(split) and tensor_names is not None and any(n.endswith("." + split[0]) for n in tensor_names)
+    split_sizes: tuple[int, ...] = ()
+    if conv_split and isinstance(tensor_names, Mapping):   # with shapes: transformers' own split of the channels
+        sizes = [{tuple(info.shape)[0] for n, info in tensor_names.items() if n.endswith("." + part)} for part in split]
+        if all(len(s) == 1 for s in sizes):
+            split_sizes = tuple(next(iter(s)) for s in sizes)
     if linear is not None:
         types = config.get("layer_types")
         la = spec.linear_attention
@@ -1570,7 +1575,7 @@ def layout_from_config(config: dict, where: str = "config.json", tensor_names=No
         experts=experts, expert_intermediate=expert_inter, shared_intermediate=shared_inter, mla=mla,
         fused_experts=fused, mxfp4_experts=quantized, fp8_block=fp8_block,
         fp8_weights=frozenset(fp8_weight_names(tensor_names)) if fp8_block and tensor_names is not None else frozenset(),
-        linear=linear, conv_split=conv_split,
+        linear=linear, conv_split=conv_split, conv_split_sizes=split_sizes,
     )
 
 
