@@ -363,7 +363,7 @@ def _save_transformers(path: Path, config, dtype, shard_size, skew, init, seed, 
 def _save_synthetic(path: Path, cfg: dict, dtype, shards: int, seed: int, std: float) -> None:
     from safetensors.torch import save_file
 
-    from wisca_cli.spec import expected_shapes, layout_from_config
+    from wisca_cli.spec import INDEX_ROLES, expected_shapes, layout_from_config
 
     layout = layout_from_config(cfg)
     spec = layout.spec
@@ -374,11 +374,22 @@ def _save_synthetic(path: Path, cfg: dict, dtype, shards: int, seed: int, std: f
     t = {spec.embed: rnd(layout.vocab, layout.hidden), spec.final_norm: ones(layout.hidden)}
     if not layout.tie_embeddings:
         t[spec.lm_head] = rnd(layout.vocab, layout.hidden)
+    if layout.ple_size:   # Gemma 4's per-layer input embeddings
+        ple, width = spec.per_layer_input, layout.layers * layout.ple_size
+        t.update({ple.embed: rnd(int(layout.value(ple.vocab)), width), ple.projection: rnd(width, layout.hidden),
+                  ple.norm: ones(layout.ple_size)})
+    if spec.block.hyper is not None:   # DeepSeek-V4's hyper head
+        n, hyper = layout.streams, spec.block.hyper
+        t.update({hyper.head_fn: rnd(n, n * layout.hidden), hyper.head_base: rnd(n), hyper.head_scale: ones(1)})
     for i in range(layout.layers):
         shapes = expected_shapes(layout, i)
-        norms = {name for role, name in layout.layer_roles(i).items() if role.endswith("norm")}
+        roles = layout.layer_roles(i)
+        norms = {name for role, name in roles.items() if role.endswith("norm")}
+        tables = {name for role, name in roles.items() if role in INDEX_ROLES}
         t.update({name: ones(*shapes[name]) for name in shapes if name in norms})
-        t.update({name: rnd(*shapes[name]) for name in shapes if name not in norms})
+        t.update({name: torch.randint(0, max(layout.experts, 1), shapes[name], generator=g)
+                  for name in shapes if name in tables})
+        t.update({name: rnd(*shapes[name]) for name in shapes if name not in norms | tables})
     path.mkdir(parents=True, exist_ok=True)
     if shards == 1:
         save_file(t, path / "model.safetensors", metadata={"format": "pt"})

@@ -407,11 +407,11 @@ def test_warm_start_reads_in_a_child_process_and_never_fails(tmp_path):
 def test_the_next_reference_layer_is_queued_before_this_layers_scales_go_in(tmp_path, monkeypatch):
     """The reference thread goes from layer to layer without waiting for the balancing
     thread's apply: layer l+1's reference step is started before layer l is scaled."""
-    from wisca_cli import verify
+    from wisca_cli import verifier
 
     src = synthetic_llama(tmp_path / "src", hidden=128, layers=4, inter=256, vocab=256, dtype=torch.bfloat16)
     events = []
-    start, apply = verify.StreamVerifier.start_layer, solve.apply_pair
+    start, apply = verifier.StreamVerifier.start_layer, solve.apply_pair
 
     def logged_start(self, w, before=None):
         events.append(("ref", self._started))
@@ -422,7 +422,7 @@ def test_the_next_reference_layer_is_queued_before_this_layers_scales_go_in(tmp_
             events.append(("apply", sum(1 for e in events if e[0] == "apply")))
         return apply(pair, tensors, *args, **kwargs)
 
-    monkeypatch.setattr(verify.StreamVerifier, "start_layer", logged_start)
+    monkeypatch.setattr(verifier.StreamVerifier, "start_layer", logged_start)
     monkeypatch.setattr(solve, "apply_pair", logged_apply)
     report = wisca.transform(src, tmp_path / "out")
     assert report["verification"]["passed"] and report["verification"]["identical"]
