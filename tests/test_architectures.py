@@ -770,3 +770,32 @@ def test_bf16_checkpoint_every_target_bit_identical_in_transformers(family, tmp_
             return model(ids).logits
 
     assert torch.equal(logits(src), logits(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("family,name,change,message", [
+    ("gemma4", "model.embed_tokens_per_layer.weight", "drop", "model.embed_tokens_per_layer.weight is missing"),
+    ("gemma4", "model.per_layer_projection_norm.weight", "shape", "has shape [3], expected [8] from config.json"),
+    ("deepseek_v4", "model.hc_head.hc_fn", "drop", "model.hc_head.hc_fn is missing"),
+    ("deepseek_v4", "model.layers.0.ffn.gate.tid2eid", "float", "expected an integer dtype (an index table)"),
+])
+def test_broken_tensor_outside_the_layers_is_one_line(family, name, change, message, arch_ckpt, tmp_path):
+    """The tensors beside the layers (Gemma 4's per-layer embeddings, DeepSeek-V4's hyper head) and the
+    token table: missing, misshapen or of the wrong dtype, refused in one line naming it, exit 2, the
+    source unchanged, nothing written."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(arch_ckpt(family), src)
+    tensors = load_file(src / "model.safetensors")
+    if change == "drop":
+        del tensors[name]
+    elif change == "shape":
+        tensors[name] = torch.ones(3)
+    else:
+        tensors[name] = tensors[name].float()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    before = (src / "model.safetensors").read_bytes()
+    res = run_cli("transform", src, tmp_path / "never")
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr
+    assert not (tmp_path / "never").exists() and (src / "model.safetensors").read_bytes() == before

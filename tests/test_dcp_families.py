@@ -119,6 +119,18 @@ def test_every_family_in_dcp_transform_bit_exact(family, tmp_path):
     assert all(torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k] for k, v in a.items())
 
 
+def test_dcp_without_the_hyper_head_is_one_line(tmp_path):
+    """A DCP checkpoint of DeepSeek-V4 whose model lacks a tensor beside the layers (its hyper head):
+    refused in one line naming it, exit 2, nothing written."""
+    start = build(tmp_path / "start", "deepseek_v4", skew=None)
+    model = _model(start)
+    sd = {k: v for k, v in get_model_state_dict(model).items() if k != "model.hc_head.hc_fn"}
+    src = tmp_path / "src"
+    dcp.save({"model": sd}, checkpoint_id=src, no_dist=True)
+    model.config.to_json_file(str(src / "config.json"))
+    refused(src, tmp_path, match="tensor model.hc_head.hc_fn not in the checkpoint")
+
+
 def _torchrun(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            *map(str, args)], capture_output=True, text=True, timeout=300,

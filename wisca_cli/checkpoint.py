@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from .errors import WiscaError, reason
 from .fileio import PAGE, InputFile, OutputFile
 from .fp8 import SCALE_SUFFIX as FP8_SCALE
-from .spec import CONV_PARTS, INDEX_ROLES, Layout, expected_shapes, layout_from_config, logical_shapes
+from .spec import CONV_PARTS, INDEX_ROLES, Layout, expected_shapes, extra_shapes, layout_from_config, logical_shapes
 
 from .formats import INDEX_NAME, SINGLE_NAME  # noqa: F401 - one definition, re-exported
 
@@ -301,6 +301,8 @@ def validate(ckpt: Checkpoint) -> None:
     if spec.embedding.positions:
         count = lay.value(spec.embedding.positions_count, 0)
         _check_tensor(ckpt, spec.embedding.positions, (int(count), lay.hidden), "position embedding")
+    for name, shape in extra_shapes(lay).items():   # per-layer input embeddings, a hyper head
+        _check_tensor(ckpt, name, shape, "model")
     pattern = layer_pattern(lay)
     known = set()
     for layer in range(lay.layers):

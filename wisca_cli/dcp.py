@@ -37,7 +37,7 @@ import torch
 from . import chunkbytes, megatron
 from .balance import apply_multiplier, apply_multiplier_, chunk_multiplier
 from .errors import WiscaError, reason
-from .spec import Layout, layout_from_config
+from .spec import Layout, extra_shapes, layout_from_config
 
 METADATA = ".metadata"
 TRAINER_MODEL, TRAINER_OPTIM = "pytorch_model_fsdp_0", "optimizer_0"   # Accelerate's FSDP folders
@@ -495,6 +495,12 @@ def open_dcp(src: str | os.PathLike, config: str | os.PathLike | None = None,
         for role, name in layout.layer_roles(i).items():
             if name not in weights:
                 raise WiscaError(f"{root}: tensor {name} (layer {i} {role}) not in the checkpoint")
+    for name, shape in extra_shapes(layout).items():   # per-layer input embeddings, a hyper head
+        if name not in weights:
+            raise WiscaError(f"{root}: tensor {name} not in the checkpoint")
+        if tuple(weights[name].size) != shape:
+            raise WiscaError(f"{root}: tensor {name} has shape {list(weights[name].size)}, expected {list(shape)} "
+                             f"from config.json")
     return ckpt
 
 

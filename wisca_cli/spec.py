@@ -1690,6 +1690,23 @@ def logical_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def extra_shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
+    """Full tensor name -> expected shape of the tensors outside the layers that the embed and final
+    stages carry beside the embedding, final norm and head (Gemma 4's per-layer input embeddings,
+    DeepSeek-V4's hyper head)."""
+    out: dict[str, tuple[int, ...]] = {}
+    ple = layout.spec.per_layer_input
+    if layout.ple_size:
+        width = layout.layers * layout.ple_size
+        out.update({ple.embed: (int(layout.value(ple.vocab, layout.vocab)), width),
+                    ple.projection: (width, layout.hidden), ple.norm: (layout.ple_size,)})
+    hyper = layout.spec.block.hyper
+    if hyper is not None:
+        n = layout.streams
+        out.update({hyper.head_fn: (n, n * layout.hidden), hyper.head_base: (n,), hyper.head_scale: (1,)})
+    return out
+
+
 def expected_shapes(layout: Layout, layer: int) -> dict[str, tuple[int, ...]]:
     """Full tensor name -> expected shape (as stored) for one decoder layer."""
     shapes = logical_shapes(layout, layer)
