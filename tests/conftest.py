@@ -507,17 +507,14 @@ def reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     ckpt = open_checkpoint(src)
     try:
         lay = ckpt.layout
-        stages = stream._stages(ckpt)
         v = StreamVerifier(lay, ids, exact=True, tolerance=Tolerance())
-        embed = {role: ckpt.read(name) for role, name in stages[0].names.items()}
-        v.embed_rows(0, embed["embed"], embed["embed"])
-        v.embed_done(embed, embed)
-        for i in range(lay.layers):
-            w = {role: ckpt.read(name) for role, name in lay.layer_roles(i).items()}
-            v.layer(i, w, w)
-        final = {role: ckpt.read(name) for role, name in stages[-1].names.items()}
-        v.final_norm(final["norm"], final["norm"], final, final)
-        v.head_rows(final["head"], final["head"])
+        *stages, final = stream._stages(ckpt)
+        for stage in stages:   # the one model as both: its tensors whole, the big ones as one block each
+            t = {role: ckpt.read(name) for role, name in stage.names.items()}
+            stream._feed_verifier(v, stage.kind, stage.layer, t, t, [(r, [(0, t[r], t[r])]) for r in stage.streamed])
+        t = {role: ckpt.read(name) for role, name in final.names.items()}
+        v.final_norm(t["norm"], t["norm"], t, t)   # by hand: the logits themselves, not their comparison
+        v.head_rows(t["head"], t["head"])
         return torch.cat(v.logits_ref, -1)
     finally:
         ckpt.close()

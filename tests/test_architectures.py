@@ -47,6 +47,23 @@ def _assert_same_function(src, dst, exact: bool) -> None:
         assert (a.argmax(-1) == b.argmax(-1)).all()
 
 
+def _logits_applied_anyway(src, names: dict, pair, low: int, high: int, bad):
+    """transformers' logits (on ``probe_tokens``) of a copy of ``src`` at ``bad`` in which ``pair``
+    (on physical roles; ``names``: role -> tensor name) is applied anyway, at scales 2**k, k drawn
+    from [low, high) (seed 0): a symmetry the spec leaves out must move them."""
+    from safetensors.torch import save_file
+
+    from wisca_cli.balance import apply_scales
+
+    tensors = load_file(src / "model.safetensors")
+    s = torch.exp2(torch.randint(low, high, (pair.n_units,), generator=torch.Generator().manual_seed(0))).double()
+    scaled = apply_scales(pair, {m.role: tensors[names[m.role]] for m in pair.members}, s)
+    shutil.copytree(src, bad)
+    save_file({**tensors, **{names[r]: t.contiguous() for r, t in scaled.items()}}, bad / "model.safetensors",
+              metadata={"format": "pt"})
+    return hf_logits(bad, probe_tokens())
+
+
 @pytest.fixture(scope="module")
 def transformed(arch_ckpt, tmp_path_factory):
     """family -> (source, default transform output, its report), once per session."""
@@ -254,9 +271,6 @@ def test_llama4_qk_holds_on_nope_layers_only_with_qk_norm(arch_ckpt, transformed
     absorb a qk rescaling: the spec keeps qk to the NoPE layers (target_layers) and the report
     names the layer it leaves out. Rescaling that RoPE layer's q/k rows per rotary pair anyway
     changes transformers' logits: the restriction is needed. Without QK-norm, qk holds there."""
-    from safetensors.torch import load_file, save_file
-
-    from wisca_cli.balance import apply_scales
     from wisca_cli.pairs import layer_pairs, physical_roles, qk_pair, to_physical
 
     src = arch_ckpt("llama4")
@@ -269,17 +283,10 @@ def test_llama4_qk_holds_on_nope_layers_only_with_qk_norm(arch_ckpt, transformed
     plain = open_checkpoint(arch_ckpt("llama4-noqknorm")).layout
     assert all(layer_pairs(plain, i, ("qk",), "channel") for i in range(2))
 
-    tensors = load_file(src / "model.safetensors")
     names = lay.layer_roles(0)
     pair = to_physical(lay, qk_pair(lay, physical_roles(lay, set(names)), 0))
-    s = torch.exp2(torch.randint(-3, 4, (pair.n_units,), generator=torch.Generator().manual_seed(0))).double()
-    scaled = apply_scales(pair, {m.role: tensors[names[m.role]] for m in pair.members}, s)
-    bad = tmp_path / "bad"
-    shutil.copytree(src, bad)
-    save_file({**tensors, **{names[r]: t.contiguous() for r, t in scaled.items()}}, bad / "model.safetensors",
-              metadata={"format": "pt"})
     ids = probe_tokens()
-    assert (hf_logits(bad, ids) - hf_logits(src, ids)).abs().max() > 1e-3
+    assert (_logits_applied_anyway(src, names, pair, -3, 4, tmp_path / "bad") - hf_logits(src, ids)).abs().max() > 1e-3
 
 
 def test_kimi_k2_config_reads_as_deepseek_v3(arch_ckpt, tmp_path):
@@ -324,9 +331,6 @@ def test_linear_attention_layers_keep_norm_and_ffn_only(family, arch_ckpt, trans
     gated RMSNorm (one weight of size dv shared by the value heads) with out_proj's columns of
     every head. Rescaling q against k, or v against out_proj, on that layer anyway changes
     transformers' logits: the restriction is needed. (qk and vo hold on layer 1, full attention.)"""
-    from safetensors.torch import save_file
-
-    from wisca_cli.balance import apply_scales
     from wisca_cli.pairs import Member, Pair, layer_pairs, to_physical
 
     src = arch_ckpt(family)
@@ -347,7 +351,6 @@ def test_linear_attention_layers_keep_norm_and_ffn_only(family, arch_ckpt, trans
     assert any(m.startswith("qk is not applicable on layers 0: a Gated DeltaNet layer") for m in warnings)
     assert any(m.startswith("vo is not applicable on layers 0: a Gated DeltaNet layer") for m in warnings)
 
-    tensors = load_file(src / "model.safetensors")
     names = lay.layer_roles(0)
     keys, values = lin.key_heads * lin.key_dim, lin.value_heads * lin.value_dim
     tried = {
@@ -359,14 +362,8 @@ def test_linear_attention_layers_keep_norm_and_ffn_only(family, arch_ckpt, trans
     ids = probe_tokens()
     ref = hf_logits(src, ids)
     for kind, pair in tried.items():
-        pair = to_physical(lay, pair)
-        s = torch.exp2(torch.randint(-3, 4, (pair.n_units,), generator=torch.Generator().manual_seed(0))).double()
-        scaled = apply_scales(pair, {m.role: tensors[names[m.role]] for m in pair.members}, s)
-        bad = tmp_path / kind
-        shutil.copytree(src, bad)
-        save_file({**tensors, **{names[r]: t.contiguous() for r, t in scaled.items()}}, bad / "model.safetensors",
-                  metadata={"format": "pt"})
-        assert (hf_logits(bad, ids) - ref).abs().max() > 1e-3, kind
+        moved = _logits_applied_anyway(src, names, to_physical(lay, pair), -3, 4, tmp_path / kind)
+        assert (moved - ref).abs().max() > 1e-3, kind
 
 
 def test_olmo_hybrid_norm_target_holds_on_its_linear_attention_layers_only(arch_ckpt, tmp_path):
@@ -377,9 +374,6 @@ def test_olmo_hybrid_norm_target_holds_on_its_linear_attention_layers_only(arch_
     columns there anyway changes transformers' logits (the residual keeps the unscaled branch), so
     the restriction is needed. The conv, saved as three tensors, is read as one and left as saved here
     (the conv target, not requested, is tested below)."""
-    from safetensors.torch import save_file
-
-    from wisca_cli.balance import apply_scales
     from wisca_cli.pairs import Member, Pair, layer_pairs, to_physical
 
     src = arch_ckpt("olmo_hybrid")
@@ -408,15 +402,8 @@ def test_olmo_hybrid_norm_target_holds_on_its_linear_attention_layers_only(arch_
     tried = Pair("norm", h, torch.zeros(h, dtype=torch.long),
                  (Member("post_attn_norm", 0, torch.arange(h), +1), Member("gate", 1, torch.arange(h), -1),
                   Member("up", 1, torch.arange(h), -1)))
-    pair = to_physical(lay, tried)
-    s = torch.exp2(torch.randint(-3, 4, (h,), generator=torch.Generator().manual_seed(0))).double()
-    scaled = apply_scales(pair, {m.role: tensors[attention_roles[m.role]] for m in pair.members}, s)
-    bad = tmp_path / "post-norm"
-    shutil.copytree(src, bad)
-    save_file({**tensors, **{attention_roles[r]: t.contiguous() for r, t in scaled.items()}},
-              bad / "model.safetensors", metadata={"format": "pt"})
-    ids = probe_tokens()
-    assert (hf_logits(bad, ids) - hf_logits(src, ids)).abs().max() > 1e-3
+    moved = _logits_applied_anyway(src, attention_roles, to_physical(lay, tried), -3, 4, tmp_path / "post-norm")
+    assert (moved - hf_logits(src, probe_tokens())).abs().max() > 1e-3
 
 
 # the Mamba2 families: the pair kinds on their fixture's layer 0 (Mamba2) and layer 1 (attention), the
@@ -494,9 +481,6 @@ def test_relu2_mlp_takes_down_over_s_squared(arch_ckpt, transformed, tmp_path):
     with s = (||down|| / ||up||) ** (1/3). The default transform keeps transformers' logits bit for
     bit (test_default_transform_keeps_the_function_in_transformers) and balances it; the degree-1
     rule (down / s) changes them: the degree is needed."""
-    from safetensors.torch import save_file
-
-    from wisca_cli.balance import apply_scales
     from wisca_cli.pairs import Member, Pair, layer_pairs
 
     src = arch_ckpt("nemotron_h")
@@ -508,19 +492,12 @@ def test_relu2_mlp_takes_down_over_s_squared(arch_ckpt, transformed, tmp_path):
     summary = transformed("nemotron_h")[2]["layers"][2]["ffn"]
     assert summary["units_changed"] > 0 and summary["imbalance_after"] < summary["imbalance_before"] / 2
 
-    tensors, names = load_file(src / "model.safetensors"), lay.layer_roles(2)
     n = lay.intermediate
     wrong = Pair("ffn", n, torch.zeros(n, dtype=torch.long),
                  (Member("up", 0, torch.arange(n), +1), Member("down", 1, torch.arange(n), -1)))
-    s = torch.exp2(torch.randint(-3, 4, (n,), generator=torch.Generator().manual_seed(0))).double()
-    scaled = apply_scales(wrong, {r: tensors[names[r]] for r in ("up", "down")}, s)
-    bad = tmp_path / "degree-1"
-    shutil.copytree(src, bad)
-    save_file({**tensors, **{names[r]: t.contiguous() for r, t in scaled.items()}}, bad / "model.safetensors",
-              metadata={"format": "pt"})
-    ids = probe_tokens()
-    ref = hf_logits(src, ids)
-    assert (hf_logits(bad, ids) - ref).abs().max() > 1e-3 * ref.abs().max()
+    ref = hf_logits(src, probe_tokens())
+    moved = _logits_applied_anyway(src, lay.layer_roles(2), wrong, -3, 4, tmp_path / "degree-1")
+    assert (moved - ref).abs().max() > 1e-3 * ref.abs().max()
 
 
 @pytest.mark.parametrize("family, edit", [
@@ -611,9 +588,6 @@ def test_gemma4_symmetries_per_layer_and_the_restrictions_needed(arch_ckpt, tran
     layers 0 and 1 each change transformers' logits: the restrictions are needed. On the MoE model
     the norm target pairs pre_feedforward_layernorm with the dense MLP, pre_feedforward_layernorm_2
     with every expert's gate_up_proj and router.scale with router.proj; ffn covers both MLPs."""
-    from safetensors.torch import save_file
-
-    from wisca_cli.balance import apply_scales
     from wisca_cli.pairs import Member, Pair, layer_pairs, to_physical
 
     src = arch_ckpt("gemma4")
@@ -631,20 +605,12 @@ def test_gemma4_symmetries_per_layer_and_the_restrictions_needed(arch_ckpt, tran
     assert any(m.startswith("qk is not applicable on layers 2, 3, 4, 5: its keys are shared") for m in warnings)
     assert any(m.startswith("vo is not applicable to gemma4: v is RMS-normalised") for m in warnings)
 
-    tensors = load_file(src / "model.safetensors")
-    ids = probe_tokens()
-    ref = hf_logits(src, ids)
+    ref = hf_logits(src, probe_tokens())
 
     def tried(layer, pair, name):
-        names = lay.layer_roles(layer)
-        pair = to_physical(lay.at(layer), pair)
-        s = torch.exp2(torch.randint(1, 4, (pair.n_units,), generator=torch.Generator().manual_seed(0))).double()
-        scaled = apply_scales(pair, {m.role: tensors[names[m.role]] for m in pair.members}, s)
-        bad = tmp_path / name
-        shutil.copytree(src, bad)
-        save_file({**tensors, **{names[r]: t.contiguous() for r, t in scaled.items()}}, bad / "model.safetensors",
-                  metadata={"format": "pt"})
-        return (hf_logits(bad, ids) - ref).abs().max()
+        moved = _logits_applied_anyway(src, lay.layer_roles(layer), to_physical(lay.at(layer), pair), 1, 4,
+                                       tmp_path / name)
+        return (moved - ref).abs().max()
 
     unshared = dataclasses.replace(lay, config={**lay.config, "num_kv_shared_layers": 0})
     stored = layer_pairs(unshared, 3, ("qk",), "channel")[0]   # the pair qk would be without the sharing
@@ -676,9 +642,6 @@ def test_deepseek_v4_norm_only_and_the_restrictions_needed(arch_ckpt, transforme
     the kv norm (q_b_norm absorbs the first, the keys are the values), the kv norm against o_a's columns
     (the values are the keys), the shared expert's up rows against its down columns (the clamp at
     swiglu_limit)."""
-    from safetensors.torch import save_file
-
-    from wisca_cli.balance import apply_scales
     from wisca_cli.pairs import Member, Pair, layer_pairs, to_physical
 
     src = arch_ckpt("deepseek_v4")
@@ -695,7 +658,6 @@ def test_deepseek_v4_norm_only_and_the_restrictions_needed(arch_ckpt, transforme
     for t in ("qk", "vo", "ffn"):
         assert any(m.startswith(f"{t} is not applicable to deepseek_v4: ") for m in warnings), t
 
-    tensors = load_file(src / "model.safetensors")
     ids = probe_tokens()
     ref = hf_logits(src, ids)
     d, heads, inter = lay.head_dim, lay.heads, lay.shared_intermediate
@@ -710,15 +672,8 @@ def test_deepseek_v4_norm_only_and_the_restrictions_needed(arch_ckpt, transforme
                     (Member("shared.up", 0, torch.arange(inter), +1), Member("shared.down", 1, torch.arange(inter), -1))),
     }
     for kind, pair in tried.items():
-        names = lay.layer_roles(1)
-        pair = to_physical(lay, pair)
-        s = torch.exp2(torch.randint(4, 7, (pair.n_units,), generator=torch.Generator().manual_seed(0))).double()
-        scaled = apply_scales(pair, {m.role: tensors[names[m.role]] for m in pair.members}, s)
-        bad = tmp_path / kind
-        shutil.copytree(src, bad)
-        save_file({**tensors, **{names[r]: t.contiguous() for r, t in scaled.items()}}, bad / "model.safetensors",
-                  metadata={"format": "pt"})
-        assert (hf_logits(bad, ids) - ref).abs().max() > 1e-3, kind
+        moved = _logits_applied_anyway(src, lay.layer_roles(1), to_physical(lay, pair), 4, 7, tmp_path / kind)
+        assert (moved - ref).abs().max() > 1e-3, kind
 
 
 @pytest.mark.parametrize("family", ["gemma4", "gemma4-moe"])

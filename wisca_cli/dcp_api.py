@@ -431,44 +431,31 @@ def verify(a, b, mode: str, probe: tuple, tolerance, progress=None, config=None)
 
 
 def _verify_walk(ca, cb, v: StreamVerifier, progress):
-    la, spec = ca.layout, ca.layout.spec
+    """Both checkpoints' stages into the verifier, as ``stream`` feeds them: the embed and final
+    stages' small tensors whole, their big ones (embedding, per-layer embedding, head) in row blocks."""
+    from .dcp import _stage_list
+    from .stream import _feed_verifier
 
-    def both(name_a: str, name_b: str):
-        return read_full(ca.weights[name_a]), read_full(cb.weights[name_b])
+    la = ca.layout
+    ends = [{s.kind: s for s in _stage_list(c.layout) if s.kind != "layer"} for c in (ca, cb)]
 
-    for start, ra, rb in _row_pairs(ca.weights[spec.embed], cb.weights[cb.layout.spec.embed]):
-        v.embed_rows(start, ra, rb)
-    extra = ({}, {})
-    if spec.embedding.positions:
-        pa, pb = both(spec.embedding.positions, cb.layout.spec.embedding.positions)
-        extra = ({"pos": pa}, {"pos": pb})
-    if la.ple_size:   # Gemma 4's per-layer input embeddings
-        pa, pb = spec.per_layer_input, cb.layout.spec.per_layer_input
-        for start, ra, rb in _row_pairs(ca.weights[pa.embed], cb.weights[pb.embed]):
-            v.ple_rows(start, ra, rb)
-        for role, field in (("ple_proj", "projection"), ("ple_norm", "norm")):
-            extra[0][role], extra[1][role] = both(getattr(pa, field), getattr(pb, field))
-    v.embed_done(*extra)
+    def small(c, s) -> dict:
+        return {role: read_full(c.weights[n]) for role, n in s.names.items() if role not in s.streamed}
+
+    def stage(kind: str):
+        sa, sb = ends[0][kind], ends[1][kind]
+        streams = [(role, _row_pairs(ca.weights[sa.names[role]], cb.weights[sb.names[role]])) for role in sa.streamed]
+        return _feed_verifier(v, kind, sa.layer, small(ca, sa), small(cb, sb), streams)
+
+    stage("embed")
     for i in range(la.layers):
         ra, rb = la.layer_roles(i), cb.layout.layer_roles(i)
         ta = {role: read_full(ca.weights[n]) for role, n in ra.items()}
         tb = {role: read_full(cb.weights[rb[role]]) for role in ra}
-        v.layer(i, ta, tb)
+        _feed_verifier(v, "layer", i, ta, tb)
         if progress:
             progress(2 * sum(ca.weights[n].nbytes for n in ra.values()), f"layer {i}")
-    na, nb = both(spec.final_norm, cb.layout.spec.final_norm)
-    xa, xb = {"norm": na}, {"norm": nb}
-    if spec.final.norm_bias:
-        xa["norm_bias"], xb["norm_bias"] = both(spec.final.norm_bias, cb.layout.spec.final.norm_bias)
-    if spec.block.hyper is not None:   # DeepSeek-V4: the streams' collapse before the norm
-        for role, field in (("hc_fn", "head_fn"), ("hc_base", "head_base"), ("hc_scale", "head_scale")):
-            xa[role], xb[role] = both(getattr(spec.block.hyper, field), getattr(cb.layout.spec.block.hyper, field))
-    v.final_norm(na, nb, xa, xb)
-    head_a = spec.embed if la.tie_embeddings else spec.lm_head
-    head_b = cb.layout.spec.embed if la.tie_embeddings else cb.layout.spec.lm_head
-    for start, ra, rb in _row_pairs(ca.weights[head_a], cb.weights[head_b]):
-        v.head_rows(ra, rb, start)
-    return v.result()
+    return stage("final")
 
 
 def _row_pairs(ea, eb):

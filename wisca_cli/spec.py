@@ -486,7 +486,7 @@ class MoeSpec(_Section):
     # transformers 4.x), which positional optimizer states of per-expert moments follow
     expert_order: tuple[str, ...] = _spec_field(_str_list(MLP_ROLES, nonempty=True), MLP_ROLES)
     when: str | None = _spec_field(_string, None)   # config flag: no experts unless set (Gemma 4's enable_moe_block)
-    # the dense MLP stays on the MoE layers, beside the experts: h + post(post_dense(mlp(mlp_norm h)) +
+    # the dense MLP (gate, up, down in layer_tensors) stays on the MoE layers, beside the experts: h + post(post_dense(mlp(mlp_norm h)) +
     # post_expert(experts(expert_norm h))), routed on h itself (Gemma 4)
     parallel_dense: bool = _spec_field(_boolean, False)
     # role -> name of tensors on the MoE layers only (Gemma 4's router scales, the experts' norms)
@@ -1226,8 +1226,6 @@ class Layout:
         moe = spec.moe
         if moe:
             if self.is_moe_layer(layer):
-                if moe.parallel_dense:   # the dense MLP beside the experts (Gemma 4)
-                    roles.update({role: spec.layer_name(layer, name) for role, name in moe.dense_tensors.items()})
                 roles.update({role: spec.layer_name(layer, name) for role, name in moe.layer_tensors.items()})
                 router = moe.fused_router if self.fused_experts and moe.fused_router else moe.router
                 roles["router"] = spec.layer_name(layer, router)

@@ -168,13 +168,7 @@ class StreamVerifier:
 
     def ple_rows(self, start: int, rows_ref: torch.Tensor, rows_new: torch.Tensor) -> None:
         """Take the probe tokens' rows from a block of the per-layer embedding table (Gemma 4)."""
-        if self._ple_ref is None:
-            shape = (*self.ids.shape, rows_ref.shape[1])
-            self._ple_ref, self._ple_new = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
-        hit = (self.ids >= start) & (self.ids < start + rows_ref.shape[0])
-        local = self.ids[hit] - start
-        self._ple_ref[hit] = rows_ref[local].to(self.dtype)
-        self._ple_new[hit] = rows_new[local].to(self.dtype)
+        self._ple_ref, self._ple_new = self._gather(self._ple_ref, self._ple_new, start, rows_ref, rows_new)
 
     def embed(self, emb_ref: torch.Tensor, emb_new: torch.Tensor) -> None:
         self.embed_rows(0, emb_ref, emb_new)
@@ -182,13 +176,20 @@ class StreamVerifier:
 
     def embed_rows(self, start: int, rows_ref: torch.Tensor, rows_new: torch.Tensor) -> None:
         """Take the probe tokens' embeddings from a block of embedding rows."""
-        if self.h_ref is None:
+        self.h_ref, self.h_new = self._gather(self.h_ref, self.h_new, start, rows_ref, rows_new)
+
+    def _gather(self, ref: torch.Tensor | None, new: torch.Tensor | None, start: int, rows_ref: torch.Tensor,
+                rows_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probe tokens' rows of a table, [batch, length, width], filled from a block of its rows
+        (first row ``start``); made at the first block."""
+        if ref is None:
             shape = (*self.ids.shape, rows_ref.shape[1])
-            self.h_ref, self.h_new = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+            ref, new = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
         hit = (self.ids >= start) & (self.ids < start + rows_ref.shape[0])
         local = self.ids[hit] - start
-        self.h_ref[hit] = rows_ref[local].to(self.dtype)
-        self.h_new[hit] = rows_new[local].to(self.dtype)
+        ref[hit] = rows_ref[local].to(self.dtype)
+        new[hit] = rows_new[local].to(self.dtype)
+        return ref, new
 
     def embed_done(self, extra_ref: dict | None = None, extra_new: dict | None = None) -> None:
         """The embeddings are complete: add learned positions (``extra["pos"]``, GPT-2) and
@@ -206,11 +207,8 @@ class StreamVerifier:
             n = self.layout.streams
             self.h_ref, self.h_new = (h.unsqueeze(2).expand(-1, -1, n, -1).contiguous() for h in (self.h_ref, self.h_new))
         if self.layout.ple_size:   # Gemma 4: each layer's input from the embeddings and its own table
-            for extra in (extra_ref, extra_new):
-                if not extra or "ple_proj" not in extra or ("ple_embed" not in extra and self._ple_ref is None):
-                    raise WiscaError("the per-layer input embeddings (per_layer_input) were not given to the verifier")
-            if "ple_embed" in extra_ref:
-                self.ple_rows(0, extra_ref["ple_embed"], extra_new["ple_embed"])
+            if self._ple_ref is None or any(not extra or "ple_proj" not in extra for extra in (extra_ref, extra_new)):
+                raise WiscaError("the per-layer input embeddings (per_layer_input) were not given to the verifier")
             with torch.no_grad():
                 for h, rows, extra, ctx in ((self.h_ref, self._ple_ref, extra_ref, self.ctx_ref),
                                             (self.h_new, self._ple_new, extra_new, self.ctx_new)):
